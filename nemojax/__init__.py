@@ -1,0 +1,16 @@
+"""nemojax: NVIDIA's Nemotron models and methods in pure JAX.
+
+    model = nemojax.load_hf("ckpt/")                 # or nemojax.Model.init(nemojax.presets.get("..."), rng)
+    logits = model(tokens)                           # [batch, seq] -> [batch, seq, vocab] float32
+    nemojax.save_hf(model, "out/")
+"""
+
+from nemojax import presets
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
+from nemojax.interop.hf import CheckpointError, load_hf, save_hf
+from nemojax.model import Model, abstract_params, logical_axes, param_count
+
+__all__ = [
+    "AttentionConfig", "CheckpointError", "MambaConfig", "Model", "ModelConfig", "MoEConfig", "MTPConfig",
+    "abstract_params", "load_hf", "logical_axes", "param_count", "presets", "save_hf",
+]

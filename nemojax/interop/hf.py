@@ -1,0 +1,235 @@
+"""Hugging Face checkpoints, both directions: config.json + (sharded) safetensors <-> Model.
+
+    model = load_hf("ckpt/")            # config.json, model.safetensors or model.safetensors.index.json + shards
+    save_hf(model, "out/")              # Hub naming, one tensor per expert, each tensor in its param's dtype
+
+A state dict is a mapping from tensor name to array in torch layout. Loading accepts Hub (`backbone.`) and
+transformers-native (`model.`, stacked experts) names, checks the set of tensors and every shape against the
+config, and fails with a `CheckpointError` naming each missing, unexpected or mis-shaped tensor. `mtp.` tensors
+are optional: a checkpoint without any drops the MTP head from the config (transformers drops them on save),
+and a config without MTP ignores them, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from nemojax.config import ModelConfig
+from nemojax.interop.nemotron_h_names import TensorRule, checkpoint_name, rule_for, split_stacked_experts
+from nemojax.model import Model, Params, abstract_params
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit its config: lists every offending tensor by name."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def tensor_rules(config: ModelConfig) -> list[tuple[TensorRule, jax.ShapeDtypeStruct]]:
+    """Every param leaf of `config` with its checkpoint mapping and abstract value (shape, dtype)."""
+    experts = config.moe.num_experts if config.moe else None
+    return [(rule_for(path, len(leaf.shape), experts), leaf)
+            for path, leaf in _flatten(abstract_params(config)).items()]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """numpy view of a numpy, jax or torch array (torch bfloat16 goes through float32, exactly)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            return value.float().numpy().astype(jnp.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def state_dict_from_params(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """Hub-named tensors in torch layout, one per expert, each in its param's dtype."""
+    flat = _flatten(params)
+    state_dict = {}
+    for rule, _ in tensor_rules(config):
+        for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path]))):
+            state_dict[name] = np.ascontiguousarray(tensor)
+    return state_dict
+
+
+def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    normalised: dict[str, Any] = {}
+    for raw_name, value in state_dict.items():
+        name = checkpoint_name(raw_name)
+        split = split_stacked_experts(name, value)
+        for key, tensor in (split or {name: value}).items():
+            if key in normalised:
+                raise CheckpointError(f"tensor {key} appears twice (as {raw_name} and another spelling)")
+            normalised[key] = tensor
+    return normalised
+
+
+def _list(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Model:
+    """A Model from torch-layout tensors; see the module docstring for the names accepted."""
+    tensors = _normalise_names(state_dict)
+    has_mtp = any(name.startswith("mtp.") for name in tensors)
+    if config.mtp is not None and not has_mtp:
+        log.warning("checkpoint has no mtp.* tensors: loading without the MTP head")
+        config = config.replace(mtp=None)
+    elif config.mtp is None and has_mtp:
+        log.warning("config has no MTP head: ignoring the checkpoint's mtp.* tensors")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
+
+    rules = tensor_rules(config)
+    expected = {name: (rule, leaf) for rule, leaf in rules for name in rule.names}
+    missing = expected.keys() - tensors.keys()
+    unexpected = tensors.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_list(unexpected)}")
+    for name in sorted(expected.keys() & tensors.keys()):
+        rule, leaf = expected[name]
+        want, got = rule.checkpoint_shape(leaf.shape), tuple(tensors[name].shape)
+        if want != got:
+            problems.append(f"tensor {name} has shape {list(got)}, expected {list(want)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+
+    flat = {}
+    for rule, leaf in rules:
+        value = rule.from_checkpoint([_to_numpy(tensors[name]) for name in rule.names])
+        flat[rule.path] = jnp.asarray(value.astype(leaf.dtype))
+    return Model(config, _unflatten(flat))
+
+
+def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Params:
+    """The params of `model_from_state_dict` (the config must match the checkpoint's MTP tensors)."""
+    return model_from_state_dict(config, state_dict).params
+
+
+# ---------------------------------------------------------------------------------------------- directories
+
+
+def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
+    index = directory / INDEX_NAME
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).exists():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    tensors = {}
+    for file in files:
+        with safe_open(directory / file, framework="flax") as f:
+            for name in f.keys():
+                tensors[name] = np.asarray(f.get_tensor(name))
+    return tensors
+
+
+def load_hf(directory: str | os.PathLike, **config_overrides: Any) -> Model:
+    """Loads `config.json` and its safetensors weights. `config_overrides` (dtype, param_dtype, remat, ...) go
+    to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32)."""
+    directory = Path(directory)
+    hf_config = json.loads((directory / CONFIG_NAME).read_text())
+    config = ModelConfig.from_hf(hf_config, **config_overrides)
+    return model_from_state_dict(config, _read_safetensors(directory))
+
+
+def _shards(state_dict: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    return shards
+
+
+def save_hf(model: Model, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) into `directory`.
+
+    Everything is written to a sibling temporary directory first and swapped in at the end, so a save that fails
+    part-way leaves any previous checkpoint at `directory` intact.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = state_dict_from_params(model.config, model.params)
+    shards = _shards(state_dict, max_shard_bytes)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(json.dumps(model.config.to_hf(), indent=2))
+        if len(shards) == 1:
+            save_file({k: jnp.asarray(v) for k, v in shards[0].items()}, staging / WEIGHTS_NAME,
+                      metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: jnp.asarray(v) for k, v in shard.items()}, staging / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.nbytes for t in state_dict.values())
+            (staging / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        _swap_in(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replaces `directory` by `staging`; the old directory is removed only once the new one is in place."""
+    if not directory.exists():
+        staging.rename(directory)
+        return
+    backup = staging.with_name(staging.name + ".old")
+    directory.rename(backup)
+    try:
+        staging.rename(directory)
+    except BaseException:
+        backup.rename(directory)
+        raise
+    shutil.rmtree(backup)
+

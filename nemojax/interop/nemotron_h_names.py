@@ -1,0 +1,123 @@
+"""The naming table between nemojax params and NemotronH checkpoint tensors (spec/arch.md 1.5, 2.1, 3.4, 3.5, 4.1).
+
+nemojax params mirror the checkpoint names, so the table is a rename plus a layout change per leaf:
+
+    params path                               checkpoint tensor (torch layout)         layout
+    embeddings/embedding                      backbone.embeddings.weight               same
+    layers_{i}/norm/scale                     backbone.layers.{i}.norm.weight          same
+    layers_{i}/mixer/in_proj/kernel [in,out]  backbone.layers.{i}.mixer.in_proj.weight transposed [out,in]
+    layers_{i}/mixer/conv1d/kernel [K,C]      backbone.layers.{i}.mixer.conv1d.weight  [C,1,K]
+    layers_{i}/mixer/gate/kernel [D,E]        backbone.layers.{i}.mixer.gate.weight    transposed [E,D]
+    layers_{i}/mixer/experts/up_proj [E,D,F]  backbone.layers.{i}.mixer.experts.{e}.up_proj.weight, e < E: [F,D]
+    mtp/layers_{j}/...                        mtp.layers.{j}....
+    norm_f/scale, lm_head/kernel              backbone.norm_f.weight, lm_head.weight
+
+`checkpoint_name` normalises the other spellings met in the wild: transformers-native `model.` for `backbone.`,
+`embedding.weight` for `embeddings.weight` and a multimodal `language_model.` prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """How one param leaf maps to one checkpoint tensor, or to one tensor per expert."""
+
+    path: Path
+    names: tuple[str, ...]
+    layout: str  # "same" | "transpose" | "conv" | "experts"
+
+    def to_checkpoint(self, value: np.ndarray) -> list[np.ndarray]:
+        """The param leaf in torch layout: one array per name in `names`."""
+        if self.layout == "same":
+            return [value]
+        if self.layout == "transpose":
+            return [value.T]
+        if self.layout == "conv":
+            return [value.T[:, None, :]]
+        return [value[e].T for e in range(value.shape[0])]
+
+    def from_checkpoint(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """Inverse of `to_checkpoint`."""
+        if self.layout == "same":
+            return tensors[0]
+        if self.layout == "transpose":
+            return tensors[0].T
+        if self.layout == "conv":
+            return tensors[0][:, 0, :].T
+        return np.stack([t.T for t in tensors])
+
+    def checkpoint_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.layout == "same":
+            return param_shape
+        if self.layout == "transpose":
+            return param_shape[::-1]
+        if self.layout == "conv":
+            return (param_shape[1], 1, param_shape[0])
+        return param_shape[:0:-1]
+
+
+_LAYER = re.compile(r"layers_(\d+)$")
+
+
+def _prefix(path: Path) -> tuple[str, Path]:
+    """Splits a param path into its checkpoint prefix and the rest under that module."""
+    if path[0] == "mtp":
+        return f"mtp.layers.{_LAYER.match(path[1]).group(1)}.", path[2:]
+    if _LAYER.match(path[0]):
+        return f"backbone.layers.{_LAYER.match(path[0]).group(1)}.", path[1:]
+    if path[0] == "embeddings":
+        return "backbone.embeddings.", path[1:]
+    if path[0] == "norm_f":
+        return "backbone.norm_f.", path[1:]
+    if path[0] == "lm_head":
+        return "lm_head.", path[1:]
+    raise ValueError(f"no checkpoint name for param {'/'.join(path)}")
+
+
+def rule_for(path: Path, ndim: int, num_experts: int | None = None) -> TensorRule:
+    """The checkpoint mapping of the param at `path` (with `ndim` dimensions)."""
+    prefix, rest = _prefix(path)
+    *modules, leaf = rest
+    stem = prefix + "".join(f"{m}." for m in modules)
+    if modules and modules[-1] == "experts":
+        return TensorRule(path, tuple(f"{stem}{e}.{leaf}.weight" for e in range(num_experts)), "experts")
+    if leaf == "kernel" and modules and modules[-1] == "conv1d":
+        return TensorRule(path, (stem + "weight",), "conv")
+    if leaf == "kernel":
+        return TensorRule(path, (stem + "weight",), "transpose" if ndim == 2 else "same")
+    if leaf in ("scale", "embedding"):
+        return TensorRule(path, (stem + "weight",), "same")
+    return TensorRule(path, (stem + leaf,), "same")
+
+
+_STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$")
+
+
+def checkpoint_name(name: str) -> str:
+    """Maps the name spellings of spec/arch.md 6.11 onto the Hub spelling used by `rule_for`."""
+    if name.startswith("language_model."):
+        name = name[len("language_model."):]
+    if name.startswith("model."):
+        name = "backbone." + name[len("model."):]
+    if name == "backbone.embedding.weight":
+        name = "backbone.embeddings.weight"
+    return name
+
+
+def split_stacked_experts(name: str, value: np.ndarray) -> dict[str, np.ndarray] | None:
+    """transformers-native stacked experts `...mixer.experts.up_proj` [E, out, in] -> per-expert tensors."""
+    match = _STACKED_EXPERTS.match(name)
+    if match is None:
+        return None
+    if value.ndim != 3:
+        raise ValueError(f"stacked expert tensor {name} has shape {tuple(value.shape)}, expected [experts, out, in]")
+    stem, leaf = match.groups()
+    return {f"{stem}.{e}.{leaf}.weight": value[e] for e in range(value.shape[0])}

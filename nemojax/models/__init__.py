@@ -1,0 +1,1 @@
+"""Whole networks assembled from `nemojax.nn` blocks."""

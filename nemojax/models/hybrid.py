@@ -1,0 +1,72 @@
+"""NemotronH: the hybrid pattern stack (spec/arch.md 2.3).
+
+    h = embeddings[tokens]
+    for each pattern character: h = h + mixer(RMSNorm(h))
+    logits = lm_head(norm_f(h))           (untied, float32)
+
+plus the optional MTP head, which reads the final hidden state and the next token's embedding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.nn.blocks import Block
+from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.mtp import MTP
+from nemojax.nn.norms import RMSNorm
+
+
+class NemotronH(nn.Module):
+    """tokens: [b, L] int -> logits: [b, L, vocab] float32."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        self.embeddings = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                        ("vocab", "embed")))
+        block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+        self.layers = [block(cfg, kind) for kind in cfg.pattern]
+        self.norm_f = RMSNorm(cfg.norm_eps, dtype, param_dtype)
+        self.lm_head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), name=None)
+        if cfg.mtp is not None:
+            self.mtp = MTP(cfg)
+
+    def hidden(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [b, L] -> final normed hidden states [b, L, hidden] (compute dtype)."""
+        h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "embed"))
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm_f(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [b, L, hidden] -> [b, L, vocab] float32."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.logits(self.hidden(tokens))
+
+    def mtp_logits(self, hidden: jax.Array, tokens: jax.Array) -> list[jax.Array]:
+        """MTP predictions from the main model's final hidden states.
+
+        hidden: [b, L, hidden] at positions t, tokens: [b, L + D] with D = mtp depths. Depth d at position t sees
+        the embedding of tokens[:, t + d + 1] and predicts token t + d + 2. Returns D arrays [b, L, vocab] float32.
+        """
+        depths, L = self.config.mtp.num_layers, hidden.shape[1]
+        if tokens.shape[1] != L + depths:
+            raise ValueError(f"tokens has length {tokens.shape[1]}, expected hidden length {L} + {depths} MTP depths")
+        next_embedded = [self.embeddings(tokens[:, d + 1:d + 1 + L]) for d in range(depths)]
+        return [self.logits(h) for h in self.mtp(hidden, next_embedded)]
+
+    def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """tokens: [b, L] -> (logits [b, L, vocab], MTP logits [b, L - D, vocab] per depth d)."""
+        h = self.hidden(tokens)
+        depths = self.config.mtp.num_layers
+        return self.logits(h), self.mtp_logits(h[:, :tokens.shape[1] - depths], tokens)

@@ -1,0 +1,70 @@
+"""Grouped-query causal attention. NemotronH uses no positional encoding; partial RoPE (NeoX rotate-half) is an
+option for the Nemotron-4 family (spec/arch.md 2.1, 4.5)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.nn.linear import dense
+
+f32 = jnp.float32
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int) -> jax.Array:
+    """Rotates the first `rotary_dim` channels of each head, rotate-half style (channel i pairs with
+    i + rotary_dim/2); the rest pass through. x: [b, L, heads, head_dim], positions: [b, L]."""
+    inv_freq = theta ** (-jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim)
+    freqs = positions.astype(f32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    rot, rest = x[..., :rotary_dim].astype(f32), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    rot = rot * jnp.cos(angles) + rotated_half * jnp.sin(angles)
+    return jnp.concatenate([rot.astype(x.dtype), rest], axis=-1)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Dense softmax attention, scores and softmax in float32.
+
+    q: [b, L, Hq, d], k, v: [b, L, Hkv, d] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv))
+    -> [b, L, Hq, d].
+    """
+    b, L, Hq, d = q.shape
+    Hkv = k.shape[2]
+    q = q.reshape(b, L, Hkv, Hq // Hkv, d)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=f32) * scale
+    causal = jnp.tril(jnp.ones((L, L), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, L, Hq, d)
+
+
+class Attention(nn.Module):
+    """x: [b, L, hidden] -> [b, L, hidden]. q/o are num_heads * head_dim wide, which need not equal hidden."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        cfg, a = self.config, self.config.attention
+        b, L, _ = x.shape
+        q = dense(cfg, a.num_heads * a.head_dim, ("embed", "heads"), name="q_proj", use_bias=a.bias)(x)
+        k = dense(cfg, a.num_kv_heads * a.head_dim, ("embed", "kv_heads"), name="k_proj", use_bias=a.bias)(x)
+        v = dense(cfg, a.num_kv_heads * a.head_dim, ("embed", "kv_heads"), name="v_proj", use_bias=a.bias)(x)
+        q = q.reshape(b, L, a.num_heads, a.head_dim)
+        k = k.reshape(b, L, a.num_kv_heads, a.head_dim)
+        v = v.reshape(b, L, a.num_kv_heads, a.head_dim)
+        if a.rope_theta is not None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(L), (b, L))
+            rotary_dim = int(a.head_dim * a.partial_rotary_factor)
+            q = apply_rope(q, positions, a.rope_theta, rotary_dim)
+            k = apply_rope(k, positions, a.rope_theta, rotary_dim)
+        out = causal_attention(q, k, v, a.head_dim ** -0.5)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        return dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
+            out.reshape(b, L, a.num_heads * a.head_dim))

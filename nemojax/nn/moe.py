@@ -1,0 +1,125 @@
+"""NemotronH mixture of experts (spec/arch.md 3.1-3.3).
+
+    router (float32): s = sigmoid(x @ W_gate); choose top-k by s + e_score_correction_bias, within the best
+        topk_group of n_group groups; weights are the unbiased s of the chosen experts, normalised
+        (norm_topk_prob) and multiplied by routed_scaling_factor
+    routed: r = sum_k w_k * expert_k(fc1_latent(x)), accumulated in float32, then fc2_latent
+    output: r + shared_expert(x)          (shared expert and router see the full-width x)
+
+Two dispatches compute the routed sum and are equal to round-off: `dense` runs every expert on every token and
+combines with a one-hot weight matrix (simple and fast for a handful of experts); `ragged` sorts the token-expert
+pairs by expert and runs two `jax.lax.ragged_dot` calls (dropless; the work is top_k per token, not E).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.mlp import MLP, relu2
+
+f32 = jnp.float32
+
+
+def route(logits: jax.Array, bias: jax.Array, *, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, scaling: float) -> tuple[jax.Array, jax.Array]:
+    """logits: [T, E] float32, bias: [E] -> (weights [T, k] float32, expert ids [T, k] int32)."""
+    T, E = logits.shape
+    scores = jax.nn.sigmoid(logits.astype(f32))
+    choice = scores + bias.astype(f32)  # the bias steers selection only
+    if n_group > 1:
+        grouped = choice.reshape(T, n_group, E // n_group)
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        _, kept = jax.lax.top_k(group_score, topk_group)
+        keep = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], kept].set(True)
+        choice = jnp.where(jnp.repeat(keep, E // n_group, axis=-1), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(choice, top_k)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * scaling, ids.astype(jnp.int32)
+
+
+def experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+    """Every expert on every token. x: [T, D], up: [E, D, F], down: [E, F, D], weights/ids: [T, k] -> [T, D] f32."""
+    combine_te = jnp.sum(jax.nn.one_hot(ids, up.shape[0], dtype=f32) * weights[..., None], axis=1)
+    h_tef = relu2(jnp.einsum("td,edf->tef", x, up))
+    y_ted = jnp.einsum("tef,efd->ted", h_tef, down)
+    return jnp.einsum("ted,te->td", y_ted.astype(f32), combine_te)
+
+
+def experts_ragged(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+    """Dropless grouped matmul over the token-expert pairs sorted by expert. Shapes as `experts_dense`."""
+    T, k = ids.shape
+    E = up.shape[0]
+    flat_ids = ids.reshape(T * k)
+    order = jnp.argsort(flat_ids)
+    x_sorted = x[order // k]
+    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
+    h = relu2(jax.lax.ragged_dot(x_sorted, up, group_sizes))
+    y_sorted = jax.lax.ragged_dot(h, down, group_sizes)
+    y_tkd = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd.astype(f32), weights)
+
+
+class Router(nn.Module):
+    """x: [T, hidden] -> (weights [T, k], ids [T, k]). Kernel and correction bias are kept in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg, e = self.config, self.config.moe
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("embed", None)), (cfg.hidden_size, e.num_experts), f32)
+        bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None,)), (e.num_experts,), f32)
+        logits = jnp.dot(x.astype(f32), kernel)
+        return route(logits, bias, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
+                     norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """Stacked routed experts: `up_proj` [E, D_in, F] and `down_proj` [E, F, D_in] ([in, out] per expert)."""
+
+    config: ModelConfig
+    input_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        cfg, e = self.config, self.config.moe
+        dtype, param_dtype = dtypes(cfg)
+        init = nn.initializers.normal(cfg.initializer_range)
+        up = self.param("up_proj", nn.with_logical_partitioning(init, ("experts", "embed", "mlp")),
+                        (e.num_experts, self.input_size, e.intermediate_size), param_dtype)
+        down = self.param("down_proj", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
+                          (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
+        run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
+        return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+
+
+class MoE(nn.Module):
+    """x: [b, L, hidden] (the block's normed input) -> [b, L, hidden]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, e = self.config, self.config.moe
+        dtype, _ = dtypes(cfg)
+        b, L, D = x.shape
+        tokens = x.reshape(b * L, D)
+        weights, ids = Router(cfg, name="gate")(tokens)
+        v = tokens
+        if e.latent_size is not None:
+            v = dense(cfg, e.latent_size, ("embed", "mlp"), name="fc1_latent_proj", use_bias=cfg.mlp_bias)(v)
+        routed = Experts(cfg, e.latent_size or D, name="experts")(v, weights, ids).astype(dtype)
+        if e.latent_size is not None:
+            routed = dense(cfg, D, ("mlp", "embed"), name="fc2_latent_proj", use_bias=cfg.mlp_bias)(routed)
+        out = routed.reshape(b, L, D)
+        if e.n_shared_experts:
+            out = out + MLP(cfg, e.n_shared_experts * e.shared_intermediate_size, name="shared_experts")(x)
+        return out

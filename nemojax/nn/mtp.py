@@ -1,0 +1,69 @@
+"""Multi-token prediction head of Nemotron 3 Super (spec/arch.md 3.5).
+
+Depth d predicts the token two (d + 2) ahead from the previous depth's hidden state h (the main model's final,
+normed hidden for d = 0) and the embedding e of the next input token:
+
+    f = eh_proj(concat[enorm(e), hnorm(h)])          (first sub-layer only; embedding half first)
+    f = f + mixer_j(norm_j(f))                       (one pre-norm block per character of the MTP pattern)
+    h' = final_layernorm(f)                          (last sub-layer only); logits through the shared lm_head
+
+Sub-layers are named `layers_{d * len(pattern) + j}` as in the checkpoint (`mtp.layers.{k}.`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.nn.blocks import make_mixer
+from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.norms import RMSNorm
+
+
+class MTPSublayer(nn.Module):
+    """One MTP sub-layer: a pre-norm block, with the fusion input on the first and the final norm on the last."""
+
+    config: ModelConfig
+    kind: str
+    first: bool
+    last: bool
+
+    @nn.compact
+    def __call__(self, f: jax.Array, embedded: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        if self.first:
+            e = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="enorm")(embedded)
+            h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="hnorm")(f)
+            f = dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="eh_proj")(jnp.concatenate([e, h], axis=-1))
+        x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(f)
+        f = f + make_mixer(cfg, self.kind)(x).astype(f.dtype)
+        if self.last:
+            f = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_layernorm")(f)
+        return f
+
+
+class MTP(nn.Module):
+    """hidden: [b, L, hidden], next_embedded: [b, L, hidden] -> one hidden state [b, L, hidden] per depth."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        pattern = self.config.mtp.pattern
+        self.layers = [
+            MTPSublayer(self.config, kind, first=j == 0, last=j == len(pattern) - 1)
+            for _ in range(self.config.mtp.num_layers) for j, kind in enumerate(pattern)
+        ]
+
+    def __call__(self, hidden: jax.Array, next_embedded: list[jax.Array]) -> list[jax.Array]:
+        per_depth = len(self.config.mtp.pattern)
+        outputs = []
+        for d in range(self.config.mtp.num_layers):
+            f = hidden
+            for j in range(per_depth):
+                f = self.layers[d * per_depth + j](f, next_embedded[d] if j == 0 else None)
+            outputs.append(f)
+            hidden = f
+        return outputs

@@ -1,0 +1,148 @@
+"""State-space duality (SSD): the Mamba-2 selective scan, two ways.
+
+Both functions compute, per head h with state S in R^{P x N} (spec/arch.md 1.2 step 7):
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t (outer) B_t
+    y_t = S_t @ C_t
+
+with head h reading the B/C of group h // (H / G) (repeat-interleave, spec 6.10). The D skip, the gate and the
+norm belong to the mixer. Everything runs in float32 whatever the input dtype (spec 6.2).
+
+`ssd_sequential` is the oracle: a `lax.scan` over time. `ssd_chunked` is the chunked algorithm of spec 1.3
+(quadratic attention-like form inside chunks of Q tokens, a scan over chunk states between them), written
+group-aware so B/C are never expanded to H heads. Shapes:
+
+    x: [b, L, H, P]   dt: [b, L, H] (after softplus and clamp)   A: [H] (negative)
+    B, C: [b, L, G, N]   initial_state: [b, H, P, N] or None
+    returns y: [b, L, H, P] float32 and final_state: [b, H, P, N] float32
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int,
+        initial_state: jax.Array | None = None, impl: str = "chunked") -> tuple[jax.Array, jax.Array]:
+    """Dispatches to `ssd_chunked` or `ssd_sequential` (see the module docstring for shapes)."""
+    if impl == "chunked":
+        return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
+    if impl == "sequential":
+        return ssd_sequential(x, dt, A, B, C, initial_state=initial_state)
+    raise ValueError(f"impl={impl!r} is invalid: must be 'chunked' or 'sequential'")
+
+
+def _check_shapes(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array) -> tuple[int, ...]:
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if dt.shape != (b, L, H) or A.shape != (H,) or B.shape != (b, L, G, N) or C.shape != B.shape:
+        raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, B {B.shape}, C {C.shape}")
+    if H % G:
+        raise ValueError(f"ssd: {H} heads do not divide into {G} groups")
+    return b, L, H, P, G, N
+
+
+def _initial(initial_state: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    if initial_state is None:
+        return jnp.zeros(shape, f32)
+    if initial_state.shape != shape:
+        raise ValueError(f"initial_state has shape {initial_state.shape}, expected {shape}")
+    return initial_state.astype(f32)
+
+
+def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                   initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The recurrence, one token at a time (`lax.scan` over L). The test oracle for every other SSD."""
+    b, L, H, P, G, N = _check_shapes(x, dt, A, B, C)
+    R = H // G
+    # Time-major inputs for the scan; B/C repeat-interleaved from groups to heads.
+    x_t = jnp.moveaxis(x.astype(f32), 1, 0)
+    dt_t = jnp.moveaxis(dt.astype(f32), 1, 0)
+    B_t = jnp.moveaxis(jnp.repeat(B.astype(f32), R, axis=2), 1, 0)
+    C_t = jnp.moveaxis(jnp.repeat(C.astype(f32), R, axis=2), 1, 0)
+    A = A.astype(f32)
+
+    def step(S_bhpn, inputs):
+        x_bhp, dt_bh, B_bhn, C_bhn = inputs
+        decay_bh = jnp.exp(dt_bh * A)
+        S_bhpn = (S_bhpn * decay_bh[..., None, None]
+                  + jnp.einsum("bhp,bhn->bhpn", x_bhp * dt_bh[..., None], B_bhn))
+        return S_bhpn, jnp.einsum("bhpn,bhn->bhp", S_bhpn, C_bhn)
+
+    final, y_t = jax.lax.scan(step, _initial(initial_state, (b, H, P, N)), (x_t, dt_t, B_t, C_t))
+    return jnp.moveaxis(y_t, 0, 1), final
+
+
+def segsum(a: jax.Array) -> jax.Array:
+    """out[..., i, j] = sum_{j < k <= i} a[..., k] for j <= i, and -inf above the diagonal.
+
+    Built by masking then cumsum rather than by subtracting two cumsums: the difference of two large running
+    sums loses the small in-chunk decays to cancellation (spec/arch.md 1.3).
+    """
+    T = a.shape[-1]
+    rows = jnp.broadcast_to(a[..., :, None], (*a.shape, T))  # rows[..., k, j] = a_k
+    k_after_j = jnp.tril(jnp.ones((T, T), bool), -1)
+    sums = jnp.cumsum(jnp.where(k_after_j, rows, 0.0), axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((T, T), bool)), sums, -jnp.inf)
+
+
+def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int,
+                initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Chunked SSD for any L (L < chunk and L not a multiple of it included).
+
+    Index names: c chunk, l/s positions in a chunk, g group, r head within its group (h = g*R + r), p head
+    channel, n state.
+    """
+    b, L, H, P, G, N = _check_shapes(x, dt, A, B, C)
+    R, Q = H // G, chunk_size
+    pad = -L % Q
+    nc = (L + pad) // Q
+
+    # Discretise, then pad: on pads dt*A = 0 (decay 1) and X = 0 (no input), so the final state is unchanged
+    # (spec 6.8: padding raw dt would decay the state through softplus(dt_bias)).
+    dt = dt.astype(f32)
+    X = x.astype(f32) * dt[..., None]
+    a = dt * A.astype(f32)
+
+    def chunks(t: jax.Array) -> jax.Array:
+        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        return t.reshape(b, nc, Q, *t.shape[2:])
+
+    X_bclgrp = chunks(X).reshape(b, nc, Q, G, R, P)
+    a_bgrcl = jnp.transpose(chunks(a).reshape(b, nc, Q, G, R), (0, 3, 4, 1, 2))
+    B_bclgn = chunks(B.astype(f32))
+    C_bclgn = chunks(C.astype(f32))
+
+    a_cumsum = jnp.cumsum(a_bgrcl, axis=-1)  # decay from the chunk start to each position (inclusive)
+
+    # 1. Within each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(sum_{j<k<=i} a_k) X_j.
+    decay_bgrcls = jnp.exp(segsum(a_bgrcl))
+    CB_bgcls = jnp.einsum("bclgn,bcsgn->bgcls", C_bclgn, B_bclgn)
+    y_diag = jnp.einsum("bgrcls,bcsgrp->bclgrp", CB_bgcls[:, :, None] * decay_bgrcls, X_bclgrp)
+
+    # 2. Each chunk's own end state: decay from position s to the chunk end is exp(sum_{k>s} a_k), taken as a
+    # shifted reverse cumsum (no cancellation).
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(a_bgrcl, -1), axis=-1), -1)
+    to_end_bgrcs = jnp.exp(jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1))
+    X_to_end = X_bclgrp * jnp.transpose(to_end_bgrcs, (0, 3, 4, 1, 2))[..., None]
+    local_bcgrpn = jnp.einsum("bcsgn,bcsgrp->bcgrpn", B_bclgn, X_to_end)
+
+    # 3. Pass states between chunks: S_in[c+1] = exp(sum of chunk c's a) * S_in[c] + local[c].
+    chunk_decay_cbgr = jnp.exp(jnp.moveaxis(a_cumsum[..., -1], -1, 0))
+    S0 = _initial(initial_state, (b, H, P, N)).reshape(b, G, R, P, N)
+
+    def carry_state(S_bgrpn, inputs):
+        decay_bgr, local_bgrpn = inputs
+        return S_bgrpn * decay_bgr[..., None, None] + local_bgrpn, S_bgrpn
+
+    final, entering_cbgrpn = jax.lax.scan(carry_state, S0, (chunk_decay_cbgr, jnp.moveaxis(local_bcgrpn, 1, 0)))
+
+    # 4. The entering state's contribution: exp(a_cumsum_l) * (C_l . S_in).
+    y_off = jnp.einsum("bclgn,cbgrpn->bclgrp", C_bclgn, entering_cbgrpn)
+    y_off = y_off * jnp.exp(jnp.transpose(a_cumsum, (0, 3, 4, 1, 2)))[..., None]
+
+    y = (y_diag + y_off).reshape(b, nc * Q, H, P)[:, :L]
+    return y, final.reshape(b, H, P, N)
