@@ -278,7 +278,7 @@ class ModelConfig:
                 chunk_size=first("chunk_size", "mamba_chunk_size", default=128),
                 use_conv_bias=first("use_conv_bias", "mamba_conv_bias", default=True),
                 proj_bias=first("use_bias", "mamba_proj_bias", default=False),
-                time_step_limit=tuple(limit),
+                time_step_limit=tuple(_json_float(v) for v in limit),
                 time_step_min=first("time_step_min", "mamba_dt_min", default=0.001),
                 time_step_max=first("time_step_max", "mamba_dt_max", default=0.1),
                 time_step_floor=first("time_step_floor", "mamba_dt_init_floor", default=1e-4),
@@ -381,6 +381,13 @@ class ModelConfig:
         else:
             d["num_nextn_predict_layers"] = 0
         return d
+
+
+def _json_float(value: Any) -> float:
+    """A float from config.json, including transformers 5's {"__float__": "Infinity"} encoding of inf."""
+    if isinstance(value, Mapping) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
 
 
 def _required(d: Mapping[str, Any], *names: str) -> Any:
