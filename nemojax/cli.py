@@ -1,0 +1,71 @@
+"""The `nemojax` command: one subcommand per job.
+
+    nemojax demo [--preset nemotron-3-super-120b-a12b] [--seq 64]
+        builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
+    nemojax params [--preset NAME ...]
+        parameter counts of full-size presets, from shapes alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nemojax import presets
+from nemojax.model import Model, param_count
+
+
+def _demo(args: argparse.Namespace) -> None:
+    full = presets.get(args.preset)
+    config = presets.get(f"{args.preset}-tiny")
+    print(f"preset {args.preset}: {full.num_layers} layers '{full.pattern}', "
+          f"{param_count(full):,} parameters (counted from shapes, nothing allocated)")
+    print(f"tiny variant: {config.num_layers} layers '{config.pattern}', hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}" + (f", MTP '{config.mtp.pattern}'" if config.mtp else ""))
+    model = Model.init(config, jax.random.key(args.seed))
+    print(f"initialised {model.num_params:,} parameters on {jax.devices()[0].platform}")
+
+    tokens = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.seq), 0, config.vocab_size)
+    start = time.perf_counter()
+    logits = jax.block_until_ready(model(tokens))
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    logits = jax.block_until_ready(model(tokens))
+    run_s = time.perf_counter() - start
+    print(f"forward: tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} {logits.dtype}; "
+          f"first call {compile_s:.2f} s (compile), then {run_s * 1e3:.1f} ms")
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
+    print(f"next-token loss on random tokens {float(loss):.3f} (uniform guess: {float(jnp.log(config.vocab_size)):.3f})")
+    if config.mtp is not None:
+        _, mtp_logits = model.with_mtp(tokens)
+        print(f"MTP: {len(mtp_logits)} depth(s), logits {[tuple(m.shape) for m in mtp_logits]}")
+
+
+def _params(args: argparse.Namespace) -> None:
+    for name in args.preset or [n for n in presets.names() if not n.endswith("-tiny")]:
+        print(f"{name:32s} {param_count(presets.get(name)):>18,}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nemojax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    jobs = parser.add_subparsers(dest="job", required=True)
+    demo = jobs.add_parser("demo", help="forward pass of a preset's tiny variant")
+    demo.add_argument("--preset", default="nemotron-3-super-120b-a12b",
+                      choices=[n for n in presets.names() if not n.endswith("-tiny")])
+    demo.add_argument("--seq", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    params = jobs.add_parser("params", help="parameter counts of full-size presets")
+    params.add_argument("--preset", action="append")
+    params.set_defaults(run=_params)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
