@@ -68,7 +68,10 @@ class MambaConfig:
                                            "chunk_size"))
         if self.num_heads % self.n_groups:
             _fail("mamba.num_heads", self.num_heads, f"must be divisible by mamba.n_groups={self.n_groups}")
-        limit = tuple(float(v) for v in self.time_step_limit)
+        try:
+            limit = tuple(float(v) for v in self.time_step_limit)
+        except (TypeError, ValueError):
+            limit = ()
         if len(limit) != 2 or not (0.0 <= limit[0] <= limit[1]):
             _fail("mamba.time_step_limit", self.time_step_limit, "must be (lo, hi) with 0 <= lo <= hi")
         object.__setattr__(self, "time_step_limit", limit)
@@ -113,7 +116,7 @@ class AttentionConfig:
             if self.rope_theta <= 0:
                 _fail("attention.rope_theta", self.rope_theta, "must be positive or None (no RoPE)")
             rotary = int(self.head_dim * self.partial_rotary_factor)
-            if not 0 < self.partial_rotary_factor <= 1 or rotary % 2:
+            if not 0 < self.partial_rotary_factor <= 1 or rotary <= 0 or rotary % 2:
                 _fail("attention.partial_rotary_factor", self.partial_rotary_factor,
                       f"must be in (0, 1] and give an even rotary width of head_dim={self.head_dim}")
 

@@ -67,6 +67,9 @@ def test_valid_config_builds() -> None:
                            topk_group=3), "moe.topk_group"),
         (lambda: MoEConfig(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=32, impl="x"),
          "moe.impl"),
+        (lambda: AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=10, rope_theta=1e4, partial_rotary_factor=0.5),
+         "attention.partial_rotary_factor"),
+        (lambda: AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=-1.0), "attention.rope_theta"),
         (lambda: _config(dtype="float64"), "dtype"),
         (lambda: _config(param_dtype="int8"), "param_dtype"),
         (lambda: MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=(0.1, 0.05)),
@@ -93,6 +96,13 @@ def test_scalar_time_step_limit_raises_value_error() -> None:
     """A scalar time_step_limit (a common mistake: 0.1 instead of (0, 0.1)) raises ValueError naming the field."""
     with pytest.raises(ValueError, match="mamba.time_step_limit"):
         MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=0.1)
+
+
+def test_zero_rotary_width_raises_value_error() -> None:
+    """A partial_rotary_factor whose rotary width rounds down to 0 channels (8 * 0.1) raises ValueError: RoPE on no
+    channel is a silent no-op, not an even rotary width."""
+    with pytest.raises(ValueError, match="attention.partial_rotary_factor"):
+        AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0, partial_rotary_factor=0.1)
 
 
 def test_time_step_limit_is_normalised_to_float_tuple() -> None:

@@ -118,7 +118,7 @@ def _np_experts(x, up, down, weights, ids):
     x, up, down = (np.asarray(v, np.float64) for v in (x, up, down))
     out = np.zeros((x.shape[0], up.shape[1]))
     for t in range(x.shape[0]):
-        for w, e in zip(np.asarray(weights)[t], np.asarray(ids)[t]):
+        for w, e in zip(np.asarray(weights)[t], np.asarray(ids)[t], strict=True):
             out[t] += w * (np.maximum(x[t] @ up[e], 0.0) ** 2) @ down[e]
     return out
 
@@ -184,8 +184,7 @@ def _np_moe(p, x, cfg: ModelConfig) -> np.ndarray:
     return (routed + shared).reshape(np.shape(x))
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
-@pytest.mark.parametrize("latent", [16, None])
+@pytest.mark.parametrize(("impl", "latent"), [("dense", 16), ("ragged", 16), ("dense", None)])
 def test_moe_module_matches_numpy(impl: str, latent: int | None) -> None:
     """The MoE module (router, optional fc1/fc2 latent, experts, shared expert) equals numpy from its params."""
     cfg = _moe_config(impl, latent)
