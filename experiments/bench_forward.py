@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/bench_forward.py                 # full run (seq 2048, SSD L 4096)
     .venv/bin/python experiments/bench_forward.py --quick         # smoke run (seq 512, SSD L 1024, 2 repeats)
+    options: --seq --batch --repeats --threads --ssd-len --attn {sdpa,eager} --out   (see --help)
 
 What it measures, in one run:
 
@@ -19,8 +20,9 @@ What it measures, in one run:
 2. `ssd_chunked` (chunk 128) against `ssd_sequential` (a `lax.scan` over time), both jitted, forward only, at
    batch 1, L 4096, H 32 heads of P 64, G 8 groups, state N 128, plus their relative error.
 
-Every timing is the median of `--repeats` runs after one warm-up run. A summary block is printed and the same
-numbers are written to runs/bench_forward.json.
+Every timing is the median of `--repeats` runs after one warm-up run; the two sides of each comparison run
+interleaved (a, b, a, b, ...) so that load from other processes hits both alike. A summary block is printed and
+the same numbers are written to runs/bench_forward.json.
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ from nemojax.nn.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
 PREFILL_TARGET = 1.5  # nemojax / transformers tokens/s
 SSD_TARGET = 20.0  # sequential time / chunked time
+LOAD_WARNING = 0.5  # 1-min load average above which the run is flagged as noisy
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench_forward.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class SSDShape:
+    """SSD problem size: x [batch, length, heads, head_dim], B/C [batch, length, groups, state]."""
+
     batch: int = 1
     length: int = 4096
     heads: int = 32
@@ -81,19 +86,22 @@ def bench_config() -> ModelConfig:
     )
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of `fn` (which must block until its result is ready), after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` calls of each fn (which must block until its result is ready), after one warm-up
+    call each. The fns run interleaved (a, b, a, b, ...) so that load from other processes hits both alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 def hf_model(model: Model, attn_implementation: str) -> NemotronHForCausalLM:
-    """transformers' NemotronHForCausalLM holding `model`'s weights, with nemojax's dt clamp (0, inf)."""
+    """transformers' NemotronHForCausalLM (float32, eval mode) holding exactly `model`'s weights."""
     hf_config = NemotronHConfig(**model.config.to_hf(), attn_implementation=attn_implementation)
     with torch.device("meta"):
         hf = NemotronHForCausalLM(hf_config)
@@ -113,6 +121,7 @@ def set_dt_limit(hf: NemotronHForCausalLM, limit: tuple[float, float]) -> int:
 
 
 def bench_prefill(seq: int, batch: int, repeats: int, attn_implementation: str, seed: int = 0) -> dict[str, Any]:
+    """nemojax vs transformers prefill on `bench_config()` with shared weights; timings, agreement, compile time."""
     config = bench_config()
     model = Model.init(config, seed)
     tokens_np = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq))
@@ -122,7 +131,6 @@ def bench_prefill(seq: int, batch: int, repeats: int, attn_implementation: str, 
     compiled = forward.lower(config, model.params, tokens).compile()
     compile_s = time.perf_counter() - start
     logits_jax = np.asarray(compiled(model.params, tokens))
-    jax_times = timed(lambda: compiled(model.params, tokens).block_until_ready(), repeats)
 
     hf = hf_model(model, attn_implementation)
     input_ids = torch.from_numpy(tokens_np.astype(np.int64))
@@ -135,8 +143,9 @@ def bench_prefill(seq: int, batch: int, repeats: int, attn_implementation: str, 
     logits_hf_default = run_hf().numpy()
     n_mixers = set_dt_limit(hf, (0.0, math.inf))
     logits_hf = run_hf().numpy()
-    hf_times = timed(run_hf, repeats)
-
+    times = timed({"nemojax": lambda: compiled(model.params, tokens).block_until_ready(), "transformers": run_hf},
+                  repeats)
+    jax_times, hf_times = times["nemojax"], times["transformers"]
     jax_s, hf_s = statistics.median(jax_times), statistics.median(hf_times)
     return {
         "config": {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "pattern": config.pattern,
@@ -179,16 +188,18 @@ def _rel_err(got: jax.Array, want: jax.Array) -> float:
 
 
 def bench_ssd(s: SSDShape, repeats: int) -> dict[str, Any]:
+    """Jitted ssd_chunked vs ssd_sequential on one input: timings, compile times and relative errors."""
     args = ssd_inputs(s)
     results: dict[str, Any] = {"shape": dataclasses.asdict(s)}
-    outputs = {}
+    outputs, runs = {}, {}
     fns = {"chunked": jax.jit(lambda *a: ssd_chunked(*a, chunk_size=s.chunk)), "sequential": jax.jit(ssd_sequential)}
     for name, fn in fns.items():
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         results[f"{name}_compile_s"] = time.perf_counter() - start
         outputs[name] = compiled(*args)
-        times = timed(lambda c=compiled: jax.block_until_ready(c(*args)), repeats)
+        runs[name] = lambda c=compiled: jax.block_until_ready(c(*args))
+    for name, times in timed(runs, repeats).items():
         results[f"{name}_s"] = statistics.median(times)
         results[f"{name}_times_s"] = times
     (y_c, state_c), (y_s, state_s) = outputs["chunked"], outputs["sequential"]
@@ -230,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     threads = pin_threads(args.threads)
+    load_before = os.getloadavg()
     env = {
         "threads": threads, "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
@@ -237,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"threads: XLA and torch both on {threads} core(s) (os.cpu_count()={os.cpu_count()}); "
           f"torch.get_num_threads()={torch.get_num_threads()}; jax backend {jax.default_backend()}")
+    if load_before[0] > LOAD_WARNING:
+        print(f"warning: 1-min load average {load_before[0]:.2f} before starting: other processes are using the CPU, "
+              "timings will be noisy (torch's thread barriers suffer more from it than XLA)")
 
     prefill = bench_prefill(args.seq, args.batch, args.repeats, args.attn)
     print(f"prefill config: {prefill['num_params']:,} params, pattern {prefill['config']['pattern']}, "
@@ -265,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  ssd      chunked {ssd['chunked_s'] * 1e3:.1f} ms  sequential {ssd['sequential_s'] * 1e3:.1f} ms  "
           f"ratio {ssd['ratio']:.2f}x  (target >= {SSD_TARGET:.0f}x: {verdict(ssd['ratio'], SSD_TARGET)})")
 
+    env["loadavg_before"], env["loadavg_after"] = list(load_before), list(os.getloadavg())
     report = {"argv": sys.argv[1:] if argv is None else argv, "env": env, "prefill": prefill, "ssd": ssd,
               "targets": {"prefill_ratio": PREFILL_TARGET, "ssd_ratio": SSD_TARGET}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"forward: tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} {logits.dtype}; "
           f"first call {compile_s:.2f} s (compile), then {run_s * 1e3:.1f} ms")
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
-    print(f"next-token loss on random tokens {float(loss):.3f} (uniform guess: {float(jnp.log(config.vocab_size)):.3f})")
+    uniform = float(jnp.log(config.vocab_size))
+    print(f"next-token loss on random tokens {float(loss):.3f} (uniform guess: {uniform:.3f})")
     if config.mtp is not None:
         _, mtp_logits = model.with_mtp(tokens)
         print(f"MTP: {len(mtp_logits)} depth(s), logits {[tuple(m.shape) for m in mtp_logits]}")

@@ -17,8 +17,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def state_dict_from_params(config: ModelConfig, params: Params) -> dict[str, np.
     flat = _flatten(params)
     state_dict = {}
     for rule, _ in tensor_rules(config):
-        for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path]))):
+        for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path])), strict=True):
             state_dict[name] = np.ascontiguousarray(tensor)
     return state_dict
 

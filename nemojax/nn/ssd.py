@@ -76,16 +76,22 @@ def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     return jnp.moveaxis(y_t, 0, 1), final
 
 
+def cumsum(x: jax.Array, axis: int) -> jax.Array:
+    """Inclusive cumulative sum as a log-depth tree of adds. (On CPU `jnp.cumsum` lowers to a reduce_window whose
+    cost is quadratic in the axis length, which made the Q x Q segment sums the slowest part of the chunked SSD.)"""
+    return jax.lax.associative_scan(jnp.add, x, axis=axis)
+
+
 def segsum(a: jax.Array) -> jax.Array:
     """out[..., i, j] = sum_{j < k <= i} a[..., k] for j <= i, and -inf above the diagonal.
 
-    Built by masking then cumsum rather than by subtracting two cumsums: the difference of two large running
+    Built by masking then summing rather than by subtracting two cumsums: the difference of two large running
     sums loses the small in-chunk decays to cancellation (spec/arch.md 1.3).
     """
     T = a.shape[-1]
     rows = jnp.broadcast_to(a[..., :, None], (*a.shape, T))  # rows[..., k, j] = a_k
     k_after_j = jnp.tril(jnp.ones((T, T), bool), -1)
-    sums = jnp.cumsum(jnp.where(k_after_j, rows, 0.0), axis=-2)
+    sums = cumsum(jnp.where(k_after_j, rows, 0.0), axis=-2)
     return jnp.where(jnp.tril(jnp.ones((T, T), bool)), sums, -jnp.inf)
 
 
@@ -93,8 +99,9 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
                 initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD for any L (L < chunk and L not a multiple of it included).
 
-    Index names: c chunk, l/s positions in a chunk, g group, r head within its group (h = g*R + r), p head
-    channel, n state.
+    Index names: g group, r head within its group (h = g*R + r), c chunk, l/s positions in a chunk, p head
+    channel, n state. Work arrays are head-major ([b, g, r, c, l, ...]) so every einsum is a batched matmul over
+    leading dimensions.
     """
     b, L, H, P, G, N = _check_shapes(x, dt, A, B, C)
     R, Q = H // G, chunk_size
@@ -111,38 +118,34 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
         t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
         return t.reshape(b, nc, Q, *t.shape[2:])
 
-    X_bclgrp = chunks(X).reshape(b, nc, Q, G, R, P)
-    a_bgrcl = jnp.transpose(chunks(a).reshape(b, nc, Q, G, R), (0, 3, 4, 1, 2))
-    B_bclgn = chunks(B.astype(f32))
-    C_bclgn = chunks(C.astype(f32))
+    X = jnp.transpose(chunks(X).reshape(b, nc, Q, G, R, P), (0, 3, 4, 1, 2, 5))  # [b, g, r, c, l, p]
+    a = jnp.transpose(chunks(a).reshape(b, nc, Q, G, R), (0, 3, 4, 1, 2))  # [b, g, r, c, l]
+    B = jnp.transpose(chunks(B.astype(f32)), (0, 3, 1, 2, 4))  # [b, g, c, l, n]
+    C = jnp.transpose(chunks(C.astype(f32)), (0, 3, 1, 2, 4))
+    a_cumsum = cumsum(a, axis=-1)  # decay from the chunk start to each position (inclusive)
 
-    a_cumsum = jnp.cumsum(a_bgrcl, axis=-1)  # decay from the chunk start to each position (inclusive)
+    # 1. Within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(sum_{s<k<=l} a_k) X_s.
+    CB = jnp.einsum("bgcln,bgcsn->bgcls", C, B)
+    y = jnp.einsum("bgrcls,bgrcsp->bgrclp", CB[:, :, None] * jnp.exp(segsum(a)), X)
 
-    # 1. Within each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(sum_{j<k<=i} a_k) X_j.
-    decay_bgrcls = jnp.exp(segsum(a_bgrcl))
-    CB_bgcls = jnp.einsum("bclgn,bcsgn->bgcls", C_bclgn, B_bclgn)
-    y_diag = jnp.einsum("bgrcls,bcsgrp->bclgrp", CB_bgcls[:, :, None] * decay_bgrcls, X_bclgrp)
-
-    # 2. Each chunk's own end state: decay from position s to the chunk end is exp(sum_{k>s} a_k), taken as a
-    # shifted reverse cumsum (no cancellation).
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(a_bgrcl, -1), axis=-1), -1)
-    to_end_bgrcs = jnp.exp(jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1))
-    X_to_end = X_bclgrp * jnp.transpose(to_end_bgrcs, (0, 3, 4, 1, 2))[..., None]
-    local_bcgrpn = jnp.einsum("bcsgn,bcsgrp->bcgrpn", B_bclgn, X_to_end)
+    # 2. Each chunk's own end state: the decay from s to the chunk end is exp(sum_{k>s} a_k), a shifted reverse
+    # cumsum (no cancellation).
+    suffix = jnp.flip(cumsum(jnp.flip(a, -1), axis=-1), -1)
+    to_end = jnp.exp(jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1))
+    local = jnp.einsum("bgcsn,bgrcsp->bgrcpn", B, X * to_end[..., None])
 
     # 3. Pass states between chunks: S_in[c+1] = exp(sum of chunk c's a) * S_in[c] + local[c].
-    chunk_decay_cbgr = jnp.exp(jnp.moveaxis(a_cumsum[..., -1], -1, 0))
+    chunk_decay = jnp.exp(jnp.moveaxis(a_cumsum[..., -1], -1, 0))  # [c, b, g, r]
     S0 = _initial(initial_state, (b, H, P, N)).reshape(b, G, R, P, N)
 
     def carry_state(S_bgrpn, inputs):
         decay_bgr, local_bgrpn = inputs
         return S_bgrpn * decay_bgr[..., None, None] + local_bgrpn, S_bgrpn
 
-    final, entering_cbgrpn = jax.lax.scan(carry_state, S0, (chunk_decay_cbgr, jnp.moveaxis(local_bcgrpn, 1, 0)))
+    final, entering = jax.lax.scan(carry_state, S0, (chunk_decay, jnp.moveaxis(local, 3, 0)))
 
     # 4. The entering state's contribution: exp(a_cumsum_l) * (C_l . S_in).
-    y_off = jnp.einsum("bclgn,cbgrpn->bclgrp", C_bclgn, entering_cbgrpn)
-    y_off = y_off * jnp.exp(jnp.transpose(a_cumsum, (0, 3, 4, 1, 2)))[..., None]
+    y = y + jnp.einsum("bgcln,cbgrpn->bgrclp", C, entering) * jnp.exp(a_cumsum)[..., None]
 
-    y = (y_diag + y_off).reshape(b, nc * Q, H, P)[:, :L]
+    y = jnp.transpose(y, (0, 3, 4, 1, 2, 5)).reshape(b, nc * Q, H, P)[:, :L]
     return y, final.reshape(b, H, P, N)

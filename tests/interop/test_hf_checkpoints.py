@@ -23,7 +23,7 @@ TOKENS = np.random.default_rng(0).integers(0, 300, (2, 21))
 def _same_params(a: nemojax.Model, b: nemojax.Model) -> bool:
     la, lb = jax.tree.leaves_with_path(a.params), jax.tree.leaves_with_path(b.params)
     return [p for p, _ in la] == [p for p, _ in lb] and all(
-        x.dtype == y.dtype and bool(jnp.array_equal(x, y)) for (_, x), (_, y) in zip(la, lb))
+        x.dtype == y.dtype and bool(jnp.array_equal(x, y)) for (_, x), (_, y) in zip(la, lb, strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from nemojax.config import AttentionConfig, ModelConfig
 from nemojax.nn import attention as attn
 
-causal_attention = jax.jit(attn.causal_attention, static_argnames="scale")
+causal_attention = jax.jit(attn.causal_attention, static_argnames=("scale", "block"))
 apply_rope = jax.jit(attn.apply_rope, static_argnames=("theta", "rotary_dim"))
 
 
@@ -41,6 +41,14 @@ def test_causal_attention_matches_numpy(Hq: int, Hkv: int) -> None:
     """causal_attention == numpy reference with explicit kv repeat, for GQA, MHA and MQA."""
     q, k, v = _qkv(Hq=Hq, Hkv=Hkv)
     out = causal_attention(q, k, v, scale=8 ** -0.5)
+    np.testing.assert_allclose(np.asarray(out), _np_attention(q, k, v, 8 ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("L,block", [(37, 8), (37, 5), (16, 16), (40, 128)])
+def test_query_blocks_equal_the_dense_form(L: int, block: int) -> None:
+    """Queries in blocks (L a multiple of the block or not, one block or many) == numpy dense attention."""
+    q, k, v = _qkv(L=L, seed=L + block)
+    out = causal_attention(q, k, v, scale=8 ** -0.5, block=block)
     np.testing.assert_allclose(np.asarray(out), _np_attention(q, k, v, 8 ** -0.5), rtol=1e-5, atol=1e-6)
 
 
