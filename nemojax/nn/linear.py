@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
@@ -29,3 +30,9 @@ def dense(config: ModelConfig, features: int, names: Sequence[str | None], *, na
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[-1],)),
         name=name,
     )
+
+
+def logical_param(module: nn.Module, name: str, init: Callable, axes: Sequence[str | None],
+                  shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """`module.param` with logical axis names (one per dimension of `shape`) attached for the sharding rules."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)

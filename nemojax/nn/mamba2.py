@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.linear import dense, dtypes, logical_param
 from nemojax.nn.norms import GatedRMSNorm
 from nemojax.nn.ssd import ssd
 
@@ -60,13 +60,12 @@ class CausalConv1d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.config.mamba
         _, param_dtype = dtypes(self.config)
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.config.initializer_range), ("conv", "ssm_heads")),
-            (m.conv_kernel, m.conv_dim), param_dtype)
+        kernel = logical_param(self, "kernel", nn.initializers.normal(self.config.initializer_range),
+                               ("conv", "ssm_heads"), (m.conv_kernel, m.conv_dim), param_dtype)
         bias = None
         if m.use_conv_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("ssm_heads",)),
-                              (m.conv_dim,), param_dtype)
+            bias = logical_param(self, "bias", nn.initializers.zeros_init(), ("ssm_heads",), (m.conv_dim,),
+                                 param_dtype)
         return causal_conv1d(x, kernel, bias)
 
 
@@ -91,11 +90,9 @@ class Mamba2Mixer(nn.Module):
         xBC = jax.nn.silu(xBC.astype(dtype))
         x, B, C = jnp.split(xBC, [I, I + G * N], axis=-1)
 
-        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init(cfg), ("ssm_heads",)),
-                             (H,), param_dtype)
-        A_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("ssm_heads",)), (H,), param_dtype)
-        D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones_init(), ("ssm_heads",)),
-                       (H,), param_dtype)
+        dt_bias = logical_param(self, "dt_bias", _dt_bias_init(cfg), ("ssm_heads",), (H,), param_dtype)
+        A_log = logical_param(self, "A_log", _a_log_init, ("ssm_heads",), (H,), param_dtype)
+        D = logical_param(self, "D", nn.initializers.ones_init(), ("ssm_heads",), (H,), param_dtype)
 
         # dt, A and the scan in float32 (spec 6.2, 6.3); the clamp is time_step_limit, not time_step_min (6.1).
         dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))

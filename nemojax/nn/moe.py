@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.linear import dense, dtypes, logical_param
 from nemojax.nn.mlp import MLP, relu2
 
 f32 = jnp.float32
@@ -73,10 +73,10 @@ class Router(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg, e = self.config, self.config.moe
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.initializer_range), ("embed", None)), (cfg.hidden_size, e.num_experts), f32)
-        bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(
-            nn.initializers.zeros_init(), (None,)), (e.num_experts,), f32)
+        kernel = logical_param(self, "kernel", nn.initializers.normal(cfg.initializer_range), ("embed", None),
+                               (cfg.hidden_size, e.num_experts), f32)
+        bias = logical_param(self, "e_score_correction_bias", nn.initializers.zeros_init(), (None,),
+                             (e.num_experts,), f32)
         logits = jnp.dot(x.astype(f32), kernel)
         return route(logits, bias, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
                      norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor)
@@ -93,10 +93,10 @@ class Experts(nn.Module):
         cfg, e = self.config, self.config.moe
         dtype, param_dtype = dtypes(cfg)
         init = nn.initializers.normal(cfg.initializer_range)
-        up = self.param("up_proj", nn.with_logical_partitioning(init, ("experts", "embed", "mlp")),
-                        (e.num_experts, self.input_size, e.intermediate_size), param_dtype)
-        down = self.param("down_proj", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
-                          (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
+        up = logical_param(self, "up_proj", init, ("experts", "embed", "mlp"),
+                           (e.num_experts, self.input_size, e.intermediate_size), param_dtype)
+        down = logical_param(self, "down_proj", init, ("experts", "mlp", "embed"),
+                             (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
         run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
         return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
 

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nemojax.nn.linear import logical_param
+
 f32 = jnp.float32
 
 
@@ -22,8 +24,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = logical_param(self, "scale", nn.initializers.ones_init(), (self.axis_name,), (x.shape[-1],),
+                              self.param_dtype)
         x32 = x.astype(f32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (normed * scale.astype(f32)).astype(self.dtype)
@@ -44,8 +46,8 @@ class GatedRMSNorm(nn.Module):
     @nn.compact
     def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
         width = y.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("ssm_heads",)),
-                           (width,), self.param_dtype)
+        scale = logical_param(self, "scale", nn.initializers.ones_init(), ("ssm_heads",), (width,),
+                              self.param_dtype)
         v = y.astype(f32) * jax.nn.silu(z.astype(f32))
         v = v.reshape(*v.shape[:-1], self.n_groups, width // self.n_groups)
         v = v * jax.lax.rsqrt(jnp.mean(jnp.square(v), axis=-1, keepdims=True) + self.eps)
