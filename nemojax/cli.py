@@ -4,11 +4,14 @@
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
         parameter counts of full-size presets, from shapes alone
+    nemojax train --config configs/x.py --workdir runs/x [--config.train.steps=200 ...]
+        trains (resuming from the workdir's newest checkpoint) and prints a summary
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -50,6 +53,36 @@ def _params(args: argparse.Namespace) -> None:
         print(f"{name:32s} {param_count(presets.get(name)):>18,}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from nemojax import config_files
+    from nemojax.train.loop import train
+
+    config = config_files.load(args.config, args.overrides)
+    result = train(config, args.workdir, progress=not args.no_progress)
+    summary = result["summary"]
+    print(f"trained {summary['params']:,} parameters for {summary['steps']} steps in {summary['workdir']}: "
+          f"train loss {summary['train_loss']:.3f}, validation loss {summary['validation_loss']:.3f} nats/token")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from the other arguments."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" in arg:
+                overrides.append(arg[len("--config."):])
+            elif i + 1 < len(argv):
+                overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+                i += 1
+            else:
+                raise SystemExit(f"{arg} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nemojax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     params = jobs.add_parser("params", help="parameter counts of full-size presets")
     params.add_argument("--preset", action="append")
     params.set_defaults(run=_params)
+    train = jobs.add_parser("train", help="train from an ml_collections config file; resumes from the workdir")
+    train.add_argument("--config", required=True, help="a Python file with get_config()")
+    train.add_argument("--workdir", required=True)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+    argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    args.overrides = overrides
     args.run(args)
 
 

@@ -29,6 +29,8 @@ _HF_NAME_TO_CHAR = {
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
+# Activation checkpointing per layer: "none", "full" (save nothing), or a jax.checkpoint_policies name.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # Above this many routed experts `moe_impl="auto"` switches from the dense one-hot einsum to sorted ragged_dot.
 DENSE_MOE_MAX_EXPERTS = 16
 
@@ -202,7 +204,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # one of REMAT_POLICIES
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -213,6 +215,11 @@ class ModelConfig:
         bad = sorted(set(self.pattern) - set(LAYER_KINDS))
         if not self.pattern or bad:
             _fail("pattern", self.pattern, f"must be a non-empty string over 'M', '*', '-', 'E' (found {bad})")
+        for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
+                           ("mtp", MTPConfig)):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, cls):
+                _fail(field, value, f"must be a {cls.__name__} or None")
         kinds = set(self.pattern) | (set(self.mtp.pattern) if self.mtp else set())
         needs = {"M": ("mamba", self.mamba), "*": ("attention", self.attention), "E": ("moe", self.moe)}
         for char, (field, sub) in needs.items():
@@ -223,6 +230,8 @@ class ModelConfig:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 _fail(field, getattr(self, field), f"must be one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be positive")
         if self.tie_word_embeddings:

@@ -244,8 +244,8 @@ def test_from_hf_rejects_other_model_type() -> None:
 
 def test_from_hf_overrides() -> None:
     """Overrides set nemojax-only fields on top of the parsed ones."""
-    cfg = ModelConfig.from_hf(_hf(), dtype="bfloat16", remat=True)
-    assert (cfg.dtype, cfg.remat, cfg.param_dtype) == ("bfloat16", True, "float32")
+    cfg = ModelConfig.from_hf(_hf(), dtype="bfloat16", remat="full")
+    assert (cfg.dtype, cfg.remat, cfg.param_dtype) == ("bfloat16", "full", "float32")
 
 
 # ------------------------------------------------------------------------------------------------ to_hf

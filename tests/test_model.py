@@ -78,13 +78,14 @@ def _sub_model(model: Model, layers: list[int]) -> Model:
     return Model(model.config.replace(pattern=pattern, mtp=None), params)
 
 
-def test_remat_gives_same_loss_and_gradients() -> None:
-    """remat=True gives the same loss (a weighted sum of all logits) and gradients as remat=False, on the Super
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_gives_same_loss_and_gradients(policy: str) -> None:
+    """Each remat policy gives the same loss (a weighted sum of all logits) and gradients as remat="none", on the Super
     twin's blocks 0, 1, 3 ("ME*": Mamba, latent MoE, attention)."""
     model = _sub_model(_model(SUPER), [0, 1, 3])
     assert model.config.pattern == "ME*"
     tokens = _tokens(2)
-    remat_cfg = model.config.replace(remat=True)
+    remat_cfg = model.config.replace(remat=policy)
     loss, grads = _loss_and_grads(model.config, model.params, tokens)
     loss_r, grads_r = _loss_and_grads(remat_cfg, model.params, tokens)
     np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)

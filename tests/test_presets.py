@@ -186,9 +186,9 @@ def test_names_lists_every_preset_once() -> None:
 
 
 def test_get_applies_overrides() -> None:
-    cfg = presets.get("nemotron-h-8b", dtype="float32", remat=True, mamba={"chunk_size": 64})
+    cfg = presets.get("nemotron-h-8b", dtype="float32", remat="full", mamba={"chunk_size": 64})
     assert cfg.mamba is not None and cfg.mamba.chunk_size == 64
-    assert (cfg.dtype, cfg.remat) == ("float32", True)
+    assert (cfg.dtype, cfg.remat) == ("float32", "full")
     assert cfg.param_dtype == "bfloat16"
     base = presets.get("nemotron-h-8b")
     assert base.dtype == "bfloat16" and base.mamba is not None and base.mamba.chunk_size == 128

@@ -32,7 +32,10 @@ class NemotronH(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
                                                         ("vocab", "embed")))
-        block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+        block = Block
+        if cfg.remat != "none":
+            policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
+            block = nn.remat(Block, policy=policy)
         self.layers = [block(cfg, kind) for kind in cfg.pattern]
         self.norm_f = RMSNorm(cfg.norm_eps, dtype, param_dtype)
         self.lm_head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), name=None)
@@ -41,7 +44,7 @@ class NemotronH(nn.Module):
 
     def hidden(self, tokens: jax.Array) -> jax.Array:
         """tokens: [b, L] -> final normed hidden states [b, L, hidden] (compute dtype)."""
-        h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "embed"))
+        h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
         for layer in self.layers:
             h = layer(h)
         return self.norm_f(h)

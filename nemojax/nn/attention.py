@@ -76,6 +76,6 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)
         out = causal_attention(q, k, v, a.head_dim ** -0.5)
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         return dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
             out.reshape(b, L, a.num_heads * a.head_dim))

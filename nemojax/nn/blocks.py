@@ -38,4 +38,4 @@ class Block(nn.Module):
         dtype, param_dtype = dtypes(self.config)
         x = RMSNorm(self.config.norm_eps, dtype, param_dtype, name="norm")(h)
         out = h + make_mixer(self.config, self.kind)(x).astype(h.dtype)
-        return nn.with_logical_constraint(out, ("batch", "seq", "embed"))
+        return nn.with_logical_constraint(out, ("batch", "seq", "act_embed"))

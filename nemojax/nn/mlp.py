@@ -24,5 +24,5 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         h = dense(cfg, self.intermediate_size, ("embed", "mlp"), name="up_proj", use_bias=cfg.mlp_bias)(x)
-        h = nn.with_logical_constraint(relu2(h), ("batch", "seq", "mlp"))
+        h = nn.with_logical_constraint(relu2(h), ("batch", "seq", "act_mlp"))
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=cfg.mlp_bias)(h)

@@ -78,8 +78,14 @@ class Router(nn.Module):
         bias = logical_param(self, "e_score_correction_bias", nn.initializers.zeros_init(), (None,),
                              (e.num_experts,), f32)
         logits = jnp.dot(x.astype(f32), kernel)
-        return route(logits, bias, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
-                     norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor)
+        weights, ids = route(logits, bias, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
+                             norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor)
+        # Statistics for the load-balancing loss and the aux-loss-free bias update (nemojax.train.moe_balance);
+        # sow is a no-op unless the caller makes "intermediates" mutable.
+        scores = jax.nn.sigmoid(logits)
+        self.sow("intermediates", "expert_load", jnp.sum(jax.nn.one_hot(ids, e.num_experts, dtype=f32), (0, 1)))
+        self.sow("intermediates", "expert_prob", jnp.mean(scores / jnp.sum(scores, -1, keepdims=True), axis=0))
+        return weights, ids
 
 
 class Experts(nn.Module):

@@ -1,0 +1,64 @@
+"""Experiment config files: Python files with a `get_config()` returning an ml_collections ConfigDict, plus dotted
+command-line overrides (`--config.train.steps=200`)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Runs `get_config()` of the file at `path`, then applies `key.path=value` overrides (values parsed as
+    Python literals when they are one, else kept as strings; the field's existing type must accept them)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--config {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"nemojax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path} has no get_config() function")
+    config = module.get_config()
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} is invalid: expected key.path=value")
+        set_path(config, key, _parse(text))
+    return config
+
+
+def _parse(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        return {"true": True, "false": False, "none": None}.get(lowered, text)
+
+
+def set_path(config: ml_collections.ConfigDict, key: str, value: object) -> None:
+    """config[a][b][c] = value for key "a.b.c"; unknown keys are an error naming the key."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node:
+            raise ValueError(f"config has no field {'.'.join(parents[:i + 1])!r} (override {key!r})")
+        node = node[name]
+    if isinstance(node, ml_collections.ConfigDict):
+        # `overrides` groups are free-form (model overrides); every other group has a fixed set of fields.
+        if leaf not in node and parents[-1:] != ["overrides"]:
+            raise ValueError(f"config has no field {key!r}")
+        current = node.get(leaf)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(f"override {key}={value!r}: {error}") from error
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise ValueError(f"config field {'.'.join(parents)!r} is not a group; cannot set {key!r}")
+

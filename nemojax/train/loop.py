@@ -1,0 +1,209 @@
+"""The `train` job: a config and a workdir in, a trained model, metrics, checkpoints and a loss curve out.
+
+    summary = train(config, "runs/demo")      # config: an ml_collections ConfigDict (see configs/)
+
+The same code runs on one CPU and on a pod: the mesh comes from `config.mesh`, params and optimizer state are
+placed by the logical-axis rules, each process feeds its share of the batch, and the job resumes by itself from
+the newest checkpoint in its workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from nemojax import data, presets
+from nemojax.config import ModelConfig
+from nemojax.model import Model, abstract_params
+from nemojax.train import sharding
+from nemojax.train.checkpoint import Checkpoints
+from nemojax.train.flops import train_flops_per_token
+from nemojax.train.metrics import MetricsWriter, read_metrics
+from nemojax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from nemojax.train.step import TrainState, eval_step, lm_loss, make_train_step
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of `config.model`: a preset name plus overrides (sub-configs as dicts of changes)."""
+    overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
+    return presets.get(config.model.preset, **overrides)
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig(total_steps=config.train.steps, **dict(config.optimizer))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training job builds before its first step (also used by benchmarks and compile checks)."""
+
+    model_config: ModelConfig
+    mesh: jax.sharding.Mesh
+    state_sharding: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    step: Any  # jitted (state, batch) -> (state, metrics)
+    evaluate: Any  # jitted (params, batch) -> metrics
+    init: Any  # jitted (rng) -> state
+    abstract_state: TrainState
+
+
+def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
+          devices: list[jax.Device] | None = None) -> Run:
+    """Mesh, shardings and the jitted init / step / eval functions of a training config."""
+    mcfg = mcfg or model_config(config)
+    t = config.train
+    optimizer = make_optimizer(optimizer_config(config))
+    loss_fn = lm_loss(mcfg, z_loss=t.z_loss, moe_aux_loss=t.moe_aux_loss)
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    params_shape = abstract_params(mcfg)
+    params_sharding = sharding.param_shardings(mcfg, mesh, params_shape)
+    state_sharding = TrainState(
+        params_sharding,
+        sharding.opt_state_shardings(optimizer, params_shape, params_sharding, mesh),
+        sharding.replicated(mesh),
+        sharding.replicated(mesh),
+    )
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def init(rng: jax.Array) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        params = Model.init(mcfg, params_rng).params
+        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), state_rng)
+
+    step_fn = make_train_step(optimizer, loss_fn, grad_accum=t.grad_accum, moe_bias_rate=t.moe_bias_rate)
+    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    evaluate = jax.jit(eval_step(loss_fn), in_shardings=(params_sharding, batch_sharding),
+                       out_shardings=sharding.replicated(mesh))
+    init = jax.jit(init, out_shardings=state_sharding)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  jax.eval_shape(init, jax.random.PRNGKey(0)), state_sharding)
+    return Run(mcfg, mesh, state_sharding, batch_sharding, step, evaluate, init, abstract_state)
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of the batch -> one global array per field, laid out by `sharding_`."""
+    return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v)) for k, v in batch.items()}
+
+
+def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    model = dataclasses.asdict(mcfg)
+    for runtime in ("dtype", "remat"):  # may change between runs of one checkpoint
+        model.pop(runtime)
+    return {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
+
+
+def evaluate(run: Run, params: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Mean validation loss (token-weighted) and perplexity over `config.train.eval_batches` batches."""
+    t = config.train
+    batches = data.make_dataset(_data_config(config), "validation", seq_len=t.seq_len, batch_size=t.batch_size,
+                                seed=t.seed)
+    nll_sum, tokens = 0.0, 0.0
+    for _, batch in zip(range(t.eval_batches), batches, strict=False):
+        metrics = jax.device_get(run.evaluate(params, _global_batch(batch, run.batch_sharding)))
+        nll_sum += float(metrics["nll"]) * float(metrics["tokens"])
+        tokens += float(metrics["tokens"])
+    loss = nll_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def _data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
+    return data.DataConfig(**dict(config.data))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict.
+
+    `stop_after` ends the job after that many steps of this invocation (a checkpoint is written first), which
+    is how tests interrupt and resume a run.
+    """
+    workdir = Path(workdir)
+    t = config.train
+    run = build(config)
+    mcfg = run.model_config
+    data_vocab = data.vocab_size(_data_config(config))
+    if data_vocab > mcfg.vocab_size:
+        raise ValueError(f"model vocab_size={mcfg.vocab_size} is smaller than the data's {data_vocab} token ids")
+    checkpoints = Checkpoints(workdir, _fingerprint(mcfg, config), keep=t.keep_checkpoints)
+    batches = data.make_dataset(_data_config(config), "train", seq_len=t.seq_len, batch_size=t.batch_size,
+                                seed=t.seed)
+    writer = MetricsWriter(workdir)
+    flops_per_token = train_flops_per_token(mcfg, t.seq_len)
+    tokens_per_step = t.batch_size * t.seq_len
+    peak = config.train.get("peak_flops_per_device") or None
+    schedule = make_schedule(optimizer_config(config))
+
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.RULES):
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(run.abstract_state, batches)
+        else:
+            state = run.init(jax.random.PRNGKey(t.seed))
+        start = int(state.step)
+        end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+        bar = tqdm(total=t.steps, initial=start, disable=not progress or jax.process_index() != 0,
+                   desc="train", unit="step")
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start, end):
+            batch = _global_batch(next(batches), run.batch_sharding)
+            state, metrics = run.step(state, batch)
+            done = step + 1
+            if done % t.log_every == 0 or done == end:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
+                last_time, last_step = now, done
+                metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_per_s,
+                               tflops=tokens_per_s * flops_per_token / 1e12)
+                if peak:
+                    metrics["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+                writer.write(done, "train", metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            if done % t.eval_every == 0 or done == t.steps:
+                writer.write(done, "validation", evaluate(run, state.params, config))
+            if done % t.checkpoint_every == 0 or done == end:
+                checkpoints.save(done, state, batches)
+            bar.update(1)
+        bar.close()
+    checkpoints.close()
+    writer.close()
+    history = read_metrics(workdir)
+    summary = {
+        "workdir": str(workdir), "steps": int(state.step), "params": Model(mcfg, state.params).num_params,
+        "train_loss": next((m["loss"] for m in reversed(history) if m["split"] == "train"), None),
+        "validation_loss": next((m["loss"] for m in reversed(history) if m["split"] == "validation"), None),
+    }
+    if jax.process_index() == 0:
+        plot_losses(history, workdir / "loss.png")
+    return {"summary": summary, "state": state, "model": Model(mcfg, state.params)}
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = [(m["step"], m["loss"]) for m in history if m["split"] == split]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

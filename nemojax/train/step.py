@@ -1,0 +1,124 @@
+"""The train step: one optimizer update from a batch, with the loss function as a parameter.
+
+    state, metrics = train_step(state, batch)
+
+`batch` is a dict of `[B, L]` arrays (`tokens`, `targets`, `loss_mask`, ...). With `grad_accum > 1` the batch is
+split into that many micro-batches along B, whose gradients are averaged (in float32) before one update. The loss
+function has the signature `loss_fn(params, batch, rng) -> (loss, LossAux)`: LM training, distillation and QAD
+differ only in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nemojax.config import ModelConfig
+from nemojax.model import Model, module
+from nemojax.train import moe_balance
+from nemojax.train.losses import cross_entropy
+
+Params = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+class LossAux(NamedTuple):
+    """What a loss function reports besides the loss: scalar metrics, and per-router expert loads (for the
+    aux-loss-free bias update; empty without MoE)."""
+
+    metrics: dict[str, jax.Array]
+    expert_load: dict[tuple[str, ...], jax.Array]
+
+
+LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, LossAux]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step changes: params (float32 masters), optimizer state, step count and the rng."""
+
+    params: Params
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def init_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(model.params, optimizer.init(model.params), jnp.zeros((), jnp.int32), rng)
+
+
+def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0.0) -> LossFn:
+    """Next-token cross entropy (+ z-loss, + MoE load-balancing loss) of the model `config` describes."""
+    net = module(config)
+    top_k = config.moe.top_k if config.moe else 1
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
+        del rng  # no dropout in these models
+        logits, state = net.apply({"params": params}, batch["tokens"], mutable=["intermediates"])
+        loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        inter = state.get("intermediates", {})
+        if moe_aux_loss:
+            balance = moe_balance.load_balancing_loss(inter, top_k)
+            loss = loss + moe_aux_loss * balance
+            metrics = {**metrics, "moe_balance": balance}
+        return loss, LossAux(metrics, moe_balance.expert_loads(inter))
+
+    return loss_fn
+
+
+def make_train_step(optimizer: optax.GradientTransformation, loss_fn: LossFn, *, grad_accum: int = 1,
+                    moe_bias_rate: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """A pure step function (jit it with the shardings of your mesh; see nemojax.train.sharding)."""
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum} is invalid: must be >= 1")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batches(batch: Batch) -> Batch:
+        def split(x: jax.Array) -> jax.Array:
+            if x.shape[0] % grad_accum:
+                raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={grad_accum}")
+            return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+        return jax.tree.map(split, batch)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        if grad_accum == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+        else:
+            def accumulate(carry, micro):
+                grads_sum, i = carry
+                (loss, aux), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i))
+                grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+                return (grads_sum, i + 1), (loss, aux)
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, _), (losses, auxes) = jax.lax.scan(accumulate, (zeros, 0), micro_batches(batch))
+            grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grads, state.params)
+            loss = jnp.mean(losses)
+            # Micro-batches weigh equally (means of means); token counts and expert loads add up.
+            metrics = {k: jnp.sum(v) if k == "tokens" else jnp.mean(v) for k, v in auxes.metrics.items()}
+            aux = LossAux(metrics, jax.tree.map(lambda x: x.sum(0), auxes.expert_load))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = moe_balance.update_correction_bias(params, aux.expert_load, moe_bias_rate)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux.metrics}
+        return TrainState(params, opt_state, state.step + 1, rng), metrics
+
+    return step
+
+
+def eval_step(loss_fn: LossFn) -> Callable[[Params, Batch], dict]:
+    """Validation: the loss function's metrics without gradients."""
+
+    def run(params: Params, batch: Batch) -> dict:
+        loss, aux = loss_fn(params, batch, jax.random.key(0))
+        return {"loss": loss, **aux.metrics}
+
+    return run
