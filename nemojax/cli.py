@@ -58,10 +58,13 @@ def _train(args: argparse.Namespace) -> None:
     from nemojax.train.loop import train
 
     config = config_files.load(args.config, args.overrides)
-    result = train(config, args.workdir, progress=not args.no_progress)
+    result = train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
     summary = result["summary"]
+    def nats(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     print(f"trained {summary['params']:,} parameters for {summary['steps']} steps in {summary['workdir']}: "
-          f"train loss {summary['train_loss']:.3f}, validation loss {summary['validation_loss']:.3f} nats/token")
+          f"train loss {nats(summary['train_loss'])}, validation loss {nats(summary['validation_loss'])} nats/token")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--config", required=True, help="a Python file with get_config()")
     train.add_argument("--workdir", required=True)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--stop-after", type=int, default=None,
+                       help="stop after this many steps of this invocation, with a checkpoint (to resume later)")
     train.set_defaults(run=_train)
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)

@@ -144,39 +144,46 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     peak = config.train.get("peak_flops_per_device") or None
     schedule = make_schedule(optimizer_config(config))
 
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.RULES):
-        if checkpoints.latest_step() is not None:
-            state = checkpoints.restore(run.abstract_state, batches)
-        else:
-            state = run.init(jax.random.PRNGKey(t.seed))
-        start = int(state.step)
-        end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-        bar = tqdm(total=t.steps, initial=start, disable=not progress or jax.process_index() != 0,
-                   desc="train", unit="step")
-        last_time, last_step = time.perf_counter(), start
-        for step in range(start, end):
-            batch = _global_batch(next(batches), run.batch_sharding)
-            state, metrics = run.step(state, batch)
-            done = step + 1
-            if done % t.log_every == 0 or done == end:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
-                last_time, last_step = now, done
-                metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_per_s,
-                               tflops=tokens_per_s * flops_per_token / 1e12)
-                if peak:
-                    metrics["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
-                writer.write(done, "train", metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            if done % t.eval_every == 0 or done == t.steps:
-                writer.write(done, "validation", evaluate(run, state.params, config))
-            if done % t.checkpoint_every == 0 or done == end:
-                checkpoints.save(done, state, batches)
-            bar.update(1)
-        bar.close()
-    checkpoints.close()
-    writer.close()
+    try:
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.RULES):
+            if checkpoints.latest_step() is not None:
+                state = checkpoints.restore(run.abstract_state, batches)
+            else:
+                state = run.init(jax.random.PRNGKey(t.seed))
+            start = int(state.step)
+            end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+            bar = tqdm(total=t.steps, initial=start, disable=not progress or jax.process_index() != 0,
+                       desc="train", unit="step")
+            last_time, last_step = time.perf_counter(), start
+            for step in range(start, end):
+                batch = _global_batch(next(batches), run.batch_sharding)
+                state, metrics = run.step(state, batch)
+                done = step + 1
+                if done % t.log_every == 0 or done == end:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
+                    last_time, last_step = now, done
+                    metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_per_s,
+                                   tflops=tokens_per_s * flops_per_token / 1e12)
+                    if peak:
+                        metrics["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+                    writer.write(done, "train", metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                if done % t.eval_every == 0 or done == t.steps:
+                    writer.write(done, "validation", evaluate(run, state.params, config))
+                    last_time, last_step = time.perf_counter(), done  # tokens/s counts training steps only
+                if done % t.checkpoint_every == 0 or done == end:
+                    checkpoints.save(done, state, batches)
+                    last_time, last_step = time.perf_counter(), done
+                bar.update(1)
+            bar.close()
+            checkpoints.wait()
+            if end < t.steps:
+                print(f"stopped at step {end} of {t.steps}; checkpoint saved, run again to resume", flush=True)
+    finally:
+        checkpoints.close()
+        writer.close()
     history = read_metrics(workdir)
     summary = {
         "workdir": str(workdir), "steps": int(state.step), "params": Model(mcfg, state.params).num_params,
@@ -186,6 +193,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     if jax.process_index() == 0:
         plot_losses(history, workdir / "loss.png")
     return {"summary": summary, "state": state, "model": Model(mcfg, state.params)}
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None) -> Model:
+    """The model of a training workdir's newest (or given) checkpoint."""
+    run = build(config)
+    with jax.set_mesh(run.mesh):
+        checkpoints = Checkpoints(workdir, _fingerprint(run.model_config, config))
+        state = checkpoints.restore(run.abstract_state, step=step)
+        checkpoints.close()
+    return Model(run.model_config, state.params)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:

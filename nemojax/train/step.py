@@ -108,7 +108,7 @@ def make_train_step(optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params = moe_balance.update_correction_bias(params, aux.expert_load, moe_bias_rate)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux.metrics}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux.metrics}
         return TrainState(params, opt_state, state.step + 1, rng), metrics
 
     return step

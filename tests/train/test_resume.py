@@ -1,0 +1,105 @@
+"""Checkpoint and resume: a run killed after its mid-way checkpoint and started again ends exactly where an
+uninterrupted run does; checkpoints of another config, corrupt ones and half-written ones are handled safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nemojax import config_files
+from nemojax.train.checkpoint import CheckpointError
+from nemojax.train.loop import restore_model, train
+from nemojax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 12
+OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=6", "train.log_every=1", "train.eval_every=100",
+             "optimizer.warmup_steps=1"]
+
+
+def _config(*extra: str):
+    return config_files.load(ROOT / "configs" / "tiny.py", [*OVERRIDES, *extra])
+
+
+def _cli(workdir: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "nemojax.cli", "train", "--config", str(ROOT / "configs" / "tiny.py"),
+            "--workdir", str(workdir), "--no-progress", *(f"--config.{o}" for o in OVERRIDES), *extra]
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    """Train loss per step; a step logged twice (before a kill and after the resume) keeps its last value."""
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"}
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_killed_and_resumed_run_equals_straight_run(tmp_path):
+    """Straight 12 steps vs 6 steps, SIGKILL, resume for 6 more: identical losses at every step and identical
+    params."""
+    straight = _cli(tmp_path / "straight")
+    interrupted = _cli(tmp_path / "interrupted", "--stop-after", "6")
+    for line in interrupted.stdout:
+        if line.startswith("stopped at step 6"):
+            interrupted.send_signal(signal.SIGKILL)  # a hard kill once the checkpoint is on disk
+            break
+    interrupted.wait(timeout=300)
+    assert interrupted.returncode == -signal.SIGKILL
+    resumed = _cli(tmp_path / "interrupted")
+    for process in (straight, resumed):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+
+    a, b = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "interrupted")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert [a[s] for s in a] == [b[s] for s in a]
+    assert a[STEPS] < a[1]  # it is learning, so equal losses are not a constant
+    model_a = restore_model(_config(), tmp_path / "straight")
+    model_b = restore_model(_config(), tmp_path / "interrupted")
+    for x, y in zip(jax.tree.leaves(model_a.params), jax.tree.leaves(model_b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    """Resuming a workdir with a different model is refused with the differing field named; nothing is written."""
+    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint has 64, config has 32"):
+        train(_config("train.steps=4", "model.overrides.hidden_size=32"), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    """A checkpoint whose array data is damaged is refused with a CheckpointError naming the step; it is not
+    overwritten by a fresh start."""
+    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
+    step_dir = tmp_path / "checkpoints" / "2"
+    data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0
+                  and "manifest" not in p.name and not p.name.startswith("_")]
+    assert data_files
+    for path in data_files:
+        path.write_bytes(b"\0" * 7)
+    snapshot = {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="checkpoint step 2"):
+        train(_config("train.steps=4", "train.checkpoint_every=2"), tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()} == snapshot
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+    """A step directory left half-written (orbax's temporary name) is not taken as a checkpoint: the run resumes
+    from the last complete one."""
+    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
+    half = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    half.mkdir()
+    (half / "junk").write_text(json.dumps({"partial": True}))
+    result = train(_config("train.steps=4", "train.checkpoint_every=2"), tmp_path, progress=False)
+    assert result["summary"]["steps"] == 4
+    assert sorted(_train_losses(tmp_path)) == [1, 2, 3, 4]
