@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nemojax.cli demo
+	$(PY) -m nemojax.cli demo --workdir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
