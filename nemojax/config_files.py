@@ -43,6 +43,8 @@ def set_path(config: ml_collections.ConfigDict, key: str, value: object) -> None
     *parents, leaf = key.split(".")
     node = config
     for i, name in enumerate(parents):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)):
+            raise ValueError(f"config field {'.'.join(parents[:i])!r} is not a group; cannot set {key!r}")
         if name not in node:
             raise ValueError(f"config has no field {'.'.join(parents[:i + 1])!r} (override {key!r})")
         node = node[name]

@@ -29,7 +29,7 @@ def router_stats(intermediates: Any, name: str) -> Stats:
     return stats
 
 
-def load_balancing_loss(intermediates: Any, top_k: int) -> jax.Array:
+def load_balancing_loss(intermediates: Any) -> jax.Array:
     """Mean over MoE layers of E * sum_e f_e * P_e (1.0 when perfectly balanced); 0 if there is no MoE layer."""
     loads = router_stats(intermediates, "expert_load")
     probs = router_stats(intermediates, "expert_prob")

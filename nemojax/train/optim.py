@@ -46,6 +46,17 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.decay_fraction={self.decay_fraction} is invalid: must be in [0, 1]")
         if self.lr <= 0:
             raise ValueError(f"optimizer.lr={self.lr} is invalid: must be positive")
+        if self.total_steps <= 0:
+            raise ValueError(f"optimizer.total_steps={self.total_steps} is invalid: must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio} is invalid: must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay} is invalid: must be >= 0")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optimizer.{name}={getattr(self, name)} is invalid: must be in [0, 1)")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"optimizer.clip_norm={self.clip_norm} is invalid: must be positive or None")
 
 
 def wsd_schedule(lr: float, total_steps: int, warmup_steps: int, decay_fraction: float, min_lr_ratio: float = 0.0,
@@ -77,7 +88,9 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         return wsd_schedule(cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction, cfg.min_lr_ratio,
                             cfg.decay_shape)
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.total_steps,
+        if cfg.warmup_steps == 0:
+            return optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps, 1), alpha=cfg.min_lr_ratio)
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.total_steps,
                                                   end_value=cfg.lr * cfg.min_lr_ratio)
     return optax.constant_schedule(cfg.lr)
 

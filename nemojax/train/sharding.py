@@ -61,6 +61,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)} are invalid: must be among {MESH_AXES}")
     sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh shape {dict(shape)} is invalid: sizes must be positive or -1")
     fill = [axis for axis, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise ValueError(f"mesh shape {dict(shape)} is invalid: at most one axis may be -1")

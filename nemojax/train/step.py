@@ -56,7 +56,6 @@ def init_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.A
 def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0.0) -> LossFn:
     """Next-token cross entropy (+ z-loss, + MoE load-balancing loss) of the model `config` describes."""
     net = module(config)
-    top_k = config.moe.top_k if config.moe else 1
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
         del rng  # no dropout in these models
@@ -64,7 +63,7 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
         loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         inter = state.get("intermediates", {})
         if moe_aux_loss:
-            balance = moe_balance.load_balancing_loss(inter, top_k)
+            balance = moe_balance.load_balancing_loss(inter)
             loss = loss + moe_aux_loss * balance
             metrics = {**metrics, "moe_balance": balance}
         return loss, LossAux(metrics, moe_balance.expert_loads(inter))

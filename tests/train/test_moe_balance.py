@@ -26,24 +26,24 @@ SKEWED = ([6.0, 2.0, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1])
 
 
 def test_uniform_loads_and_probs_give_one():
-    assert float(moe_balance.load_balancing_loss(_sown(layers_1=UNIFORM), top_k=2)) == pytest.approx(1.0)
+    assert float(moe_balance.load_balancing_loss(_sown(layers_1=UNIFORM))) == pytest.approx(1.0)
 
 
 def test_hand_case_and_mean_over_layers():
-    assert float(moe_balance.load_balancing_loss(_sown(layers_1=SKEWED), top_k=2)) == pytest.approx(1.5)
-    both = moe_balance.load_balancing_loss(_sown(layers_1=UNIFORM, layers_4=SKEWED), top_k=2)
+    assert float(moe_balance.load_balancing_loss(_sown(layers_1=SKEWED))) == pytest.approx(1.5)
+    both = moe_balance.load_balancing_loss(_sown(layers_1=UNIFORM, layers_4=SKEWED))
     assert float(both) == pytest.approx(1.25)
 
 
 def test_no_moe_layer_gives_zero():
-    assert float(moe_balance.load_balancing_loss({}, top_k=2)) == 0.0
-    assert float(moe_balance.load_balancing_loss({"layers_0": {"mixer": {}}}, top_k=2)) == 0.0
+    assert float(moe_balance.load_balancing_loss({})) == 0.0
+    assert float(moe_balance.load_balancing_loss({"layers_0": {"mixer": {}}})) == 0.0
 
 
 def test_gradient_flows_to_probs_not_loads():
     """d/dP_e = E * f_e / layers = [3, 1, 0, 0] / 2 for the skewed layer; loads get exactly zero."""
     sown = _sown(layers_1=UNIFORM, layers_4=SKEWED)
-    grads = jax.grad(lambda s: moe_balance.load_balancing_loss(s, top_k=2))(sown)
+    grads = jax.grad(lambda s: moe_balance.load_balancing_loss(s))(sown)
     np.testing.assert_allclose(grads["layers_4"]["mixer"]["gate"]["expert_prob"][0], [1.5, 0.5, 0.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(grads["layers_1"]["mixer"]["gate"]["expert_prob"][0], [0.5] * 4, rtol=1e-6)
     for layer in ("layers_1", "layers_4"):
@@ -134,7 +134,7 @@ def test_balance_loss_and_bias_update_on_sown_statistics(sown_by_model):
     E = config.moe.num_experts
     expected = np.mean([E * np.sum(np.asarray(loads[p]) / np.sum(np.asarray(loads[p])) * np.asarray(probs[p]))
                         for p in loads])
-    assert float(moe_balance.load_balancing_loss(inter, config.moe.top_k)) == pytest.approx(expected, rel=1e-6)
+    assert float(moe_balance.load_balancing_loss(inter)) == pytest.approx(expected, rel=1e-6)
     new = moe_balance.update_correction_bias(model.params, moe_balance.expert_loads(inter), rate=1e-2)
     for path, load in loads.items():
         old_bias = model.params[path[0]]["mixer"]["gate"]["e_score_correction_bias"]

@@ -132,7 +132,7 @@ def test_lm_loss_adds_weighted_balance_loss():
         plain = lm_loss(MOE)(params, batch, jax.random.key(0))
         weighted = lm_loss(MOE, z_loss=1e-2, moe_aux_loss=0.5)(params, batch, jax.random.key(0))
         logits, state = nemojax.model.module(MOE).apply({"params": params}, batch["tokens"], mutable=["intermediates"])
-        balance = moe_balance.load_balancing_loss(state["intermediates"], MOE.moe.top_k)
+        balance = moe_balance.load_balancing_loss(state["intermediates"])
         return plain, weighted, cross_entropy(logits, batch["targets"], batch["loss_mask"]), balance
 
     (plain, plain_aux), (loss, aux), (ce, ce_aux), balance = run(model.params)
