@@ -41,7 +41,7 @@ class Checkpoints:
     """
 
     def __init__(self, workdir: str | Path, fingerprint: dict[str, Any], *, keep: int = 3, async_save: bool = True):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # orbax needs absolute paths
         self.workdir.mkdir(parents=True, exist_ok=True)
         fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples and the like
         run_file = self.workdir / RUN_FILE

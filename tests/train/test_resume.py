@@ -103,3 +103,12 @@ def test_unfinished_save_is_ignored(tmp_path):
     result = train(_config("train.steps=4", "train.checkpoint_every=2"), tmp_path, progress=False)
     assert result["summary"]["steps"] == 4
     assert sorted(_train_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """A workdir given relative to the current directory checkpoints and resumes (orbax wants absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    train(_config("train.steps=2", "train.checkpoint_every=1"), "runs/rel", progress=False)
+    assert sorted(p.name for p in (tmp_path / "runs" / "rel" / "checkpoints").iterdir()) == ["1", "2"]
+    result = train(_config("train.steps=3", "train.checkpoint_every=1"), "runs/rel", progress=False)
+    assert result["summary"]["steps"] == 3
