@@ -61,6 +61,9 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None) -> None:
+        """Starts an async save of `step`; first raises if the previous async save failed, so a run never trains
+        on for long past a checkpoint it did not write."""
+        self.manager.check_for_errors()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
