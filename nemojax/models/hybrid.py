@@ -18,6 +18,7 @@ from nemojax.nn.blocks import Block
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.mtp import MTP
 from nemojax.nn.norms import RMSNorm
+from nemojax.nn.state import Extend
 
 
 class NemotronH(nn.Module):
@@ -48,6 +49,23 @@ class NemotronH(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.norm_f(h)
+
+    def extend(self, tokens: jax.Array, states: tuple, step: Extend) -> tuple[jax.Array, tuple]:
+        """Continues every layer from its cached state (see `nemojax.nn.state`).
+
+        tokens: [b, T] at positions step.start[i] + t; states: one entry per pattern character (None for MLP /
+        MoE) -> (final normed hidden [b, T, hidden], new states).
+        """
+        h = self.embeddings(tokens)
+        new_states = []
+        for layer, state in zip(self.layers, states, strict=True):
+            h, state = layer(h, state, step)
+            new_states.append(state)
+        return self.norm_f(h), tuple(new_states)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [b, T] -> [b, T, hidden] (compute dtype)."""
+        return self.embeddings(tokens)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [b, L, hidden] -> [b, L, vocab] float32."""

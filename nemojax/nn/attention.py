@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dense
+from nemojax.nn.state import Extend, KVCache
 
 f32 = jnp.float32
 
@@ -54,28 +55,67 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, 
     return out.reshape(b, L, Hq, d)
 
 
+def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array, scale: float) -> jax.Array:
+    """Queries at positions start[i] + t against a KV cache that already holds them (and everything before).
+
+    q: [b, T, Hq, d], cache k/v: [b, S, Hkv, d], start: [b] -> [b, T, Hq, d]; query t of sequence i sees cache
+    entries s <= start[i] + t. Work is O(T * S), meant for short T (decode steps, speculative verification).
+    """
+    b, T, Hq, d = q.shape
+    Hkv = cache.k.shape[2]
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, T, Hkv, Hq // Hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, cache.k.astype(q.dtype), preferred_element_type=f32)
+    last = start[:, None] + jnp.arange(T)[None, :]  # [b, T]
+    visible = jnp.arange(cache.k.shape[1])[None, None, :] <= last[..., None]  # [b, T, S]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, cache.v.astype(q.dtype)).reshape(b, T, Hq, d)
+
+
+def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+    """Stores k, v: [b, T, Hkv, d] at positions start[i] .. start[i] + T - 1 of each sequence. Writes past the
+    cache's end are dropped (the caller sizes the cache; `nemojax.infer` checks it)."""
+    b, T = k.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    cols = start[:, None] + jnp.arange(T)[None, :]
+    return KVCache(cache.k.at[rows, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                   cache.v.at[rows, cols].set(v.astype(cache.v.dtype), mode="drop"))
+
+
 class Attention(nn.Module):
-    """x: [b, L, hidden] -> [b, L, hidden]. q/o are num_heads * head_dim wide, which need not equal hidden."""
+    """x: [b, T, hidden] -> [b, T, hidden]. q/o are num_heads * head_dim wide, which need not equal hidden.
+
+    With `cache` (and `step`) the T tokens sit at positions step.start[i] + t: their keys and values are written
+    into the cache and `(y, KVCache)` comes back; see `nemojax.nn.state`.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, cache: KVCache | None = None,
+                 step: Extend | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
         cfg, a = self.config, self.config.attention
-        b, L, _ = x.shape
+        b, T, _ = x.shape
         q = dense(cfg, a.num_heads * a.head_dim, ("embed", "heads"), name="q_proj", use_bias=a.bias)(x)
         k = dense(cfg, a.num_kv_heads * a.head_dim, ("embed", "kv_heads"), name="k_proj", use_bias=a.bias)(x)
         v = dense(cfg, a.num_kv_heads * a.head_dim, ("embed", "kv_heads"), name="v_proj", use_bias=a.bias)(x)
-        q = q.reshape(b, L, a.num_heads, a.head_dim)
-        k = k.reshape(b, L, a.num_kv_heads, a.head_dim)
-        v = v.reshape(b, L, a.num_kv_heads, a.head_dim)
+        q = q.reshape(b, T, a.num_heads, a.head_dim)
+        k = k.reshape(b, T, a.num_kv_heads, a.head_dim)
+        v = v.reshape(b, T, a.num_kv_heads, a.head_dim)
         if a.rope_theta is not None:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(L), (b, L))
+            start = jnp.zeros((b,), jnp.int32) if step is None else step.start
+            positions = start[:, None] + jnp.arange(T)[None, :]
             rotary_dim = int(a.head_dim * a.partial_rotary_factor)
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)
-        out = causal_attention(q, k, v, a.head_dim ** -0.5)
+        scale = a.head_dim ** -0.5
+        if cache is None:
+            out = causal_attention(q, k, v, scale)
+        else:
+            cache = write_kv(cache, k, v, step.start)
+            # A fresh prefill attends within the new tokens (block-causal, no O(T * max_len) score matrix).
+            out = causal_attention(q, k, v, scale) if step.fresh else cached_attention(q, cache, step.start, scale)
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
-        return dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
-            out.reshape(b, L, a.num_heads * a.head_dim))
+        y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
+            out.reshape(b, T, a.num_heads * a.head_dim))
+        return y if cache is None else (y, cache)

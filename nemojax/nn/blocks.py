@@ -12,6 +12,7 @@ from nemojax.nn.mamba2 import Mamba2Mixer
 from nemojax.nn.mlp import MLP
 from nemojax.nn.moe import MoE
 from nemojax.nn.norms import RMSNorm
+from nemojax.nn.state import Extend, LayerState
 
 
 def make_mixer(config: ModelConfig, kind: str) -> nn.Module:
@@ -28,14 +29,23 @@ def make_mixer(config: ModelConfig, kind: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """h: [b, L, hidden] -> h + mixer(norm(h)); the residual stream stays in the compute dtype."""
+    """h: [b, T, hidden] -> h + mixer(norm(h)); the residual stream stays in the compute dtype.
+
+    With `state` (and `step`, see `nemojax.nn.state`) a Mamba or attention mixer continues from its cache and
+    `(h, new_state)` comes back; MLP and MoE layers have no state (`state` is None and stays None).
+    """
 
     config: ModelConfig
     kind: str
 
     @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, state: LayerState = None, step: Extend | None = None):
         dtype, param_dtype = dtypes(self.config)
         x = RMSNorm(self.config.norm_eps, dtype, param_dtype, name="norm")(h)
-        out = h + make_mixer(self.config, self.kind)(x).astype(h.dtype)
-        return nn.with_logical_constraint(out, ("batch", "seq", "act_embed"))
+        mixer = make_mixer(self.config, self.kind)
+        if state is None:
+            y = mixer(x)
+        else:
+            y, state = mixer(x, state, step)
+        out = nn.with_logical_constraint(h + y.astype(h.dtype), ("batch", "seq", "act_embed"))
+        return out if step is None else (out, state)

@@ -16,21 +16,31 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dense, dtypes, logical_param
 from nemojax.nn.norms import GatedRMSNorm
-from nemojax.nn.ssd import ssd
+from nemojax.nn.ssd import ssd, ssd_states
+from nemojax.nn.state import Extend, MambaState, take_rows
 
 f32 = jnp.float32
+
+
+def conv_window(window: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """Depthwise conv over a window that already holds the K-1 inputs before the first output.
+
+    window: [b, K-1+T, C], kernel: [K, C], bias: [C] -> [b, T, C] float32, with
+    out[t] = bias + sum_k kernel[k] * window[t + k], so tap K-1 multiplies the current token.
+    """
+    K = kernel.shape[0]
+    T = window.shape[1] - (K - 1)
+    w = window.astype(f32)
+    out = sum(w[:, k:k + T] * kernel[k].astype(f32) for k in range(K))
+    return out if bias is None else out + bias.astype(f32)
 
 
 def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     """Depthwise causal conv over time. x: [b, L, C], kernel: [K, C], bias: [C] -> [b, L, C] float32.
 
-    out[t] = bias + sum_k kernel[k] * x[t - (K-1) + k] with zeros before the sequence, so tap K-1 multiplies the
-    current token (torch Conv1d(groups=C, padding=K-1), first L outputs).
+    Zeros before the sequence: torch Conv1d(groups=C, padding=K-1), first L outputs.
     """
-    K, L = kernel.shape[0], x.shape[1]
-    xp = jnp.pad(x.astype(f32), [(0, 0), (K - 1, 0), (0, 0)])
-    out = sum(xp[:, k:k + L] * kernel[k].astype(f32) for k in range(K))
-    return out if bias is None else out + bias.astype(f32)
+    return conv_window(jnp.pad(x, [(0, 0), (kernel.shape[0] - 1, 0), (0, 0)]), kernel, bias)
 
 
 def _dt_bias_init(config: ModelConfig):
@@ -52,12 +62,15 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv with params `kernel` [K, conv_dim] and `bias` [conv_dim] (torch: [conv_dim, 1, K])."""
+    """Depthwise causal conv with params `kernel` [K, conv_dim] and `bias` [conv_dim] (torch: [conv_dim, 1, K]).
+
+    window: [b, K-1+T, conv_dim] (the K-1 earlier inputs, then the T new ones) -> [b, T, conv_dim] float32.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, window: jax.Array) -> jax.Array:
         m = self.config.mamba
         _, param_dtype = dtypes(self.config)
         kernel = logical_param(self, "kernel", nn.initializers.normal(self.config.initializer_range),
@@ -66,28 +79,34 @@ class CausalConv1d(nn.Module):
         if m.use_conv_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros_init(), ("ssm_heads",), (m.conv_dim,),
                                  param_dtype)
-        return causal_conv1d(x, kernel, bias)
+        return conv_window(window, kernel, bias)
 
 
 class Mamba2Mixer(nn.Module):
-    """u: [b, L, hidden] (the block's normed input) -> [b, L, hidden]."""
+    """u: [b, T, hidden] (the block's normed input) -> [b, T, hidden].
+
+    With `state` (and `step`) the T tokens continue from that state and the new state comes back too:
+    `(y, MambaState)`; see `nemojax.nn.state`. Without it they start from zeros and only `y` comes back.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, u: jax.Array) -> jax.Array:
+    def __call__(self, u: jax.Array, state: MambaState | None = None,
+                 step: Extend | None = None) -> jax.Array | tuple[jax.Array, MambaState]:
         cfg, m = self.config, self.config.mamba
         dtype, param_dtype = dtypes(cfg)
-        H, P, G, N = m.num_heads, m.head_dim, m.n_groups, m.state_size
+        H, P, G, N, K = m.num_heads, m.head_dim, m.n_groups, m.state_size, m.conv_kernel
         I = m.inner_size
-        b, L, _ = u.shape
+        b, T, _ = u.shape
 
         zxbcdt = dense(cfg, m.in_proj_size, ("embed", "ssm_heads"), name="in_proj", use_bias=m.proj_bias)(u)
         z, xBC, dt = jnp.split(zxbcdt, [I, I + m.conv_dim], axis=-1)
 
         # The conv runs in float32 and its output is rounded to the compute dtype, as torch's conv would be.
-        xBC = CausalConv1d(cfg, name="conv1d")(xBC)
-        xBC = jax.nn.silu(xBC.astype(dtype))
+        history = jnp.zeros((b, K - 1, m.conv_dim), xBC.dtype) if state is None else state.conv
+        window = jnp.concatenate([history, xBC.astype(history.dtype)], axis=1)  # [b, K-1+T, conv_dim]
+        xBC = jax.nn.silu(CausalConv1d(cfg, name="conv1d")(window).astype(dtype))
         x, B, C = jnp.split(xBC, [I, I + G * N], axis=-1)
 
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init(cfg), ("ssm_heads",), (H,), param_dtype)
@@ -98,11 +117,28 @@ class Mamba2Mixer(nn.Module):
         dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
         dt = jnp.clip(dt, *m.time_step_limit)
         A = -jnp.exp(A_log.astype(f32))
-        x_bLhp = x.reshape(b, L, H, P).astype(f32)
-        y_bLhp, _ = ssd(x_bLhp, dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
-                        chunk_size=m.chunk_size, impl=m.ssd_impl)
-        y_bLhp = y_bLhp + D.astype(f32)[:, None] * x_bLhp
+        x_bThp = x.reshape(b, T, H, P).astype(f32)
+        B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
+
+        if state is None:
+            y_bThp, _ = ssd(x_bThp, dt, A, B, C, chunk_size=m.chunk_size, impl=m.ssd_impl)
+        elif step.all_steps:
+            y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
+            # conv state after token t: the K-1 inputs ending at t (window rows t+1 .. t+K-1)
+            convs = jnp.stack([window[:, t + 1:t + K] for t in range(T)], axis=1)
+            new_state = MambaState(convs, states)
+        else:
+            # Uncommitted tokens get dt = 0 and x = 0: decay 1 and no input, so the final state is the state
+            # after the committed ones (spec 6.7, 6.8). Their outputs are junk nobody reads.
+            valid = step.valid(T)
+            dt_c = jnp.where(valid[..., None], dt, 0.0)
+            x_c = jnp.where(valid[..., None, None], x_bThp, 0.0)
+            impl = m.ssd_impl if T > 1 else "sequential"
+            y_bThp, final = ssd(x_c, dt_c, A, B, C, chunk_size=m.chunk_size, initial_state=state.ssm, impl=impl)
+            new_state = MambaState(take_rows(window, step.commit, K - 1), final)
+        y_bThp = y_bThp + D.astype(f32)[:, None] * x_bThp
 
         y = GatedRMSNorm(n_groups=G, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(
-            y_bLhp.reshape(b, L, I), z)
-        return dense(cfg, cfg.hidden_size, ("ssm_heads", "embed"), name="out_proj", use_bias=m.proj_bias)(y)
+            y_bThp.reshape(b, T, I), z)
+        out = dense(cfg, cfg.hidden_size, ("ssm_heads", "embed"), name="out_proj", use_bias=m.proj_bias)(y)
+        return out if state is None else (out, new_state)

@@ -20,6 +20,7 @@ from nemojax.config import ModelConfig
 from nemojax.nn.blocks import make_mixer
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.norms import RMSNorm
+from nemojax.nn.state import Extend, LayerState
 
 
 class MTPSublayer(nn.Module):
@@ -31,7 +32,8 @@ class MTPSublayer(nn.Module):
     last: bool
 
     @nn.compact
-    def __call__(self, f: jax.Array, embedded: jax.Array | None = None) -> jax.Array:
+    def __call__(self, f: jax.Array, embedded: jax.Array | None = None, state: LayerState = None,
+                 step: Extend | None = None):
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         if self.first:
@@ -39,10 +41,15 @@ class MTPSublayer(nn.Module):
             h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="hnorm")(f)
             f = dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="eh_proj")(jnp.concatenate([e, h], axis=-1))
         x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(f)
-        f = f + make_mixer(cfg, self.kind)(x).astype(f.dtype)
+        mixer = make_mixer(cfg, self.kind)
+        if state is None:
+            y = mixer(x)
+        else:
+            y, state = mixer(x, state, step)
+        f = f + y.astype(f.dtype)
         if self.last:
             f = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_layernorm")(f)
-        return f
+        return f if step is None else (f, state)
 
 
 class MTP(nn.Module):
@@ -67,3 +74,17 @@ class MTP(nn.Module):
             outputs.append(f)
             hidden = f
         return outputs
+
+    def extend_depth(self, depth: int, hidden: jax.Array, embedded: jax.Array, states: tuple,
+                     step: Extend) -> tuple[jax.Array, tuple]:
+        """One depth over T new positions with its own caches (one entry per character of the MTP pattern).
+
+        hidden: [b, T, hidden] (the previous depth's output, or the main model's normed hidden for depth 0),
+        embedded: [b, T, hidden] (embeddings of the tokens d + 1 ahead) -> ([b, T, hidden], new states).
+        """
+        per_depth = len(self.config.mtp.pattern)
+        f, new_states = hidden, []
+        for j in range(per_depth):
+            f, state = self.layers[depth * per_depth + j](f, embedded if j == 0 else None, states[j], step)
+            new_states.append(state)
+        return f, tuple(new_states)

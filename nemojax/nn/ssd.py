@@ -53,9 +53,7 @@ def _initial(initial_state: jax.Array | None, shape: tuple[int, ...]) -> jax.Arr
     return initial_state.astype(f32)
 
 
-def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-                   initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The recurrence, one token at a time (`lax.scan` over L). The test oracle for every other SSD."""
+def _scan(x, dt, A, B, C, initial_state, keep_states: bool):
     b, L, H, P, G, N = _check_shapes(x, dt, A, B, C)
     R = H // G
     # Time-major inputs for the scan; B/C repeat-interleaved from groups to heads.
@@ -70,10 +68,27 @@ def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
         decay_bh = jnp.exp(dt_bh * A)
         S_bhpn = (S_bhpn * decay_bh[..., None, None]
                   + jnp.einsum("bhp,bhn->bhpn", x_bhp * dt_bh[..., None], B_bhn))
-        return S_bhpn, jnp.einsum("bhpn,bhn->bhp", S_bhpn, C_bhn)
+        y_bhp = jnp.einsum("bhpn,bhn->bhp", S_bhpn, C_bhn)
+        return S_bhpn, (y_bhp, S_bhpn) if keep_states else y_bhp
 
-    final, y_t = jax.lax.scan(step, _initial(initial_state, (b, H, P, N)), (x_t, dt_t, B_t, C_t))
-    return jnp.moveaxis(y_t, 0, 1), final
+    final, out = jax.lax.scan(step, _initial(initial_state, (b, H, P, N)), (x_t, dt_t, B_t, C_t))
+    if keep_states:
+        return jnp.moveaxis(out[0], 0, 1), jnp.moveaxis(out[1], 0, 1)
+    return jnp.moveaxis(out, 0, 1), final
+
+
+def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                   initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The recurrence, one token at a time (`lax.scan` over L). The test oracle for every other SSD."""
+    return _scan(x, dt, A, B, C, initial_state, keep_states=False)
+
+
+def ssd_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+               initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The recurrence keeping the state after every token: (y [b, L, H, P], states [b, L, H, P, N]).
+
+    For short extensions whose committed length is decided afterwards (speculative verification)."""
+    return _scan(x, dt, A, B, C, initial_state, keep_states=True)
 
 
 def cumsum(x: jax.Array, axis: int) -> jax.Array:

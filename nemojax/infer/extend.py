@@ -1,0 +1,81 @@
+"""Running the model over new tokens from a cache: prefill, decode steps and speculative verification.
+
+All three are one operation, `extend`: T new tokens per sequence at positions cache.length[i] + t, of which the
+first commit[i] are kept (see `nemojax.nn.state`). Prefill is an extend of the right-padded prompts from an
+empty cache (`fresh`, commit = prompt lengths); a decode step is an extend by one token; verification of k drafts
+is an extend by k + 1 tokens that keeps every intermediate Mamba state (`all_steps`) until the number of accepted
+tokens is known, then `commit_steps` keeps the right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.infer.cache import Cache
+from nemojax.models.hybrid import NemotronH
+from nemojax.nn.state import Extend, select_step, take_rows
+
+Params = dict
+
+
+@functools.lru_cache(maxsize=64)
+def inference_module(config: ModelConfig) -> NemotronH:
+    """The network without activation checkpointing (nothing to save for a backward pass; same param tree)."""
+    if config.remat != "none":
+        config = dataclasses.replace(config, remat="none")
+    return NemotronH(config)
+
+
+def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Cache, commit: jax.Array, *,
+           fresh: bool = False, all_steps: bool = False) -> tuple[jax.Array, Cache]:
+    """tokens: [b, T] int, commit: [b] int32 -> (final normed hidden [b, T, hidden], new cache).
+
+    Without `all_steps` the cache's length grows by `commit`; with it the length is unchanged and every Mamba
+    state carries a T axis for `commit_steps`.
+    """
+    step = Extend(cache.length, commit.astype(jnp.int32), fresh=fresh, all_steps=all_steps)
+    hidden, layers = inference_module(config).apply(
+        {"params": params}, tokens, cache.layers, step, method=NemotronH.extend)
+    return hidden, Cache(layers, cache.length if all_steps else cache.length + step.commit)
+
+
+def commit_steps(cache: Cache, count: jax.Array) -> Cache:
+    """After an `all_steps` extend: keep the first count[i] >= 1 new tokens of each sequence. count: [b]."""
+    layers = tuple(select_step(layer, count - 1) for layer in cache.layers)
+    return Cache(layers, cache.length + count)
+
+
+def logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden: [..., hidden] -> [..., vocab] float32 through the lm_head."""
+    return inference_module(config).apply({"params": params}, hidden, method=NemotronH.logits)
+
+
+def logits_at(config: ModelConfig, params: Params, hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden: [b, T, hidden], index: [b] -> logits [b, vocab] of position index[i] of each sequence."""
+    return logits(config, params, take_rows(hidden, index, 1)[:, 0])
+
+
+def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """tokens: [b, T] -> embeddings [b, T, hidden]."""
+    return inference_module(config).apply({"params": params}, tokens, method=NemotronH.embed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
+            cache: Cache) -> tuple[jax.Array, Cache]:
+    """Right-padded prompts into an empty cache. tokens: [b, L], lengths: [b] (1 <= lengths[i] <= L)
+    -> (logits of each prompt's last token [b, vocab] float32, cache with length = lengths)."""
+    hidden, cache = extend(config, params, tokens, cache, lengths, fresh=True)
+    return logits_at(config, params, hidden, lengths - 1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_step(config: ModelConfig, params: Params, token: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """token: [b] -> (logits of the next token [b, vocab] float32, cache one longer)."""
+    hidden, cache = extend(config, params, token[:, None], cache, jnp.ones_like(cache.length))
+    return logits(config, params, hidden[:, 0]), cache
