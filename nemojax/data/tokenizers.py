@@ -2,7 +2,8 @@
 
 Every tokenizer follows the `Tokenizer` protocol: `encode(str) -> list[int]` (no special tokens added),
 `decode(list[int]) -> str` (special tokens dropped), and the ids `vocab_size`, `bos_id`, `eos_id`, `pad_id`.
-The data pipeline adds BOS and EOS around each document itself.
+The data pipeline adds BOS and EOS around each document itself. Special-token strings in the text stay plain
+text unless `encode(text, allow_special=True)` is asked for, which is for prompts rendered from a chat template.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Tokenizer(Protocol):
     @property
     def pad_id(self) -> int: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -52,7 +53,9 @@ class ByteTokenizer:
     pad_id = 258
     vocab_size = 259
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """UTF-8 bytes; `allow_special` is accepted for the protocol and ignored (no special token has text)."""
+        del allow_special
         return list(text.encode("utf-8"))
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -71,8 +74,10 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer loaded from a `tokenizer.json`.
 
     Special-token strings inside documents are encoded as plain text (`encode_special_tokens`), so a document
-    cannot inject a BOS or EOS. BOS, EOS and PAD are found by name (`<|bos|>`, `<s>`, `</s>`, `<|endoftext|>`,
-    `<pad>`, ...) unless given; a missing BOS or PAD falls back to EOS; a missing EOS is an error.
+    cannot inject a BOS or EOS; `encode(text, allow_special=True)` maps them to their ids instead, for a prompt
+    rendered from a chat template ("<|im_start|>", "<think>", ...). BOS, EOS and PAD are found by name (`<|bos|>`,
+    `<s>`, `</s>`, `<|endoftext|>`, `<pad>`, ...) unless given; a missing BOS or PAD falls back to EOS; a missing
+    EOS is an error.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class HFTokenizer:
         self.path = path
         self._tok = _HFTokenizer.from_file(str(path))
         self._tok.encode_special_tokens = True
+        self._special_tok = None  # a second copy that matches special tokens, made on first use
         self.eos_id = self._find("eos", eos_token, _EOS_NAMES)
         if self.eos_id is None:
             raise ValueError(
@@ -121,8 +127,19 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, no BOS/EOS added. allow_special: special-token strings in `text` become their ids
+        (default: they are split as ordinary text)."""
+        if not allow_special:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        if self._special_tok is None:
+            # A separate object rather than flipping the shared flag, so concurrent plain encodes are unaffected.
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            special = _HFTokenizer.from_str(self._tok.to_str())
+            special.encode_special_tokens = False
+            self._special_tok = special
+        return self._special_tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

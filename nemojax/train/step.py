@@ -20,6 +20,7 @@ import optax
 
 from nemojax.config import ModelConfig
 from nemojax.model import Model, module
+from nemojax.models.hybrid import NemotronH
 from nemojax.train import moe_balance
 from nemojax.train.losses import cross_entropy
 
@@ -53,14 +54,48 @@ def init_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.A
     return TrainState(model.params, optimizer.init(model.params), jnp.zeros((), jnp.int32), rng)
 
 
-def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0.0) -> LossFn:
-    """Next-token cross entropy (+ z-loss, + MoE load-balancing loss) of the model `config` describes."""
+def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0.0,
+            mtp_weight: float = 0.0) -> LossFn:
+    """Next-token cross entropy (+ z-loss, + MoE load-balancing loss, + MTP loss) of the model `config` describes.
+
+    mtp_weight > 0 (config `train.mtp_loss_weight`; needs `config.mtp`) adds mtp_weight times the mean over MTP
+    depths d of the cross entropy of depth d's logits [B, L - D, V], which at position t predict token t + d + 2,
+    i.e. targets[:, d + 1 : d + 1 + L - D] under loss_mask[:, d + 1 : d + 1 + L - D] (spec/arch.md 3.5). The MTP
+    head's MoE routers then also feed the balance loss and the correction-bias update. Metrics add "mtp_nll" (mean
+    over depths) and, with several depths, "mtp_nll_{d}".
+    """
+    if mtp_weight < 0:
+        raise ValueError(f"train.mtp_loss_weight={mtp_weight!r} is invalid: must be >= 0")
+    if mtp_weight > 0 and config.mtp is None:
+        raise ValueError(f"train.mtp_loss_weight={mtp_weight!r} needs a model with an MTP head, but config.mtp is "
+                         "None; set it to 0 or use a config with mtp")
     net = module(config)
+    with_mtp = mtp_weight > 0
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
         del rng  # no dropout in these models
-        logits, state = net.apply({"params": params}, batch["tokens"], mutable=["intermediates"])
+        tokens = batch["tokens"]
+        if with_mtp:
+            depths = config.mtp.num_layers
+            if tokens.shape[1] <= depths:
+                raise ValueError(f"sequence length {tokens.shape[1]} is too short for train.mtp_loss_weight > 0: "
+                                 f"must exceed mtp.num_layers={depths}")
+            (logits, mtp_logits), state = net.apply({"params": params}, tokens, method=NemotronH.forward_with_mtp,
+                                                    mutable=["intermediates"])
+        else:
+            logits, state = net.apply({"params": params}, tokens, mutable=["intermediates"])
         loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        if with_mtp:
+            # depth d at position t predicts token t + d + 2 = targets[:, t + d + 1]
+            L = tokens.shape[1] - depths
+            nlls = [cross_entropy(depth_logits, batch["targets"][:, d + 1:d + 1 + L],
+                                  batch["loss_mask"][:, d + 1:d + 1 + L])[0]
+                    for d, depth_logits in enumerate(mtp_logits)]
+            mtp_nll = jnp.mean(jnp.stack(nlls))
+            loss = loss + mtp_weight * mtp_nll
+            metrics = {**metrics, "mtp_nll": mtp_nll}
+            if depths > 1:
+                metrics.update({f"mtp_nll_{d}": nll for d, nll in enumerate(nlls)})
         inter = state.get("intermediates", {})
         if moe_aux_loss:
             balance = moe_balance.load_balancing_loss(inter)

@@ -98,3 +98,15 @@ def test_train_bpe_cli(tmp_path, capsys):
     tok = load_tokenizer(out)
     assert tok.vocab_size == report["vocab_size"] <= 300
     assert tok.decode(tok.encode("doc 7: δέλτα 🙂")) == "doc 7: δέλτα 🙂"
+
+
+def test_allow_special_maps_special_strings_to_their_ids(bpe):
+    """Opt-in for rendered chat prompts: special-token strings become their ids; the default stays plain text."""
+    tok, path = bpe
+    text = "<|bos|>the fox<|eos|><|pad|>"
+    ids = tok.encode(text, allow_special=True)
+    assert ids == [tok.bos_id, *tok.encode("the fox"), tok.eos_id, tok.pad_id]
+    plain = tok.encode(text)
+    assert plain == tok.encode(text, allow_special=False) and tok.bos_id not in plain and tok.eos_id not in plain
+    assert tok.encode(text) == load_tokenizer(path).encode(text)  # the special path did not change the plain one
+    assert ByteTokenizer().encode("<|bos|>", allow_special=True) == list(b"<|bos|>")

@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import nemojax
+from nemojax.config import MTPConfig
+from nemojax.models.hybrid import NemotronH
 from nemojax.train import moe_balance
 from nemojax.train.losses import cross_entropy
 from nemojax.train.optim import OptimizerConfig, make_optimizer
@@ -214,3 +216,89 @@ def test_eval_step_returns_loss_without_changing_params(dense):
     assert float(metrics["loss"]) == pytest.approx(nll[keep].mean() + 1e-2 * (lse[keep] ** 2).mean(), rel=1e-5)
     assert float(metrics["tokens"]) == keep.sum() == 24
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, dense.params), before)
+
+
+# ------------------------------------------------------------------ multi-token prediction loss
+
+
+MTP2 = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=VOCAB, pattern="M*-",
+                           mtp=MTPConfig(num_layers=2, pattern="*-"))
+
+
+def _np_nll(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return float((nll * mask).sum() / mask.sum())
+
+
+def test_mtp_loss_equals_a_hand_computation():
+    """Depth d's logits at position t are scored against token t + d + 2 = targets[:, t + d + 1], under the same
+    shifted slice of the loss mask; the loss adds w times the mean over depths."""
+    model = nemojax.Model.init(MTP2, 0)
+    mask = np.ones((B, L), np.float32)
+    mask[0, 5:] = 0  # a short row
+    mask[2, 3] = 0  # a hole that each depth meets at a different position
+    batch = _batch(7, mask=mask)
+    w = 0.3
+
+    @jax.jit
+    def run(params):
+        with_mtp = lm_loss(MTP2, z_loss=1e-2, mtp_weight=w)(params, batch, jax.random.key(0))
+        plain = lm_loss(MTP2, z_loss=1e-2)(params, batch, jax.random.key(0))
+        outputs = nemojax.model.module(MTP2).apply({"params": params}, batch["tokens"],
+                                                   method=NemotronH.forward_with_mtp)
+        return with_mtp, plain, outputs
+
+    (loss, aux), (plain, plain_aux), (logits, mtp_logits) = run(model.params)
+    targets = np.asarray(batch["targets"])
+    D = MTP2.mtp.num_layers
+    assert len(mtp_logits) == D and mtp_logits[0].shape == (B, L - D, VOCAB)
+    main = _np_nll(logits, targets, mask)
+    depths = [_np_nll(mtp_logits[d], targets[:, d + 1:d + 1 + L - D], mask[:, d + 1:d + 1 + L - D])
+              for d in range(D)]
+    assert depths[0] != pytest.approx(depths[1], rel=1e-3)  # the depths differ, so the slicing is tested
+    assert float(aux.metrics["nll"]) == pytest.approx(main, rel=1e-5)
+    assert float(aux.metrics["mtp_nll"]) == pytest.approx(np.mean(depths), rel=1e-5)
+    assert [float(aux.metrics[f"mtp_nll_{d}"]) for d in range(D)] == pytest.approx(depths, rel=1e-5)
+    z = float(aux.metrics["z_loss"])
+    assert float(loss) == pytest.approx(main + 1e-2 * z + w * np.mean(depths), rel=1e-5)
+    assert float(plain) == pytest.approx(main + 1e-2 * z, rel=1e-5) and "mtp_nll" not in plain_aux.metrics
+    # a wrong alignment (depth d against targets[:, d:]) would give a different number
+    shifted = np.mean([_np_nll(mtp_logits[d], targets[:, d:d + L - D], mask[:, d:d + L - D]) for d in range(D)])
+    assert float(aux.metrics["mtp_nll"]) != pytest.approx(shifted, rel=1e-3)
+
+
+def test_mtp_loss_trains_the_head_and_its_router():
+    """On the MoE preset (MTP "*E", one depth) a few AdamW steps on a fixed batch lower mtp_nll, the gradient
+    reaches the head, and the MTP router's load feeds the correction-bias update (each entry moves by +-rate, or 0
+    for an exactly mean-loaded expert)."""
+    model = nemojax.Model.init(MOE, 0)
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="constant"))
+    rate = 0.125
+    step = jax.jit(make_train_step(optimizer, lm_loss(MOE, moe_aux_loss=1e-2, mtp_weight=0.5), moe_bias_rate=rate))
+    state = init_state(model, optimizer, jax.random.key(0))
+    batch = _batch(8)
+    bias = lambda p: np.asarray(p["mtp"]["layers_1"]["mixer"]["gate"]["e_score_correction_bias"])  # noqa: E731
+    nlls = []
+    for i in range(6):
+        state, metrics = step(state, batch)
+        nlls.append(float(metrics["mtp_nll"]))
+        if i == 0:
+            change = bias(state.params) - bias(model.params)
+            assert set(np.round(change / rate, 6)) <= {-1.0, 0.0, 1.0} and np.any(change > 0) and np.any(change < 0)
+    assert nlls[-1] < 0.8 * nlls[0], nlls
+    moved = np.abs(np.asarray(state.params["mtp"]["layers_0"]["eh_proj"]["kernel"])
+                   - np.asarray(model.params["mtp"]["layers_0"]["eh_proj"]["kernel"])).max()
+    assert moved > 1e-3
+
+
+def test_mtp_loss_weight_is_validated():
+    with pytest.raises(ValueError, match="train.mtp_loss_weight=0.3 needs a model with an MTP head"):
+        lm_loss(DENSE, mtp_weight=0.3)
+    with pytest.raises(ValueError, match="train.mtp_loss_weight=-1"):
+        lm_loss(MTP2, mtp_weight=-1.0)
+    lm_loss(DENSE, mtp_weight=0.0)  # zero is fine without a head
+    short = {k: v[:, :2] for k, v in _batch().items()}
+    with pytest.raises(ValueError, match="must exceed mtp.num_layers=2"):
+        lm_loss(MTP2, mtp_weight=0.1)({}, short, jax.random.key(0))

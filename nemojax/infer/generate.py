@@ -1,0 +1,240 @@
+"""Generation: prefill a batch of prompts, then a jit-compiled `lax.while_loop` of decode steps.
+
+    out = nemojax.generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=32)          # token ids in and out
+    out = nemojax.generate(model, ["def f("], tokenizer=tok, temperature=0.7, top_p=0.95, seed=1)
+    out.tokens, out.text, out.finish_reason, out.stats
+
+Prompts of different lengths are right-padded to a shared bucket and prefilled together; each sequence then
+decodes at its own position (per-sequence cache lengths, spec/arch.md 6.7), so nothing about a sequence depends on
+its neighbours. Every step runs inside the loop: sampling (greedy, temperature, top-k, top-p, repetition
+penalty), the thinking budget (forcing the end-of-thinking tag), EOS / stop-sequence detection per sequence, and
+the optional streaming callback. The loop ends when every sequence is done or `max_new_tokens` is reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.config import ModelConfig
+from nemojax.infer import budget as budget_lib
+from nemojax.infer.cache import Cache, init_cache
+from nemojax.infer.extend import extend, logits, prefill
+from nemojax.infer.sampling import SamplingConfig, mark_seen, sample, seen_from_prompts
+from nemojax.infer.stopping import StopSequences, ends_with_stop
+
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compilation
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Everything static about one decode loop (a jit cache key)."""
+
+    max_new_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    stops: StopSequences = StopSequences(())
+    budget: budget_lib.ThinkingBudget | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: must be a positive int")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    cache: Cache
+    logits: jax.Array  # [b, V] float32, for the token about to be chosen
+    step: jax.Array  # () int32, tokens chosen so far
+    out: jax.Array  # [b, max_new] int32
+    count: jax.Array  # [b] int32, tokens each sequence produced (its output length)
+    done: jax.Array  # [b] bool
+    seen: jax.Array  # [b, V] bool (repetition penalty) or [b, 0]
+    budget: Any  # budget_lib state or None
+    key: jax.Array
+
+
+def _choose(state: LoopState, dcfg: DecodeConfig) -> jax.Array:
+    """The next token of every sequence: sampled, or forced by the thinking budget, or pad once done."""
+    seen = state.seen if dcfg.sampling.repetition_penalty != 1.0 else jnp.zeros(state.logits.shape, bool)
+    token = sample(state.logits, seen, dcfg.sampling, jax.random.fold_in(state.key, state.step))
+    if dcfg.budget is not None:
+        force, forced = budget_lib.forced_tokens(state.budget, dcfg.budget)
+        token = jnp.where(force, forced, token)
+    return jnp.where(state.done, dcfg.pad_id, token).astype(jnp.int32)
+
+
+def _finished(token: jax.Array, out: jax.Array, count: jax.Array, dcfg: DecodeConfig) -> jax.Array:
+    """[b] bool: the sequence ended on EOS or a stop sequence, or reached max_new_tokens."""
+    finished = count >= dcfg.max_new_tokens
+    if dcfg.eos_ids:
+        finished |= jnp.isin(token, jnp.asarray(dcfg.eos_ids, jnp.int32))
+    if len(dcfg.stops):
+        finished |= ends_with_stop(out, count, dcfg.stops)
+    return finished
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream"))
+def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Array, prompt_open: jax.Array,
+                key: jax.Array, *, dcfg: DecodeConfig, max_len: int,
+                stream: Callable[..., None] | None = None) -> tuple[jax.Array, jax.Array]:
+    """tokens: [b, L] right-padded prompts, lengths: [b], prompt_open: [b] bool (prompt ends inside <think>)
+    -> (new tokens [b, max_new_tokens] int32 padded with pad_id, their counts [b] int32)."""
+    b, _ = tokens.shape
+    first_logits, cache = prefill(config, params, tokens, lengths, init_cache(config, b, max_len))
+    V = first_logits.shape[-1]
+    seen = seen_from_prompts(tokens, lengths, V) if dcfg.sampling.repetition_penalty != 1.0 \
+        else jnp.zeros((b, 0), bool)
+    budget = None if dcfg.budget is None else budget_lib.init_budget_state(dcfg.budget, b, prompt_open)
+    state = LoopState(cache, first_logits, jnp.zeros((), jnp.int32),
+                      jnp.full((b, dcfg.max_new_tokens), dcfg.pad_id, jnp.int32), jnp.zeros((b,), jnp.int32),
+                      jnp.zeros((b,), bool), seen, budget, key)
+
+    def body(s: LoopState) -> LoopState:
+        token = _choose(s, dcfg)
+        active = ~s.done
+        out = s.out.at[:, s.step].set(token)
+        count = s.count + active.astype(jnp.int32)
+        done = s.done | (active & _finished(token, out, count, dcfg))
+        seen = mark_seen(s.seen, token) if s.seen.shape[1] else s.seen
+        budget = s.budget if dcfg.budget is None else budget_lib.update_budget(s.budget, token, dcfg.budget)
+        if stream is not None:
+            jax.debug.callback(stream, s.step, token, active, ordered=True)
+
+        def advance(_):
+            hidden, cache = extend(config, params, token[:, None], s.cache, jnp.ones_like(token))
+            return logits(config, params, hidden[:, 0]), cache
+
+        # The last token needs no forward pass of its own.
+        next_logits, cache = jax.lax.cond(jnp.all(done), lambda _: (s.logits, s.cache), advance, None)
+        return LoopState(cache, next_logits, s.step + 1, out, count, done, seen, budget, s.key)
+
+    final = jax.lax.while_loop(lambda s: (s.step < dcfg.max_new_tokens) & ~jnp.all(s.done), body, state)
+    return final.out, final.count
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result of `generate`: per prompt, its new tokens (EOS or stop tokens included), the text when a
+    tokenizer was given (stop strings and special tokens removed), why it stopped ("eos", "stop", "length"), and
+    run statistics."""
+
+    tokens: list[list[int]]
+    text: list[str] | None
+    finish_reason: list[str]
+    stats: dict[str, float]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
+                bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token-id prompts to a shared multiple of `bucket`: ([b, L] int32, lengths [b] int32)."""
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() == 0:
+        raise ValueError(f"prompts[{int(lengths.argmin())}] is empty: every prompt needs at least one token")
+    L = -(-int(lengths.max()) // bucket) * bucket
+    tokens = np.full((len(prompts), L), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = np.asarray(p, np.int32)
+    return tokens, lengths
+
+
+def _finish_reason(tokens: list[int], eos: Sequence[int], stops: StopSequences) -> str:
+    if tokens and tokens[-1] in eos:
+        return "eos"
+    if any(len(s) <= len(tokens) and tuple(tokens[-len(s):]) == s for s in stops.sequences):
+        return "stop"
+    return "length"
+
+
+def _cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             seed: int = 0, tokenizer=None, eos_ids: Sequence[int] | None = None,
+             stop: Sequence[str | Sequence[int]] = (), thinking_budget: budget_lib.ThinkingBudget | None = None,
+             prompt_open: Sequence[bool] | None = None, speculative: int = 0,
+             stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+             allow_special: bool = False) -> Generation:
+    """Generates up to `max_new_tokens` after each prompt.
+
+    prompts: token-id lists, or strings (then `tokenizer` is required, and `.text` is filled); a single string is
+    one prompt. eos_ids: default the tokenizer's EOS, else the config's eos_token_id. stop: strings (checked on
+    the decoded text, and as their token ids inside the loop) or token-id sequences. thinking_budget: force the
+    end-of-thinking tag after that many thinking tokens (see `nemojax.infer.budget`); prompt_open says which
+    prompts already opened a thinking block (default: none). speculative: draft this many tokens per step with
+    the model's MTP head and verify them (greedy only; see `nemojax.infer.speculative`). stream(step, tokens [b],
+    active [b]) is called from inside the loop after every step.
+    """
+    config: ModelConfig = model.config
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    as_text = bool(prompts) and isinstance(prompts[0], str)
+    if as_text:
+        if tokenizer is None:
+            raise ValueError("prompts are strings: pass tokenizer= to encode them (or give token ids)")
+        encode = (lambda t: tokenizer.encode(t, allow_special=True)) if allow_special else tokenizer.encode
+        ids = [list(encode(p)) for p in prompts]
+    else:
+        ids = [[int(t) for t in p] for p in prompts]
+    if eos_ids is None:
+        eos_ids = [tokenizer.eos_id] if tokenizer is not None else (
+            [] if config.eos_token_id is None else [config.eos_token_id])
+    stop_strings = [s for s in stop if isinstance(s, str)]
+    if stop_strings and tokenizer is None:
+        raise ValueError(f"stop={stop_strings!r} holds strings: pass tokenizer= to use stop strings")
+    stop_ids = [list(s) for s in stop if not isinstance(s, str)]
+    stop_ids += [tokenizer.encode(s) for s in stop_strings if tokenizer.encode(s)]
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_id
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids {bad[:5]} outside the vocabulary [0, {config.vocab_size})")
+
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
+    dcfg = DecodeConfig(max_new_tokens, sampling, tuple(int(e) for e in eos_ids), int(pad_id),
+                        StopSequences(stop_ids), thinking_budget)
+    tokens, lengths = pad_prompts(ids, dcfg.pad_id)
+    open_ = np.zeros(len(ids), bool) if prompt_open is None else np.asarray(prompt_open, bool)
+    start = time.perf_counter()
+    stats: dict[str, float] = {}
+    if speculative:
+        from nemojax.infer import speculative as spec
+
+        out, count, stats = spec.generate_speculative(model, tokens, lengths, dcfg, draft=speculative)
+    else:
+        max_len = tokens.shape[1] + max_new_tokens
+        out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 jnp.asarray(open_), jax.random.key(seed), dcfg=dcfg, max_len=max_len,
+                                 stream=stream)
+        out, count = np.asarray(out), np.asarray(count)
+    seconds = time.perf_counter() - start
+
+    new = [out[i, :count[i]].tolist() for i in range(len(ids))]
+    reasons = [_finish_reason(t, dcfg.eos_ids, dcfg.stops) for t in new]
+    text = None
+    if tokenizer is not None:
+        text = []
+        for i, t in enumerate(new):
+            decoded, cut = _cut_at_stop_strings(tokenizer.decode(t), stop_strings)
+            text.append(decoded)
+            if cut:
+                reasons[i] = "stop"
+    stats = {**stats, "prompt_tokens": float(lengths.sum()), "new_tokens": float(count.sum()),
+             "seconds": seconds, "tokens_per_s": float(count.sum()) / max(seconds, 1e-9)}
+    return Generation(new, text, reasons, stats)

@@ -1,0 +1,220 @@
+"""Chat templates: rendering matches transformers' apply_chat_template (the oracle, on an in-memory tokenizer), the
+reasoning toggle lands in the system prompt for both styles, open-think detection, special-token encoding of a
+rendered prompt, and loading templates from a tokenizer folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jinja2
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from nemojax.data.tokenizers import HFTokenizer
+from nemojax.infer.chat import load_chat_template, prompt_open_thinking, render_chat
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"]
+
+# Nano-2-like ChatML: the system turn always present, reasoning stripped from earlier assistant turns, tools shown
+# through tojson with a loop control, unknown roles rejected, and an `enable_thinking` branch in the generation prompt.
+CHATML = """\
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set system = '' -%}{%- set turns = messages -%}
+{%- endif -%}
+<|im_start|>system
+{{ system }}
+{% if tools %}
+{% for tool in tools %}
+{% if loop.index > 2 %}{% break %}{% endif %}
+<tool>{{ tool | tojson }}</tool>
+{% endfor %}
+{% endif %}
+<|im_end|>
+{% for message in turns %}
+{% if message['role'] not in ['user', 'assistant', 'tool'] %}
+{{ raise_exception('unknown role ' + message['role']) }}
+{% endif %}
+<|im_start|>{{ message['role'] }}
+{% if message['role'] == 'assistant' and '</think>' in message['content'] %}
+{{ message['content'].split('</think>')[-1].lstrip() }}<|im_end|>
+{% else %}
+{{ message['content'] }}<|im_end|>
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}
+<think></think>
+{% else %}
+<think>
+{% endif %}
+{% endif %}"""
+
+# Nano 2's own convention: the mode is read from "/think" or "/no_think" in the system or user text.
+NANO2_DETECT = """\
+{%- set ns = namespace(thinking=true) -%}
+{%- for m in messages if m['role'] in ['system', 'user'] -%}
+{%- if '/no_think' in m['content'] %}{% set ns.thinking = false %}{% elif '/think' in m['content'] %}\
+{% set ns.thinking = true %}{% endif -%}
+{%- endfor -%}
+{%- for m in messages %}<|im_start|>{{ m['role'] }}
+{% set text = m['content'] %}
+{% if m['role'] in ['system', 'user'] %}
+{% set text = text | replace('/no_think', '') | replace('/think', '') | trim %}
+{% endif %}
+{{ text }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if ns.thinking %}<think>
+{% else %}<think></think>{% endif %}{% endif %}"""
+
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4", "reasoning_content": None},
+    {"role": "user", "content": "And 3 + 3?"},
+]
+NO_SYSTEM = [{"role": "user", "content": "Hi there"}]
+TOOLS = [{"name": f"tool_{i}", "description": "äöü <b>", "parameters": {"x": i}} for i in range(3)]
+
+
+def _backend() -> Tokenizer:
+    words = ["<unk>", "system", "user", "assistant", "Hi", "there", "What", "is", "2", "+", "?", "4"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return {name: PreTrainedTokenizerFast(tokenizer_object=_backend(), chat_template=template)
+            for name, template in (("chatml", CHATML), ("nano2", NANO2_DETECT))}
+
+
+def _with_system(messages, text):
+    """The oracle's input: the control text written into the system prompt by hand."""
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{text}\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+@pytest.mark.parametrize("messages", [CHAT, NO_SYSTEM], ids=["system", "no_system"])
+@pytest.mark.parametrize("generation", [True, False])
+def test_matches_transformers_without_toggle(hf, messages, generation):
+    ours = render_chat(CHATML, messages, add_generation_prompt=generation, tools=TOOLS)
+    oracle = hf["chatml"].apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                              tools=TOOLS)
+    assert ours == oracle
+    assert ours.count("<tool>") == 2 and '"description": "äöü <b>"' in ours  # break and tojson like transformers
+    if messages is CHAT:  # the earlier turn's reasoning is stripped by the template
+        assert "add them" not in ours and "<|im_start|>assistant\n4<|im_end|>" in ours
+
+
+@pytest.mark.parametrize("messages", [CHAT, NO_SYSTEM], ids=["system", "no_system"])
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("style,on,off", [("nano2", "/think", "/no_think"),
+                                          ("llama-nemotron", "detailed thinking on", "detailed thinking off")])
+def test_toggle_matches_transformers_with_the_control_in_the_system_prompt(hf, messages, thinking, style, on, off):
+    control = on if thinking else off
+    before = copy.deepcopy(messages)
+    ours = render_chat(CHATML, messages, thinking=thinking, thinking_style=style)
+    oracle = hf["chatml"].apply_chat_template(_with_system(messages, control), tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=thinking)
+    assert ours == oracle
+    assert messages == before  # the caller's messages are untouched
+    system = ours.split("<|im_end|>")[0]
+    assert system.startswith(f"<|im_start|>system\n{control}")
+    if messages is CHAT:
+        assert system == f"<|im_start|>system\n{control}\nYou are a helpful assistant.\n"
+    assert ours.count("<|im_start|>system") == 1
+    assert ours.endswith("<think>\n" if thinking else "<think></think>\n")  # the enable_thinking branch
+    assert prompt_open_thinking(ours) is thinking
+
+
+def test_thinking_none_and_kwarg_style(hf):
+    plain = render_chat(CHATML, CHAT)
+    assert "/think" not in plain and plain.endswith("<think>\n")  # enable_thinking undefined: the default branch
+    kwarg = render_chat(CHATML, CHAT, thinking=False, thinking_style="kwarg")
+    assert kwarg == hf["chatml"].apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True,
+                                                     enable_thinking=False)
+    assert "/no_think" not in kwarg and kwarg.endswith("<think></think>\n")
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_nano2_template_reads_the_control_from_the_system_prompt(hf, thinking):
+    """A template that ignores enable_thinking and looks for /think, /no_think itself (as Nano 2's does)."""
+    ours = render_chat(NANO2_DETECT, NO_SYSTEM, thinking=thinking)
+    oracle = hf["nano2"].apply_chat_template(_with_system(NO_SYSTEM, "/think" if thinking else "/no_think"),
+                                             tokenize=False, add_generation_prompt=True)
+    assert ours == oracle
+    assert ours.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n")
+    assert prompt_open_thinking(ours) is thinking
+
+
+def test_template_errors_and_bad_arguments():
+    with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role critic"):
+        render_chat(CHATML, [*NO_SYSTEM, {"role": "critic", "content": "no"}])
+    with pytest.raises(ValueError, match="thinking_style='qwen'"):
+        render_chat(CHATML, NO_SYSTEM, thinking=True, thinking_style="qwen")
+    with pytest.raises(ValueError, match="enable_thinking=False contradicts thinking=True"):
+        render_chat(CHATML, NO_SYSTEM, thinking=True, enable_thinking=False)
+    with pytest.raises(jinja2.exceptions.SecurityError):  # the sandbox holds
+        render_chat("{{ messages.__class__.__mro__ }}", NO_SYSTEM)
+
+
+def test_toggle_with_list_content_and_empty_system():
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *NO_SYSTEM]
+    out = render_chat("{{ messages[0]['content'] | tojson }}", parts, thinking=True, add_generation_prompt=False)
+    assert json.loads(out) == [{"type": "text", "text": "/think"}, {"type": "text", "text": "Be brief."}]
+    empty = [{"role": "system", "content": ""}, *NO_SYSTEM]
+    assert render_chat("{{ messages[0]['content'] }}|{{ messages | length }}", empty, thinking=False,
+                       thinking_style="llama-nemotron") == "detailed thinking off|2"
+
+
+@pytest.mark.parametrize("text,open_", [
+    ("", False), ("<|im_start|>assistant\n<think>\n", True), ("<think></think>", False),
+    ("<think>a</think>\nanswer <think>", True), ("<think>a</think> b", False), ("no tags", False),
+])
+def test_prompt_open_thinking(text, open_):
+    assert prompt_open_thinking(text) is open_
+
+
+def test_prompt_open_thinking_when_end_contains_start():
+    assert prompt_open_thinking("[x]t[/x]", start="x]", end="[/x]") is False
+    assert prompt_open_thinking("[/x] x]", start="x]", end="[/x]") is True
+
+
+def test_encode_rendered_prompt_with_special_ids(hf, tmp_path):
+    """Our tokenizer, told to allow specials, gives the ids transformers' tokenize=True gives."""
+    _backend().save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path)
+    prompt = render_chat(CHATML, CHAT, thinking=False)
+    oracle = hf["chatml"].apply_chat_template(_with_system(CHAT, "/no_think"), tokenize=True,
+                                              add_generation_prompt=True, enable_thinking=False)["input_ids"]
+    ids = tok.encode(prompt, allow_special=True)
+    assert ids == list(oracle)
+    start = _backend().token_to_id("<|im_start|>")
+    assert ids.count(start) == 5 and start not in tok.encode(prompt)  # the default path keeps them as text
+
+
+def test_load_chat_template_variants(tmp_path):
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert load_chat_template(tmp_path) == CHATML
+    listed = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": NANO2_DETECT}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": listed}))
+    assert load_chat_template(tmp_path) == NANO2_DETECT
+    assert load_chat_template(tmp_path, name="tool_use") == "T"
+    with pytest.raises(ValueError, match="no template named 'rag'; it has \\['default', 'tool_use'\\]"):
+        load_chat_template(tmp_path, name="rag")
+    (tmp_path / "chat_template.jinja").write_text(CHATML, encoding="utf-8")  # the separate file wins
+    assert load_chat_template(tmp_path) == CHATML
+    with pytest.raises(ValueError, match="tokenizer_dir="):
+        load_chat_template(tmp_path / "chat_template.jinja")
