@@ -11,6 +11,18 @@
         trains (resuming from the workdir's newest checkpoint) and prints a summary
     nemojax tokenizer train --out tok.json [--vocab-size 4096 --kind stdlib ...]
         fits a byte-level BPE on a corpus and saves it as a Hugging Face tokenizer.json
+    nemojax generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 128 --temperature 0
+                     --top-k 0 --top-p 1 --repetition-penalty 1 --seed 0 --stop STR ... --speculative K
+                     --chat --system TEXT --chat-template FILE --thinking on|off --thinking-budget N
+                     --tokenizer PATH|byte --dtype float32 --no-stream]
+        generates from a Hugging Face checkpoint folder (config.json + safetensors + tokenizer.json) or a
+        `nemojax train` workdir (run.json + orbax checkpoints; the newest step). Greedy unless --temperature > 0.
+        --chat sends each prompt as a user message (after --system) through a chat template (--chat-template, else the
+        one beside the tokenizer.json, else a plain "role: content" fallback); --thinking sets the reasoning toggle and
+        --thinking-budget N forces "</think>" after N thinking tokens (spec E.1, E.2). With one prompt the
+        completion is streamed to stdout as it is generated (unless --no-stream); otherwise
+        each completion is printed at the end. Only completions go to stdout; a one-line summary (tokens,
+        seconds including compilation, tokens/s, finish reason, draft acceptance) goes to stderr.
 """
 
 from __future__ import annotations
@@ -100,6 +112,106 @@ def _tokenizer(args: argparse.Namespace) -> None:
     raise SystemExit(train_bpe_cli(args.args))
 
 
+class _StreamPrinter:
+    """The `stream` callback of `generate` for one sequence: decodes every id so far and prints the new suffix.
+
+    Holds back trailing U+FFFD (a UTF-8 character whose bytes have not all arrived), text from a stop string on,
+    and an ending that may be the start of a stop string, so what it prints is always a prefix of the final text.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def _safe(self, text: str) -> str:
+        cut = len(text)
+        for stop in self.stops:
+            found = text.find(stop)
+            if found >= 0:
+                cut = min(cut, found)
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    cut = min(cut, len(text) - k)
+                    break
+        return text[:cut].rstrip("\ufffd")
+
+    def __call__(self, step, tokens, active) -> None:
+        del step
+        if bool(active[0]):
+            self.ids.append(int(tokens[0]))
+            self._write(self._safe(self.tokenizer.decode(self.ids)))
+
+    def finish(self, text: str) -> None:
+        """Prints the rest of the final `text` (stop strings already cut by `generate`) and a newline."""
+        self._write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _generate(args: argparse.Namespace) -> None:
+    try:
+        _run_generate(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"nemojax generate: error: {error}") from error
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from nemojax.infer.chat import chat, prompt_open_thinking, thinking_budget_for
+    from nemojax.infer.generate import generate
+    from nemojax.infer.load import load_checkpoint
+
+    if not args.chat:
+        for flag, value in (("--system", args.system), ("--thinking", args.thinking),
+                            ("--chat-template", args.chat_template)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to chat prompts; add --chat")
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise ValueError(f"--chat-template {args.chat_template!r} is not a file")
+        template = path.read_text(encoding="utf-8")
+    model, tokenizer = load_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype)
+    stops = list(args.stop or [])
+    printer = None
+    if len(args.prompt) == 1 and not args.no_stream:
+        printer = _StreamPrinter(tokenizer, stops)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=stops,
+                  speculative=args.speculative, stream=printer)
+    if args.chat:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        conversations = [[*system, {"role": "user", "content": p}] for p in args.prompt]
+        out = chat(model, tokenizer, conversations, template=template, thinking=args.thinking,
+                   thinking_budget=args.thinking_budget, **kwargs)
+    else:
+        budget = None if args.thinking_budget is None else thinking_budget_for(tokenizer, args.thinking_budget)
+        out = generate(model, args.prompt, tokenizer=tokenizer, thinking_budget=budget,
+                       prompt_open=[prompt_open_thinking(p) for p in args.prompt], **kwargs)
+    if printer is not None:
+        printer.finish(out.text[0])
+    else:
+        for i, (prompt, text) in enumerate(zip(args.prompt, out.text, strict=True)):
+            if len(args.prompt) > 1:
+                print(f"--- prompt {i + 1} of {len(args.prompt)}: {prompt!r}")
+            print(text, flush=True)
+    stats = out.stats
+    summary = (f"generate: {int(stats['new_tokens'])} tokens in {stats['seconds']:.2f} s "
+               f"({stats['tokens_per_s']:.1f} tokens/s, compilation included), "
+               f"finish: {', '.join(out.finish_reason)}")
+    if "acceptance_rate" in stats:
+        summary += (f", draft acceptance {stats['acceptance_rate']:.2f} ({int(stats['draft_tokens'])} drafts, "
+                    f"{stats['tokens_per_round']:.2f} tokens/round)")
+    print(summary, file=sys.stderr, flush=True)
+
+
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from the other arguments."""
     rest, overrides, i = [], [], 0
@@ -149,6 +261,30 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.add_argument("action", choices=["train"])
     tokenizer.add_argument("args", nargs=argparse.REMAINDER)
     tokenizer.set_defaults(run=_tokenizer)
+    gen = jobs.add_parser("generate", help="generate text from a Hugging Face checkpoint or a training workdir")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a Hugging Face checkpoint folder (config.json) or a `nemojax train` workdir (run.json)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="a stop string; repeatable")
+    gen.add_argument("--speculative", type=int, default=0,
+                     help="draft this many tokens per step with the model's MTP head (greedy only)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user message via the chat template")
+    gen.add_argument("--system", default=None, help="a system message (with --chat)")
+    gen.add_argument("--chat-template", default=None, help="a Jinja chat template file (with --chat)")
+    gen.add_argument("--thinking", choices=["on", "off"], default=None, help="the reasoning toggle (with --chat)")
+    gen.add_argument("--thinking-budget", type=int, default=None,
+                     help="force </think> after this many thinking tokens (at the next newline, within 10%%)")
+    gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json path, instead of the checkpoint's")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="compute dtype")
+    gen.add_argument("--no-stream", action="store_true", help="print the completion only when it is finished")
+    gen.set_defaults(run=_generate)
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.overrides = overrides

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+
+import pytest
 
 from nemojax import cli
 
@@ -49,3 +53,153 @@ def test_demo_trains_and_compares_with_unigram_entropy(tmp_path, capsys):
     assert re.search(r"validation loss [0-9.]+ nats/token vs the corpus' unigram entropy 3\.[0-9]+", out)
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- nemojax generate
+
+PROMPT = "The quick brown fox"
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random hybrid (Mamba, attention, MLP) over the byte vocabulary, float32."""
+    import nemojax
+
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", dtype="float32")
+    return nemojax.Model.init(config, 0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny, tmp_path_factory):
+    import nemojax
+
+    return nemojax.save_hf(tiny, tmp_path_factory.mktemp("hf") / "ckpt")
+
+
+def _reference(model, prompts, **kwargs):
+    from nemojax.data.tokenizers import ByteTokenizer
+    from nemojax.infer.generate import generate
+
+    return generate(model, prompts, max_new_tokens=NEW, tokenizer=ByteTokenizer(), **kwargs)
+
+
+def test_generate_streams_the_greedy_completion_and_holds_back_a_stop_string(tiny, hf_dir, capsys, monkeypatch):
+    """One prompt is streamed in several pieces; what is printed is exactly generate()'s greedy text cut at the
+    stop string (which must never be printed, even in part); the summary goes to stderr."""
+    full = _reference(tiny, [PROMPT]).text[0]
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 1)
+                if full[i:i + 2].isascii() and full[i:i + 2].isprintable())
+    pieces = []
+    write = cli._StreamPrinter._write
+
+    def spy(self, text):
+        write(self, text)
+        pieces.append(self.printed)
+
+    monkeypatch.setattr(cli._StreamPrinter, "_write", spy)
+    cli.main(["generate", "--checkpoint", str(hf_dir), "--tokenizer", "byte", "--prompt", PROMPT,
+              "--max-new-tokens", str(NEW), "--stop", stop])
+    out = capsys.readouterr()
+    expected = full[:full.find(stop)]
+    assert out.out == expected + "\n"
+    assert len(set(pieces)) >= 2 and all(expected.startswith(p) for p in pieces)  # grew step by step
+    tokens = int(re.search(r"generate: (\d+) tokens in [0-9.]+ s \([0-9.]+ tokens/s", out.err).group(1))
+    assert tokens < NEW and out.err.rstrip().endswith("finish: stop")
+
+
+def test_generate_no_stream_batch_prints_each_completion(tiny, hf_dir, capsys):
+    prompts = [PROMPT, "def f(x):"]
+    cli.main(["generate", "--checkpoint", str(hf_dir), "--tokenizer", "byte", "--prompt", prompts[0],
+              "--prompt", prompts[1], "--max-new-tokens", str(NEW), "--no-stream"])
+    out = capsys.readouterr()
+    ref = _reference(tiny, prompts)
+    assert out.out == "".join(f"--- prompt {i + 1} of 2: {p!r}\n{t}\n"
+                              for i, (p, t) in enumerate(zip(prompts, ref.text, strict=True)))
+    assert f"generate: {2 * NEW} tokens" in out.err and "finish: length, length" in out.err
+
+
+def _save_workdir(tiny, workdir):
+    """A workdir laid out as `nemojax train` leaves it: run.json plus orbax TrainState checkpoints (steps 3 and 5,
+    with different params; the optimizer state is a stand-in the loader must not need)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import nemojax
+    from nemojax import config_files
+    from nemojax.train.checkpoint import Checkpoints
+    from nemojax.train.loop import _fingerprint  # the real run.json content, so a format change fails here
+    from nemojax.train.step import TrainState
+
+    assert dataclasses.asdict(tiny.config)["remat"] == "none"
+    config = config_files.load(Path(cli.__file__).parent.parent / "configs" / "tiny.py", [])
+    checkpoints = Checkpoints(workdir, _fingerprint(tiny.config, config), async_save=False)
+    newest = None
+    for step, seed in ((3, 7), (5, 0)):
+        params = tiny.params if seed == 0 else nemojax.Model.init(tiny.config, seed).params
+        state = TrainState(params, {"mu": jax.tree.map(jnp.zeros_like, params)}, jnp.asarray(step, jnp.int32),
+                           jax.random.PRNGKey(step))
+        checkpoints.save(step, state)
+        newest = params
+    checkpoints.close()
+    return newest
+
+
+def test_generate_from_a_training_workdir(tiny, tmp_path, capsys):
+    """run.json + orbax: the newest step's params come back exactly, the tokenizer is run.json's ("byte"), and
+    the CLI prints generate()'s text for them."""
+    import jax
+    import numpy as np
+
+    from nemojax.data.tokenizers import ByteTokenizer
+    from nemojax.infer.load import load_checkpoint
+
+    params = _save_workdir(tiny, tmp_path)
+    model, tokenizer = load_checkpoint(tmp_path)
+    assert model.config == tiny.config and isinstance(tokenizer, ByteTokenizer)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    older, _ = load_checkpoint(tmp_path, step=3)
+    assert not np.array_equal(np.asarray(jax.tree.leaves(older.params)[0]), np.asarray(jax.tree.leaves(params)[0]))
+
+    cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", str(NEW),
+              "--no-stream"])
+    assert capsys.readouterr().out == _reference(tiny, [PROMPT]).text[0] + "\n"
+
+
+def test_generate_errors_name_the_path(tmp_path, hf_dir):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit, match=f"checkpoint '{missing}' is not a folder"):
+        cli.main(["generate", "--checkpoint", str(missing), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="is neither a Hugging Face checkpoint \\(no config.json\\) nor a training "
+                                         "workdir \\(no run.json\\)"):
+        cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="has no tokenizer.json; pass a tokenizer"):
+        cli.main(["generate", "--checkpoint", str(hf_dir), "--prompt", "x"])
+    (tmp_path / "run.json").write_text('{"model": {"vocab_size": 260}, "data": {"tokenizer": "byte"}}')
+    with pytest.raises(SystemExit, match="model lacks the required fields \\['hidden_size', 'pattern'\\]"):
+        cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"])
+    model = {"vocab_size": 260, "hidden_size": 8, "pattern": "-", "intermediate_size": 8}
+    (tmp_path / "run.json").write_text(json.dumps({"model": model, "data": {"tokenizer": "byte"}}))
+    with pytest.raises(SystemExit, match="no checkpoint under .*checkpoints"):
+        cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="--thinking applies to chat prompts; add --chat"):
+        cli.main(["generate", "--checkpoint", str(hf_dir), "--prompt", "x", "--thinking", "on"])
+
+
+def test_model_config_from_dict_round_trips_every_preset():
+    import dataclasses
+    import json
+
+    from nemojax import presets
+    from nemojax.infer.load import model_config_from_dict
+
+    for name in presets.names():
+        config = presets.get(name)
+        assert model_config_from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config, name
+    d = dataclasses.asdict(presets.get("nemotron-h-8b-tiny"))
+    d["mamba"]["d_state"] = 16
+    with pytest.raises(ValueError, match="model.mamba has unknown fields \\['d_state'\\]"):
+        model_config_from_dict(d)

@@ -6,6 +6,9 @@ reasoning toggle of Nemotron chat models (spec/elastic_hymba_vl.md E.1, E.2).
     ids = tokenizer.encode(prompt, allow_special=True)     # "<|im_start|>" etc. become their special ids
     if prompt_open_thinking(prompt): ...                    # the model starts inside <think>
 
+    out = chat(model, tokenizer, messages, thinking="on", thinking_budget=512, max_new_tokens=1024)
+    out.text[0]                                             # the reply; the budget forced "</think>" if needed
+
 Reasoning toggle styles:
 
     "nano2"            Nemotron Nano 2, Nano V2 VL, Llama-Nemotron v1.5: "/think" or "/no_think" in the system prompt
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["THINKING_STYLES", "load_chat_template", "prompt_open_thinking", "render_chat"]
+from nemojax.infer.budget import ThinkingBudget
+
+__all__ = ["FALLBACK_TEMPLATE", "THINKING_STYLES", "chat", "chat_prompts", "load_chat_template", "newline_ids",
+           "prompt_open_thinking", "render_chat", "thinking_budget_for"]
 
 # style -> (system text for thinking on, for thinking off); None: the template variable only.
 THINKING_STYLES: dict[str, tuple[str, str] | None] = {
@@ -141,3 +148,142 @@ def prompt_open_thinking(text: str, start: str = "<think>", end: str = "</think>
     last_end = text.rfind(end)
     tail = text if last_end < 0 else text[last_end + len(end):]
     return start in tail
+
+
+# ---------------------------------------------------------------------------------------------- chat generation
+
+# Used when neither the caller nor the tokenizer's folder has a chat template: one "role: content" line per
+# message and a last "assistant:" line for the model to continue. Content given as parts keeps its text parts.
+FALLBACK_TEMPLATE = r"""
+{%- for m in messages -%}
+{{ m['role'] }}: {{ m['content'] if m['content'] is string else m['content'] | selectattr('type', 'equalto', 'text')
+   | map(attribute='text') | join('') }}{{ '\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt %}assistant:{% endif -%}
+"""
+
+_THINKING_WORDS = {"on": True, "off": False}
+_newline_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def newline_ids(tokenizer) -> tuple[int, ...]:
+    """Every vocabulary id whose decoded text contains "\\n" (for ByteTokenizer: just byte 10).
+
+    Decodes each id once and caches the answer per tokenizer object (a 131k vocabulary takes well under a second).
+    """
+    try:
+        return _newline_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = tuple(i for i in range(int(tokenizer.vocab_size)) if "\n" in tokenizer.decode([i]))
+    try:
+        _newline_cache[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return ids
+
+
+def thinking_budget_for(tokenizer, budget: int, *, start: str = "<think>", end: str = "</think>",
+                        grace: int | None = None) -> ThinkingBudget:
+    """A `ThinkingBudget` of `budget` thinking tokens for `tokenizer`'s vocabulary.
+
+    start_ids / end_ids: `tokenizer.encode(start / end, allow_special=True)` (one id each when the tags are special
+    tokens, as in Nemotron Nano 2; their bytes for ByteTokenizer). newline_ids: `newline_ids(tokenizer)`.
+    grace: tokens allowed past the budget while waiting for a newline (None: 10% of budget); see
+    `nemojax.infer.budget`.
+    """
+    tags = {}
+    for name, tag in (("start", start), ("end", end)):
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"{name}={tag!r} is invalid: must be a non-empty string such as '<think>'")
+        ids = tokenizer.encode(tag, allow_special=True)
+        if not ids:
+            raise ValueError(f"{name}={tag!r} encodes to no tokens with {tokenizer!r}; the budget needs its ids")
+        tags[name] = tuple(int(i) for i in ids)
+    return ThinkingBudget(budget, end_ids=tags["end"], start_ids=tags["start"], newline_ids=newline_ids(tokenizer),
+                          grace=grace)
+
+
+def _thinking_flag(thinking: bool | str | None) -> bool | None:
+    if thinking is None or isinstance(thinking, bool):
+        return thinking
+    if isinstance(thinking, str) and thinking.lower() in _THINKING_WORDS:
+        return _THINKING_WORDS[thinking.lower()]
+    raise ValueError(f"thinking={thinking!r} is invalid: must be None, True, False, 'on' or 'off'")
+
+
+def _conversations(messages) -> tuple[list[Sequence[Mapping[str, Any]]], bool]:
+    """(conversations, batched): one conversation (a list of message dicts) or a list of them."""
+    if isinstance(messages, Mapping) or isinstance(messages, str) or not isinstance(messages, Sequence) \
+            or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+    batched = not isinstance(messages[0], Mapping)
+    conversations = list(messages) if batched else [messages]
+    for i, conversation in enumerate(conversations):
+        if isinstance(conversation, str) or not isinstance(conversation, Sequence) or not conversation or \
+                not all(isinstance(m, Mapping) for m in conversation):
+            raise ValueError(f"messages[{i}] is invalid: each conversation must be a non-empty list of "
+                             "{'role', 'content'} dicts")
+    return conversations, batched
+
+
+def _tokenizer_template(tokenizer) -> str | None:
+    path = getattr(tokenizer, "path", None)
+    return None if path is None else load_chat_template(Path(path).parent)
+
+
+def chat_prompts(tokenizer, messages, *, template: str | None = None, thinking: bool | str | None = None,
+                 thinking_style: str = "nano2", template_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """The prompt text of one conversation or of each of a batch of them (a list of one or more strings).
+
+    template: a Jinja chat template; None takes the template beside an HFTokenizer's tokenizer.json
+    (`load_chat_template`), or else FALLBACK_TEMPLATE ("role: content" lines and a last "assistant:").
+    thinking: True / "on", False / "off" or None; see `render_chat` for where the toggle goes.
+    template_kwargs: extra template variables (bos_token, tools, ...).
+    """
+    conversations, _ = _conversations(messages)
+    if template is None:
+        template = _tokenizer_template(tokenizer)
+    if template is None:
+        template = FALLBACK_TEMPLATE
+    flag = _thinking_flag(thinking)
+    return [render_chat(template, conversation, add_generation_prompt=True, thinking=flag,
+                        thinking_style=thinking_style, **dict(template_kwargs or {}))
+            for conversation in conversations]
+
+
+def chat(model, tokenizer, messages, *, template: str | None = None, thinking: bool | str | None = None,
+         thinking_style: str = "nano2", thinking_budget: int | ThinkingBudget | None = None,
+         start: str = "<think>", end: str = "</think>", grace: int | None = None,
+         template_kwargs: Mapping[str, Any] | None = None, **generate_kwargs: Any):
+    """Generates the assistant's reply to a conversation, or to each of a batch of conversations.
+
+    messages: [{"role": ..., "content": ...}, ...], or a list of such conversations (a batch).
+    template: a Jinja chat template. None: the `chat_template` beside an HFTokenizer's tokenizer.json; if there is
+      none (or the tokenizer has no folder, like ByteTokenizer), a plain fallback of one "role: content" line per
+      message and a final "assistant:" line (FALLBACK_TEMPLATE).
+    thinking: the reasoning toggle, True / "on", False / "off", or None (leave the messages alone), written as
+      `thinking_style` says (spec E.1; see `render_chat`).
+    thinking_budget: an int N ends the thinking block after N thinking tokens (plus `grace` while waiting for a
+      newline) by forcing `end` (spec E.2; `thinking_budget_for(tokenizer, N, start=start, end=end, grace=grace)`),
+      or a ready `ThinkingBudget`. A prompt that already ends inside `start` (the template opened the block)
+      counts from its first generated token.
+    generate_kwargs: passed to `nemojax.infer.generate.generate` (max_new_tokens, temperature, stop, stream, ...).
+
+    The prompts are encoded with `allow_special=True`, so template tokens such as "<|im_start|>" get their special
+    ids. Returns a `Generation` with one entry per conversation (`.text` is the reply, special tokens dropped).
+    """
+    from nemojax.infer.generate import generate
+
+    for name in ("prompt_open", "allow_special"):
+        if name in generate_kwargs:
+            raise ValueError(f"{name}= is set by chat(); do not pass it")
+    texts = chat_prompts(tokenizer, messages, template=template, thinking=thinking, thinking_style=thinking_style,
+                         template_kwargs=template_kwargs)
+    ids = [tokenizer.encode(text, allow_special=True) for text in texts]
+    prompt_open = [prompt_open_thinking(text, start, end) for text in texts]
+    budget = thinking_budget
+    if budget is not None and not isinstance(budget, ThinkingBudget):
+        budget = thinking_budget_for(tokenizer, budget, start=start, end=end, grace=grace)
+    return generate(model, ids, tokenizer=tokenizer, thinking_budget=budget, prompt_open=prompt_open,
+                    **generate_kwargs)

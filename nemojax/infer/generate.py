@@ -32,6 +32,15 @@ from nemojax.infer.stopping import StopSequences, ends_with_stop
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compilation
 
+# The loop's streaming callback is a static jit argument; a fixed forwarder keeps every user callback from
+# compiling the loop anew. `generate` points the sink at the caller's function for the duration of one call.
+_stream_sink: list[Callable | None] = [None]
+
+
+def forward_stream(step, tokens, active) -> None:
+    if _stream_sink[0] is not None:
+        _stream_sink[0](int(step), np.asarray(tokens), np.asarray(active))
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
@@ -213,16 +222,22 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
     open_ = np.zeros(len(ids), bool) if prompt_open is None else np.asarray(prompt_open, bool)
     start = time.perf_counter()
     stats: dict[str, float] = {}
-    if speculative:
-        from nemojax.infer import speculative as spec
+    _stream_sink[0] = stream
+    try:
+        if speculative:
+            from nemojax.infer import speculative as spec
 
-        out, count, stats = spec.generate_speculative(model, tokens, lengths, dcfg, draft=speculative)
-    else:
-        max_len = tokens.shape[1] + max_new_tokens
-        out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                 jnp.asarray(open_), jax.random.key(seed), dcfg=dcfg, max_len=max_len,
-                                 stream=stream)
-        out, count = np.asarray(out), np.asarray(count)
+            out, count, stats = spec.generate_speculative(model, tokens, lengths, dcfg, draft=speculative,
+                                                          stream=forward_stream if stream else None)
+        else:
+            max_len = tokens.shape[1] + max_new_tokens
+            out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     jnp.asarray(open_), jax.random.key(seed), dcfg=dcfg, max_len=max_len,
+                                     stream=forward_stream if stream else None)
+            out, count = np.asarray(out), np.asarray(count)
+            jax.effects_barrier()  # every streamed token delivered before the sink is cleared
+    finally:
+        _stream_sink[0] = None
     seconds = time.perf_counter() - start
 
     new = [out[i, :count[i]].tolist() for i in range(len(ids))]

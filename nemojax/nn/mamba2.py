@@ -129,7 +129,7 @@ class Mamba2Mixer(nn.Module):
             new_state = MambaState(convs, states)
         else:
             # Uncommitted tokens get dt = 0 and x = 0: decay 1 and no input, so the final state is the state
-            # after the committed ones (spec 6.7, 6.8). Their outputs are junk nobody reads.
+            # after the committed ones (spec 6.7, 6.8). They are padding: their outputs are not continuations.
             valid = step.valid(T)
             dt_c = jnp.where(valid[..., None], dt, 0.0)
             x_c = jnp.where(valid[..., None, None], x_bThp, 0.0)

@@ -6,8 +6,10 @@
     KVCache     k, v [b, max_len, kv_heads, head_dim]; entry s holds position s.
 
 An `Extend` tells a mixer that the T new tokens of sequence i sit at positions start[i] .. start[i] + T - 1 and
-that only the first commit[i] of them are real: the returned state is the state after exactly those. Entries past
-them (right padding, rejected drafts) may be written to a KV cache, where they are masked until overwritten.
+that only the first commit[i] of them are kept: the returned state is the state after exactly those. Tokens past
+them are treated as padding: their outputs are unspecified, and their KV entries are masked until overwritten.
+With `all_steps` every output is exact and the state after each token is kept, for `select_step` to choose
+from once the number of kept tokens is known (speculative verification).
 """
 
 from __future__ import annotations

@@ -13,7 +13,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from nemojax.data.tokenizers import HFTokenizer
-from nemojax.infer.chat import load_chat_template, prompt_open_thinking, render_chat
+from nemojax.infer.chat import (
+    chat,
+    chat_prompts,
+    load_chat_template,
+    prompt_open_thinking,
+    render_chat,
+    thinking_budget_for,
+)
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"]
 
@@ -218,3 +225,72 @@ def test_load_chat_template_variants(tmp_path):
     assert load_chat_template(tmp_path) == CHATML
     with pytest.raises(ValueError, match="tokenizer_dir="):
         load_chat_template(tmp_path / "chat_template.jinja")
+
+
+# ---------------------------------------------------------------------------------------------- chat() and budgets
+
+def test_thinking_budget_for_byte_tokenizer():
+    from nemojax.data.tokenizers import ByteTokenizer
+
+    budget = thinking_budget_for(ByteTokenizer(), 12, grace=4)
+    assert budget.start_ids == tuple(b"<think>") and budget.end_ids == tuple(b"</think>")
+    assert budget.newline_ids == (10,) and (budget.budget, budget.grace_tokens) == (12, 4)
+    assert thinking_budget_for(ByteTokenizer(), 30).grace_tokens == 3  # 10% by default
+    with pytest.raises(ValueError, match="end='' is invalid: must be a non-empty string"):
+        thinking_budget_for(ByteTokenizer(), 5, end="")
+
+
+def test_thinking_budget_for_special_tokens(tmp_path):
+    """With the tags as special tokens each is one id; a tag that encodes to nothing is refused by name; a
+    vocabulary without newline tokens gives no newline ids."""
+    _backend().save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path)
+    budget = thinking_budget_for(tok, 8)
+    assert budget.start_ids == (_backend().token_to_id("<think>"),)
+    assert budget.end_ids == (_backend().token_to_id("</think>"),)
+    assert budget.newline_ids == ()
+    with pytest.raises(ValueError, match="start=' ' encodes to no tokens with HFTokenizer"):
+        thinking_budget_for(tok, 8, start=" ")
+
+
+def test_chat_prompts_toggle_fallback_and_tokenizer_template(tmp_path):
+    from nemojax.data.tokenizers import ByteTokenizer
+
+    off = chat_prompts(ByteTokenizer(), NO_SYSTEM, template=CHATML, thinking="off")
+    assert off == [render_chat(CHATML, NO_SYSTEM, thinking=False)]
+    assert off[0].startswith("<|im_start|>system\n/no_think\n<|im_end|>") and off[0].endswith("<think></think>\n")
+    # no template anywhere: "role: content" lines and a final "assistant:"
+    assert chat_prompts(ByteTokenizer(), [[{"role": "system", "content": "Be brief."}, *NO_SYSTEM], NO_SYSTEM],
+                        thinking="on") == ["system: /think\nBe brief.\nuser: Hi there\nassistant:",
+                                           "system: /think\nuser: Hi there\nassistant:"]
+    # an HFTokenizer brings the template of its folder
+    _backend().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert chat_prompts(HFTokenizer(tmp_path), CHAT, thinking=True) == [render_chat(CHATML, CHAT, thinking=True)]
+    with pytest.raises(ValueError, match="thinking='maybe' is invalid"):
+        chat_prompts(ByteTokenizer(), NO_SYSTEM, thinking="maybe")
+    with pytest.raises(ValueError, match="messages\\[1\\] is invalid"):
+        chat_prompts(ByteTokenizer(), [NO_SYSTEM, []])
+
+
+def test_chat_thinking_budget_forces_the_end_tag_in_time():
+    """A random model never closes its thinking by itself; with budget N and grace g the bytes of "</think>" start
+    exactly where the budget rule says: at the first step >= N after a newline, or at N + g (continuing a partial
+    tag the model had begun). Checked on a batch of two conversations whose template opens <think>."""
+    import nemojax
+    from nemojax.data.tokenizers import ByteTokenizer
+
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", dtype="float32")
+    model = nemojax.Model.init(config, 3)
+    N, g = 6, 3
+    end = list(b"</think>")
+    out = chat(model, ByteTokenizer(), [CHAT, NO_SYSTEM], template=CHATML, thinking=True, thinking_budget=N,
+               grace=g, max_new_tokens=N + g + len(end) + 4)
+    assert len(out.tokens) == 2
+    for tokens, text in zip(out.tokens, out.text, strict=True):
+        force = next(p for p in range(N, N + g + 1) if p == N + g or tokens[p - 1] == 10)
+        begun = max(k for k in range(len(end)) if tokens[force - k:force] == end[:k])
+        first = force - begun
+        assert tokens[first:first + len(end)] == end and first <= N + g
+        assert all(tokens[i:i + len(end)] != end for i in range(first))
+        assert "</think>" in text
