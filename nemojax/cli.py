@@ -7,6 +7,8 @@
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
         parameter counts of full-size presets, from shapes alone
+    nemojax memory [--preset nemotron-nano-9b-v2 --batch 1 --context 131072 --dtype bfloat16 --budget-gib 22]
+        inference memory plan (weights, KV cache, Mamba SSM and conv state) and whether it fits a budget
     nemojax train --config configs/x.py --workdir runs/x [--config.train.steps=200 ...]
         trains (resuming from the workdir's newest checkpoint) and prints a summary
     nemojax tokenizer train --out tok.json [--vocab-size 4096 --kind stdlib ...]
@@ -90,6 +92,21 @@ def _forward(args: argparse.Namespace) -> None:
 def _params(args: argparse.Namespace) -> None:
     for name in args.preset or [n for n in presets.names() if not n.endswith("-tiny")]:
         print(f"{name:32s} {param_count(presets.get(name)):>18,}")
+
+
+def _memory(args: argparse.Namespace) -> None:
+    from nemojax.infer.memory import cache_bytes, max_context
+
+    config = presets.get(args.preset)
+    plan = cache_bytes(config, args.batch, args.context, dtype=args.dtype, weight_dtype=args.dtype, mtp=args.mtp)
+    print(f"{args.preset}: batch {args.batch}, context {args.context:,}, {args.dtype} weights and cache "
+          "(SSM state float32)")
+    print(plan.table())
+    if args.budget_gib is not None:
+        budget = int(args.budget_gib * 2**30)
+        verdict = "fits" if plan.total <= budget else "does not fit"
+        longest = max_context(config, args.batch, budget, dtype=args.dtype, weight_dtype=args.dtype, mtp=args.mtp)
+        print(f"{verdict} in {args.budget_gib:g} GiB; the longest context that fits: {longest:,} tokens")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -250,6 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     params = jobs.add_parser("params", help="parameter counts of full-size presets")
     params.add_argument("--preset", action="append")
     params.set_defaults(run=_params)
+    memory = jobs.add_parser("memory", help="inference memory plan: weights + KV + SSM + conv state")
+    memory.add_argument("--preset", default="nemotron-nano-9b-v2", choices=presets.names())
+    memory.add_argument("--batch", type=int, default=1)
+    memory.add_argument("--context", type=int, default=131072)
+    memory.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    memory.add_argument("--budget-gib", type=float, default=None, help="say whether it fits in this much memory")
+    memory.add_argument("--mtp", action="store_true", help="count the MTP head's caches (speculative decoding)")
+    memory.set_defaults(run=_memory)
     train = jobs.add_parser("train", help="train from an ml_collections config file; resumes from the workdir")
     train.add_argument("--config", required=True, help="a Python file with get_config()")
     train.add_argument("--workdir", required=True)

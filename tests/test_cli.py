@@ -203,3 +203,15 @@ def test_model_config_from_dict_round_trips_every_preset():
     d["mamba"]["d_state"] = 16
     with pytest.raises(ValueError, match="model.mamba has unknown fields \\['d_state'\\]"):
         model_config_from_dict(d)
+
+
+def test_memory_answers_the_nano2_128k_question(capsys) -> None:
+    """Nano 2 9B, bfloat16, 128k context: 16.556 GiB weights + 2 GiB KV + Mamba state (hand-computed in
+    tests/infer/test_memory.py) = 20,067,486,720 bytes, which fits a 22 GiB A10G."""
+    from nemojax.cli import main
+
+    main(["memory", "--preset", "nemotron-nano-9b-v2", "--context", "131072", "--budget-gib", "22"])
+    out = capsys.readouterr().out
+    assert "20,067,486,720" in out and "fits in 22 GiB" in out
+    main(["memory", "--preset", "nemotron-nano-9b-v2", "--context", "131072", "--budget-gib", "18"])
+    assert "does not fit in 18 GiB" in capsys.readouterr().out
