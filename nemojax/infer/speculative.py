@@ -198,5 +198,6 @@ def generate_speculative(model, tokens: np.ndarray, lengths: np.ndarray, dcfg, *
     accepted, rounds = np.asarray(accepted), np.asarray(rounds)
     stats = {"draft_tokens": float(draft), "rounds": float(rounds.sum()),
              "acceptance_rate": float(accepted.sum() / max(draft * rounds.sum(), 1)),
-             "tokens_per_round": float(np.asarray(count).sum() / max(rounds.sum(), 1))}
+             # the first token of each sequence comes from the prefill, not from a round
+             "tokens_per_round": float((np.asarray(count) - 1).clip(0).sum() / max(rounds.sum(), 1))}
     return np.asarray(out), np.asarray(count), stats
