@@ -5,7 +5,7 @@ Per layer of the pattern:
     M  MambaState: conv [b, K-1, conv_dim] (compute dtype) the last K-1 pre-activation xBC inputs, oldest first
                    (vLLM's width: the current token arrives with the step), zeros before the sequence;
                    ssm [b, H, P, N] float32 (spec 6.2). Neither grows with the context.
-    *  KVCache:    k, v [b, max_len, kv_heads, head_dim] (compute dtype); entry s holds position s.
+    *  KVCache:    k, v [b, kv_heads, max_len, head_dim] (compute dtype); entry s holds position s.
     - E            None (no state).
 
 `Cache.length` [b] int32 counts the tokens each sequence has committed: positions 0..length-1 of every KV cache
@@ -41,7 +41,7 @@ class Cache:
     def max_len(self) -> int:
         for layer in self.layers:
             if isinstance(layer, KVCache):
-                return layer.k.shape[1]
+                return layer.k.shape[2]
         return -1  # no attention layer: any length fits
 
     def replace(self, **changes) -> Cache:
@@ -56,7 +56,7 @@ def layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype:
                           jnp.zeros((batch, m.num_heads, m.head_dim, m.state_size), jnp.float32))
     if kind == "*":
         a = config.attention
-        shape = (batch, max_len, a.num_kv_heads, a.head_dim)
+        shape = (batch, a.num_kv_heads, max_len, a.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     return None
 

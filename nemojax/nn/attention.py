@@ -58,28 +58,31 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, 
 def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array, scale: float) -> jax.Array:
     """Queries at positions start[i] + t against a KV cache that already holds them (and everything before).
 
-    q: [b, T, Hq, d], cache k/v: [b, S, Hkv, d], start: [b] -> [b, T, Hq, d]; query t of sequence i sees cache
-    entries s <= start[i] + t. Work is O(T * S), meant for short T (decode steps, speculative verification).
+    q: [b, T, Hq, d], cache k/v: [b, Hkv, S, d], start: [b] -> [b, T, Hq, d]; query t of sequence i sees cache
+    entries s <= start[i] + t. Work is O(T * S), meant for short T (decode steps, speculative verification). The
+    head-major cache makes both products batched matmuls over (b, Hkv) that read the cache in place.
     """
     b, T, Hq, d = q.shape
-    Hkv = cache.k.shape[2]
-    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, T, Hkv, Hq // Hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, cache.k.astype(q.dtype), preferred_element_type=f32)
+    Hkv = cache.k.shape[1]
+    q = jnp.transpose((q * jnp.asarray(scale, q.dtype)).reshape(b, T, Hkv, Hq // Hkv, d), (0, 2, 3, 1, 4))
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, cache.k.astype(q.dtype), preferred_element_type=f32)
     last = start[:, None] + jnp.arange(T)[None, :]  # [b, T]
-    visible = jnp.arange(cache.k.shape[1])[None, None, :] <= last[..., None]  # [b, T, S]
+    visible = jnp.arange(cache.k.shape[2])[None, None, :] <= last[..., None]  # [b, T, S]
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, cache.v.astype(q.dtype)).reshape(b, T, Hq, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, cache.v.astype(q.dtype))
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, T, Hq, d)
 
 
 def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
-    """Stores k, v: [b, T, Hkv, d] at positions start[i] .. start[i] + T - 1 of each sequence. Writes past the
-    cache's end are dropped (the caller sizes the cache; `nemojax.infer` checks it)."""
+    """Stores k, v: [b, T, Hkv, d] at positions start[i] .. start[i] + T - 1 of each sequence (cache [b, Hkv, S, d]).
+    Writes past the cache's end are dropped (the caller sizes the cache; `nemojax.infer` checks it)."""
     b, T = k.shape[:2]
     rows = jnp.arange(b)[:, None]
     cols = start[:, None] + jnp.arange(T)[None, :]
-    return KVCache(cache.k.at[rows, cols].set(k.astype(cache.k.dtype), mode="drop"),
-                   cache.v.at[rows, cols].set(v.astype(cache.v.dtype), mode="drop"))
+    # x[rows, :, cols] indexes [b, T, Hkv, d]: the advanced indices come first, the sliced head axis after.
+    return KVCache(cache.k.at[rows, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                   cache.v.at[rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
 
 
 class Attention(nn.Module):

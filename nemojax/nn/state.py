@@ -3,7 +3,8 @@
     MambaState  conv [b, K-1, conv_dim]: the last K-1 pre-activation xBC inputs, oldest first (compute dtype);
                 ssm [b, H, P, N] float32. With `Extend.all_steps` both gain an axis T after b: the state after
                 each of the T new tokens, from which `select_step` keeps one per sequence.
-    KVCache     k, v [b, max_len, kv_heads, head_dim]; entry s holds position s.
+    KVCache     k, v [b, kv_heads, max_len, head_dim] (head-major: decode attention reads it in place);
+                entry s holds position s.
 
 An `Extend` tells a mixer that the T new tokens of sequence i sit at positions start[i] .. start[i] + T - 1 and
 that only the first commit[i] of them are kept: the returned state is the state after exactly those. Tokens past
@@ -30,7 +31,7 @@ class MambaState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [b, max_len, kv_heads, head_dim]
+    k: jax.Array  # [b, kv_heads, max_len, head_dim]
     v: jax.Array
 
 

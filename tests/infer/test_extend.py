@@ -13,6 +13,7 @@ import nemojax
 from nemojax import presets
 from nemojax.infer.cache import cache_nbytes, init_cache
 from nemojax.infer.extend import commit_steps, decode_step, extend, logits, prefill
+from nemojax.nn.state import MambaState
 from tests.hf_reference import perturbed
 
 CONFIGS = {
@@ -80,8 +81,8 @@ def test_chunked_continuation_and_all_steps_rollback() -> None:
     rolled = commit_steps(stepped, jnp.asarray(commit))
     np.testing.assert_array_equal(np.asarray(rolled.length), LENGTHS + commit)
     for a, b in zip(rolled.layers, direct.layers, strict=True):
-        if a is not None and not hasattr(a, "k"):
-            np.testing.assert_allclose(np.asarray(a.conv), np.asarray(b.conv), rtol=0, atol=0)
+        if isinstance(a, MambaState):  # (chunked vs sequential scans upstream: equal to round-off)
+            np.testing.assert_allclose(np.asarray(a.conv), np.asarray(b.conv), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(np.asarray(a.ssm), np.asarray(b.ssm), rtol=1e-5, atol=1e-6)
 
     pos = LENGTHS + commit
