@@ -1,0 +1,340 @@
+"""Activation-based importance of every prunable axis and every layer (spec/compress.md 1, 3, 4.2, 8.1).
+
+`importance(model, batches)` runs the model forward on calibration batches, taps activations with
+`flax.linen.intercept_methods` (no change to the modules), reduces each tap to one statistic per batch row and
+channel inside `jit`, and keeps only running sums on the host, so no activation outlives its batch.
+
+Aggregation `agg = "{seq}_{batch}"`, seq and batch each one of mean, l2, var (the grid of the Minitron paper's
+Table 11, spec 1.2). For an activation a[b, s, c] of one batch:
+
+    seq   mean: r[b, c] = mean_s |a[b, s, c]|                (spec 1.2: the mean of |.|)
+          l2:   r[b, c] = sqrt(sum_s a[b, s, c]^2)
+          var:  r[b, c] = mean_s (a - mean_s a)^2             (population variance of the signed values)
+
+Across every batch row of every batch the host keeps S1[c] = sum r, S2[c] = sum r^2 and the row count n:
+
+    batch mean: S1 / n          l2: sqrt(S2)          var: S2 / n - (S1 / n)^2     (population variance)
+
+so "mean_l2" (the default, spec 1.2's recipe) is exactly `sqrt(sum over all calibration rows of (mean_s|a|)^2)`,
+and two batches give the same scores as one batch holding both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.compress.scores import Scores
+from nemojax.config import ModelConfig
+from nemojax.model import Model, module
+from nemojax.nn.blocks import Block
+from nemojax.nn.linear import dtypes
+from nemojax.nn.mlp import relu2
+from nemojax.nn.moe import Experts
+from nemojax.nn.norms import RMSNorm
+
+f32 = jnp.float32
+
+SEQ_AGGS = ("mean", "l2", "var")
+BATCH_AGGS = ("mean", "l2", "var")
+AGGS = tuple(f"{s}_{b}" for s in SEQ_AGGS for b in BATCH_AGGS)
+LAYER_METRICS = ("block", "lm_loss", "logits_mse")
+
+
+def _parse_agg(agg: str) -> tuple[str, str]:
+    if agg not in AGGS:
+        raise ValueError(f"agg={agg!r} is invalid: must be one of {', '.join(AGGS)} "
+                         "(reduction over the sequence, then over batch rows)")
+    seq, batch = agg.split("_")
+    return seq, batch
+
+
+def seq_stat(a: jax.Array, mask: jax.Array | None, kind: str) -> jax.Array:
+    """Per-row statistic over the sequence. a: [b, L, C], mask: [b, L] (1 = token counts) or None -> [b, C] f32.
+
+    With a mask only the masked tokens count (mean and var divide by their number; a row with none gives 0).
+    """
+    a = a.astype(f32)
+    m = jnp.ones(a.shape[:2], f32) if mask is None else mask.astype(f32)
+    m = m[..., None]
+    n = jnp.maximum(jnp.sum(m, axis=1), 1.0)  # [b, 1]
+    if kind == "mean":
+        return jnp.sum(m * jnp.abs(a), axis=1) / n
+    if kind == "l2":
+        return jnp.sqrt(jnp.sum(m * jnp.square(a), axis=1))
+    if kind == "var":
+        mu = jnp.sum(m * a, axis=1, keepdims=True) / n[:, None]
+        return jnp.sum(m * jnp.square(a - mu), axis=1) / n
+    raise ValueError(f"seq reduction {kind!r} is invalid: must be one of {', '.join(SEQ_AGGS)}")
+
+
+def batch_stat(s1: np.ndarray, s2: np.ndarray, n: int, kind: str) -> np.ndarray:
+    """Final reduction over the n batch rows from S1 = sum r and S2 = sum r^2 (float64 on the host)."""
+    if kind == "mean":
+        return s1 / n
+    if kind == "l2":
+        return np.sqrt(s2)
+    if kind == "var":
+        return np.maximum(s2 / n - np.square(s1 / n), 0.0)
+    raise ValueError(f"batch reduction {kind!r} is invalid: must be one of {', '.join(BATCH_AGGS)}")
+
+
+def one_minus_cos(h_in: jax.Array, h_out: jax.Array) -> jax.Array:
+    """1 - cos(h_in, h_out) per token, as ||u - v||^2 / 2 of the unit vectors (exactly 0 when h_out == h_in).
+
+    h_in, h_out: [..., hidden] -> [...] float32.
+    """
+    def unit(v):
+        v = v.astype(f32)
+        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-30)
+
+    d = 0.5 * jnp.sum(jnp.square(unit(h_in) - unit(h_out)), axis=-1)
+    # XLA may fuse the two normalisations differently; an unchanged token is exactly 0 regardless
+    return jnp.where(jnp.all(h_in == h_out, axis=-1), 0.0, d)
+
+
+def _layer_index(name: str) -> int | None:
+    if name.startswith("layers_") and name[len("layers_"):].isdigit():
+        return int(name[len("layers_"):])
+    return None
+
+
+def _expert_taps(config: ModelConfig, x: jax.Array, ids: jax.Array, up: jax.Array, down: jax.Array, b: int,
+                 seq_kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [T = b*L, D] expert input, ids: [T, k], up: [E, D, F], down: [E, F, D] ->
+    (down_proj-input row stats [b, E, F] over the tokens routed to each expert,
+     sum over routed tokens of ||expert output||_2 [E], routed token count [E])."""
+    dtype, _ = dtypes(config)
+    T = x.shape[0]
+    L = T // b
+    E = up.shape[0]
+    routed_te = jnp.any(ids[:, :, None] == jnp.arange(E)[None, None, :], axis=1).astype(f32)  # [T, E]
+    x = x.astype(dtype)
+
+    def one(args):
+        up_e, down_e, m_t = args
+        h_tf = relu2(jnp.einsum("td,df->tf", x, up_e.astype(dtype)))
+        y_td = jnp.einsum("tf,fd->td", h_tf, down_e.astype(dtype)).astype(f32)
+        stat_bf = seq_stat(h_tf.reshape(b, L, -1), m_t.reshape(b, L), seq_kind)
+        return stat_bf, jnp.sum(m_t * jnp.linalg.norm(y_td, axis=-1)), jnp.sum(m_t)
+
+    stat_ebf, l2sum_e, count_e = jax.lax.map(one, (up, down, routed_te.T))
+    return jnp.transpose(stat_ebf, (1, 0, 2)), l2sum_e, count_e
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Array) -> dict[str, jax.Array]:
+    """One forward; returns per-row statistics [b, ...] of every tap plus the per-layer BI sums."""
+    b = tokens.shape[0]
+    taps: dict[str, jax.Array] = {}
+    bi = [jnp.zeros((), f32)] * config.num_layers
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name != "__call__":
+            return out
+        mod, path = ctx.module, tuple(ctx.module.path)
+        i = _layer_index(path[0]) if path else None
+        if isinstance(mod, RMSNorm):
+            if path == ("norm_f",):
+                taps["norm_f"] = seq_stat(out, None, seq_kind)
+            elif i is not None and path[1:] == ("norm",):
+                taps[f"layers_{i}/norm"] = seq_stat(out, None, seq_kind)
+        elif i is None:
+            pass
+        elif isinstance(mod, Block) and len(path) == 1:
+            bi[i] = jnp.sum(one_minus_cos(args[0], out))
+        elif isinstance(mod, nn.Dense):
+            kind = config.pattern[i]
+            rest = path[1:]
+            if kind == "*" and rest == ("mixer", "o_proj"):
+                taps[f"layers_{i}/attn"] = seq_stat(args[0], None, seq_kind)
+            elif kind == "-" and rest == ("mixer", "down_proj"):
+                taps[f"layers_{i}/mlp"] = seq_stat(args[0], None, seq_kind)
+            elif kind == "E" and rest == ("mixer", "shared_experts", "down_proj"):
+                taps[f"layers_{i}/shared_mlp"] = seq_stat(args[0], None, seq_kind)
+            elif kind == "M" and rest == ("mixer", "in_proj"):
+                I = config.mamba.inner_size
+                taps[f"layers_{i}/mamba_x"] = seq_stat(out[..., I:2 * I], None, seq_kind)
+        elif isinstance(mod, Experts) and path[1:] == ("mixer", "experts"):
+            x, _, ids = args
+            p = params[path[0]]["mixer"]["experts"]
+            stat, l2sum, count = _expert_taps(config, x, ids, p["up_proj"], p["down_proj"], b, seq_kind)
+            taps[f"layers_{i}/expert_ffn"] = stat
+            taps[f"layers_{i}/expert_l2sum"] = l2sum
+            taps[f"layers_{i}/expert_count"] = count
+        return out
+
+    with nn.intercept_methods(interceptor):
+        module(config).apply({"params": params}, tokens)
+    taps["layer/bi_sum"] = jnp.stack(bi)
+    return taps
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _skip_logits(config: ModelConfig, params: dict, tokens: jax.Array, skip: jax.Array) -> jax.Array:
+    """Logits [b, L, vocab] f32 with layer `skip` (a traced int; -1 = none) dropped: its block returns its input,
+    i.e. its residual contribution (the mixer output) is zero. One compilation serves every layer."""
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        path = tuple(ctx.module.path)
+        if ctx.method_name == "__call__" and isinstance(ctx.module, Block) and len(path) == 1:
+            i = _layer_index(path[0])
+            if i is not None:
+                out = jnp.where(skip == i, args[0], out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        return module(config).apply({"params": params}, tokens)
+
+
+@jax.jit
+def _lm_terms(logits: jax.Array, ref_logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross entropy of `logits`, summed squared error of logits vs ref_logits)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(f32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
+    return jnp.sum(nll), jnp.sum(jnp.square(logits.astype(f32) - ref_logits.astype(f32)))
+
+
+class _Acc:
+    """Host-side float64 sums S1 = sum r, S2 = sum r^2 over batch rows (axis 0 of each update)."""
+
+    def __init__(self) -> None:
+        self.s1: np.ndarray | float = 0.0
+        self.s2: np.ndarray | float = 0.0
+        self.n = 0
+
+    def add(self, r: np.ndarray) -> None:
+        r = np.asarray(r, np.float64)
+        self.s1 = self.s1 + r.sum(axis=0)
+        self.s2 = self.s2 + np.square(r).sum(axis=0)
+        self.n += r.shape[0]
+
+    def finish(self, kind: str) -> np.ndarray:
+        return batch_stat(np.asarray(self.s1), np.asarray(self.s2), self.n, kind)
+
+
+def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
+               layer_metrics: Sequence[str] = ("block",), include_final_norm: bool = False) -> Scores:
+    """Importance scores of `model` from calibration `batches` (each [b, L] int tokens; L >= 2 for lm_loss).
+
+    Forward only; each batch is reduced to per-row statistics inside `jit` and summed on the host (see the
+    module docstring for `agg`). Returns `Scores` (float32 numpy) with, for layer i of kind:
+
+    * `hidden` [hidden]: sum over the block pre-norms (`layers_i/norm`, every kind) of their aggregated outputs
+      (spec 1.2 "hidden_size": per-module scores summed). The final `norm_f` is added only with
+      `include_final_norm=True` (spec 1.1: ModelOpt does not use it).
+    * `*`: `layers_i/heads` [n_h] = L2 over head_dim of the per-channel scores of the o_proj input
+      (spec 1.2 "heads": sqrt(sum_d Acc[h, d]) for mean_l2).
+    * `-`: `layers_i/mlp` [F], per-channel scores of the down_proj input relu(x W_up)^2 (spec 1.2 "FFN").
+    * `M`: `layers_i/mamba_x` [H, P] per-channel scores of the x block of the in_proj output (before the conv;
+      spec 4.2); `layers_i/mamba_channels` [P] = L2 over heads; `layers_i/mamba_heads` [H] = L2 over all P
+      channels (spec 4.2 step 2 uses only the kept channels: recompute it from `mamba_x` once they are chosen;
+      heads are ranked within their group of H / G by the pruner).
+    * `E`: `layers_i/experts` [E] = sum over routed tokens of ||expert output||_2 / (routed count + 1e-8), over
+      all batches (spec 1.1, ModelOpt; the expert output is before the routing weight and independent of agg);
+      `layers_i/expert_ffn` [E, F] per-channel scores of each expert's down_proj input, the sequence reduction
+      taken over the tokens routed to that expert only (a row with none gives 0);
+      `layers_i/shared_mlp` [F_shared] as `mlp` for the shared expert, if any.
+    * `layer/block` [num_layers] = 1 - cos(block input, block output), averaged over every token of every batch
+      (spec 3 BI; h_out includes the residual; higher = more important). Requested by "block" in layer_metrics.
+    * `layer/lm_loss` [num_layers]: mean next-token cross entropy with layer i dropped (its block returns its
+      input, i.e. its residual contribution is zero), over all predicted tokens of all batches (spec 3 (1)).
+    * `layer/logits_mse` [num_layers]: sum ||logits_drop_i - logits||^2 / sum ||logits||^2 over all batches
+      (normalised MSE, spec 1.3 Elastic / MiniPuzzle).
+
+    MTP layers are not scored (the main forward does not run them).
+    """
+    seq_kind, batch_kind = _parse_agg(agg)
+    metrics = tuple(layer_metrics)
+    bad = [m for m in metrics if m not in LAYER_METRICS]
+    if bad:
+        raise ValueError(f"layer_metrics={metrics!r} is invalid: entries must be among {', '.join(LAYER_METRICS)}")
+    config = model.config
+    if config.remat != "none":
+        config = config.replace(remat="none")  # forward only; keeps module paths plain
+    params = model.params
+    want_lm = "lm_loss" in metrics or "logits_mse" in metrics
+    L_layers = config.num_layers
+
+    accs: dict[str, _Acc] = {}
+    bi_sum = np.zeros(L_layers, np.float64)
+    expert_l2: dict[str, np.ndarray] = {}
+    expert_count: dict[str, np.ndarray] = {}
+    n_tokens = 0
+    ce = np.zeros(L_layers, np.float64)
+    sq = np.zeros(L_layers, np.float64)
+    ref_sq = 0.0
+    n_pred = 0
+    n_batches = 0
+
+    for tokens in batches:
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"batch of shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
+                             "must be [batch, seq] integer tokens")
+        if want_lm and tokens.shape[1] < 2:
+            raise ValueError(f"batch seq length {tokens.shape[1]} is invalid for lm_loss/logits_mse: must be >= 2")
+        n_batches += 1
+        taps = jax.device_get(_batch_taps(config, seq_kind, params, tokens))
+        for key, value in taps.items():
+            if key == "layer/bi_sum":
+                bi_sum += value
+            elif key.endswith("/expert_l2sum"):
+                expert_l2[key] = expert_l2.get(key, 0.0) + np.asarray(value, np.float64)
+            elif key.endswith("/expert_count"):
+                expert_count[key] = expert_count.get(key, 0.0) + np.asarray(value, np.float64)
+            else:
+                accs.setdefault(key, _Acc()).add(value)
+        b, L = tokens.shape
+        n_tokens += b * L
+        if want_lm:
+            ref = _skip_logits(config, params, tokens, jnp.asarray(-1, jnp.int32))
+            ref_sq += float(jnp.sum(jnp.square(ref)))
+            n_pred += b * (L - 1)
+            for i in range(L_layers):
+                logits = _skip_logits(config, params, tokens, jnp.asarray(i, jnp.int32))
+                c, s = _lm_terms(logits, ref, tokens)
+                ce[i] += float(c)
+                sq[i] += float(s)
+    if n_batches == 0:
+        raise ValueError("batches is empty: importance needs at least one calibration batch")
+
+    final = {key: acc.finish(batch_kind) for key, acc in accs.items()}
+    out: dict[str, np.ndarray] = {}
+    hidden = sum(final[f"layers_{i}/norm"] for i in range(L_layers))
+    if include_final_norm:
+        hidden = hidden + final["norm_f"]
+    out["hidden"] = hidden
+    for i, kind in enumerate(config.pattern):
+        name = f"layers_{i}"
+        if kind == "*":
+            a = config.attention
+            per_channel = final[f"{name}/attn"].reshape(a.num_heads, a.head_dim)
+            out[f"{name}/heads"] = np.sqrt(np.sum(np.square(per_channel), axis=-1))
+        elif kind == "-":
+            out[f"{name}/mlp"] = final[f"{name}/mlp"]
+        elif kind == "M":
+            m = config.mamba
+            s_x = final[f"{name}/mamba_x"].reshape(m.num_heads, m.head_dim)
+            out[f"{name}/mamba_x"] = s_x
+            out[f"{name}/mamba_channels"] = np.sqrt(np.sum(np.square(s_x), axis=0))
+            out[f"{name}/mamba_heads"] = np.sqrt(np.sum(np.square(s_x), axis=1))
+        elif kind == "E":
+            out[f"{name}/experts"] = expert_l2[f"{name}/expert_l2sum"] / (expert_count[f"{name}/expert_count"] + 1e-8)
+            out[f"{name}/expert_ffn"] = final[f"{name}/expert_ffn"]
+            if f"{name}/shared_mlp" in final:
+                out[f"{name}/shared_mlp"] = final[f"{name}/shared_mlp"]
+    if "block" in metrics:
+        out["layer/block"] = bi_sum / n_tokens
+    if "lm_loss" in metrics:
+        out["layer/lm_loss"] = ce / n_pred
+    if "logits_mse" in metrics:
+        out["layer/logits_mse"] = sq / ref_sq
+    return Scores(out)
