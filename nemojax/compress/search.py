@@ -1,0 +1,516 @@
+"""Architecture search over prune targets under a parameter or memory budget: Minitron / Minitron-SSM / MiniPuzzle
+(spec/compress.md 2.5, 4.4, 6.1, 8.2).
+
+    cands = enumerate_candidates(model, budget_params=4e9, scores=scores)          # analytic, nothing sliced
+    small, report = search(model, scores, budget_params=4e9, top=3, data=..., trial_steps=200)
+    print(report.table())
+
+The recipe of the papers in three steps:
+
+1. `enumerate_candidates`: a grid over the prunable axes (hidden, ffn, heads, mamba_heads, mamba_head_dim, experts,
+   expert_ffn, shared_ffn, layers). Each grid point's config is built the way `prune` builds it (the same
+   `ModelConfig.replace`, the same depth rule), shape only; its parameter count and its serving memory
+   (`cache_bytes`: weights + KV + SSM + conv at `batch` x `context`) come from the public shape functions
+   `param_count` and `cache_bytes`, evaluated on one- and two-layer configs per layer kind and width and summed
+   over the candidate's pattern (a model is its non-layer params plus the sum of its layers, and both functions
+   are additive over layers, so this equals the full count exactly; the tests check it against `prune`). With an
+   MTP head, whose size depends on every width, the one-layer configs keep all widths (fewer cache hits, same
+   result). Candidates over a budget are dropped, and so are those far below the primary budget (more than
+   `slack` under it; the papers keep candidates near the budget), then ranked (below).
+2. `search` prunes the top `top` candidates with `prune(model, scores, **candidate.targets)`.
+3. ... and runs `trial(student, teacher=model, data, steps)` on each: lightweight retraining to stabilise the
+   ranking (spec 2.5, best practice #9), by default a short `distill` scored by the held-out KL to the parent
+   (or, without held-out data, the mean KL of the last quarter of the run). The lowest loss wins.
+
+Default grid (spec 2.5 / ModelOpt: choices are multiples of a divisor; keep >= ~60% of a width, >= ~80% depth):
+    hidden, ffn, expert_ffn   fractions (1, 7/8, 3/4, 5/8) of the parent size, rounded to the nearest multiple of
+                              256 / 64 / 8 for sizes >= 2048 / >= 512 / smaller
+    mamba_heads               the same fractions, rounded to a multiple of mamba.n_groups (group-aware, spec 4)
+    mamba_head_dim            (1, 3/4), a multiple of 8 (2 for head_dim < 64): heads beat channels (spec 4.4)
+    experts                   (1, 7/8, 3/4), a multiple of moe.n_group, at least what `prune` allows
+    layers                    (1, 9/10, 8/10) of num_layers, only when `scores` has "layer/block": which layers go
+                              decides the new pattern and so the cost
+    heads, shared_ffn         not searched by default (the Nemotron-H recipes keep attention; ModelOpt skips heads);
+                              pass them in `grid`
+  A value equal to the parent's size means "keep" and is stored as None. A user `grid` maps an axis to a list of
+  target sizes; every value is checked with `prune`'s rules (the same error messages). Axes not in `grid` keep.
+
+Ranking heuristic (documented, deterministic): by the primary cost's fraction of its budget, in buckets of 1%,
+descending (closest to the budget first, as ModelOpt sorts by the constraint metric); within a bucket, more layers
+first (width beats depth at this scale, spec 2.5), then larger mamba_head_dim (pruning heads beats channels, spec
+4.4), then larger hidden, then the exact cost, then the targets. The primary budget is `budget_params` when given,
+else `budget_bytes`; the other one is a hard cap only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from nemojax.compress.prune import _check_target, keep_top, prune
+from nemojax.config import ModelConfig
+from nemojax.infer.memory import MemoryPlan, cache_bytes
+from nemojax.model import Model, param_count
+
+__all__ = ["AXES", "Candidate", "SearchReport", "TrialResult", "default_grid", "distill_trial",
+           "enumerate_candidates", "search"]
+
+AXES = ("hidden", "ffn", "heads", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "shared_ffn", "layers")
+WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625)
+HEAD_DIM_FRACTIONS = (1.0, 0.75)
+EXPERT_FRACTIONS = (1.0, 0.875, 0.75)
+DEPTH_FRACTIONS = (1.0, 0.9, 0.8)
+_RANK_BUCKET = 0.01
+
+Trial = Callable[..., Any]
+
+
+# ------------------------------------------------------------------------------------------------ candidate
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One point of the search space: prune targets (None = keep the parent's size), the config `prune` would
+    produce, its parameter count and its serving memory (`cache_bytes` at the enumeration's batch/context/dtypes).
+    """
+
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+    mamba_heads: int | None = None
+    mamba_head_dim: int | None = None
+    experts: int | None = None
+    expert_ffn: int | None = None
+    shared_ffn: int | None = None
+    layers: int | None = None
+    config: ModelConfig | None = dataclasses.field(default=None, compare=False, repr=False)
+    params: int = 0
+    memory: MemoryPlan | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def targets(self) -> dict[str, int]:
+        """The keyword arguments for `prune` (only the axes that change)."""
+        return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly: targets, params and memory parts in bytes."""
+        mem = self.memory
+        memory = None if mem is None else {"weights": mem.weights, "kv": mem.kv, "ssm": mem.ssm, "conv": mem.conv,
+                                           "total": mem.total}
+        return {"targets": self.targets, "params": self.params, "memory": memory}
+
+
+# ------------------------------------------------------------------------------------------- axis rules
+
+
+def _kinds(cfg: ModelConfig) -> set[str]:
+    return set(cfg.pattern) | (set(cfg.mtp.pattern) if cfg.mtp else set())
+
+
+def _axis_rule(cfg: ModelConfig, axis: str) -> tuple[int, int, int, str] | None:
+    """(full size, multiple_of, minimum, why) of an axis as `prune` checks it; None when the model lacks it."""
+    kinds = _kinds(cfg)
+    if axis == "hidden":
+        return cfg.hidden_size, 1, 1, ""
+    if axis == "ffn":
+        return (cfg.intermediate_size, 1, 1, "") if "-" in kinds else None
+    if axis == "heads":
+        if "*" not in kinds:
+            return None
+        a = cfg.attention
+        return a.num_heads, a.num_kv_heads, 1, f"the same number of query heads in each of the " \
+                                               f"num_kv_heads={a.num_kv_heads} KV groups"
+    if axis == "mamba_heads":
+        if "M" not in kinds:
+            return None
+        m = cfg.mamba
+        return m.num_heads, m.n_groups, 1, f"the same number of heads in each of the n_groups={m.n_groups} SSM groups"
+    if axis == "mamba_head_dim":
+        return (cfg.mamba.head_dim, 1, 1, "") if "M" in kinds else None
+    if axis in ("experts", "expert_ffn", "shared_ffn"):
+        if "E" not in kinds:
+            return None
+        e = cfg.moe
+        if axis == "expert_ffn":
+            return e.intermediate_size, 1, 1, ""
+        if axis == "shared_ffn":
+            return (e.shared_intermediate_size, 1, 1, "") if e.n_shared_experts == 1 else None
+        minimum = max(e.top_k, 2 * e.n_group if e.n_group > 1 else 1)
+        if e.n_group > 1:
+            minimum = max(minimum, -(-e.top_k * e.n_group // e.topk_group))
+        return e.num_experts, e.n_group, minimum, f"the same number of experts in each of the moe.n_group=" \
+                                                  f"{e.n_group} routing groups, and room for top_k={e.top_k}"
+    if axis == "layers":
+        return cfg.num_layers, 1, 1, ""
+    raise ValueError(f"grid axis {axis!r} is invalid: must be one of {list(AXES)}")
+
+
+def _divisor(full: int) -> int:
+    return 256 if full >= 2048 else 64 if full >= 512 else 8
+
+
+def _snap(fractions: Sequence[float], full: int, multiple: int, minimum: int) -> list[int]:
+    """Each fraction of `full`, rounded to the nearest multiple of `multiple`, clamped to what prune accepts."""
+    low = max(minimum, multiple)
+    low = -(-low // multiple) * multiple
+    values = set()
+    for f in fractions:
+        v = int(math.floor(f * full / multiple + 0.5)) * multiple
+        values.add(min(full, max(low, v)) if v < full else full)
+    return sorted((v for v in values if v == full or v % multiple == 0), reverse=True)
+
+
+def default_grid(model: Model | ModelConfig, scores: Any = None) -> dict[str, list[int]]:
+    """The default search grid of a model (module docstring); "layers" only when `scores` has "layer/block"."""
+    cfg = _config(model)
+    grid: dict[str, list[int]] = {}
+    for axis in ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "layers"):
+        rule = _axis_rule(cfg, axis)
+        if rule is None:
+            continue
+        full, multiple, minimum, _ = rule
+        if axis in ("hidden", "ffn", "expert_ffn"):
+            values = _snap(WIDTH_FRACTIONS, full, _divisor(full), minimum)
+        elif axis == "mamba_heads":
+            values = _snap(WIDTH_FRACTIONS, full, multiple, minimum)
+        elif axis == "mamba_head_dim":
+            values = _snap(HEAD_DIM_FRACTIONS, full, 8 if full >= 64 else 2, minimum)
+        elif axis == "experts":
+            values = _snap(EXPERT_FRACTIONS, full, multiple, minimum)
+        else:
+            if _layer_scores(cfg, scores) is None:
+                continue
+            values = _snap(DEPTH_FRACTIONS, full, 1, 1)
+        if len(values) > 1:
+            grid[axis] = values
+    return grid
+
+
+def _config(model: Model | ModelConfig) -> ModelConfig:
+    if isinstance(model, Model):
+        return model.config
+    if isinstance(model, ModelConfig):
+        return model
+    raise ValueError(f"model={type(model).__name__} is invalid: must be a nemojax Model or ModelConfig")
+
+
+def _layer_scores(cfg: ModelConfig, scores: Any) -> np.ndarray | None:
+    if scores is None:
+        return None
+    try:
+        value = scores["layer/block"]
+    except (KeyError, IndexError, TypeError):
+        getter = getattr(scores, "get", None)
+        value = getter("layer/block") if callable(getter) else None
+    if value is None:
+        return None
+    array = np.asarray(value, np.float64)
+    if array.shape != (cfg.num_layers,):
+        raise ValueError(f"scores['layer/block'] has shape {list(array.shape)}, expected [{cfg.num_layers}]")
+    return array
+
+
+def _check_grid(cfg: ModelConfig, grid: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"grid={grid!r} is invalid: must be a dict axis -> list of target sizes")
+    out = {}
+    for axis, values in grid.items():
+        rule = _axis_rule(cfg, axis)
+        if rule is None:
+            raise ValueError(f"grid[{axis!r}] is invalid: the model has no such axis (pattern {cfg.pattern!r})")
+        full, multiple, minimum, why = rule
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"grid[{axis!r}]={values!r} is invalid: must be a list of target sizes")
+        values = [_check_target(f"grid[{axis!r}] value", v, full, multiple, minimum, why) for v in values]
+        if not values:
+            raise ValueError(f"grid[{axis!r}] is empty: give at least one target size")
+        out[axis] = sorted(set(values), reverse=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ shape-only cost
+
+
+def _candidate_config(cfg: ModelConfig, t: Mapping[str, int | None], layer_scores: np.ndarray | None) -> ModelConfig:
+    """The config `prune(model, scores, **t)` returns, built with the same replace() (nothing is sliced)."""
+    changes: dict[str, Any] = {}
+    if t.get("hidden") is not None:
+        changes["hidden_size"] = t["hidden"]
+    if t.get("ffn") is not None:
+        changes["intermediate_size"] = t["ffn"]
+    if t.get("heads") is not None:
+        changes["attention"] = {"num_heads": t["heads"]}
+    if t.get("mamba_heads") is not None or t.get("mamba_head_dim") is not None:
+        changes["mamba"] = {"num_heads": t.get("mamba_heads") or cfg.mamba.num_heads,
+                            "head_dim": t.get("mamba_head_dim") or cfg.mamba.head_dim}
+    moe = {}
+    if t.get("experts") is not None:
+        moe["num_experts"] = t["experts"]
+    if t.get("expert_ffn") is not None:
+        moe["intermediate_size"] = t["expert_ffn"]
+    if t.get("shared_ffn") is not None:
+        moe["shared_intermediate_size"] = t["shared_ffn"]
+    if moe:
+        changes["moe"] = moe
+    if t.get("layers") is not None:
+        if layer_scores is None:
+            raise ValueError("grid['layers'] needs scores with 'layer/block' (depth pruning keeps the highest-scoring "
+                             "layers, which decides the new pattern and its cost); pass scores=")
+        changes["pattern"] = "".join(cfg.pattern[i] for i in keep_top(layer_scores, t["layers"]))
+    return cfg.replace(**changes)
+
+
+_OWN = {"M": ("mamba",), "*": ("attention",), "-": ("intermediate_size",), "E": ("moe",)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _pair_costs(one: ModelConfig, batch: int, context: int, dtype: str, weight_dtype: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(layer, base) cost vectors [params, weights, kv, ssm, conv] from the one- and two-layer configs."""
+    two = one.replace(pattern=one.pattern * 2)
+
+    def cost(c: ModelConfig) -> np.ndarray:
+        plan = cache_bytes(c, batch, context, dtype=dtype, weight_dtype=weight_dtype)
+        return np.array([param_count(c), plan.weights, plan.kv, plan.ssm, plan.conv], np.int64)
+
+    c1, c2 = cost(one), cost(two)
+    return c2 - c1, 2 * c1 - c2
+
+
+def _costs(cfg: ModelConfig, parent: ModelConfig, batch: int, context: int, dtype: str,
+           weight_dtype: str) -> tuple[int, MemoryPlan]:
+    """param_count(cfg) and cache_bytes(cfg, ...) as the non-layer part plus the sum over its layers."""
+    total = None
+    for kind in dict.fromkeys(cfg.pattern):
+        one = cfg.replace(pattern=kind)
+        if cfg.mtp is None:  # only the kind's own widths (and hidden) matter: share the cache across candidates
+            keep = {f: getattr(parent, f) for k, fields in _OWN.items() if k != kind for f in fields}
+            one = one.replace(**keep)
+        layer, base = _pair_costs(one, batch, context, dtype, weight_dtype)
+        part = cfg.pattern.count(kind) * layer
+        total = base + part if total is None else total + part
+    n, weights, kv, ssm, conv = (int(x) for x in total)
+    return n, MemoryPlan(weights=weights, kv=kv, ssm=ssm, conv=conv)
+
+
+# -------------------------------------------------------------------------------------------- enumeration
+
+
+def _check_budget(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid: must be a positive number (or None)")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+    return int(value)
+
+
+def _rank_key(c: Candidate, primary: str, budget: float, parent: ModelConfig) -> tuple:
+    cost = c.params if primary == "params" else c.memory.total
+    bucket = math.floor(cost / budget / _RANK_BUCKET + 1e-9)
+    layers = c.layers or parent.num_layers
+    head_dim = c.mamba_head_dim or (parent.mamba.head_dim if parent.mamba else 0)
+    hidden = c.hidden or parent.hidden_size
+    return (-bucket, -layers, -head_dim, -hidden, -cost,
+            tuple(-(getattr(c, a) or 0) for a in AXES))
+
+
+def enumerate_candidates(model: Model | ModelConfig, *, budget_params: float | None = None,
+                         budget_bytes: float | None = None, context: int = 4096, batch: int = 1,
+                         dtype: str = "bfloat16", weight_dtype: str | None = None, grid: Mapping | None = None,
+                         scores: Any = None, slack: float | None = 0.1) -> list[Candidate]:
+    """The grid points within the budget(s), near the primary one, best-ranked first (module docstring).
+
+    budget_params: most parameters; budget_bytes: most serving bytes (`cache_bytes(config, batch, context,
+    dtype=dtype, weight_dtype=weight_dtype).total`; weight_dtype defaults to `dtype`). At least one budget is
+    required; the primary one is budget_params when given. slack: keep only candidates whose primary cost is at
+    least (1 - slack) * budget (None keeps every candidate under the budget). grid: axis -> target sizes (default
+    `default_grid(model, scores)`). scores: only "layer/block" is read, to know which layers depth pruning drops.
+    Raises ValueError naming the field: no budget, a bad budget/slack/grid value, or no candidate in the window.
+    """
+    cfg = _config(model)
+    budget_params = _check_budget("budget_params", budget_params)
+    budget_bytes = _check_budget("budget_bytes", budget_bytes)
+    if budget_params is None and budget_bytes is None:
+        raise ValueError("budget_params and budget_bytes are both None: give at least one budget")
+    if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 0 <= slack < 1):
+        raise ValueError(f"slack={slack!r} is invalid: must be a fraction in [0, 1) or None")
+    context = _check_positive_int("context", context)
+    batch = _check_positive_int("batch", batch)
+    weight_dtype = dtype if weight_dtype is None else weight_dtype
+    layer_scores = _layer_scores(cfg, scores)
+    grid = default_grid(cfg, scores) if grid is None else _check_grid(cfg, grid)
+
+    primary, budget = ("params", budget_params) if budget_params is not None else ("bytes", budget_bytes)
+    axes = list(grid)
+    fulls = {axis: _axis_rule(cfg, axis)[0] for axis in axes}
+    kept: list[Candidate] = []
+    smallest = largest_fit = None
+    for values in itertools.product(*(grid[a] for a in axes)):
+        targets = {a: (None if v == fulls[a] else v) for a, v in zip(axes, values, strict=True)}
+        ccfg = _candidate_config(cfg, targets, layer_scores)
+        n, plan = _costs(ccfg, cfg, batch, context, dtype, weight_dtype)
+        cost = n if primary == "params" else plan.total
+        smallest = cost if smallest is None else min(smallest, cost)
+        if budget_params is not None and n > budget_params:
+            continue
+        if budget_bytes is not None and plan.total > budget_bytes:
+            continue
+        largest_fit = cost if largest_fit is None else max(largest_fit, cost)
+        if slack is not None and cost < (1 - slack) * budget:
+            continue
+        kept.append(Candidate(**targets, config=ccfg, params=n, memory=plan))
+    if not kept:
+        field = "budget_params" if primary == "params" else "budget_bytes"
+        unit = "params" if primary == "params" else "bytes"
+        if largest_fit is None:
+            other = " (with budget_bytes)" if primary == "params" and budget_bytes is not None else ""
+            raise ValueError(f"{field}={budget:g}: no candidate fits the budget{other}; the grid's smallest "
+                             f"candidate has {smallest:,} {unit}. Extend the grid to smaller sizes")
+        raise ValueError(f"{field}={budget:g}: no candidate within slack={slack} of the budget (the largest "
+                         f"that fits has {largest_fit:,} {unit}, {largest_fit / budget:.1%}); raise slack or refine "
+                         "the grid")
+    kept.sort(key=lambda c: _rank_key(c, primary, budget, cfg))
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------- search
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """One tried candidate: its rank in the candidate list, the trial loss (lower is better)."""
+
+    rank: int
+    candidate: Candidate
+    loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchReport:
+    """Every tried candidate in rank order; `best` indexes `trials`."""
+
+    trials: tuple[TrialResult, ...]
+    best: int
+
+    @property
+    def best_candidate(self) -> Candidate:
+        return self.trials[self.best].candidate
+
+    def rows(self) -> list[dict[str, Any]]:
+        """JSON-friendly rows: rank, targets, params, memory (bytes by part), loss, best."""
+        return [{"rank": t.rank, **t.candidate.summary(), "loss": t.loss, "best": i == self.best}
+                for i, t in enumerate(self.trials)]
+
+    def table(self) -> str:
+        lines = [f"{'rank':>4} {'params':>14} {'memory GiB':>11} {'loss':>10}  targets"]
+        for i, t in enumerate(self.trials):
+            c = t.candidate
+            mem = c.memory.total / 2**30 if c.memory is not None else float("nan")
+            mark = " *" if i == self.best else ""
+            lines.append(f"{t.rank:>4} {c.params:>14,d} {mem:>11.4f} {t.loss:>10.4f}  {c.targets}{mark}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _eval_batches(data: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for batch in data:
+        if isinstance(batch, Mapping):
+            tokens = np.asarray(batch["tokens"])
+            mask = np.asarray(batch.get("loss_mask", np.ones_like(tokens)), np.float32)
+        else:
+            tokens = np.asarray(batch)
+            mask = np.ones(tokens.shape, np.float32)
+        if tokens.ndim != 2:
+            raise ValueError(f"eval_data batch tokens must be [B, L], got shape {list(tokens.shape)}")
+        yield tokens, mask
+
+
+def distill_trial(student: Model, teacher: Model, data: Any, steps: int, *, eval_data: Iterable | None = None,
+                  config: Any = None) -> tuple[Model, float]:
+    """The default trial: `distill(student, teacher, data, steps, config)`, scored by the held-out forward
+    KL(teacher || student) per token on `eval_data` (a list of [B, L] token arrays or batch dicts with
+    "tokens"/"loss_mask"), or, without it, by the mean "kl" of the last quarter of the run. Returns (trained
+    student, loss)."""
+    from nemojax.compress.distill import DistillConfig, distill, kl_per_token  # distill pulls in the trainer
+
+    trained, history = distill(student, teacher, data, steps=steps,
+                               config=DistillConfig() if config is None else config)
+    if eval_data is None:
+        tail = history[-max(1, len(history) // 4):]
+        return trained, float(np.mean([h["kl"] for h in tail]))
+    total = count = 0.0
+    for tokens, mask in _eval_batches(eval_data):
+        kl = np.asarray(kl_per_token(trained(tokens), teacher(tokens)))  # [B, L]
+        total += float(np.sum(kl * mask))
+        count += float(np.sum(mask))
+    if count == 0:
+        raise ValueError("eval_data has no scored tokens (empty, or every loss_mask is 0)")
+    return trained, total / count
+
+
+def search(model: Model, scores: Any, *, budget_params: float | None = None, budget_bytes: float | None = None,
+           candidates: Sequence[Candidate] | None = None, top: int = 3, trial_steps: int = 100, data: Any = None,
+           trial: Trial | None = None, eval_data: Iterable | None = None, context: int = 4096, batch: int = 1,
+           dtype: str = "bfloat16", weight_dtype: str | None = None, grid: Mapping | None = None,
+           slack: float | None = 0.1) -> tuple[Model, SearchReport]:
+    """Prune the `top` best-ranked candidates, score each with a short trial, keep the lowest loss.
+
+    candidates: a ranked list (e.g. from `enumerate_candidates`, possibly filtered); default: enumerate with the
+    budgets, context, batch, dtype, weight_dtype, grid and slack given here. scores: as for `prune`.
+    trial(student, teacher, data, steps) -> loss, or (trained student, loss); default `distill_trial` with
+    `eval_data` (needs `data`, which every trial reads from the start: a list of batches or a DataConfig).
+    Returns (the winner: the trial's trained student when the trial returns one, else the pruned student;
+    a SearchReport of every tried candidate). Non-finite trial losses count as +inf.
+    """
+    top = _check_positive_int("top", top)
+    trial_steps = _check_positive_int("trial_steps", trial_steps)
+    if candidates is None:
+        candidates = enumerate_candidates(model, budget_params=budget_params, budget_bytes=budget_bytes,
+                                          context=context, batch=batch, dtype=dtype, weight_dtype=weight_dtype,
+                                          grid=grid, scores=scores, slack=slack)
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("candidates is empty: nothing to search")
+    bad = [c for c in candidates if not isinstance(c, Candidate)]
+    if bad:
+        raise ValueError(f"candidates must be Candidate values, got {type(bad[0]).__name__}")
+    chosen = candidates[:top]
+    if trial is None:
+        if data is None:
+            raise ValueError("data is None: the default trial (distill_trial) needs training data; pass data= or "
+                             "a trial= function")
+        if isinstance(data, Iterator) and len(chosen) > 1:
+            raise ValueError("data is a one-shot iterator: every trial must read the same data; pass a list of "
+                             "batches or a nemojax DataConfig")
+        trial = functools.partial(distill_trial, eval_data=list(eval_data) if eval_data is not None else None)
+
+    results, winners = [], []
+    for rank, cand in enumerate(chosen):
+        student = prune(model, scores, **cand.targets)
+        if cand.config is not None and student.config != cand.config:
+            raise RuntimeError(f"candidate {cand.targets}: prune produced a config different from the enumerated "
+                               "one (the scores' 'layer/block' may differ from those given to enumerate_candidates)")
+        out = trial(student, teacher=model, data=data, steps=trial_steps)
+        trained, loss = out if isinstance(out, tuple) else (student, out)
+        loss = float(loss)
+        results.append(TrialResult(rank=rank, candidate=cand, loss=loss if math.isfinite(loss) else math.inf))
+        winners.append(trained)
+    best = min(range(len(results)), key=lambda i: (results[i].loss, i))
+    if not math.isfinite(results[best].loss):
+        raise ValueError(f"every trial loss was non-finite for the {len(results)} tried candidates")
+    return winners[best], SearchReport(trials=tuple(results), best=best)
