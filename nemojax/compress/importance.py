@@ -202,6 +202,14 @@ def _lm_terms(logits: jax.Array, ref_logits: jax.Array, tokens: jax.Array) -> tu
     return jnp.sum(nll), jnp.sum(jnp.square(logits.astype(f32) - ref_logits.astype(f32)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _skip_terms(config: ModelConfig, params: dict, tokens: jax.Array, skip: jax.Array,
+                ref_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_lm_terms` of the logits with layer `skip` dropped, in one program: only two scalars leave it, so the
+    [b, L, vocab] logits of the dropped-layer forward are never handed back to the host loop."""
+    return _lm_terms(_skip_logits(config, params, tokens, skip), ref_logits, tokens)
+
+
 class _Acc:
     """Host-side float64 sums S1 = sum r, S2 = sum r^2 over batch rows (axis 0 of each update)."""
 
@@ -296,11 +304,12 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
         n_tokens += b * L
         if want_lm:
             ref = _skip_logits(config, params, tokens, jnp.asarray(-1, jnp.int32))
-            ref_sq += float(jnp.sum(jnp.square(ref)))
+            # dispatch every layer's forward before reading any result back: one host sync per batch
+            terms = [_skip_terms(config, params, tokens, jnp.asarray(i, jnp.int32), ref) for i in range(L_layers)]
+            ref_sq_b, terms = jax.device_get((jnp.sum(jnp.square(ref)), terms))
+            ref_sq += float(ref_sq_b)
             n_pred += b * (L - 1)
-            for i in range(L_layers):
-                logits = _skip_logits(config, params, tokens, jnp.asarray(i, jnp.int32))
-                c, s = _lm_terms(logits, ref, tokens)
+            for i, (c, s) in enumerate(terms):
                 ce[i] += float(c)
                 sq[i] += float(s)
     if n_batches == 0:
