@@ -1,8 +1,18 @@
 """The `nemojax` command: one subcommand per job.
 
-    nemojax demo [--workdir runs/demo] [--config.train.steps=100 ...]
+    nemojax demo [--workdir runs/demo] [--config.train.steps=100 ...] [--no-compress]
         the main job: trains the small hybrid of configs/small_hybrid.py on the Python standard library's source,
-        evaluates it, draws the loss curve and compares the validation loss with the corpus' unigram entropy
+        evaluates it, draws the loss curve and compares the validation loss with the corpus' unigram entropy; then
+        prunes it to about half its parameters and distills it back (configs/minitron_small.py, in
+        <workdir>/minitron) and prints a before/after table
+    nemojax prune --config configs/minitron_small.py --teacher runs/demo --workdir runs/minitron
+                  [--config.prune.hidden=384 ...]
+        Minitron width/depth pruning of a teacher (a training workdir or a Hugging Face folder): importance on
+        calibration batches (workdir/scores.npz, reused when present), prune to the config's targets, save the
+        student as a Hugging Face checkpoint in workdir/pruned; prints parameters and validation loss before/after
+    nemojax distill --config configs/minitron_small.py --workdir runs/minitron [--teacher DIR --config.distill.steps=60]
+        logit distillation of workdir/pruned from the teacher (default: the one `prune` used) into workdir/distilled;
+        prints the validation loss before/after and the teacher's; metrics in workdir/metrics.jsonl
     nemojax forward [--preset nemotron-3-super-120b-a12b] [--seq 64]
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
@@ -42,6 +52,7 @@ from nemojax import presets
 from nemojax.model import Model, param_count
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small_hybrid.py"
+COMPRESS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minitron_small.py"
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -51,7 +62,8 @@ def _demo(args: argparse.Namespace) -> None:
     config = config_files.load(args.config, args.overrides)
     workdir = Path(args.workdir)
     print(f"demo: training {args.config} in {workdir} (resumes if a checkpoint is there)")
-    summary = train(config, workdir, progress=not args.no_progress)["summary"]
+    result = train(config, workdir, progress=not args.no_progress)
+    summary = result["summary"]
     entropy = data.corpus_unigram_entropy(data.DataConfig(**config.data.to_dict()), split="validation")
     val = summary["validation_loss"]
     print(f"\n{summary['params']:,}-parameter hybrid, {summary['steps']} steps of "
@@ -60,6 +72,91 @@ def _demo(args: argparse.Namespace) -> None:
           f"({val / entropy:.0%} of it); perplexity {math.exp(val):.2f}")
     print(f"metrics: {workdir / 'metrics.jsonl'}, TensorBoard: {workdir / 'tensorboard'}, "
           f"loss curve: {workdir / 'loss.png'}")
+    if not args.no_compress:
+        _demo_compress(args, config, workdir, result["model"], entropy)
+
+
+def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
+    """The demo's second stage: prune the trained model to about half and distill it back (Minitron)."""
+    from nemojax import config_files
+    from nemojax.compress import pipeline
+
+    config = config_files.load(args.compress_config)
+    config.data = train_config.data  # the teacher's own data
+    out = workdir / "minitron"
+    print(f"\ncompression: Minitron pruning + distillation of the trained model ({args.compress_config}) in {out}")
+    start = time.perf_counter()
+    pruned = pipeline.prune_job(config, teacher, out, teacher_path=workdir)
+    print(f"pruned {pruned['teacher']['params']:,} -> {pruned['pruned']['params']:,} parameters "
+          f"({_size_change(pruned['teacher'], pruned['pruned'])}) in {pruned['seconds']:.0f} s")
+    summary = pipeline.distill_job(config, teacher, out, teacher_path=workdir, progress=not args.no_progress)
+    print(f"distilled for {summary['steps']} steps in {summary['seconds']:.0f} s; "
+          f"compression stage {time.perf_counter() - start:.0f} s in all\n")
+    print(pipeline.table([("teacher", summary["teacher"]["params"], summary["teacher"]["val_loss"]),
+                          ("pruned", summary["pruned"]["params"], summary["pruned"]["val_loss"]),
+                          ("pruned + distilled", summary["distilled"]["params"], summary["distilled"]["val_loss"])],
+                         entropy))
+    print(f"checkpoints: {out / pipeline.PRUNED_DIR}, {out / pipeline.DISTILLED_DIR} "
+          f"(nemojax generate --checkpoint {out / pipeline.DISTILLED_DIR} --tokenizer byte --prompt ...)")
+
+
+def _size_change(before: dict, after: dict) -> str:
+    keys = [k for k in before if k not in ("params", "val_loss", "pattern") and before[k] != after.get(k)]
+    return ", ".join(f"{k} {before[k]} -> {after[k]}" for k in keys) or "no size changed"
+
+
+def _compress_args(args: argparse.Namespace):
+    from nemojax import config_files
+
+    try:
+        return config_files.load(args.config, args.overrides)
+    except ValueError as error:
+        raise SystemExit(f"nemojax {args.job}: error: {error}") from error
+
+
+def _load_teacher(path: str, job: str) -> Model:
+    from nemojax.infer.load import load_checkpoint
+
+    try:
+        return load_checkpoint(path, tokenizer="byte")[0]
+    except ValueError as error:
+        raise SystemExit(f"nemojax {job}: error: teacher: {error}") from error
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from nemojax.compress import pipeline
+
+    config = _compress_args(args)
+    teacher_path = args.teacher or config.teacher
+    teacher = _load_teacher(teacher_path, "prune")
+    try:
+        summary = pipeline.prune_job(config, teacher, args.workdir, teacher_path=teacher_path)
+    except ValueError as error:
+        raise SystemExit(f"nemojax prune: error: {error}") from error
+    t, p = summary["teacher"], summary["pruned"]
+    print(f"teacher {teacher_path}: {t['params']:,} parameters, validation loss {t['val_loss']:.3f} nats/token")
+    print(f"pruned: {p['params']:,} parameters ({p['params'] / t['params']:.0%}; {_size_change(t, p)}), "
+          f"validation loss {p['val_loss']:.3f} nats/token")
+    print(f"saved {Path(args.workdir) / pipeline.PRUNED_DIR} in {summary['seconds']:.0f} s")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from nemojax.compress import pipeline
+
+    config = _compress_args(args)
+    teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
+    teacher = _load_teacher(teacher_path, "distill")
+    try:
+        summary = pipeline.distill_job(config, teacher, args.workdir, teacher_path=teacher_path,
+                                       progress=not args.no_progress)
+    except ValueError as error:
+        raise SystemExit(f"nemojax distill: error: {error}") from error
+    print(f"teacher {teacher_path}: {summary['teacher']['params']:,} parameters, validation loss "
+          f"{summary['teacher']['val_loss']:.3f} nats/token")
+    print(f"student: {summary['distilled']['params']:,} parameters, validation loss "
+          f"{summary['pruned']['val_loss']:.3f} -> {summary['distilled']['val_loss']:.3f} nats/token after "
+          f"{summary['steps']} distillation steps ({summary['seconds']:.0f} s)")
+    print(f"saved {Path(args.workdir) / pipeline.DISTILLED_DIR}; metrics: {Path(args.workdir) / 'metrics.jsonl'}")
 
 
 def _forward(args: argparse.Namespace) -> None:
@@ -256,7 +353,21 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--config", default=str(DEMO_CONFIG))
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-compress", action="store_true", help="skip the prune + distill stage")
+    demo.add_argument("--compress-config", default=str(COMPRESS_CONFIG),
+                      help="the compression config of the prune + distill stage")
     demo.set_defaults(run=_demo)
+    for name, helptext in (("prune", "Minitron pruning of a teacher checkpoint into workdir/pruned"),
+                           ("distill", "distill workdir/pruned from the teacher into workdir/distilled")):
+        job = jobs.add_parser(name, help=helptext)
+        job.add_argument("--config", default=str(COMPRESS_CONFIG), help="a compression config (get_config())")
+        job.add_argument("--workdir", required=True)
+        job.add_argument("--teacher", default=None,
+                         help="a training workdir or Hugging Face folder (default: config.teacher"
+                              + ("" if name == "prune" else ", or the one `prune` recorded") + ")")
+        if name == "distill":
+            job.add_argument("--no-progress", action="store_true", help="no progress bar")
+        job.set_defaults(run=_prune if name == "prune" else _distill)
     forward = jobs.add_parser("forward", help="forward pass of a preset's tiny variant")
     forward.add_argument("--preset", default="nemotron-3-super-120b-a12b",
                          choices=[n for n in presets.names() if not n.endswith("-tiny")])

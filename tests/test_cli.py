@@ -6,9 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from nemojax import cli
+from nemojax import cli, config_files
 
 
 def test_forward_runs_a_forward_pass(capsys):
@@ -48,7 +50,8 @@ def test_demo_trains_and_compares_with_unigram_entropy(tmp_path, capsys):
     """`nemojax demo` (shortened) trains, evaluates and writes the loss curve and metrics."""
     cli.main(["demo", "--workdir", str(tmp_path), "--no-progress", "--config.train.steps=4",
               "--config.train.batch_size=2", "--config.train.seq_len=64", "--config.train.eval_batches=1",
-              "--config.optimizer.warmup_steps=1", "--config.model.overrides.pattern=M*-"])
+              "--config.optimizer.warmup_steps=1", "--config.model.overrides.pattern=M*-",
+              "--no-compress"])
     out = capsys.readouterr().out
     assert re.search(r"validation loss [0-9.]+ nats/token vs the corpus' unigram entropy 3\.[0-9]+", out)
     assert (tmp_path / "loss.png").stat().st_size > 1000
@@ -215,3 +218,74 @@ def test_memory_answers_the_nano2_128k_question(capsys) -> None:
     assert "20,067,486,720" in out and "fits in 22 GiB" in out
     main(["memory", "--preset", "nemotron-nano-9b-v2", "--context", "131072", "--budget-gib", "18"])
     assert "does not fit in 18 GiB" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ nemojax prune / distill
+
+COMPRESS = ["--config", str(cli.COMPRESS_CONFIG),
+            "--config.calibration.num_sequences=4", "--config.calibration.batch_size=2",
+            "--config.calibration.seq_len=32", "--config.prune.hidden=48", "--config.prune.ffn=96",
+            "--config.prune.mamba_heads=4", "--config.prune.layers=6", "--config.distill.steps=2",
+            "--config.distill.batch_size=2", "--config.distill.seq_len=32", "--config.distill.warmup_steps=1",
+            "--config.eval.batches=1", "--config.eval.batch_size=2", "--config.eval.seq_len=32"]
+
+
+def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
+    """`nemojax prune` saves a Hugging Face student of the target sizes whose size it prints; a second prune reuses
+    scores.npz; `nemojax distill` saves the distilled student and logs metrics."""
+    import nemojax
+    from nemojax import compress
+    from nemojax.compress import pipeline
+
+    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
+    work = tmp_path / "minitron"
+    cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(work), *COMPRESS])
+    out = capsys.readouterr().out
+    pruned = nemojax.load_hf(work / "pruned")
+    cfg = pruned.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.mamba.num_heads, cfg.num_layers) == (48, 96, 4, 6)
+    assert cfg.attention.num_heads == teacher.config.attention.num_heads
+    printed = int(re.search(r"pruned: ([0-9,]+) parameters", out).group(1).replace(",", ""))
+    assert printed == pruned.num_params < teacher.num_params
+    assert f"teacher {teacher_dir}: {teacher.num_params:,} parameters" in out
+    losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+) nats/token", out)]
+    assert len(losses) == 2 and all(4.0 < x < 7.0 for x in losses)  # random models: near log(260) = 5.56
+    # the pruned student is the prune of the teacher by the saved scores
+    want = compress.prune(teacher, compress.Scores.load(work / "scores.npz"), hidden=48, ffn=96,
+                                  mamba_heads=4, layers=6)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), want.params, pruned.params)))
+
+    scores_mtime = (work / "scores.npz").stat().st_mtime_ns
+    cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(work), *COMPRESS])
+    assert "reusing importance scores" in capsys.readouterr().out
+    assert (work / "scores.npz").stat().st_mtime_ns == scores_mtime
+
+    cli.main(["distill", "--workdir", str(work), "--no-progress", *COMPRESS])  # the teacher from prune.json
+    out = capsys.readouterr().out
+    distilled = nemojax.load_hf(work / "distilled")
+    assert distilled.config == cfg and distilled.num_params == pruned.num_params
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                                distilled.params, pruned.params)))
+    before, after = (float(x) for x in re.search(r"validation loss ([0-9.]+) -> ([0-9.]+)", out).groups())
+    assert before == pytest.approx(losses[1], abs=1e-3)
+    assert after == pytest.approx(pipeline.validation_loss(
+        distilled, config_files.load(cli.COMPRESS_CONFIG, [a[len("--config."):] for a in COMPRESS[2:]])),
+        abs=1e-3)
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "distill"] == [1, 2]
+    assert all(r["kl"] >= 0 for r in records if r["split"] == "distill")
+
+
+def test_prune_errors_name_the_target(tmp_path):
+    """A target the model cannot take stops with an error naming it, before anything is saved."""
+    import nemojax
+
+    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
+    with pytest.raises(SystemExit, match="mamba_heads"):
+        cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "w"), *COMPRESS,
+                  "--config.prune.mamba_heads=3"])
+    assert not (tmp_path / "w" / "pruned").exists()
+    with pytest.raises(SystemExit, match="no pruned checkpoint"):
+        cli.main(["distill", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "empty"), *COMPRESS])

@@ -1,0 +1,238 @@
+"""The `nemojax prune` and `nemojax distill` jobs: a compression config (configs/minitron_small.py), a teacher
+checkpoint and a workdir in; Hugging Face checkpoints of the pruned and the distilled student out.
+
+    summary = prune_job(config, teacher, "runs/minitron", teacher_path="runs/demo")
+        -> runs/minitron/scores.npz (reused when present), runs/minitron/pruned/, runs/minitron/prune.json
+    summary = distill_job(config, teacher, "runs/minitron")
+        -> runs/minitron/distilled/, runs/minitron/metrics.jsonl (+ TensorBoard), runs/minitron/distill.json
+
+Validation loss everywhere is the token-weighted mean next-token NLL (no z-loss) over `config.eval.batches`
+batches of the data config's validation split, the same batches for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nemojax import data as data_lib
+from nemojax.compress.distill import DEFAULT_OPTIMIZER, DistillConfig, distill
+from nemojax.compress.importance import importance
+from nemojax.compress.prune import prune
+from nemojax.compress.scores import Scores
+from nemojax.model import Model
+from nemojax.train.step import eval_step, lm_loss
+
+SCORES_FILE = "scores.npz"
+PRUNED_DIR = "pruned"
+DISTILLED_DIR = "distilled"
+PRUNE_RECORD = "prune.json"
+DISTILL_RECORD = "distill.json"
+PRUNE_TARGETS = ("hidden", "ffn", "heads", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "layers",
+                 "drop_layers")
+
+
+def data_config(config: ml_collections.ConfigDict) -> data_lib.DataConfig:
+    return data_lib.DataConfig(**config.data.to_dict())
+
+
+def _check_vocab(model: Model, dcfg: data_lib.DataConfig, what: str) -> None:
+    vocab = data_lib.vocab_size(dcfg)
+    if vocab > model.config.vocab_size:
+        raise ValueError(f"{what} has vocab_size={model.config.vocab_size}, smaller than the data's {vocab} token "
+                         "ids; config.data must be the teacher's data")
+
+
+def validation_loss(model: Model, config: ml_collections.ConfigDict) -> float:
+    """Mean next-token NLL (nats/token) of `model` over config.eval.batches validation batches."""
+    e = config.eval
+    batches = data_lib.make_dataset(data_config(config), "validation", seq_len=e.seq_len, batch_size=e.batch_size,
+                                    seed=e.seed)
+    run = jax.jit(eval_step(lm_loss(model.config)))
+    nll_sum, tokens = 0.0, 0.0
+    for _, batch in zip(range(e.batches), batches, strict=False):
+        metrics = jax.device_get(run(model.params, {k: np.asarray(v) for k, v in batch.items()}))
+        nll_sum += float(metrics["nll"]) * float(metrics["tokens"])
+        tokens += float(metrics["tokens"])
+    if tokens == 0:
+        raise ValueError("config.eval: the validation split gave no tokens")
+    return nll_sum / tokens
+
+
+def calibration_batches(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
+    """config.calibration.num_sequences training sequences as [batch_size, seq_len] token arrays (the last batch
+    may be smaller)."""
+    c = config.calibration
+    if c.num_sequences <= 0:
+        raise ValueError(f"calibration.num_sequences={c.num_sequences!r} is invalid: must be a positive integer")
+    batches = data_lib.make_dataset(data_config(config), "train", seq_len=c.seq_len, batch_size=c.batch_size,
+                                    seed=c.seed)
+    left = c.num_sequences
+    while left > 0:
+        tokens = np.asarray(next(batches)["tokens"])[:left]
+        left -= tokens.shape[0]
+        yield tokens
+
+
+def prune_targets(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword arguments of `prune` that config.prune sets (None entries keep a size)."""
+    unknown = sorted(set(config.prune.keys()) - set(PRUNE_TARGETS))
+    if unknown:
+        raise ValueError(f"config.prune has unknown fields {unknown}; allowed: {list(PRUNE_TARGETS)}")
+    targets = {k: v for k, v in config.prune.to_dict().items() if v is not None}
+    if "drop_layers" in targets:
+        targets["drop_layers"] = tuple(targets["drop_layers"])
+    if not targets:
+        raise ValueError("config.prune sets no target: give at least one of " + ", ".join(PRUNE_TARGETS))
+    return targets
+
+
+def sizes(model: Model) -> dict[str, Any]:
+    """The sizes `prune` can change, for printing and records."""
+    cfg = model.config
+    out: dict[str, Any] = {"params": model.num_params, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+                           "pattern": cfg.pattern}
+    if "-" in cfg.pattern:
+        out["ffn"] = cfg.intermediate_size
+    if "*" in cfg.pattern:
+        out["heads"] = cfg.attention.num_heads
+    if "M" in cfg.pattern:
+        out["mamba_heads"], out["mamba_head_dim"] = cfg.mamba.num_heads, cfg.mamba.head_dim
+    if "E" in cfg.pattern:
+        out["experts"], out["expert_ffn"] = cfg.moe.num_experts, cfg.moe.intermediate_size
+    return out
+
+
+def _copy_tokenizer(teacher_path: str | Path | None, config: ml_collections.ConfigDict, out: Path) -> None:
+    """Puts the teacher's tokenizer.json beside a saved student when there is one (a byte tokenizer has none:
+    `nemojax generate` then needs --tokenizer byte)."""
+    candidates = []
+    if teacher_path is not None:
+        candidates.append(Path(teacher_path) / "tokenizer.json")
+    if config.data.get("tokenizer") not in (None, "byte"):
+        spec = Path(config.data.tokenizer)
+        candidates.append(spec / "tokenizer.json" if spec.is_dir() else spec)
+    for candidate in candidates:
+        if candidate.is_file():
+            (out / "tokenizer.json").write_bytes(candidate.read_bytes())
+            return
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def prune_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
+              teacher_path: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Importance (from workdir/scores.npz when present) -> prune -> save_hf(workdir/pruned); returns a summary
+    {"teacher": sizes + val_loss, "pruned": sizes + val_loss, "scores_reused", "seconds"}."""
+    from nemojax.interop.hf import save_hf
+
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dcfg = data_config(config)
+    _check_vocab(teacher, dcfg, "the teacher")
+    targets = prune_targets(config)
+    scores_path = workdir / SCORES_FILE
+    reused = scores_path.is_file()
+    if reused:
+        scores = Scores.load(scores_path)
+        log(f"prune: reusing importance scores {scores_path} (delete it to recompute)")
+    else:
+        c = config.calibration
+        log(f"prune: importance ({c.agg}) on {c.num_sequences} x {c.seq_len} training tokens")
+        scores = importance(teacher, calibration_batches(config), agg=c.agg, layer_metrics=("block",))
+        scores.save(scores_path)
+    try:
+        pruned = prune(teacher, scores, **targets)
+    except ValueError as error:
+        if reused:
+            raise ValueError(f"{error} (scores from {scores_path}: delete it if they belong to another teacher or "
+                             "target)") from error
+        raise
+    out = save_hf(pruned, workdir / PRUNED_DIR)
+    _copy_tokenizer(teacher_path, config, out)
+    summary = {"teacher": {**sizes(teacher), "val_loss": validation_loss(teacher, config)},
+               "pruned": {**sizes(pruned), "val_loss": validation_loss(pruned, config)},
+               "targets": targets, "scores_reused": reused, "seconds": time.perf_counter() - start,
+               "teacher_path": None if teacher_path is None else str(Path(teacher_path).absolute())}
+    _write_json(workdir / PRUNE_RECORD, summary)
+    return summary
+
+
+def distill_config(config: ml_collections.ConfigDict) -> DistillConfig:
+    d = config.distill
+    optimizer = dataclasses.replace(DEFAULT_OPTIMIZER, lr=float(d.lr), warmup_steps=int(d.warmup_steps),
+                                    min_lr_ratio=float(d.min_lr_ratio), total_steps=int(d.steps))
+    return DistillConfig(kl_weight=float(d.kl_weight), temperature=float(d.temperature), top_k=int(d.top_k),
+                         lm_weight=float(d.lm_weight), steps=int(d.steps), batch_size=int(d.batch_size),
+                         seq_len=int(d.seq_len), seed=int(d.seed), optimizer=optimizer)
+
+
+def recorded_teacher(workdir: str | Path) -> str | None:
+    """The teacher path `prune_job` recorded in workdir/prune.json, if any."""
+    record = Path(workdir) / PRUNE_RECORD
+    return json.loads(record.read_text()).get("teacher_path") if record.is_file() else None
+
+
+def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
+                student: Model | None = None, teacher_path: str | Path | None = None, progress: bool = True,
+                log=print) -> dict[str, Any]:
+    """Distills workdir/pruned (or `student`) from `teacher` for config.distill.steps, saves workdir/distilled and
+    appends the per-step metrics and the final validation losses to workdir/metrics.jsonl; returns a summary
+    {"teacher", "pruned", "distilled": {params, val_loss}, "steps", "seconds"}."""
+    from nemojax.interop.hf import load_hf, save_hf
+    from nemojax.train.metrics import MetricsWriter
+
+    workdir = Path(workdir)
+    if student is None:
+        folder = workdir / PRUNED_DIR
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} has no pruned checkpoint (config.json); run `nemojax prune` with this "
+                             "workdir first")
+        student = load_hf(folder, dtype=teacher.config.dtype)
+    dcfg = data_config(config)
+    _check_vocab(student, dcfg, "the student")
+    dist_cfg = distill_config(config)
+    before = validation_loss(student, config)
+    teacher_loss = validation_loss(teacher, config)
+    log(f"distill: {student.num_params:,}-parameter student from a {teacher.num_params:,}-parameter teacher, "
+        f"{dist_cfg.steps} steps of {dist_cfg.batch_size} x {dist_cfg.seq_len} tokens")
+    start = time.perf_counter()
+    distilled, history = distill(student, teacher, dcfg, config=dist_cfg, progress=progress)
+    seconds = time.perf_counter() - start
+    after = validation_loss(distilled, config)
+    out = save_hf(distilled, workdir / DISTILLED_DIR)
+    _copy_tokenizer(teacher_path, config, out)
+    writer = MetricsWriter(workdir)
+    try:
+        for metrics in history:
+            writer.write(int(metrics["step"]), "distill", {k: v for k, v in metrics.items() if k != "step"})
+        writer.write(len(history), "validation", {"loss": after, "pruned_loss": before, "teacher_loss": teacher_loss})
+    finally:
+        writer.close()
+    summary = {"teacher": {"params": teacher.num_params, "val_loss": teacher_loss},
+               "pruned": {"params": student.num_params, "val_loss": before},
+               "distilled": {"params": distilled.num_params, "val_loss": after},
+               "steps": len(history), "seconds": seconds,
+               "final_kl": history[-1].get("kl") if history else None}
+    _write_json(workdir / DISTILL_RECORD, summary)
+    return summary
+
+
+def table(rows: list[tuple[str, int, float]], entropy: float | None = None) -> str:
+    """A before/after table: (name, params, validation loss) rows, plus the unigram entropy for reference."""
+    lines = [f"{'model':22s} {'params':>12s} {'val loss':>9s}"]
+    lines += [f"{name:22s} {params:>12,} {loss:>9.3f}" for name, params, loss in rows]
+    if entropy is not None:
+        lines.append(f"{'unigram entropy':22s} {'':>12s} {entropy:>9.3f}")
+    return "\n".join(lines)
