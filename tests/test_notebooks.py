@@ -1,0 +1,58 @@
+"""The notebooks: each paired .ipynb matches its jupytext .py, and each notebook executes at test scale.
+
+Notebooks read NEMOJAX_NOTEBOOK_QUICK=1 (tiny scale) and NEMOJAX_NOTEBOOK_OUT (where they write); they run as
+plain Python scripts in a subprocess, so a failing assert in a notebook's closing cell fails the test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _cells(notebook) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source.strip()) for cell in notebook.cells]
+
+
+@pytest.mark.parametrize("name", ["minitron"])
+def test_ipynb_is_paired_with_py(name):
+    py = jupytext.read(NOTEBOOKS / f"{name}.py")
+    ipynb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
+    assert _cells(ipynb) == _cells(py), f"notebooks/{name}.ipynb is stale: run jupytext --sync notebooks/{name}.py"
+    assert any(kind == "markdown" for kind, _ in _cells(py)) and any(kind == "code" for kind, _ in _cells(py))
+    for cell in ipynb.cells:
+        if cell.cell_type == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, "commit the .ipynb without outputs"
+
+
+@pytest.mark.slow
+def test_minitron_notebook_runs_at_tiny_scale(tmp_path):
+    env = dict(os.environ, NEMOJAX_NOTEBOOK_QUICK="1", NEMOJAX_NOTEBOOK_OUT=str(tmp_path), MPLBACKEND="Agg",
+               JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    # Compile time dominates at this scale; unoptimised XLA code halves the run and changes no assertion.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    proc = subprocess.run([sys.executable, str(NOTEBOOKS / "minitron.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    out = tmp_path / "quick"
+    for figure in ("hidden_scores", "layer_axis_scores", "block_importance", "distillation"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000, figure
+    results = json.loads((out / "results.json").read_text())
+    params = results["params"]
+    assert 0.4 < params["width"] / params["teacher"] < 0.55
+    assert params["depth"] < params["teacher"]
+    assert results["configs"]["width"]["hidden_size"] == 48
+    assert results["configs"]["depth"]["pattern"] and len(results["configs"]["depth"]["pattern"]) == 4
+    loss = results["validation_loss"]
+    for kind in ("width", "depth"):
+        assert loss["distilled"][kind] < loss["pruned"][kind]
+        assert loss["pruned"][kind] > loss["teacher"]  # pruning without retraining costs accuracy
+    curve = loss["width_curve"]
+    assert curve[0] == [0, loss["pruned"]["width"]] and curve[-1][1] == pytest.approx(loss["distilled"]["width"])
