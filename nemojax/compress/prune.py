@@ -33,6 +33,13 @@ Decisions:
   * Mamba heads are kept per SSM group (spec 4.2): the top mamba_heads/n_groups of each group, so every head
     keeps its B/C group; n_groups and state_size never change. mamba_head_dim keeps the same channels in every
     head. The gated norm keeps n_groups groups, each now (mamba_heads/G) * mamba_head_dim wide.
+    `group_aware=False` is the ablation baseline (Minitron-SSM's point, spec 4.2 step 2 / 4.4): the top
+    mamba_heads heads are ranked globally, ignoring groups, and kept in ascending order; the config still has
+    n_groups groups of mamba_heads/G heads, so the kept heads are re-packed contiguously into the groups and a
+    head whose group lost more (or fewer) heads than others ends up reading another group's B/C. The spec gives
+    no exact recipe for the paper's unconstrained baseline; this is what slicing by a global ranking yields when
+    the group structure is ignored (forcing each group to k/G by rank order instead would just reproduce the
+    group-aware keep). When the global top-k happens to be balanced over the groups both modes agree.
   * MoE: `experts` keeps the top experts (group-aware per routing group when moe.n_group > 1: the same number of
     experts in every group); `expert_ffn` keeps, for every kept expert, its own top expert_ffn hidden units.
     `shared_ffn` slices the shared expert's hidden units ("layers_{i}/shared_mlp"); the latent projections keep
@@ -245,7 +252,7 @@ def _slice_moe(layer: dict, k_E: np.ndarray | None, k_F: np.ndarray | None) -> N
 def prune(model: Model, scores: Any, *, hidden: int | None = None, ffn: int | None = None,
           heads: int | None = None, mamba_heads: int | None = None, mamba_head_dim: int | None = None,
           experts: int | None = None, expert_ffn: int | None = None, shared_ffn: int | None = None,
-          layers: int | None = None, drop_layers: Sequence[int] | None = None) -> Model:
+          layers: int | None = None, drop_layers: Sequence[int] | None = None, group_aware: bool = True) -> Model:
     """Width and depth pruning: a new Model with the given sizes (None keeps a size); see the module docstring.
 
     model: the parent; scores: str -> score array (keys in the module docstring; higher = more important).
@@ -254,6 +261,8 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, ffn: int | No
     mamba.head_dim; experts: new moe.num_experts; expert_ffn: new moe.intermediate_size; shared_ffn: new
     moe.shared_intermediate_size (one shared expert only; scored by "layers_{i}/shared_mlp"); layers: number of
     layers to keep (by "layer/block"); drop_layers: explicit layer indices to drop (exclusive with `layers`).
+    group_aware: rank Mamba heads within their SSM group (True, spec 4.2) or globally, re-packing the kept heads
+    into the groups (False, the ablation baseline; see the module docstring).
     Raises ValueError for a target that breaks a constraint, naming it and the allowed values.
     """
     cfg = model.config
@@ -369,7 +378,8 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, ffn: int | No
                 s_x = read.optional(f"{name}/mamba_x", (m.num_heads, m.head_dim))
                 head_score = (np.sqrt(np.sum(np.square(s_x[:, k_P]), axis=1)) if s_x is not None
                               and mamba_head_dim < m.head_dim else read(f"{name}/mamba_heads", (m.num_heads,)))
-                k_heads = keep_top_grouped(head_score, m.n_groups, mamba_heads)
+                k_heads = (keep_top_grouped(head_score, m.n_groups, mamba_heads) if group_aware
+                           else keep_top(head_score, mamba_heads))
             _slice_mamba(layer, k_heads, k_P, cfg)
         elif kind == "E" and "moe" in changes:
             e = cfg.moe

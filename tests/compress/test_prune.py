@@ -375,3 +375,22 @@ def test_pruned_units_are_the_ones_that_stop_mattering(dense_model, moe_model):
                              lambda b, k=k_E: np.where(np.isin(np.arange(8), k), b, -1e9).astype(b.dtype))
     out = prune(moe_model, scores, experts=6)
     assert _rel_err(np.asarray(out(TOKENS)), np.asarray(silenced(TOKENS))) < 1e-5
+
+
+def test_mamba_heads_unconstrained_ranking_ignores_groups(dense_model):
+    scores = _index_scores(dense_model)
+    scores["layers_0/mamba_heads"] = np.array([9.0, 8.0, 7.0, 6.0, 0.0, 1.0, 2.0, 3.0])  # group 0 globally best
+    out = prune(dense_model, scores, mamba_heads=4, group_aware=False)
+    A = np.asarray(dense_model.params["layers_0"]["mixer"]["A_log"])
+    # the global top 4 all come from group 0; re-packed, heads 2 and 3 now sit in group 1 (they read its B/C)
+    np.testing.assert_array_equal(out.params["layers_0"]["mixer"]["A_log"], A[[0, 1, 2, 3]])
+    assert out.config.mamba.num_heads == 4 and out.config.mamba.n_groups == 2
+    _assert_shapes_match_config(out)
+    # when the global top-k is already 2 per group, both modes keep the same heads
+    balanced = _index_scores(dense_model)
+    for key in [k for k in balanced if k.endswith("/mamba_heads")]:
+        balanced[key] = np.array([9.0, 8.0, 0.0, 1.0, 7.0, 6.0, 2.0, 3.0])  # top 4 = 2 per group
+    a = prune(dense_model, balanced, mamba_heads=4, group_aware=False)
+    b = prune(dense_model, balanced, mamba_heads=4)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(x, y)
