@@ -55,7 +55,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -71,10 +70,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import DynamicCache, NemotronHForCausalLM  # noqa: E402
 
-from experiments.bench_forward import LOAD_WARNING, bench_config, hf_model, pin_threads, set_dt_limit  # noqa: E402
+from experiments.bench_forward import bench_config, environment, hf_model, pin_threads, set_dt_limit  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.infer.cache import Cache, cache_nbytes, init_cache  # noqa: E402
 from nemojax.infer.extend import decode_step, extend, logits, prefill  # noqa: E402
@@ -376,17 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     wall_start = time.perf_counter()
     threads = pin_threads(args.threads)
-    load_before = os.getloadavg()
-    env = {
-        "threads": threads, "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-    }
-    print(f"threads: XLA and torch both on {threads} core(s) (os.cpu_count()={os.cpu_count()}); "
-          f"torch.get_num_threads()={torch.get_num_threads()}; jax backend {jax.default_backend()}")
-    if load_before[0] > LOAD_WARNING:
-        print(f"warning: 1-min load average {load_before[0]:.2f} before starting: other processes are using the CPU, "
-              "timings will be noisy")
+    env, load_before = environment(threads)
 
     hybrid = Model.init(bench_config(), 0)
     attn_only = Model.init(attention_only_config(hybrid.config), 1)

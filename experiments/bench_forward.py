@@ -238,9 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    threads = pin_threads(args.threads)
+def environment(threads: int) -> tuple[dict[str, Any], tuple[float, float, float]]:
+    """The run's software and CPU facts for the JSON report, and the load average before it; prints both (with a
+    warning when other processes load the CPU). Shared by the CPU benchmarks that compare against torch."""
     load_before = os.getloadavg()
     env = {
         "threads": threads, "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
@@ -252,6 +252,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if load_before[0] > LOAD_WARNING:
         print(f"warning: 1-min load average {load_before[0]:.2f} before starting: other processes are using the CPU, "
               "timings will be noisy (torch's thread barriers suffer more from it than XLA)")
+    return env, load_before
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = pin_threads(args.threads)
+    env, load_before = environment(threads)
 
     prefill = bench_prefill(args.seq, args.batch, args.repeats, args.attn)
     print(f"prefill config: {prefill['num_params']:,} params, pattern {prefill['config']['pattern']}, "
