@@ -1,0 +1,280 @@
+"""ModelOpt unified-checkpoint export / import (nemojax.quant.export): a hand-computed NVFP4 oracle, the JSON
+fields NVIDIA's loaders read, byte-identical export -> import -> export round trips, the imported model's logits
+against the fake-quantized source, refusals, and atomic saves."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.torch import load_file
+
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig
+from nemojax.interop.nemotron_h_names import rule_for
+from nemojax.model import Model, abstract_params
+from nemojax.quant import export, recipes
+from nemojax.quant.qarray import quantize
+from nemojax.quant.recipe import is_state
+
+CONFIG = ModelConfig(
+    vocab_size=96, hidden_size=64, pattern="M*E-",
+    mamba=MambaConfig(num_heads=4, head_dim=16, state_size=16, n_groups=2, chunk_size=16),
+    attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16), intermediate_size=64,
+    moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, shared_intermediate_size=32, impl="dense"))
+TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
+
+
+def _calibrated(recipe, seed: int = 0) -> Model:
+    """CONFIG with `recipe` and hand-set quantization state: input / KV amaxes, half the weight amaxes below
+    max|W| (clipping), static block scales = the dynamic ones with every third block doubled."""
+    config = CONFIG.replace(quant=recipe)
+    base = Model.init(CONFIG, seed)
+    rng = np.random.default_rng(seed)
+    old = flatten_dict(base.params)
+    flat = {}
+    for path, leaf in flatten_dict(abstract_params(config)).items():
+        if not is_state(path[-1]):
+            flat[path] = old[path]
+            continue
+        name = path[-1]
+        weight = (*path[:-1], name.split("_")[0] if not name.startswith(("up_proj", "down_proj"))
+                  else name[: len("up_proj") if name.startswith("up") else len("down_proj")])
+        if name in ("k_amax", "v_amax") or name.endswith("_input_amax"):
+            flat[path] = jnp.asarray(rng.uniform(0.5, 4.0, leaf.shape), jnp.float32)
+        elif name.endswith("_amax"):
+            w = jnp.abs(old[weight]).max(axis=(-2, -1))
+            flat[path] = (w * (0.8 if rng.random() < 0.5 else 0.0)).astype(jnp.float32)
+        else:  # _block_scale
+            w = old[weight]
+            q = quantize(w, "nvfp4", axis=w.ndim - 2)
+            s = np.asarray(q.scale.astype(jnp.float32)).copy()
+            s.reshape(-1)[::3] = np.minimum(s.reshape(-1)[::3] * 2, 448)
+            flat[path] = jnp.asarray(s)
+    return Model(config, unflatten_dict(flat))
+
+
+def _files(directory) -> dict[str, np.ndarray]:
+    return export.read_safetensors(directory)
+
+
+def _same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+
+
+def test_nvfp4_hand_computed_oracle():
+    """A 2 x 32 weight (torch [out, in]) whose amax is 2688, so S_enc = S_dec = 1 and every block scale is
+    a_b / 6: exact packed bytes (low nibble first), E4M3 block scales and the two global scales."""
+    W = np.zeros((2, 32), np.float32)
+    W[0, :4] = [6, -3, 0.5, 1]          # block (0,0): a_b 6 -> d 1; codes 7, 0xD, 1, 2
+    W[0, 16:20] = [2688, 1344, -896, 224]  # block (0,1): a_b 2688 -> d 448; /448 = 6, 3, -2, 0.5 -> 7, 5, 0xC, 1
+    W[1, 16:19] = [12, 3, -1]           # block (1,1): a_b 12 -> d 2; 6, 1.5, -0.5 -> 7, 3, 9; block (1,0) zero
+    path = ("layers_0", "mixer", "in_proj", "kernel")
+    rule = rule_for(path, 2)
+    layer = export._Linear("layers_0/mixer/in_proj", path, rule, ("backbone.layers.0.mixer.in_proj",))
+    flat = {path: jnp.asarray(W.T), ("layers_0", "mixer", "in_proj", "kernel_input_amax"): jnp.float32(5376.0)}
+    out = export._export_linear(layer, recipes.nvfp4().default, flat, jnp.float32)
+    m = "backbone.layers.0.mixer.in_proj"
+    expected = np.zeros((2, 16), np.uint8)
+    expected[0, :2] = [0xD7, 0x21]      # (6, -3) -> 0x7 | 0xD << 4 ; (0.5, 1) -> 0x1 | 0x2 << 4
+    expected[0, 8:10] = [0x57, 0x1C]    # (6, 3) ; (-2, 0.5)
+    expected[1, 8:10] = [0x37, 0x09]    # (6, 1.5) ; (-0.5, 0)
+    assert out[f"{m}.weight"].dtype == np.uint8
+    np.testing.assert_array_equal(out[f"{m}.weight"], expected)
+    assert out[f"{m}.weight_scale"].dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(out[f"{m}.weight_scale"].astype(np.float32), [[1, 448], [0, 2]])
+    assert out[f"{m}.weight_scale_2"].dtype == np.float32 and out[f"{m}.weight_scale_2"].shape == ()
+    assert float(out[f"{m}.weight_scale_2"]) == 1.0
+    assert float(out[f"{m}.input_scale"]) == 2.0  # 5376 / 2688
+    assert sorted(out) == sorted(f"{m}.{f}" for f in ("weight", "weight_scale", "weight_scale_2", "input_scale"))
+
+
+def test_fp8_and_kv_scales_are_amax_over_448():
+    model = _calibrated(recipes.fp8())
+    tensors = export.quantized_state_dict(model)
+    flat = flatten_dict(model.params)
+    m = "backbone.layers.0.mixer.in_proj"
+    amax = flat[("layers_0", "mixer", "in_proj", "kernel_input_amax")]
+    np.testing.assert_allclose(tensors[f"{m}.input_scale"], amax / 448, rtol=2e-7)
+    w_amax = flat[("layers_0", "mixer", "in_proj", "kernel_amax")]
+    w_amax = w_amax if w_amax > 0 else jnp.abs(flat[("layers_0", "mixer", "in_proj", "kernel")]).max()
+    np.testing.assert_allclose(tensors[f"{m}.weight_scale"], w_amax / 448, rtol=2e-7)
+    assert tensors[f"{m}.weight"].dtype == ml_dtypes.float8_e4m3fn and tensors[f"{m}.weight"].shape == (
+        CONFIG.mamba.num_heads * CONFIG.mamba.head_dim * 2 + 2 * 2 * 16 + 4, 64)
+    k = flat[("layers_1", "mixer", "k_amax")]
+    np.testing.assert_allclose(tensors["backbone.layers.1.mixer.k_proj.k_scale"], k / 448, rtol=2e-7)
+    assert "backbone.layers.1.mixer.v_proj.v_scale" in tensors
+    assert tensors["lm_head.weight"].dtype == np.float32  # high precision, the model's dtype
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+
+
+def test_mixed_precision_configs_name_what_loaders_read(tmp_path):
+    model = _calibrated(recipes.nemotron3_super_nvfp4())
+    export.save_quantized(model, tmp_path / "ckpt", dtype="bfloat16")
+    q = json.loads((tmp_path / "ckpt" / "hf_quant_config.json").read_text())
+    assert set(q) == {"producer", "quantization"} and q["producer"]["name"] == "nemojax"
+    qq = q["quantization"]
+    assert qq["quant_algo"] == "MIXED_PRECISION" and qq["kv_cache_quant_algo"] == "FP8"
+    layers = qq["quantized_layers"]
+    for e in range(4):
+        for proj in ("up_proj", "down_proj"):
+            assert layers[f"backbone.layers.2.mixer.experts.{e}.{proj}"] == {"quant_algo": "NVFP4", "group_size": 16}
+    assert layers["backbone.layers.0.mixer.in_proj"] == {"quant_algo": "FP8"}
+    assert layers["backbone.layers.2.mixer.shared_experts.up_proj"] == {"quant_algo": "FP8"}
+    assert layers["backbone.layers.3.mixer.up_proj"] == {"quant_algo": "FP8"}
+    assert "backbone.layers.1.mixer.q_proj" not in layers
+    for name in ("lm_head", "backbone.layers.1.mixer.q_proj", "backbone.layers.1.mixer.o_proj",
+                 "backbone.layers.2.mixer.gate", "backbone.layers.0.mixer.conv1d"):
+        assert name in qq["exclude_modules"]
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "MIXED_PRECISION"
+    assert qc["kv_cache_scheme"] == {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert qc["quantized_layers"] == layers and qc["ignore"] == qq["exclude_modules"]
+    groups = {g["weights"]["num_bits"]: g for g in qc["config_groups"].values()}
+    assert groups[4]["weights"] == {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    assert "backbone.layers.2.mixer.experts.3.down_proj" in groups[4]["targets"]
+    assert groups[8]["input_activations"] == {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["model_type"] == "nemotron_h"
+    # What a torch loader (vLLM's path) sees: dtypes and shapes of the ModelOpt layout.
+    t = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    e = "backbone.layers.2.mixer.experts.1.up_proj"
+    assert str(t[f"{e}.weight"].dtype) == "torch.uint8" and tuple(t[f"{e}.weight"].shape) == (32, 32)
+    assert str(t[f"{e}.weight_scale"].dtype) == "torch.float8_e4m3fn" and tuple(t[f"{e}.weight_scale"].shape) == (32, 4)
+    assert tuple(t[f"{e}.weight_scale_2"].shape) == () and tuple(t[f"{e}.input_scale"].shape) == ()
+    assert str(t["backbone.layers.0.mixer.in_proj.weight"].dtype) == "torch.float8_e4m3fn"
+    assert str(t["backbone.layers.1.mixer.q_proj.weight"].dtype) == "torch.bfloat16"
+    assert str(t["backbone.layers.2.mixer.gate.weight"].dtype) == "torch.float32"  # the router stays fp32
+    assert "backbone.layers.1.mixer.k_proj.k_scale" in t
+
+
+def test_single_format_config():
+    q = export.quant_config(_calibrated(recipes.nvfp4()))["quantization"]
+    assert q["quant_algo"] == "NVFP4" and q["group_size"] == 16 and q["kv_cache_quant_algo"] is None
+    assert "quantized_layers" not in q and "lm_head" in q["exclude_modules"]
+    qc = export.hf_quantization_config({"producer": {"name": "x", "version": "0"}, "quantization": q})
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"] and qc["ignore"] == q["exclude_modules"]
+    assert "kv_cache_scheme" not in qc
+
+
+# ----------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("recipe", ["nemotron3_super_nvfp4", "nvfp4_w4a16", "fp8"])
+def test_export_import_export_is_byte_identical(tmp_path, recipe):
+    model = _calibrated(recipes.get(recipe))
+    export.save_quantized(model, tmp_path / "a")
+    loaded = export.load_quantized(tmp_path / "a")
+    export.save_quantized(loaded, tmp_path / "b")
+    _same_tensors(_files(tmp_path / "a"), _files(tmp_path / "b"))
+    for name in ("hf_quant_config.json", "config.json"):
+        assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "b" / name).read_text())
+    # Formats per layer come back; the imported kernel re-quantizes to the source's codes.
+    cfg = loaded.config
+    for path in ("layers_0/mixer/in_proj", "layers_2/mixer/experts/up_proj", "layers_1/mixer/q_proj", "lm_head"):
+        src, got = model.config.quant.linear(path, cfg.pattern), cfg.quant.linear(path, cfg.pattern)
+        assert (src is None or src.weight is None) == (got is None)
+        if got is not None:
+            assert got.weight.fmt == src.weight.fmt.replace("_2d", "")
+            assert (got.input is None) == (src.input is None)
+    w_path = ("layers_2", "mixer", "experts", "up_proj")
+    lf, sf = flatten_dict(loaded.params), flatten_dict(model.params)
+    spec = model.config.quant.linear("layers_2/mixer/experts/up_proj", cfg.pattern)
+
+    def codes(flat):
+        amax = flat.get((*w_path[:-1], "up_proj_amax"))
+        w = flat[w_path]
+        amax = jnp.where(amax > 0, amax, jnp.abs(w).max(axis=(1, 2))) if amax is not None else None
+        block = flat.get((*w_path[:-1], "up_proj_block_scale"))
+        return np.asarray(quantize(w, spec.weight.fmt, axis=1, amax=amax, block_scale=block).data)
+
+    np.testing.assert_array_equal(codes(lf), codes(sf))
+
+
+@pytest.mark.parametrize("recipe", ["nemotron3_super_nvfp4", "fp8"])
+def test_imported_logits_equal_fake_quantized_source(tmp_path, recipe):
+    model = _calibrated(recipes.get(recipe))
+    export.save_quantized(model, tmp_path / "ckpt")
+    loaded = export.load_quantized(tmp_path / "ckpt")
+    want, got = np.asarray(model(TOKENS)), np.asarray(loaded(TOKENS))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp8_round_trip_values(tmp_path):
+    """MXFP8: FP8 codes + E8M0 scales (uint8). The import dequantizes to the same values; a re-export may pick a
+    smaller E8M0 scale for a block whose max rounded down to 224 * 2^k, so compare dequantized values."""
+    model = _calibrated(recipes.mxfp8())
+    export.save_quantized(model, tmp_path / "a")
+    t = _files(tmp_path / "a")
+    m = "backbone.layers.0.mixer.in_proj"
+    assert t[f"{m}.weight"].dtype == ml_dtypes.float8_e4m3fn and t[f"{m}.weight_scale"].dtype == np.uint8
+    assert t[f"{m}.weight_scale"].shape == (t[f"{m}.weight"].shape[0], 64 // 32) and f"{m}.input_scale" not in t
+    w = np.asarray(model.params["layers_0"]["mixer"]["in_proj"]["kernel"])
+    want = np.asarray(quantize(jnp.asarray(w), "mxfp8", axis=0).dequantize())
+    loaded = export.load_quantized(tmp_path / "a")
+    np.testing.assert_array_equal(np.asarray(loaded.params["layers_0"]["mixer"]["in_proj"]["kernel"]), want)
+    export.save_quantized(loaded, tmp_path / "b")
+    loaded2 = export.load_quantized(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(loaded2.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_amax_for_scale_inverts_decode_scale():
+    amax = jnp.asarray(np.random.default_rng(1).uniform(1e-3, 1e3, 500), jnp.float32)
+    for fmt in ("nvfp4", "fp8_e4m3"):
+        scale = export.decode_scale(amax, fmt)
+        np.testing.assert_array_equal(export.decode_scale(export.amax_for_scale(scale, fmt), fmt), scale)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="mxfp4"):
+        export.quant_config(_calibrated(recipes.mxfp4()))
+    with pytest.raises(ValueError, match="dynamic per-tensor amax"):
+        export.quant_config(_calibrated(recipes.fp8_training()))
+    model = _calibrated(recipes.nvfp4())
+    flat = flatten_dict(model.params)
+    flat[("layers_0", "mixer", "in_proj", "kernel_input_amax")] = jnp.float32(0.0)
+    with pytest.raises(ValueError, match="layers_0/mixer/in_proj.*calibrate"):
+        export.quantized_state_dict(Model(model.config, unflatten_dict(flat)))
+    with pytest.raises(ValueError, match="save_hf"):
+        export.quant_config(Model.init(CONFIG, 0))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    export.save_quantized(_calibrated(recipes.nvfp4()), target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    calls = []
+    real = export._write_safetensors
+
+    def broken(tensors, file):
+        calls.append(file)
+        real(tensors, file)  # the new weights are written into staging, then the save fails
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_write_safetensors", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.save_quantized(_calibrated(recipes.fp8(), seed=1), target)
+    assert calls
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="mxfp4"):  # a bad recipe fails before touching anything
+        export.save_quantized(_calibrated(recipes.mxfp4()), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
