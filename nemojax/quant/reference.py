@@ -129,3 +129,69 @@ def mx_reference(x: np.ndarray, elem_max: float, elem_dtype) -> dict[str, np.nda
     v = np.clip(xb / scale, -elem_max, elem_max).astype(F32)  # exact: division by a power of two
     q = e2m1_values(e2m1_codes(v)) if elem_dtype == "e2m1" else v.astype(elem_dtype).astype(F32)
     return {"code": code[..., 0], "xhat": _unblocks((q * scale).astype(F32), (1, 32))}
+
+
+# ------------------------------------------------------------------------------------------ comparison helpers
+
+CATEGORIES = ("normal", "student_t", "lognormal", "all_equal", "single_spike", "denormal_range", "mixed_rows",
+              "tiny", "all_zero")
+
+
+def make_tensor(category: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Test tensor f32 [m, n] of one of CATEGORIES.
+
+    denormal_range: blocks whose scales land in the E4M3 subnormal range (a_b ~ 1e-6..1e-3 of the tensor amax)
+    plus one large element; mixed_rows: rows scaled by 10^U(-8, 3); tiny: amax ~1e-30 (fp32-normal throughout).
+    """
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    if category == "normal":
+        x = rng.standard_normal(shape)
+    elif category == "student_t":
+        x = rng.standard_t(2, shape)
+    elif category == "lognormal":
+        x = rng.lognormal(0.0, 3.0, shape) * rng.choice([-1.0, 1.0], shape)
+    elif category == "all_equal":
+        x = np.full(shape, 0.7)
+    elif category == "single_spike":
+        x = rng.standard_normal(shape) * 1e-3
+        x[rng.integers(m), rng.integers(n)] = 1e3
+    elif category == "denormal_range":
+        x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, -3, (m, n // 16)).repeat(16, 1)
+        x[0, 0] = 1.0
+    elif category == "mixed_rows":
+        x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-8, 3, (m, 1))
+    elif category == "tiny":
+        x = rng.standard_normal(shape) * 1e-30
+    elif category == "all_zero":
+        x = np.zeros(shape)
+    else:
+        raise ValueError(f"category={category!r}; allowed: {CATEGORIES}")
+    return x.astype(F32)
+
+
+def e4m3_ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|code(a) - code(b)| for non-negative E4M3 values a, b (f32 arrays of equal shape), as int [...]."""
+    ca = np.asarray(a, F32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8).astype(np.int32)
+    cb = np.asarray(b, F32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8).astype(np.int32)
+    return np.abs(ca - cb)
+
+
+def modelopt_vs_te(x: np.ndarray) -> dict[str, float]:
+    """Compare the ModelOpt formula with the TE order on x f32 [m, n] (1x16 blocks).
+
+    Blocks that TE flushes (d_b = 0) are left out: ModelOpt sets their scale to 1 by design. Returns the fraction
+    of such flushed blocks, the max E4M3 ulp distance of the other block scales, and the element-code and
+    dequantized-value mismatch rates over the other blocks.
+    """
+    te, mo = nvfp4_te(x), nvfp4_modelopt(x)
+    live_b = te["scale"] > 0
+    live = np.repeat(live_b, 16, axis=-1)
+    n_live = max(int(live.sum()), 1)
+    return {
+        "flushed_block_rate": float(1 - live_b.mean()),
+        "scale_max_ulp": int(e4m3_ulp_distance(te["scale"][live_b], mo["scale"][live_b]).max(initial=0)),
+        "scale_mismatch_rate": float(np.mean(te["scale"][live_b] != mo["scale"][live_b])) if live_b.any() else 0.0,
+        "code_mismatch_rate": float(np.sum((te["codes"] != mo["codes"]) & live) / n_live),
+        "xhat_mismatch_rate": float(np.sum((te["xhat"] != mo["xhat"]) & live) / n_live),
+    }
