@@ -78,6 +78,7 @@ inference checkpoint and are dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -119,6 +120,12 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# One compiled program per (shape, format) instead of one per primitive: eager quantize / dequantize of every
+# layer otherwise spends seconds compiling small ops.
+_quantize = jax.jit(quantize, static_argnames=("fmt", "axis"))
+_dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
+
+
 # ------------------------------------------------------------------------------------------------- layers
 
 
@@ -141,11 +148,18 @@ class _Linear:
         return (*self.param[:-1], self.param[-1] + suffix)
 
 
-def _linears(config: ModelConfig) -> list[_Linear]:
+@functools.lru_cache(maxsize=16)
+def _abstract(config: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """Flat abstract params of `config` without its recipe (the linear weights do not depend on it); cached."""
+    return flatten_dict(abstract_params(config.replace(quant=None)))
+
+
+@functools.lru_cache(maxsize=16)
+def _linears(config: ModelConfig) -> tuple[_Linear, ...]:
     """Every linear weight of `config`: `kernel`s other than the router's and conv1d's, and stacked experts."""
     experts = config.moe.num_experts if config.moe else None
     out = []
-    for path, leaf in flatten_dict(abstract_params(config.replace(quant=None))).items():
+    for path, leaf in _abstract(config).items():
         if path[-1] == "kernel" and len(path) > 1 and path[-2] not in ("gate", "conv1d") and len(leaf.shape) == 2:
             name = "/".join(path[:-1])
         elif path[-1] in ("up_proj", "down_proj") and len(path) > 1 and path[-2] == "experts":
@@ -154,7 +168,7 @@ def _linears(config: ModelConfig) -> list[_Linear]:
             continue
         rule = rule_for(path, len(leaf.shape), experts)
         out.append(_Linear(name, path, rule, tuple(n.removesuffix(".weight") for n in rule.names)))
-    return out
+    return tuple(out)
 
 
 def _layer_algo(path: str, spec: LinearQuant) -> dict[str, Any]:
@@ -219,9 +233,9 @@ def decode_scale(amax: jax.Array, fmt: str) -> np.ndarray:
     FP8 1/fl(448/A); computed by `quantize` itself so it is bit-equal to what the model uses. Returns f32 [...]."""
     amax = jnp.asarray(amax, jnp.float32)
     if fmt == "nvfp4":
-        q = quantize(jnp.zeros((*amax.shape, NVFP4_GROUP), jnp.float32), "nvfp4", axis=-1, amax=amax)
+        q = _quantize(jnp.zeros((*amax.shape, NVFP4_GROUP), jnp.float32), "nvfp4", axis=-1, amax=amax)
         return np.asarray(q.global_scale, np.float32).reshape(amax.shape)
-    q = quantize(jnp.zeros((*amax.shape, 1), jnp.float32), fmt, axis=-1, amax=amax)
+    q = _quantize(jnp.zeros((*amax.shape, 1), jnp.float32), fmt, axis=-1, amax=amax)
     return np.asarray(q.scale, np.float32).reshape(amax.shape)
 
 
@@ -290,7 +304,7 @@ def _export_linear(layer: _Linear, spec: LinearQuant, flat: Mapping[tuple[str, .
         if block is not None and not bool(jnp.any(jnp.asarray(block) != 0)):
             raise ValueError(f"the static NVFP4 block scales of layer {layer.path} are all zero (not calibrated); "
                              "run nemojax.quant.calibrate (method='mse') on the model before save_quantized")
-        q = quantize(W, fmt, axis=contract, amax=weight_amax(), block_scale=block)
+        q = _quantize(W, fmt, axis=contract, amax=weight_amax(), block_scale=block)
         scale = np.asarray(q.scale.astype(jnp.float32))
         if fmt == "nvfp4_2d":  # one scale per 16x16 tile -> the 1x16 layout (each tile scale on its 16 columns)
             scale = np.repeat(scale, NVFP4_GROUP, axis=-1)[..., : W.shape[-1]]
@@ -303,12 +317,12 @@ def _export_linear(layer: _Linear, spec: LinearQuant, flat: Mapping[tuple[str, .
         if algo == "NVFP4":
             out["input_scale"] = _per_module(layer, input_scale("nvfp4"))
     elif algo == "FP8":
-        q = quantize(W, "fp8_e4m3", axis=contract, amax=weight_amax())
+        q = _quantize(W, "fp8_e4m3", axis=contract, amax=weight_amax())
         out["weight"] = _per_module(layer, _swap(np.asarray(q.data)))
         out["weight_scale"] = _per_module(layer, np.asarray(q.scale, np.float32).reshape(W.shape[:-2]))
         out["input_scale"] = _per_module(layer, input_scale("fp8_e4m3"))
     else:  # MXFP8
-        q = quantize(W, "mxfp8", axis=contract)
+        q = _quantize(W, "mxfp8", axis=contract)
         codes = np.asarray(e8m0_to_code(q.scale))
         if np.any(codes == 255):
             raise ValueError(f"layer {layer.path}: NaN block scales; refusing to export")
@@ -358,7 +372,7 @@ def quant_config(model: Model) -> dict[str, Any]:
         algo = _layer_algo(layer.path, spec)
         quantized.update({module: dict(algo) for module in layer.modules})
     # Other modules a server might build as Linear layers but that stay high precision: routers, conv1d.
-    for path in flatten_dict(abstract_params(config.replace(quant=None))):
+    for path in _abstract(config):
         if path[-1] == "kernel" and len(path) > 1 and path[-2] in ("gate", "conv1d"):
             excluded.append(rule_for(path, 2).names[0].removesuffix(".weight"))
     if not quantized and recipe.kv_cache is None:
@@ -559,7 +573,7 @@ def _read_quant_config(directory: Path, hf_config: Mapping[str, Any]) -> dict[st
     return out
 
 
-def _module_algos(q: Mapping[str, Any], layers: list[_Linear]) -> dict[str, str | None]:
+def _module_algos(q: Mapping[str, Any], layers: tuple[_Linear, ...]) -> dict[str, str | None]:
     """{checkpoint module name: quant_algo or None} for every linear module, from the "quantization" dict."""
     import fnmatch
 
@@ -648,7 +662,7 @@ def _import_linear(layer: _Linear, algo: str, tensors: dict[str, np.ndarray],
             expect(f"{m}.weight_scale", s, (out_in[0], out_in[1] // MXFP8_GROUP), np.uint8)
             q = QArray(jnp.asarray(w), e8m0_from_code(jnp.asarray(s)), None, "mxfp8", 1, "float32")
             tensors.pop(f"{m}.input_scale", None)
-        weights.append(np.asarray(q.dequantize(jnp.float32)))
+        weights.append(np.asarray(_dequantize(q)))
     kernel = layer.rule.from_checkpoint(weights)
 
     def ours(parts: list[np.ndarray]) -> np.ndarray:
@@ -678,7 +692,7 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
         config = config.replace(mtp=None)  # as load_hf: checkpoints saved by transformers drop the MTP head
     layers = _linears(config)
     algos = _module_algos(q, layers)
-    shapes = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(config.replace(quant=None))).items()}
+    shapes = {path: leaf.shape for path, leaf in _abstract(config).items()}
 
     rules, state = [], {}
     for layer in layers:

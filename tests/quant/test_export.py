@@ -4,6 +4,7 @@ against the fake-quantized source, refusals, and atomic saves."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -30,6 +31,11 @@ TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
 
 
 def _calibrated(recipe, seed: int = 0) -> Model:
+    return _calibrated_cached(recipes.get(recipe), seed)
+
+
+@functools.cache
+def _calibrated_cached(recipe, seed: int) -> Model:
     """CONFIG with `recipe` and hand-set quantization state: input / KV amaxes, half the weight amaxes below
     max|W| (clipping), static block scales = the dynamic ones with every third block doubled."""
     config = CONFIG.replace(quant=recipe)
@@ -203,14 +209,30 @@ def test_export_import_export_is_byte_identical(tmp_path, recipe):
     np.testing.assert_array_equal(codes(lf), codes(sf))
 
 
-@pytest.mark.parametrize("recipe", ["nemotron3_super_nvfp4", "fp8"])
-def test_imported_logits_equal_fake_quantized_source(tmp_path, recipe):
-    model = _calibrated(recipes.get(recipe))
+def test_imported_logits_equal_fake_quantized_source(tmp_path):
+    """The Super recipe covers NVFP4 experts with static block scales, FP8 Mamba / MLP / shared experts, BF16
+    attention and the FP8 KV cache."""
+    model = _calibrated(recipes.nemotron3_super_nvfp4())
     export.save_quantized(model, tmp_path / "ckpt")
     loaded = export.load_quantized(tmp_path / "ckpt")
     want, got = np.asarray(model(TOKENS)), np.asarray(loaded(TOKENS))
     assert np.isfinite(want).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got, want)  # same codes, block scales and bit-equal global scales
+
+
+def test_sharded_and_config_json_only(tmp_path):
+    """A sharded save (index + shards) loads the same; without hf_quant_config.json the loader falls back to
+    config.json's compressed-tensors style quantization_config."""
+    model = _calibrated(recipes.nemotron3_super_nvfp4())
+    export.save_quantized(model, tmp_path / "one")
+    export.save_quantized(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    _same_tensors(_files(tmp_path / "one"), _files(tmp_path / "sharded"))
+    (tmp_path / "one" / "hf_quant_config.json").unlink()
+    a, b = export.load_quantized(tmp_path / "one"), export.load_quantized(tmp_path / "sharded")
+    assert a.config == b.config
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_mxfp8_round_trip_values(tmp_path):
