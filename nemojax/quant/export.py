@@ -450,15 +450,14 @@ def quantized_state_dict(model: Model, dtype: str | None = None) -> dict[str, np
     float32-by-design params such as the router stay float32).
     """
     config = model.config
-    qconfig = quant_config(model)  # validates the recipe first
-    del qconfig
+    quant_config(model)  # validates the recipe (formats, calibration) before any work
     flat = flatten_dict(model.params)
-    tensors = hf.state_dict_from_params(config, {k: v for k, v in model.params.items()})
+    tensors = hf.state_dict_from_params(config, model.params)
     if dtype is not None:  # params that stay float32 whatever the param dtype (router kernel and bias) stay so
         probe = config.replace(param_dtype="bfloat16", quant=None)
         fp32 = {n for rule, leaf in hf.tensor_rules(probe) if leaf.dtype == jnp.float32 for n in rule.names}
-        tensors = {k: v if k in fp32 or not np.issubdtype(v.dtype, np.floating) and v.dtype != jnp.bfloat16
-                   else v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+        tensors = {k: v.astype(jnp.dtype(dtype)) if k not in fp32 and jnp.issubdtype(v.dtype, jnp.floating) else v
+                   for k, v in tensors.items()}
     compute_dtype = jnp.dtype(config.dtype)
     for layer in _linears(config):
         spec = config.quant.linear(layer.path, config.pattern)
