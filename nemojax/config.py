@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from nemojax.quant.recipe import QuantRecipe
+
 LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 _HF_LAYER_NAMES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _HF_NAME_TO_CHAR = {
@@ -209,6 +211,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
+    quant: QuantRecipe | None = None  # low-precision formats per linear layer (nemojax.quant.apply)
 
     def __post_init__(self) -> None:
         _require_positive("", self, ("vocab_size", "hidden_size"))
@@ -216,7 +219,7 @@ class ModelConfig:
         if not self.pattern or bad:
             _fail("pattern", self.pattern, f"must be a non-empty string over 'M', '*', '-', 'E' (found {bad})")
         for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
-                           ("mtp", MTPConfig)):
+                           ("mtp", MTPConfig), ("quant", QuantRecipe)):
             value = getattr(self, field)
             if value is not None and not isinstance(value, cls):
                 _fail(field, value, f"must be a {cls.__name__} or None")

@@ -193,9 +193,10 @@ def init_maps(student_config: ModelConfig, teacher_config: ModelConfig, dcfg: Di
 
 
 def _forward_with_blocks(config: ModelConfig, params: Params, tokens: jax.Array, layers: set[int],
-                         ) -> tuple[jax.Array, dict[int, jax.Array], Any]:
+                         rng: jax.Array | None = None) -> tuple[jax.Array, dict[int, jax.Array], Any]:
     """Logits [B, L, V] float32, {i: output of block i [B, L, H]} for i in `layers`, and the sown intermediates
-    (MoE router statistics). Block outputs are tapped with `nn.intercept_methods`."""
+    (MoE router statistics). Block outputs are tapped with `nn.intercept_methods`. `rng` feeds the "quant"
+    stream (stochastic rounding of a quantized-training recipe)."""
     hidden: dict[int, jax.Array] = {}
 
     def interceptor(next_fun, args, kwargs, ctx):
@@ -208,7 +209,8 @@ def _forward_with_blocks(config: ModelConfig, params: Params, tokens: jax.Array,
         return out
 
     with nn.intercept_methods(interceptor):
-        logits, state = module(config).apply({"params": params}, tokens, mutable=["intermediates"])
+        logits, state = module(config).apply({"params": params}, tokens, mutable=["intermediates"],
+                                             rngs=None if rng is None else {"quant": rng})
     return logits, hidden, state.get("intermediates", {})
 
 
@@ -240,12 +242,11 @@ def distillation_loss(student_config: ModelConfig, teacher_config: ModelConfig, 
     with_inter = bool(dcfg.intermediate) and dcfg.intermediate_weight > 0
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
-        del rng  # no dropout in these models
         tokens, mask = batch["tokens"], batch["loss_mask"]
         t_logits, t_hidden, _ = _forward_with_blocks(teacher_config, jax.lax.stop_gradient(teacher_params), tokens,
                                                      t_layers if with_inter else set())
         s_logits, s_hidden, inter = _forward_with_blocks(student_config, params["student"], tokens,
-                                                         s_layers if with_inter else set())
+                                                         s_layers if with_inter else set(), rng)
         t_logits = jax.lax.stop_gradient(t_logits)
         kl = kd_logits(s_logits, t_logits, mask, dcfg.temperature, dcfg.top_k, dcfg.scale_by_temperature)
         lm_nll = cross_entropy(s_logits, batch["targets"], mask)[0]
@@ -339,6 +340,21 @@ def distill(student: Model, teacher: Model, data: Any, steps: int | None = None,
     return Model(scfg, state.params["student"]), history
 
 
+def finetune(model: Model, data: Any, steps: int, *, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
+             batch_size: int = 8, seq_len: int = 256, seed: int = 0, progress: bool = False, desc: str = "finetune",
+             ) -> tuple[Model, list[dict[str, float]]]:
+    """Next-token (LM) fine-tuning of `model` on `data` (as for `distill`) for `steps` steps on the shared trainer.
+    Returns (the new Model, per-step metrics)."""
+    if not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps={steps!r} is invalid: must be a positive integer")
+    batches = _batches(data, "train", batch_size, seq_len, seed)
+    opt = make_optimizer(_optimizer_config(optimizer, steps))
+    step = jax.jit(make_train_step(opt, lm_loss(model.config)))
+    state = TrainState(model.params, opt.init(model.params), jnp.zeros((), jnp.int32), jax.random.key(seed))
+    state, history = _run(step, state, batches, steps, model.config.vocab_size, progress, desc)
+    return Model(model.config, state.params), history
+
+
 def teacher_correction(teacher: Model, data: Any, steps: int, *, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
                        batch_size: int = 8, seq_len: int = 256, seed: int = 0, progress: bool = False,
                        return_history: bool = False) -> Model | tuple[Model, list[dict[str, float]]]:
@@ -347,12 +363,6 @@ def teacher_correction(teacher: Model, data: Any, steps: int, *, optimizer: Opti
     data: as for `distill`. Returns the corrected teacher (and the per-step metrics with return_history=True).
     Prune the original teacher, distill from the corrected one (spec 5.2).
     """
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps={steps!r} is invalid: must be a positive integer")
-    batches = _batches(data, "train", batch_size, seq_len, seed)
-    opt = make_optimizer(_optimizer_config(optimizer, steps))
-    step = jax.jit(make_train_step(opt, lm_loss(teacher.config)))
-    state = TrainState(teacher.params, opt.init(teacher.params), jnp.zeros((), jnp.int32), jax.random.key(seed))
-    state, history = _run(step, state, batches, steps, teacher.config.vocab_size, progress, "teacher_correction")
-    corrected = Model(teacher.config, state.params)
+    corrected, history = finetune(teacher, data, steps, optimizer=optimizer, batch_size=batch_size,
+                                  seq_len=seq_len, seed=seed, progress=progress, desc="teacher_correction")
     return (corrected, history) if return_history else corrected

@@ -21,6 +21,7 @@ from typing import Any
 from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
 from nemojax.data.tokenizers import Tokenizer, load_tokenizer
 from nemojax.model import Model
+from nemojax.quant.recipe import QuantRecipe
 
 HF_CONFIG = "config.json"
 HF_TOKENIZER = "tokenizer.json"
@@ -62,6 +63,8 @@ def model_config_from_dict(d: Mapping[str, Any], **overrides: Any) -> ModelConfi
             sub["time_step_limit"] = tuple(math.inf if str(v).lower() in ("inf", "infinity") else float(v)
                                            for v in sub["time_step_limit"])
         fields[name] = cls(**sub)
+    if isinstance(fields.get("quant"), Mapping):
+        fields["quant"] = QuantRecipe.from_dict(fields["quant"])
     fields.update(overrides)
     return ModelConfig(**fields)
 

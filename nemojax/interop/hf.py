@@ -30,6 +30,7 @@ from safetensors.flax import save_file
 from nemojax.config import ModelConfig
 from nemojax.interop.nemotron_h_names import TensorRule, checkpoint_name, rule_for, split_stacked_experts
 from nemojax.model import Model, Params, abstract_params
+from nemojax.quant.recipe import is_state
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,18 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
 
 
 def tensor_rules(config: ModelConfig) -> list[tuple[TensorRule, jax.ShapeDtypeStruct]]:
-    """Every param leaf of `config` with its checkpoint mapping and abstract value (shape, dtype)."""
+    """Every param leaf of `config` with its checkpoint mapping and abstract value (shape, dtype). Frozen
+    quantization state (calibrated amaxes; nemojax.quant) has no place in a high-precision checkpoint and is
+    left out: `nemojax.quant.save_quantized` writes it in NVIDIA's quantized layout."""
     experts = config.moe.num_experts if config.moe else None
     return [(rule_for(path, len(leaf.shape), experts), leaf)
-            for path, leaf in _flatten(abstract_params(config)).items()]
+            for path, leaf in _flatten(abstract_params(config)).items() if not is_state(path[-1])]
+
+
+def _uncalibrated_state(config: ModelConfig) -> dict[tuple[str, ...], jax.Array]:
+    """The quantization-state leaves of `config` at their "not calibrated" value (zero)."""
+    return {path: jnp.zeros(leaf.shape, leaf.dtype) for path, leaf in _flatten(abstract_params(config)).items()
+            if is_state(path[-1])}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -140,6 +149,7 @@ def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) ->
     for rule, leaf in rules:
         value = rule.from_checkpoint([_to_numpy(tensors[name]) for name in rule.names])
         flat[rule.path] = jnp.asarray(value.astype(leaf.dtype))
+    flat.update(_uncalibrated_state(config))
     return Model(config, _unflatten(flat))
 
 

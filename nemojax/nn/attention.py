@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.linear import dense
+from nemojax.nn.linear import calibrated, calibrating, dense, logical_param, record_amax
 from nemojax.nn.state import Extend, KVCache
+from nemojax.quant import fake
 
 f32 = jnp.float32
 
@@ -111,6 +112,8 @@ class Attention(nn.Module):
             rotary_dim = int(a.head_dim * a.partial_rotary_factor)
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)
+        if cfg.quant is not None and cfg.quant.kv_cache is not None:
+            k, v = self._quantize_kv(k, v)
         scale = a.head_dim ** -0.5
         if cache is None:
             out = causal_attention(q, k, v, scale)
@@ -122,3 +125,18 @@ class Attention(nn.Module):
         y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
             out.reshape(b, T, a.num_heads * a.head_dim))
         return y if cache is None else (y, cache)
+
+    def _quantize_kv(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values as a low-precision KV cache stores them (per-tensor FP8; `k_amax` / `v_amax` params
+        when the recipe calibrates them). k, v: [b, T, kv_heads, head_dim]."""
+        kv = self.config.quant.kv_cache
+        out = []
+        for name, t in (("k_amax", k), ("v_amax", v)):
+            static = logical_param(self, name, nn.initializers.zeros_init(), (), (), f32) if kv.static else None
+            if calibrating(self):
+                record_amax(self, name, jnp.max(jnp.abs(t)))
+                out.append(t)
+                continue
+            amax = calibrated(static, lambda t=t: jnp.max(jnp.abs(t)).astype(f32))
+            out.append(fake.fake_quant(t, kv.fmt, amax=amax, ste=kv.ste))
+        return out[0], out[1]

@@ -18,7 +18,17 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.linear import dense, dtypes, logical_param
+from nemojax.nn.linear import (
+    calibrating,
+    dense,
+    dtypes,
+    logical_param,
+    quant_key,
+    quant_spec,
+    quant_state,
+    quantized_dot,
+    record_amax,
+)
 from nemojax.nn.mlp import MLP, relu2
 
 f32 = jnp.float32
@@ -65,6 +75,36 @@ def experts_ragged(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     return jnp.einsum("tkd,tk->td", y_tkd.astype(f32), weights)
 
 
+def _routed_inputs(x: jax.Array, weights: jax.Array, ids: jax.Array, E: int) -> tuple[jax.Array, jax.Array]:
+    """(combine weights [T, E], each expert's input [E, T, D] with the tokens not routed to it zeroed)."""
+    combine_te = jnp.sum(jax.nn.one_hot(ids, E, dtype=f32) * weights[..., None], axis=1)
+    routed_et = (combine_te > 0).T
+    return combine_te, jnp.where(routed_et[..., None], x[None], jnp.zeros((), x.dtype))
+
+
+def experts_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
+                      quantized: tuple) -> jax.Array:
+    """`experts_dense` with each expert's GEMMs in low precision. `quantized` holds (spec, state, key) for
+    up_proj and for down_proj (spec None: high precision); states carry per-expert entries ([E] amaxes).
+
+    Each expert sees only the tokens routed to it (the others are zeroed), so a per-tensor amax computed on the
+    fly is the amax of the expert's own input, as with one Linear per expert.
+    """
+    E = up.shape[0]
+    combine_te, x_etd = _routed_inputs(x, weights, ids, E)
+
+    def per_expert(h_etx: jax.Array, w_exy: jax.Array, spec, state, key) -> jax.Array:
+        if spec is None:
+            return jnp.einsum("etx,exy->ety", h_etx, w_exy)
+        keys = None if key is None else jax.random.split(key, E)
+        return jax.vmap(lambda h, w, st, k: quantized_dot(h, w, spec, st, k))(h_etx, w_exy, state, keys)
+
+    (up_spec, up_state, up_key), (down_spec, down_state, down_key) = quantized
+    h_etf = relu2(per_expert(x_etd, up, up_spec, up_state, up_key))
+    y_etd = per_expert(h_etf, down, down_spec, down_state, down_key)
+    return jnp.einsum("etd,te->td", y_etd.astype(f32), combine_te)
+
+
 class Router(nn.Module):
     """x: [T, hidden] -> (weights [T, k], ids [T, k]). Kernel and correction bias are kept in float32."""
 
@@ -103,8 +143,24 @@ class Experts(nn.Module):
                            (e.num_experts, self.input_size, e.intermediate_size), param_dtype)
         down = logical_param(self, "down_proj", init, ("experts", "mlp", "embed"),
                              (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
-        run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
-        return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+        specs = {name: quant_spec(self, name) for name in ("up_proj", "down_proj")}
+        if all(spec is None for spec in specs.values()):
+            run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
+            return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+        # Low precision runs the dense dispatch (every expert sees its own routed tokens); see experts_quantized.
+        axes = {"up_proj": ("experts", "embed", "mlp"), "down_proj": ("experts", "mlp", "embed")}
+        quantized = tuple(
+            (spec, None, None) if spec is None else
+            (spec, quant_state(self, name, spec, w.shape, 1, axes[name]), quant_key(self, spec))
+            for (name, spec), w in zip(specs.items(), (up, down), strict=True))
+        if calibrating(self):
+            _, x_etd = _routed_inputs(x.astype(dtype), weights, ids, e.num_experts)
+            h_etf = relu2(jnp.einsum("etd,edf->etf", x_etd, up.astype(dtype)))
+            for (name, spec), h in zip(specs.items(), (x_etd, h_etf), strict=True):
+                if spec is not None and spec.input is not None:
+                    record_amax(self, f"{name}_input_amax", jnp.max(jnp.abs(h), axis=(1, 2)))
+            return experts_dense(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+        return experts_quantized(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized)
 
 
 class MoE(nn.Module):

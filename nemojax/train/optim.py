@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nemojax.quant.recipe import is_state
+
 # Params that are not decayed: norm scales, biases, and the SSM's per-head A_log, D and dt_bias (and the router's
 # correction bias, which is never trained by gradients at all).
 NO_DECAY = frozenset({"scale", "bias", "A_log", "D", "dt_bias", "e_score_correction_bias"})
@@ -95,16 +97,27 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.constant_schedule(cfg.lr)
 
 
+def _leaf_name(path: tuple) -> str | None:
+    return getattr(path[-1], "key", None)
+
+
 def weight_decay_mask(params: Any) -> Any:
-    """True for every param that is decayed: all but norm scales, biases, A_log, D, dt_bias, router bias."""
+    """True for every param that is decayed: all but norm scales, biases, A_log, D, dt_bias, router bias and
+    frozen quantization state."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params)
+        lambda path, _: _leaf_name(path) not in NO_DECAY and not is_state(_leaf_name(path) or ""), params)
+
+
+def frozen_mask(params: Any) -> Any:
+    """True for the params no optimizer may change: quantization state (calibrated amaxes, static block scales)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_state(_leaf_name(path) or ""), params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule and the decay mask."""
+    """Global-norm clipping, then AdamW with the schedule and the decay mask; frozen params get no update."""
     adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=weight_decay_mask)
-    if cfg.clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    chain = [adamw, optax.masked(optax.set_to_zero(), frozen_mask)]
+    if cfg.clip_norm is not None:
+        chain.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
+    return optax.chain(*chain)

@@ -73,7 +73,7 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
     with_mtp = mtp_weight > 0
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
-        del rng  # no dropout in these models
+        rngs = {"quant": rng}  # stochastic rounding of quantized-training recipes (no dropout in these models)
         tokens = batch["tokens"]
         if with_mtp:
             depths = config.mtp.num_layers
@@ -81,9 +81,9 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
                 raise ValueError(f"sequence length {tokens.shape[1]} is too short for train.mtp_loss_weight > 0: "
                                  f"must exceed mtp.num_layers={depths}")
             (logits, mtp_logits), state = net.apply({"params": params}, tokens, method=NemotronH.forward_with_mtp,
-                                                    mutable=["intermediates"])
+                                                    mutable=["intermediates"], rngs=rngs)
         else:
-            logits, state = net.apply({"params": params}, tokens, mutable=["intermediates"])
+            logits, state = net.apply({"params": params}, tokens, mutable=["intermediates"], rngs=rngs)
         loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         if with_mtp:
             # depth d at position t predicts token t + d + 2 = targets[:, t + d + 1]
