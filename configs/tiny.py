@@ -17,5 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
         "z_loss": 0.0, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0,
         "log_every": 5, "eval_every": 10, "eval_batches": 2, "checkpoint_every": 10, "keep_checkpoints": 2,
         "peak_flops_per_device": 0.0,
+        "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)
     })
     return c

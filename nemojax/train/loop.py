@@ -25,6 +25,7 @@ from tqdm import tqdm
 from nemojax import data, presets
 from nemojax.config import ModelConfig
 from nemojax.model import Model, abstract_params
+from nemojax.quant import recipes
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints
 from nemojax.train.flops import train_flops_per_token
@@ -34,9 +35,15 @@ from nemojax.train.step import TrainState, eval_step, lm_loss, make_train_step
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of `config.model`: a preset name plus overrides (sub-configs as dicts of changes)."""
+    """The ModelConfig of `config.model`: a preset name plus overrides (sub-configs as dicts of changes), with
+    the low-precision training recipe `config.train.low_precision` (a `nemojax.quant.recipes` name such as
+    "fp8_training" or "nvfp4_training"; "" or absent: none)."""
     overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
-    return presets.get(config.model.preset, **overrides)
+    mcfg = presets.get(config.model.preset, **overrides)
+    recipe = config.train.get("low_precision", "") if "train" in config else ""
+    if recipe:
+        mcfg = mcfg.replace(quant=recipes.get(recipe))
+    return mcfg
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
