@@ -27,8 +27,8 @@ _LAZY = {
     "current_scaling": "fp8", "mse_amax": "mse", "nvfp4_mse_block_scales": "mse", "matmul": "training",
     "fake_matmul": "training", "quantized_matmul": "training",
     # transforms over Model values
-    "apply": "transform", "strip": "transform", "quantized_layers": "transform", "calibrate": "calibrate",
-    "activation_amaxes": "calibrate", "qad": "qad", "qat": "qad", "QADConfig": "qad",
+    "apply": "transform", "strip": "transform", "quantized_layers": "transform", "calibrate": "calibration",
+    "activation_amaxes": "calibration", "qad": "aware", "qat": "aware", "QADConfig": "aware",
     "save_quantized": "export", "load_quantized": "export", "quant_config": "export",
 }
 

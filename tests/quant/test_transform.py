@@ -18,7 +18,6 @@ from nemojax import quant
 from nemojax.infer.cache import init_cache
 from nemojax.infer.extend import decode_step, prefill
 from nemojax.infer.load import model_config_from_dict
-from nemojax.nn.attention import Attention
 from nemojax.nn.linear import Linear
 from nemojax.quant import fake
 from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
@@ -155,7 +154,8 @@ def test_moe_experts_amax_per_expert_and_routed_tokens_only(moe_model):
     seen = {}
 
     def grab(next_fun, args, kwargs, ctx):
-        if ctx.method_name == "__call__" and type(ctx.module).__name__ == "Experts" and ctx.module.path[0] == "layers_1":
+        if (ctx.method_name == "__call__" and type(ctx.module).__name__ == "Experts"
+                and ctx.module.path[0] == "layers_1"):
             x, _, ids = args
             seen["x"], seen["ids"] = np.asarray(x), np.asarray(ids)
         return next_fun(*args, **kwargs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nemojax.compress import distill as distill_lib
+from nemojax.compress.distill import DistillConfig, distill, finetune
 from nemojax.model import Model
 from nemojax.train.optim import OptimizerConfig
 
@@ -65,10 +65,10 @@ def qad(student: Model, teacher: Model, data: Any, steps: int | None = None, con
     if teacher.config.quant is not None:
         raise ValueError("teacher.config.quant is set: the QAD teacher is the high-precision model "
                          "(nemojax.quant.strip gives it)")
-    dcfg = distill_lib.DistillConfig(kl_weight=1.0, temperature=config.temperature, scale_by_temperature=True,
-                                     lm_weight=config.lm_weight, steps=config.steps, optimizer=config.optimizer,
-                                     batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
-    return distill_lib.distill(student, teacher, data, steps, dcfg, progress=progress)
+    dcfg = DistillConfig(kl_weight=1.0, temperature=config.temperature, scale_by_temperature=True,
+                         lm_weight=config.lm_weight, steps=config.steps, optimizer=config.optimizer,
+                         batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
+    return distill(student, teacher, data, steps, dcfg, progress=progress)
 
 
 def qat(student: Model, data: Any, steps: int | None = None, config: QADConfig = QADConfig(), *,
@@ -77,5 +77,5 @@ def qat(student: Model, data: Any, steps: int | None = None, config: QADConfig =
     `config` supplies the run settings (temperature and lm_weight are not used)."""
     _check_student(student)
     steps = config.steps if steps is None else steps
-    return distill_lib.finetune(student, data, steps, optimizer=config.optimizer, batch_size=config.batch_size,
-                                seq_len=config.seq_len, seed=config.seed, progress=progress, desc="qat")
+    return finetune(student, data, steps, optimizer=config.optimizer, batch_size=config.batch_size,
+                    seq_len=config.seq_len, seed=config.seed, progress=progress, desc="qat")

@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrate the frozen quantization state of a model (spec/quant.md 2.3).
+"""Post-training quantization (PTQ): calibrate the frozen quantization state of a model (spec/quant.md 2.3).
 
     student = quant.calibrate(quant.apply(model, "nvfp4"), batches)                  # "max"
     student = quant.calibrate(quant.apply(model, "nemotron3_super_nvfp4"), batches, method="mse")
