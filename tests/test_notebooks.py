@@ -20,7 +20,7 @@ def _cells(notebook) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source.strip()) for cell in notebook.cells]
 
 
-@pytest.mark.parametrize("name", ["minitron"])
+@pytest.mark.parametrize("name", ["minitron", "nvfp4_qad"])
 def test_ipynb_is_paired_with_py(name):
     py = jupytext.read(NOTEBOOKS / f"{name}.py")
     ipynb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
@@ -56,3 +56,31 @@ def test_minitron_notebook_runs_at_tiny_scale(tmp_path):
         assert loss["pruned"][kind] > loss["teacher"]  # pruning without retraining costs accuracy
     curve = loss["width_curve"]
     assert curve[0] == [0, loss["pruned"]["width"]] and curve[-1][1] == pytest.approx(loss["distilled"]["width"])
+
+
+@pytest.mark.slow
+def test_nvfp4_qad_notebook_runs_at_tiny_scale(tmp_path):
+    env = dict(os.environ, NEMOJAX_NOTEBOOK_QUICK="1", NEMOJAX_NOTEBOOK_OUT=str(tmp_path), MPLBACKEND="Agg",
+               JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    proc = subprocess.run([sys.executable, str(NOTEBOOKS / "nvfp4_qad.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    out = tmp_path / "quick"
+    for figure in ("value_grids", "nvfp4_block", "error_vs_block_amax", "nvfp4_1d_vs_2d", "ptq_vs_qad"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000, figure
+    results = json.loads((out / "results.json").read_text())
+    grids = results["grids"]
+    assert grids["E2M1"] == {"count": 7, "min": 0.5, "max": 6.0}
+    assert grids["E4M3"] == {"count": 126, "min": 2.0**-9, "max": 448.0}
+    assert grids["E5M2"]["max"] == 57344.0 and grids["E8M0"]["count"] == 255
+    sweep = results["error_vs_block_amax"]["nvfp4"]
+    ratios, errors = sweep["ratios"], sweep["max_rel_err"]
+    assert max(e for r, e in zip(ratios, errors, strict=True) if r >= 2.0**-6 / 448) <= 0.1771
+    assert all(e == 1.0 for r, e in zip(ratios, errors, strict=True) if r <= 2.0**-10 / 448)  # flushed to zero
+    assert results["nvfp4_2d"]["transpose_consistent"] == {"1d": False, "2d": True}
+    metrics = results["metrics"]
+    assert metrics["PTQ nvfp4"]["loss"] >= metrics["teacher (f32)"]["loss"]
+    assert metrics["NVFP4 QAD"]["kl"] < metrics["PTQ nvfp4"]["kl"]
+    assert len(results["history"]["qad_kl"]) == results["scale"]["qad_steps"]
