@@ -1,10 +1,11 @@
 """The `nemojax` command: one subcommand per job.
 
-    nemojax demo [--workdir runs/demo] [--config.train.steps=100 ...] [--no-compress]
+    nemojax demo [--workdir runs/demo] [--config.train.steps=100 ...] [--no-compress] [--no-quantize]
         the main job: trains the small hybrid of configs/small_hybrid.py on the Python standard library's source,
         evaluates it, draws the loss curve and compares the validation loss with the corpus' unigram entropy; then
         prunes it to about half its parameters and distills it back (configs/minitron_small.py, in
-        <workdir>/minitron) and prints a before/after table
+        <workdir>/minitron) and prints a before/after table; then quantizes it to NVFP4 (PTQ) and recovers it with
+        QAD (configs/nvfp4_qad.py, in <workdir>/nvfp4) and prints a second table
     nemojax prune --config configs/minitron_small.py --teacher runs/demo --workdir runs/minitron
                   [--config.prune.hidden=384 ...]
         Minitron width/depth pruning of a teacher (a training workdir or a Hugging Face folder): importance on
@@ -13,6 +14,12 @@
     nemojax distill --config configs/minitron_small.py --workdir runs/minitron [--teacher DIR --config.distill.steps=60]
         logit distillation of workdir/pruned from the teacher (default: the one `prune` used) into workdir/distilled;
         prints the validation loss before/after and the teacher's; metrics in workdir/metrics.jsonl
+    nemojax quantize --config configs/nvfp4_qad.py --teacher runs/demo --workdir runs/nvfp4 [--config.recipe=fp8]
+        post-training quantization: apply a recipe (nemojax.quant.recipes), calibrate on training batches, save the
+        quantized checkpoint in NVIDIA's ModelOpt layout in workdir/ptq; prints weight storage and validation loss
+    nemojax qad --config configs/nvfp4_qad.py --workdir runs/nvfp4 [--teacher DIR --config.qad.steps=60]
+        quantization-aware distillation of workdir/ptq from the high-precision teacher (default: the one
+        `quantize` used) into workdir/qad; prints the validation losses; metrics in workdir/metrics.jsonl
     nemojax forward [--preset nemotron-3-super-120b-a12b] [--seq 64]
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
@@ -53,6 +60,7 @@ from nemojax.model import Model, param_count
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small_hybrid.py"
 COMPRESS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minitron_small.py"
+QUANT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nvfp4_qad.py"
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -74,6 +82,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"loss curve: {workdir / 'loss.png'}")
     if not args.no_compress:
         _demo_compress(args, config, workdir, result["model"], entropy)
+    if not args.no_quantize:
+        _demo_quantize(args, config, workdir, result["model"], entropy)
 
 
 def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
@@ -98,6 +108,54 @@ def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teache
                          entropy))
     print(f"checkpoints: {out / pipeline.PRUNED_DIR}, {out / pipeline.DISTILLED_DIR} "
           f"(nemojax generate --checkpoint {out / pipeline.DISTILLED_DIR} --tokenizer byte --prompt ...)")
+
+
+def _demo_quantize(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
+    """The demo's third stage: NVFP4 post-training quantization, then quantization-aware distillation."""
+    from nemojax import config_files
+    from nemojax.quant import pipeline
+
+    config = config_files.load(args.quant_config)
+    config.data = train_config.data
+    out = workdir / "nvfp4"
+    print(f"\nquantization: {config.recipe} PTQ + QAD of the trained model ({args.quant_config}) in {out}")
+    start = time.perf_counter()
+    ptq = pipeline.quantize_job(config, teacher, out, teacher_path=workdir)
+    summary = pipeline.qad_job(config, teacher, out, progress=not args.no_progress)
+    print(f"QAD for {summary['steps']} steps in {summary['seconds']:.0f} s; quantization stage "
+          f"{time.perf_counter() - start:.0f} s in all\n")
+    print(pipeline.table([("teacher (bfloat16)", ptq["teacher"]), (f"{config.recipe} PTQ", summary["ptq"]),
+                          (f"{config.recipe} QAD", summary["qad"])], entropy))
+    print(f"quantized checkpoints (NVIDIA ModelOpt layout): {out / pipeline.PTQ_DIR}, {out / pipeline.QAD_DIR}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from nemojax.quant import pipeline
+
+    config = _compress_args(args)
+    teacher_path = args.teacher or config.teacher
+    teacher = _load_teacher(teacher_path, "quantize")
+    try:
+        summary = pipeline.quantize_job(config, teacher, args.workdir, teacher_path=teacher_path)
+    except ValueError as error:
+        raise SystemExit(f"nemojax quantize: error: {error}") from error
+    print(pipeline.table([("teacher", summary["teacher"]), (f"{config.recipe} PTQ", summary["ptq"])]))
+    print(f"saved {Path(args.workdir) / pipeline.PTQ_DIR} in {summary['seconds']:.0f} s")
+
+
+def _qad(args: argparse.Namespace) -> None:
+    from nemojax.quant import pipeline
+
+    config = _compress_args(args)
+    teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
+    teacher = _load_teacher(teacher_path, "qad")
+    try:
+        summary = pipeline.qad_job(config, teacher, args.workdir, progress=not args.no_progress)
+    except ValueError as error:
+        raise SystemExit(f"nemojax qad: error: {error}") from error
+    print(pipeline.table([("teacher", summary["teacher"]), ("PTQ", summary["ptq"]), ("QAD", summary["qad"])]))
+    print(f"saved {Path(args.workdir) / pipeline.QAD_DIR} after {summary['steps']} steps in "
+          f"{summary['seconds']:.0f} s")
 
 
 def _size_change(before: dict, after: dict) -> str:
@@ -356,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--no-compress", action="store_true", help="skip the prune + distill stage")
     demo.add_argument("--compress-config", default=str(COMPRESS_CONFIG),
                       help="the compression config of the prune + distill stage")
+    demo.add_argument("--no-quantize", action="store_true", help="skip the NVFP4 PTQ + QAD stage")
+    demo.add_argument("--quant-config", default=str(QUANT_CONFIG),
+                      help="the quantization config of the PTQ + QAD stage")
     demo.set_defaults(run=_demo)
     for name, helptext in (("prune", "Minitron pruning of a teacher checkpoint into workdir/pruned"),
                            ("distill", "distill workdir/pruned from the teacher into workdir/distilled")):
@@ -368,6 +429,17 @@ def main(argv: list[str] | None = None) -> None:
         if name == "distill":
             job.add_argument("--no-progress", action="store_true", help="no progress bar")
         job.set_defaults(run=_prune if name == "prune" else _distill)
+    for name, helptext in (("quantize", "post-training quantization of a teacher into workdir/ptq"),
+                           ("qad", "quantization-aware distillation of workdir/ptq into workdir/qad")):
+        job = jobs.add_parser(name, help=helptext)
+        job.add_argument("--config", default=str(QUANT_CONFIG), help="a quantization config (get_config())")
+        job.add_argument("--workdir", required=True)
+        job.add_argument("--teacher", default=None,
+                         help="a training workdir or Hugging Face folder (default: config.teacher"
+                              + ("" if name == "quantize" else ", or the one `quantize` recorded") + ")")
+        if name == "qad":
+            job.add_argument("--no-progress", action="store_true", help="no progress bar")
+        job.set_defaults(run=_quantize if name == "quantize" else _qad)
     forward = jobs.add_parser("forward", help="forward pass of a preset's tiny variant")
     forward.add_argument("--preset", default="nemotron-3-super-120b-a12b",
                          choices=[n for n in presets.names() if not n.endswith("-tiny")])

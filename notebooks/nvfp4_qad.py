@@ -46,8 +46,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import nemojax
-from nemojax import compress, config_files, data, quant
-from nemojax.compress.distill import finetune, kl_per_token
+from nemojax import config_files, data, quant
+from nemojax.compress.distill import kl_per_token
 from nemojax.model import Model
 from nemojax.quant import formats
 from nemojax.train.loop import train
@@ -385,10 +385,9 @@ print(quant.quantized_layers(ptq["nvfp4"]))
 # - QAD: forward KL to the frozen f32 teacher, T = 1 (times T^2), no label term.
 # - QAT (full scale only): next-token cross entropy on the data.
 #
-# `quant.qad(student, teacher, data, steps, quant.QADConfig(...))` is exactly `compress.distill` with those loss
-# settings, and `quant.qat` is `compress.distill.finetune`; the cell below calls the two underlying functions
-# directly, to show what QAD is. The student learns only through the straight-through estimators of its
-# quantizers; its calibrated amaxes stay frozen.
+# `quant.qad` is `compress.distill` with exactly those loss settings (KL weight 1, no label term), and `quant.qat`
+# is LM fine-tuning (`compress.distill.finetune`) of the fake-quantized model. The student learns only through the
+# straight-through estimators of its quantizers; its calibrated amaxes stay frozen.
 #
 # NVIDIA's QAD learning rate (1e-5) is for billion-parameter models after long pre-training; this tiny model takes
 # 1e-4 (short warm-up, cosine to 10%). Much larger rates (1e-3) drive the student *away* from the teacher here.
@@ -396,13 +395,11 @@ print(quant.quantized_layers(ptq["nvfp4"]))
 # %%
 opt = OptimizerConfig(lr=1e-4, total_steps=STEPS, warmup_steps=max(1, STEPS // 10), schedule="cosine",
                       min_lr_ratio=0.1, weight_decay=0.0)
-qad_config = compress.DistillConfig(kl_weight=1.0, temperature=1.0, scale_by_temperature=True, lm_weight=0.0,
-                                    steps=STEPS, optimizer=opt, batch_size=B, seq_len=L)
-qad_model, qad_history = compress.distill(ptq["nvfp4"], teacher, train_data, config=qad_config, progress=not QUICK)
+qad_config = quant.QADConfig(temperature=1.0, lm_weight=0.0, steps=STEPS, optimizer=opt, batch_size=B, seq_len=L)
+qad_model, qad_history = quant.qad(ptq["nvfp4"], teacher, train_data, config=qad_config, progress=not QUICK)
 qat_history = []
 if SCALE["qat"]:
-    qat_model, qat_history = finetune(ptq["nvfp4"], train_data, STEPS, optimizer=opt, batch_size=B, seq_len=L,
-                                      progress=not QUICK, desc="qat")
+    qat_model, qat_history = quant.qat(ptq["nvfp4"], train_data, config=qad_config, progress=not QUICK)
     metrics["NVFP4 QAT"] = evaluate(qat_model)
 metrics["NVFP4 QAD"] = evaluate(qad_model)
 

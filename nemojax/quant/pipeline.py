@@ -1,0 +1,139 @@
+"""The `nemojax quantize` (PTQ) and `nemojax qad` jobs: a quantization config (configs/nvfp4_qad.py), a teacher
+checkpoint and a workdir in; NVIDIA-layout quantized checkpoints out.
+
+    summary = quantize_job(config, teacher, "runs/nvfp4", teacher_path="runs/demo")
+        -> runs/nvfp4/ptq/ (quantized checkpoint), runs/nvfp4/quantize.json
+    summary = qad_job(config, teacher, "runs/nvfp4")
+        -> runs/nvfp4/qad/, runs/nvfp4/metrics.jsonl (+ TensorBoard), runs/nvfp4/qad.json
+
+Validation losses are `nemojax.compress.pipeline.validation_loss` (config.eval), the same batches for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from nemojax.compress.pipeline import calibration_batches, data_config, validation_loss
+from nemojax.model import Model
+from nemojax.quant.aware import QAD_OPTIMIZER, QADConfig, qad
+from nemojax.quant.calibration import calibrate
+from nemojax.quant.export import load_quantized, save_quantized
+from nemojax.quant.transform import apply, strip
+
+PTQ_DIR = "ptq"
+QAD_DIR = "qad"
+QUANTIZE_RECORD = "quantize.json"
+QAD_RECORD = "qad.json"
+
+
+def weight_bytes(model: Model) -> int:
+    """Bytes of the model's weights as stored: packed low-precision weights + their scales for quantized layers
+    (NVFP4 4.5 bits, FP8 8 bits, MXFP8 8.25 bits per element), bfloat16 for everything else."""
+    from flax.traverse_util import flatten_dict
+
+    bits = {"nvfp4": 4.5, "nvfp4_2d": 4.5, "fp8_e4m3": 8.0, "fp8_e5m2": 8.0, "mxfp8": 8.25, "mxfp4": 4.25}
+    recipe, total = model.config.quant, 0.0
+    for path, leaf in flatten_dict(model.params).items():
+        name = path[-1]
+        if name.endswith(("_amax", "_block_scale")):
+            continue
+        layer = "/".join(path[:-1]) if name == "kernel" else "/".join(path)
+        spec = recipe.linear(layer, model.config.pattern) if recipe is not None and (
+            name == "kernel" or path[-2] == "experts") and path[-2] not in ("gate", "conv1d") else None
+        per = bits[spec.weight.fmt] if spec is not None and spec.weight is not None else 16.0
+        total += leaf.size * per / 8
+    return int(total)
+
+
+def _summary(model: Model, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"params": model.num_params, "weight_bytes": weight_bytes(model), "val_loss": validation_loss(model, config)}
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def quantize_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
+                 teacher_path: str | Path | None = None, log=print) -> dict[str, Any]:
+    """PTQ: apply config.recipe to `teacher`, calibrate on config.calibration batches (config.calibration.method
+    "max" or "mse"), save the quantized checkpoint in workdir/ptq; returns {"teacher", "ptq": params,
+    weight_bytes, val_loss; "recipe", "seconds"}."""
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    teacher = strip(teacher) if teacher.config.quant is not None else teacher
+    c = config.calibration
+    log(f"quantize: recipe {config.recipe!r}, {c.method} calibration on {c.num_sequences} x {c.seq_len} tokens")
+    student = calibrate(apply(teacher, config.recipe), calibration_batches(config), method=c.method)
+    save_quantized(student, workdir / PTQ_DIR)
+    summary = {"teacher": _summary(teacher, config), "ptq": _summary(student, config), "recipe": config.recipe,
+               "seconds": time.perf_counter() - start,
+               "teacher_path": None if teacher_path is None else str(Path(teacher_path).absolute())}
+    _write_json(workdir / QUANTIZE_RECORD, summary)
+    return summary
+
+
+def qad_config(config: ml_collections.ConfigDict) -> QADConfig:
+    q = config.qad
+    optimizer = dataclasses.replace(QAD_OPTIMIZER, lr=float(q.lr), warmup_steps=int(q.warmup_steps),
+                                    min_lr_ratio=float(q.min_lr_ratio), total_steps=int(q.steps))
+    return QADConfig(temperature=float(q.temperature), lm_weight=float(q.lm_weight), steps=int(q.steps),
+                     batch_size=int(q.batch_size), seq_len=int(q.seq_len), seed=int(q.seed), optimizer=optimizer)
+
+
+def recorded_teacher(workdir: str | Path) -> str | None:
+    """The teacher path `quantize_job` recorded in workdir/quantize.json, if any."""
+    record = Path(workdir) / QUANTIZE_RECORD
+    return json.loads(record.read_text()).get("teacher_path") if record.is_file() else None
+
+
+def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
+            student: Model | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+    """QAD of workdir/ptq (or `student`) from the high-precision `teacher` for config.qad.steps; saves
+    workdir/qad, appends per-step metrics and the final validation losses to workdir/metrics.jsonl; returns
+    {"teacher", "ptq", "qad": params, weight_bytes, val_loss; "steps", "seconds", "final_kl"}."""
+    from nemojax.train.metrics import MetricsWriter
+
+    workdir = Path(workdir)
+    if student is None:
+        folder = workdir / PTQ_DIR
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} has no quantized checkpoint (config.json); run `nemojax quantize` with this "
+                             "workdir first")
+        student = load_quantized(folder, dtype=teacher.config.dtype)
+    teacher = strip(teacher) if teacher.config.quant is not None else teacher
+    qcfg = qad_config(config)
+    before, teacher_summary = _summary(student, config), _summary(teacher, config)
+    log(f"qad: {qcfg.steps} steps of {qcfg.batch_size} x {qcfg.seq_len} tokens, KL to the high-precision teacher")
+    start = time.perf_counter()
+    trained, history = qad(student, teacher, data_config(config), config=qcfg, progress=progress)
+    seconds = time.perf_counter() - start
+    after = _summary(trained, config)
+    save_quantized(trained, workdir / QAD_DIR)
+    writer = MetricsWriter(workdir)
+    try:
+        for metrics in history:
+            writer.write(int(metrics["step"]), "qad", {k: v for k, v in metrics.items() if k != "step"})
+        writer.write(len(history), "validation", {"loss": after["val_loss"], "ptq_loss": before["val_loss"],
+                                                  "teacher_loss": teacher_summary["val_loss"]})
+    finally:
+        writer.close()
+    summary = {"teacher": teacher_summary, "ptq": before, "qad": after, "steps": len(history), "seconds": seconds,
+               "final_kl": history[-1].get("kl") if history else None}
+    _write_json(workdir / QAD_RECORD, summary)
+    return summary
+
+
+def table(rows: list[tuple[str, dict[str, Any]]], entropy: float | None = None) -> str:
+    """(name, summary) rows: weight storage and validation loss, plus the unigram entropy for reference."""
+    lines = [f"{'model':22s} {'weights MB':>10s} {'val loss':>9s}"]
+    lines += [f"{name:22s} {s['weight_bytes'] / 1e6:>10.2f} {s['val_loss']:>9.3f}" for name, s in rows]
+    if entropy is not None:
+        lines.append(f"{'unigram entropy':22s} {'':>10s} {entropy:>9.3f}")
+    return "\n".join(lines)
