@@ -289,3 +289,47 @@ def test_prune_errors_name_the_target(tmp_path):
     assert not (tmp_path / "w" / "pruned").exists()
     with pytest.raises(SystemExit, match="no pruned checkpoint"):
         cli.main(["distill", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "empty"), *COMPRESS])
+
+
+# ------------------------------------------------------------------------------------ nemojax quantize / qad
+
+QUANTIZE = ["--config", str(cli.QUANT_CONFIG),
+            "--config.calibration.num_sequences=4", "--config.calibration.batch_size=2",
+            "--config.calibration.seq_len=32", "--config.qad.steps=2", "--config.qad.batch_size=2",
+            "--config.qad.seq_len=32", "--config.qad.warmup_steps=1",
+            "--config.eval.batches=1", "--config.eval.batch_size=2", "--config.eval.seq_len=32"]
+
+
+def test_quantize_then_qad_write_nvidia_checkpoints(tmp_path, capsys):
+    """`nemojax quantize` saves a calibrated NVFP4 checkpoint (ModelOpt layout) whose weights it reports at about
+    4.5/16 of bfloat16; `nemojax qad` (teacher from quantize.json) distils it and saves another; bad recipes stop
+    with an error naming them, before anything is saved."""
+    import nemojax
+    from nemojax import quant
+
+    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
+    work = tmp_path / "nvfp4"
+    cli.main(["quantize", "--teacher", str(teacher_dir), "--workdir", str(work), *QUANTIZE])
+    out = capsys.readouterr().out
+    ptq = quant.load_quantized(work / "ptq")
+    assert ptq.config.quant is not None
+    assert json.loads((work / "ptq" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "NVFP4"
+    record = json.loads((work / "quantize.json").read_text())
+    teacher_mb, ptq_mb = record["teacher"]["weight_bytes"], record["ptq"]["weight_bytes"]
+    assert ptq_mb < 0.5 * teacher_mb  # the linears (most weights) at 4.5 bits instead of 16
+    assert f"{ptq_mb / 1e6:.2f}" in out and record["ptq"]["val_loss"] > 0
+    cli.main(["qad", "--workdir", str(work), "--no-progress", *QUANTIZE])
+    out = capsys.readouterr().out
+    qad = quant.load_quantized(work / "qad")
+    assert qad.config.pattern == teacher.config.pattern
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "qad"] == [1, 2]
+    assert all(r["kl"] > 0 for r in records if r["split"] == "qad")
+    assert "QAD" in out
+    with pytest.raises(SystemExit, match="quant recipe 'int3' is unknown"):
+        cli.main(["quantize", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "w"), *QUANTIZE,
+                  "--config.recipe=int3"])
+    assert not (tmp_path / "w" / "ptq").exists()
+    with pytest.raises(SystemExit, match="no quantized checkpoint"):
+        cli.main(["qad", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "empty"), *QUANTIZE])
