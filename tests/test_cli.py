@@ -51,7 +51,7 @@ def test_demo_trains_and_compares_with_unigram_entropy(tmp_path, capsys):
     cli.main(["demo", "--workdir", str(tmp_path), "--no-progress", "--config.train.steps=4",
               "--config.train.batch_size=2", "--config.train.seq_len=64", "--config.train.eval_batches=1",
               "--config.optimizer.warmup_steps=1", "--config.model.overrides.pattern=M*-",
-              "--no-compress"])
+              "--no-compress", "--no-quantize"])
     out = capsys.readouterr().out
     assert re.search(r"validation loss [0-9.]+ nats/token vs the corpus' unigram entropy 3\.[0-9]+", out)
     assert (tmp_path / "loss.png").stat().st_size > 1000

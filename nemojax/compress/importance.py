@@ -33,7 +33,7 @@ from nemojax.compress.scores import Scores
 from nemojax.config import ModelConfig
 from nemojax.model import Model, module
 from nemojax.nn.blocks import Block
-from nemojax.nn.linear import dtypes
+from nemojax.nn.linear import Linear, dtypes
 from nemojax.nn.mlp import relu2
 from nemojax.nn.moe import Experts
 from nemojax.nn.norms import RMSNorm
@@ -149,7 +149,7 @@ def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Ar
             pass
         elif isinstance(mod, Block) and len(path) == 1:
             bi[i] = jnp.sum(one_minus_cos(args[0], out))
-        elif isinstance(mod, nn.Dense):
+        elif isinstance(mod, Linear):
             kind = config.pattern[i]
             rest = path[1:]
             if kind == "*" and rest == ("mixer", "o_proj"):
