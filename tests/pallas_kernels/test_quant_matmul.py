@@ -1,0 +1,141 @@
+"""fp8_matmul / nvfp4_matmul (pallas_kernels/quant_matmul.py) in interpret mode against f32 oracles.
+
+Oracles: fp8 -> f32 dot of the decoded operands times the two scales; nvfp4 -> x @ nemojax.quant's dequantized W.T.
+Tolerances are relative to |x| @ |W|.T (the scale of the summands), so they measure rounding, not cancellation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemojax.quant.qarray import pack_fp4, quantize
+from pallas_kernels.quant_matmul import _e2m1_decode, fp8_matmul, nvfp4_matmul
+
+HI = jax.lax.Precision.HIGHEST
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _fp8(shape, seed):
+    return jnp.asarray(_rng(seed).standard_normal(shape).astype(np.float32) * 3).astype(jnp.float8_e4m3fn)
+
+
+def _rel_err(y, ref, mag):
+    """max |y - ref| / max(|a| @ |b|): the error in units of the summands' scale."""
+    return float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref)) / jnp.max(mag))
+
+
+# ------------------------------------------------------------------------------------------------------- fp8
+
+
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 64, 48), (37, 96, 48), (20, 200, 33)])
+def test_fp8_matmul_matches_f32_oracle(M, K, N):
+    a, b = _fp8((M, K), 0), _fp8((K, N), 1)
+    sa, sb = jnp.float32(0.37), jnp.float32(2.5)
+    af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+    ref = jnp.dot(af, bf, precision=HI) * (sa * sb)
+    mag = jnp.dot(jnp.abs(af), jnp.abs(bf), precision=HI) * (sa * sb)
+    kw = dict(block_m=16, block_n=16, block_k=32, interpret=True)  # several blocks along every axis
+    y32 = fp8_matmul(a, b, sa, sb, out_dtype=jnp.float32, **kw)
+    assert y32.shape == (M, N) and y32.dtype == jnp.float32
+    assert _rel_err(y32, ref, mag) < 1e-6  # only the f32 summation order differs
+    y = fp8_matmul(a, b, sa, sb, **kw)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32),
+        np.asarray(ref.astype(jnp.bfloat16), np.float32),
+        rtol=2**-7,
+        atol=1e-6 * float(jnp.max(mag)),
+    )
+
+
+def test_fp8_matmul_default_blocks_and_scale_matter():
+    a, b = _fp8((5, 64), 2), _fp8((64, 48), 3)
+    y1 = fp8_matmul(a, b, 1.0, 1.0, out_dtype=jnp.float32, interpret=True)
+    y3 = fp8_matmul(a, b, 0.5, 6.0, out_dtype=jnp.float32, interpret=True)
+    ref = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=HI)
+    np.testing.assert_allclose(y1, ref, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(y3, 3.0 * ref, rtol=1e-6, atol=1e-4)
+
+
+def test_fp8_matmul_rejects_bad_inputs():
+    a = _fp8((4, 32), 0)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_matmul(a.astype(jnp.bfloat16), a.T, 1.0, 1.0, interpret=True)
+    with pytest.raises(ValueError, match="contraction"):
+        fp8_matmul(a, a, 1.0, 1.0, interpret=True)
+    with pytest.raises(ValueError, match="scalar"):
+        fp8_matmul(a, a.T, jnp.ones(2), 1.0, interpret=True)
+
+
+# ----------------------------------------------------------------------------------------------------- nvfp4
+
+
+def test_e2m1_decode_all_codes():
+    codes = jnp.arange(16, dtype=jnp.uint8)
+    table = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    ml = jax.lax.bitcast_convert_type(codes.astype(jnp.uint4), jnp.float4_e2m1fn).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ml), table)  # the spec table is ml_dtypes' table
+    got = _e2m1_decode(codes)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), table)
+
+
+def _nvfp4_weight(N, K, seed):
+    w = jnp.asarray(_rng(seed).standard_normal((N, K)).astype(np.float32))
+    w = w * jnp.asarray(_rng(seed + 1).uniform(0.1, 4.0, (N, 1)).astype(np.float32))  # row-varying block scales
+    q = quantize(w, "nvfp4", axis=-1)
+    return q, pack_fp4(q.data), q.scale, q.global_scale
+
+
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 64, 48), (37, 96, 48), (20, 64, 33)])
+def test_nvfp4_matmul_matches_dequant_oracle(M, K, N):
+    q, wp, ws, wg = _nvfp4_weight(N, K, 10)
+    assert wp.shape == (N, K // 2) and ws.shape == (N, K // 16) and ws.dtype == jnp.float8_e4m3fn
+    w_hat = q.dequantize(jnp.float32)
+    x = jnp.asarray(_rng(11).standard_normal((M, K)).astype(np.float32)).astype(jnp.bfloat16)
+    xf = x.astype(jnp.float32)
+    ref = jnp.dot(xf, w_hat.T, precision=HI)
+    mag = jnp.dot(jnp.abs(xf), jnp.abs(w_hat).T, precision=HI)
+    kw = dict(block_m=16, block_n=16, block_k=32, interpret=True)
+    y32 = nvfp4_matmul(x, wp, ws, wg, out_dtype=jnp.float32, **kw)
+    assert y32.shape == (M, N) and y32.dtype == jnp.float32
+    # x is exact in bf16 and q*d_b is exact in bf16: only f32 summation order and the S_dec placement differ
+    assert _rel_err(y32, ref, mag) < 1e-6  # measured ~1e-7
+    y = nvfp4_matmul(x, wp, ws, wg, **kw)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2 * float(jnp.max(mag)))
+    # default (large) blocks: a single block per axis
+    y_def = nvfp4_matmul(x, wp, ws, wg, out_dtype=jnp.float32, interpret=True)
+    assert _rel_err(y_def, ref, mag) < 1e-6
+
+
+def test_nvfp4_matmul_hand_built_byte():
+    # one row of W: byte 0x21 -> [0.5, 1.0] (low nibble first), the rest zero; block scale 2, global 0.25
+    K, N = 32, 1
+    wp = jnp.zeros((N, K // 2), jnp.uint8).at[0, 0].set(0x21)
+    ws = jnp.full((N, K // 16), 2.0, jnp.float8_e4m3fn)
+    x = jnp.zeros((1, K), jnp.bfloat16).at[0, 0].set(3.0).at[0, 1].set(5.0).at[0, 2].set(7.0)
+    y = nvfp4_matmul(x, wp, ws, 0.25, out_dtype=jnp.float32, interpret=True)
+    assert float(y[0, 0]) == (3.0 * 0.5 + 5.0 * 1.0) * 2.0 * 0.25  # 3.25; swapping the nibbles would give 2.0
+    # a negative code in the high nibble of the second-block byte: 0xF0 -> [0, -6] at columns 16, 17
+    wp2 = wp.at[0, 8].set(0xF0)
+    x2 = x.at[0, 17].set(1.0)
+    y2 = nvfp4_matmul(x2, wp2, ws.at[0, 1].set(0.5), 1.0, out_dtype=jnp.float32, interpret=True)
+    assert float(y2[0, 0]) == (1.5 + 5.0) * 2.0 + (-6.0) * 0.5
+
+
+def test_nvfp4_matmul_rejects_bad_k():
+    x = jnp.zeros((2, 48), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K=48"):
+        nvfp4_matmul(x, jnp.zeros((4, 24), jnp.uint8), jnp.zeros((4, 3), jnp.float8_e4m3fn), 1.0, interpret=True)
+    x = jnp.zeros((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="w_scale"):
+        nvfp4_matmul(x, jnp.zeros((4, 32), jnp.uint8), jnp.zeros((4, 2), jnp.float8_e4m3fn), 1.0, interpret=True)
+    with pytest.raises(ValueError, match="w_packed"):
+        nvfp4_matmul(x, jnp.zeros((4, 64), jnp.uint8), jnp.zeros((4, 4), jnp.float8_e4m3fn), 1.0, interpret=True)
