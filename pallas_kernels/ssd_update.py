@@ -1,0 +1,129 @@
+"""Single-token selective state update (Mamba-2 decode step) as a Pallas kernel, plus its pure-JAX reference.
+
+Per batch row and head h (group g = h // (H / G), the repeat-interleave of spec 6.10):
+
+    S <- exp(dt_h * A_h) * S + dt_h * x_h (outer) B_g        S: [P, N], float32
+    y_h = S @ C_g + D_h * x_h
+
+This is one step of `nemojax.nn.ssd.ssd_sequential` (L = 1) followed by the mixer's D skip, i.e. what the Mamba-2
+mixer computes when decoding one token. `dt` is taken as the mixer passes it to the scan: already
+`clip(softplus(dt + dt_bias), time_step_limit)`; `A = -exp(A_log)`.
+
+Shapes (b batch, H heads, P head dim, G groups, N state size):
+
+    state: [b, H, P, N] float32     x: [b, H, P]     dt: [b, H]     A: [H]     B, C: [b, G, N]     D: [H]
+    returns (y [b, H, P] float32, new_state [b, H, P, N] float32)
+
+x, B, C may be bf16 (the mixer's compute dtype); everything is computed in float32. The kernel writes the new state
+over the old one (`input_output_aliases`): donate `state` under `jax.jit(..., donate_argnums=...)` and no second
+state buffer is allocated on an accelerator.
+
+Layout: heads are viewed as [G, R] (R = H / G heads per group; a free reshape), and the grid is
+(b, G / gb, R / rb), each program owning gb * rb <= block_heads heads that read gb groups' B/C, so B/C need no
+repeat inside the kernel. gb, rb are divisors of G, R (no padding: a pad would copy the state and lose the
+in-place update), so any H works; an awkward H just gets smaller blocks.
+
+Depends on JAX alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+f32 = jnp.float32
+
+
+def _check(state, x, dt, A, B, C, D) -> tuple[int, int, int, int, int]:
+    b, H, P, N = state.shape
+    G = B.shape[1] if B.ndim == 3 else -1
+    if (x.shape != (b, H, P) or dt.shape != (b, H) or A.shape != (H,) or D.shape != (H,)
+            or B.shape != (b, G, N) or C.shape != B.shape):
+        raise ValueError(f"ssd_update shapes disagree: state {state.shape}, x {x.shape}, dt {dt.shape}, "
+                         f"A {A.shape}, B {B.shape}, C {C.shape}, D {D.shape}")
+    if H % G:
+        raise ValueError(f"ssd_update: {H} heads do not divide into {G} groups")
+    return b, H, P, G, N
+
+
+def ssd_update_reference(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array,
+                         C: jax.Array, D: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pure-JAX single-token state update (shapes in the module docstring): (y, new_state), float32."""
+    b, H, P, G, N = _check(state, x, dt, A, B, C, D)
+    R = H // G
+    x, dt, A, D = x.astype(f32), dt.astype(f32), A.astype(f32), D.astype(f32)
+    B_h = jnp.repeat(B.astype(f32), R, axis=1)  # [b, H, N]
+    C_h = jnp.repeat(C.astype(f32), R, axis=1)
+    decay = jnp.exp(dt * A)  # [b, H]
+    new_state = (state.astype(f32) * decay[..., None, None]
+                 + (x * dt[..., None])[..., :, None] * B_h[..., None, :])
+    y = jnp.einsum("bhpn,bhn->bhp", new_state, C_h) + D[:, None] * x
+    return y, new_state
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+
+
+def head_blocks(H: int, G: int, block_heads: int) -> tuple[int, int]:
+    """(gb, rb): groups and heads-per-group handled by one program; gb * rb <= block_heads, gb | G, rb | H/G."""
+    R = H // G
+    if block_heads < R:
+        return 1, _largest_divisor_at_most(R, block_heads)
+    return _largest_divisor_at_most(G, block_heads // R), R
+
+
+def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref):
+    # Blocks: state [gb, rb, P, N]; x [gb, rb, P]; dt, A, D [gb, rb]; B, C [gb, N] (batch dim squeezed).
+    S = state_ref[...].astype(f32)
+    x = x_ref[...].astype(f32)
+    dt = dt_ref[...].astype(f32)
+    A = A_ref[...].astype(f32)
+    Bm = B_ref[...].astype(f32)
+    Cm = C_ref[...].astype(f32)
+    D = D_ref[...].astype(f32)
+    decay = jnp.exp(dt * A)  # [gb, rb]
+    S = S * decay[:, :, None, None] + (x * dt[:, :, None])[:, :, :, None] * Bm[:, None, None, :]
+    new_state_ref[...] = S
+    y_ref[...] = (jnp.sum(S * Cm[:, None, None, :], axis=-1) + D[:, :, None] * x).astype(y_ref.dtype)
+
+
+def ssd_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+               D: jax.Array, *, interpret: bool = False, block_heads: int = 8) -> tuple[jax.Array, jax.Array]:
+    """One decode step of the Mamba-2 state, as a Pallas kernel: (y [b, H, P] f32, new_state [b, H, P, N] f32).
+
+    Shapes and semantics in the module docstring. `state` must be float32 and is updated in place when donated.
+    `block_heads` caps the heads per program (rounded down to a group-compatible divisor of H, see `head_blocks`).
+    `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU tests).
+    """
+    b, H, P, G, N = _check(state, x, dt, A, B, C, D)
+    if state.dtype != f32:
+        raise ValueError(f"ssd_update: state must be float32, got {state.dtype}")
+    R = H // G
+    gb, rb = head_blocks(H, G, block_heads)
+    grid = (b, G // gb, R // rb)
+
+    state5 = state.reshape(b, G, R, P, N)
+    x4 = x.reshape(b, G, R, P)
+    dt3 = dt.reshape(b, G, R)
+    A2, D2 = A.reshape(G, R), D.reshape(G, R)
+    sq = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+
+    state_spec = pl.BlockSpec((sq, gb, rb, P, N), lambda i, g, r: (i, g, r, 0, 0))
+    x_spec = pl.BlockSpec((sq, gb, rb, P), lambda i, g, r: (i, g, r, 0))
+    dt_spec = pl.BlockSpec((sq, gb, rb), lambda i, g, r: (i, g, r))
+    head_spec = pl.BlockSpec((gb, rb), lambda i, g, r: (g, r))
+    bc_spec = pl.BlockSpec((sq, gb, N), lambda i, g, r: (i, g, 0))
+
+    y4, new_state5 = pl.pallas_call(
+        _kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, G, R, P), f32), jax.ShapeDtypeStruct(state5.shape, f32)),
+        grid=grid,
+        in_specs=[state_spec, x_spec, dt_spec, head_spec, bc_spec, bc_spec, head_spec],
+        out_specs=(x_spec, state_spec),
+        input_output_aliases={0: 1},  # state (input 0) is written as new_state (output 1)
+        interpret=interpret,
+        name="ssd_update",
+    )(state5, x4, dt3, A2, B, C, D2)
+    return y4.reshape(b, H, P), new_state5.reshape(b, H, P, N)
