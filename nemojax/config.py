@@ -31,6 +31,7 @@ _HF_NAME_TO_CHAR = {
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
+KERNEL_IMPLS = ("xla", "pallas", "auto")  # pallas_kernels.dispatch.IMPLS
 # Activation checkpointing per layer: "none", "full" (save nothing), or a jax.checkpoint_policies name.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # Above this many routed experts `moe_impl="auto"` switches from the dense one-hot einsum to sorted ragged_dot.
@@ -67,6 +68,9 @@ class MambaConfig:
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
     ssd_impl: str = "chunked"
+    # the single-token decode step: "xla", "pallas" (pallas_kernels.ssd_update) or "auto" (the kernel on the
+    # backends where it is validated; see pallas_kernels.dispatch)
+    decode_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("mamba.", self, ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -84,6 +88,8 @@ class MambaConfig:
             _fail("mamba.time_step_min", self.time_step_min, f"must be in (0, time_step_max={self.time_step_max}]")
         if self.ssd_impl not in SSD_IMPLS:
             _fail("mamba.ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
+        if self.decode_impl not in KERNEL_IMPLS:
+            _fail("mamba.decode_impl", self.decode_impl, f"must be one of {KERNEL_IMPLS}")
 
     @property
     def inner_size(self) -> int:

@@ -18,6 +18,8 @@ from nemojax.nn.linear import dense, dtypes, logical_param
 from nemojax.nn.norms import GatedRMSNorm
 from nemojax.nn.ssd import ssd, ssd_states
 from nemojax.nn.state import Extend, MambaState, take_rows
+from pallas_kernels import dispatch
+from pallas_kernels.ssd_update import ssd_update
 
 f32 = jnp.float32
 
@@ -133,8 +135,15 @@ class Mamba2Mixer(nn.Module):
             valid = step.valid(T)
             dt_c = jnp.where(valid[..., None], dt, 0.0)
             x_c = jnp.where(valid[..., None, None], x_bThp, 0.0)
-            impl = m.ssd_impl if T > 1 else "sequential"
-            y_bThp, final = ssd(x_c, dt_c, A, B, C, chunk_size=m.chunk_size, initial_state=state.ssm, impl=impl)
+            if T == 1 and dispatch.resolve("ssd_update", m.decode_impl) == "pallas":
+                # the D skip is added below for every path, so the kernel gets D = 0
+                y_bhp, final = ssd_update(state.ssm, x_c[:, 0], dt_c[:, 0], A, B[:, 0], C[:, 0],
+                                          jnp.zeros((H,), f32), interpret=dispatch.interpret())
+                y_bThp = y_bhp[:, None]
+            else:
+                impl = m.ssd_impl if T > 1 else "sequential"
+                y_bThp, final = ssd(x_c, dt_c, A, B, C, chunk_size=m.chunk_size, initial_state=state.ssm,
+                                    impl=impl)
             new_state = MambaState(take_rows(window, step.commit, K - 1), final)
         y_bThp = y_bThp + D.astype(f32)[:, None] * x_bThp
 

@@ -108,6 +108,8 @@ def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[s
     model = dataclasses.asdict(mcfg)
     for runtime in ("dtype", "remat"):  # may change between runs of one checkpoint
         model.pop(runtime)
+    if model.get("mamba"):
+        model["mamba"].pop("decode_impl")  # a kernel choice; workdirs from before the field existed still resume
     return {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
 
 

@@ -1,0 +1,38 @@
+"""Which implementation an op runs: `impl="xla" | "pallas" | "auto"`, chosen per op from the model config.
+
+    impl = dispatch.resolve("ssd_update", config.mamba.decode_impl)      # "xla" or "pallas"
+    interpret = dispatch.interpret()                                    # True on CPU: Pallas runs interpreted
+
+"pallas" always runs the kernel (interpreted on CPU, so a forced kernel is testable everywhere). "auto" picks
+the kernel only on the backends where it has been validated against its reference on the device; a kernel that
+has only passed interpret-mode tests stays on XLA under "auto", so no model changes numerics or breaks on a
+backend nobody has run it on.
+"""
+
+from __future__ import annotations
+
+import jax
+
+IMPLS = ("xla", "pallas", "auto")
+# op -> backends on which "auto" chooses the Pallas kernel (filled in as device runs validate each kernel)
+VALIDATED: dict[str, frozenset[str]] = {
+    "ssd_update": frozenset(),
+    "fp8_matmul": frozenset(),
+    "nvfp4_matmul": frozenset(),
+}
+
+
+def resolve(op: str, impl: str, backend: str | None = None) -> str:
+    """"xla" or "pallas" for `op` under the setting `impl` on `backend` (default: JAX's default backend)."""
+    if op not in VALIDATED:
+        raise ValueError(f"op={op!r} is invalid: must be one of {sorted(VALIDATED)}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is invalid for {op}: must be one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    return "pallas" if (backend or jax.default_backend()) in VALIDATED[op] else "xla"
+
+
+def interpret(backend: str | None = None) -> bool:
+    """Whether Pallas kernels must run in interpret mode (CPU has no Pallas lowering)."""
+    return (backend or jax.default_backend()) == "cpu"
