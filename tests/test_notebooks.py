@@ -31,15 +31,20 @@ def test_ipynb_is_paired_with_py(name):
             assert not cell.get("outputs") and cell.get("execution_count") is None, "commit the .ipynb without outputs"
 
 
-@pytest.mark.slow
-def test_minitron_notebook_runs_at_tiny_scale(tmp_path):
+def _run_quick(name: str, tmp_path: Path) -> None:
+    """Runs notebooks/<name>.py at tiny scale as a script, writing under tmp_path; fails on any error."""
     env = dict(os.environ, NEMOJAX_NOTEBOOK_QUICK="1", NEMOJAX_NOTEBOOK_OUT=str(tmp_path), MPLBACKEND="Agg",
                JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
     # Compile time dominates at this scale; unoptimised XLA code halves the run and changes no assertion.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    proc = subprocess.run([sys.executable, str(NOTEBOOKS / "minitron.py")], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(NOTEBOOKS / f"{name}.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_minitron_notebook_runs_at_tiny_scale(tmp_path):
+    _run_quick("minitron", tmp_path)
 
     out = tmp_path / "quick"
     for figure in ("hidden_scores", "layer_axis_scores", "block_importance", "distillation"):
@@ -60,12 +65,7 @@ def test_minitron_notebook_runs_at_tiny_scale(tmp_path):
 
 @pytest.mark.slow
 def test_nvfp4_qad_notebook_runs_at_tiny_scale(tmp_path):
-    env = dict(os.environ, NEMOJAX_NOTEBOOK_QUICK="1", NEMOJAX_NOTEBOOK_OUT=str(tmp_path), MPLBACKEND="Agg",
-               JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    proc = subprocess.run([sys.executable, str(NOTEBOOKS / "nvfp4_qad.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _run_quick("nvfp4_qad", tmp_path)
 
     out = tmp_path / "quick"
     for figure in ("value_grids", "nvfp4_block", "error_vs_block_amax", "nvfp4_1d_vs_2d", "ptq_vs_qad"):
