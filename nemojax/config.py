@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
 KERNEL_IMPLS = ("xla", "pallas", "auto")  # pallas_kernels.dispatch.IMPLS
+ATTENTION_IMPLS = (*KERNEL_IMPLS, "cudnn")  # + jax.nn.dot_product_attention's cuDNN fused kernel
 # Activation checkpointing per layer: "none", "full" (save nothing), or a jax.checkpoint_policies name.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # Above this many routed experts `moe_impl="auto"` switches from the dense one-hot einsum to sorted ragged_dot.
@@ -71,6 +72,9 @@ class MambaConfig:
     # the single-token decode step: "xla", "pallas" (pallas_kernels.ssd_update) or "auto" (the kernel on the
     # backends where it is validated; see pallas_kernels.dispatch)
     decode_impl: str = "auto"
+    # the chunked scan (ssd_impl="chunked") of a prefill or training forward: "xla" (nemojax.nn.ssd), "pallas"
+    # (pallas_kernels.ssd_scan) or "auto"
+    scan_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("mamba.", self, ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -90,6 +94,8 @@ class MambaConfig:
             _fail("mamba.ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
         if self.decode_impl not in KERNEL_IMPLS:
             _fail("mamba.decode_impl", self.decode_impl, f"must be one of {KERNEL_IMPLS}")
+        if self.scan_impl not in KERNEL_IMPLS:
+            _fail("mamba.scan_impl", self.scan_impl, f"must be one of {KERNEL_IMPLS}")
 
     @property
     def inner_size(self) -> int:
@@ -117,9 +123,14 @@ class AttentionConfig:
     bias: bool = False
     rope_theta: float | None = None
     partial_rotary_factor: float = 1.0
+    # causal self-attention without a cache (training, fresh prefill): "xla" (nemojax.nn.attention), "pallas"
+    # (JAX's own Pallas flash attention, pallas_kernels.attention), "cudnn" or "auto"
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("attention.", self, ("num_heads", "num_kv_heads", "head_dim"))
+        if self.impl not in ATTENTION_IMPLS:
+            _fail("attention.impl", self.impl, f"must be one of {ATTENTION_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             _fail("attention.num_heads", self.num_heads,
                   f"must be divisible by attention.num_kv_heads={self.num_kv_heads}")
@@ -218,6 +229,9 @@ class ModelConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
     quant: QuantRecipe | None = None  # low-precision formats per linear layer (nemojax.quant.apply)
+    # GEMMs of quantized linear layers whose formats a Pallas kernel covers (pallas_kernels.quant_matmul):
+    # "xla" (fake-quantized operands), "pallas" or "auto"
+    matmul_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("", self, ("vocab_size", "hidden_size"))
@@ -241,6 +255,8 @@ class ModelConfig:
                 _fail(field, getattr(self, field), f"must be one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
+        if self.matmul_impl not in KERNEL_IMPLS:
+            _fail("matmul_impl", self.matmul_impl, f"must be one of {KERNEL_IMPLS}")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be positive")
         if self.tie_word_embeddings:

@@ -14,20 +14,26 @@ from __future__ import annotations
 import jax
 
 IMPLS = ("xla", "pallas", "auto")
+# implementations beyond IMPLS that some ops accept ("cudnn": jax.nn.dot_product_attention's fused kernel)
+EXTRA_IMPLS: dict[str, tuple[str, ...]] = {"attention": ("cudnn",)}
 # op -> backends on which "auto" chooses the Pallas kernel (filled in as device runs validate each kernel)
 VALIDATED: dict[str, frozenset[str]] = {
+    "ssd_scan": frozenset(),
     "ssd_update": frozenset(),
     "fp8_matmul": frozenset(),
     "nvfp4_matmul": frozenset(),
+    "attention": frozenset(),
 }
 
 
 def resolve(op: str, impl: str, backend: str | None = None) -> str:
-    """"xla" or "pallas" for `op` under the setting `impl` on `backend` (default: JAX's default backend)."""
+    """"xla", "pallas" (or an op's extra impl) for `op` under the setting `impl` on `backend` (default: JAX's
+    default backend)."""
     if op not in VALIDATED:
         raise ValueError(f"op={op!r} is invalid: must be one of {sorted(VALIDATED)}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is invalid for {op}: must be one of {IMPLS}")
+    allowed = IMPLS + EXTRA_IMPLS.get(op, ())
+    if impl not in allowed:
+        raise ValueError(f"impl={impl!r} is invalid for {op}: must be one of {allowed}")
     if impl != "auto":
         return impl
     return "pallas" if (backend or jax.default_backend()) in VALIDATED[op] else "xla"

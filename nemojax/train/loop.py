@@ -106,10 +106,13 @@ def _global_batch(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSha
 
 def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[str, Any]:
     model = dataclasses.asdict(mcfg)
-    for runtime in ("dtype", "remat"):  # may change between runs of one checkpoint
+    # Runtime and kernel choices may change between runs of one checkpoint (and workdirs from before a kernel
+    # field existed still resume).
+    for runtime in ("dtype", "remat", "matmul_impl"):
         model.pop(runtime)
-    if model.get("mamba"):
-        model["mamba"].pop("decode_impl")  # a kernel choice; workdirs from before the field existed still resume
+    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl",))):
+        for field in fields if model.get(sub) else ():
+            model[sub].pop(field)
     return {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
 
 
