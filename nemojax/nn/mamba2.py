@@ -19,6 +19,7 @@ from nemojax.nn.norms import GatedRMSNorm
 from nemojax.nn.ssd import ssd, ssd_states
 from nemojax.nn.state import Extend, MambaState, take_rows
 from pallas_kernels import dispatch
+from pallas_kernels.ssd_scan import ssd_scan
 from pallas_kernels.ssd_update import ssd_update
 
 f32 = jnp.float32
@@ -61,6 +62,16 @@ def _dt_bias_init(config: ModelConfig):
 def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     del key
     return jnp.log(jnp.arange(1, shape[0] + 1, dtype=f32)).astype(dtype)
+
+
+def scan(m, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+         initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The SSD over T > 1 tokens for mamba config `m`: `ssd_impl` picks the algorithm and, for the chunked one,
+    `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd)."""
+    if m.ssd_impl == "chunked" and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
+        return ssd_scan(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state,
+                        interpret=dispatch.interpret())
+    return ssd(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, impl=m.ssd_impl)
 
 
 class CausalConv1d(nn.Module):
@@ -123,7 +134,7 @@ class Mamba2Mixer(nn.Module):
         B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
 
         if state is None:
-            y_bThp, _ = ssd(x_bThp, dt, A, B, C, chunk_size=m.chunk_size, impl=m.ssd_impl)
+            y_bThp, _ = scan(m, x_bThp, dt, A, B, C)
         elif step.all_steps:
             y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
             # conv state after token t: the K-1 inputs ending at t (window rows t+1 .. t+K-1)
@@ -140,10 +151,11 @@ class Mamba2Mixer(nn.Module):
                 y_bhp, final = ssd_update(state.ssm, x_c[:, 0], dt_c[:, 0], A, B[:, 0], C[:, 0],
                                           jnp.zeros((H,), f32), interpret=dispatch.interpret())
                 y_bThp = y_bhp[:, None]
-            else:
-                impl = m.ssd_impl if T > 1 else "sequential"
+            elif T == 1:
                 y_bThp, final = ssd(x_c, dt_c, A, B, C, chunk_size=m.chunk_size, initial_state=state.ssm,
-                                    impl=impl)
+                                    impl="sequential")
+            else:
+                y_bThp, final = scan(m, x_c, dt_c, A, B, C, initial_state=state.ssm)
             new_state = MambaState(take_rows(window, step.commit, K - 1), final)
         y_bThp = y_bThp + D.astype(f32)[:, None] * x_bThp
 

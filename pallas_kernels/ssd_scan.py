@@ -1,0 +1,248 @@
+"""The chunked Mamba-2 SSD scan (prefill / training forward) as a Pallas kernel, plus its pure-JAX reference.
+
+Per batch row and head h (group g = h // (H / G), spec/arch.md 1.2 step 7 and 6.10):
+
+    S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t        S: [P, N], float32
+    y_t = S_t @ C_t
+
+the same contract as `nemojax.nn.ssd.ssd_chunked` (the D skip, gate and norm belong to the mixer). Shapes:
+
+    x: [b, L, H, P]   dt: [b, L, H] (after softplus and clamp)   A: [H] (negative)   B, C: [b, L, G, N]
+    initial_state: [b, H, P, N] or None
+    returns y: [b, L, H, P] float32 and final_state: [b, H, P, N] float32
+
+Algorithm (the chunked SSD of spec 1.3, fused). The wrapper pads L to a multiple of the chunk Q (dt = 0 and x = 0 on
+pads: decay 1, no input, so the final state is exact) and computes the per-token scalars of every head, which are
+O(b L H) next to the O(b L H P N) scan: the in-chunk inclusive cumsum c_l of a = dt * A, the weight
+w_s = exp(c_{Q-1} - c_s) * dt_s of token s in its chunk's end state, and the chunk decay exp(c_{Q-1}). One kernel
+program then owns `block_heads` heads of one group and walks the chunks in order, carrying the heads' states:
+
+    CB      = C_c @ B_c^T                                     [Q, Q], shared by the heads of the group
+    y_c     = (CB * exp(c_l - c_s) [s <= l] * dt_s) @ x_c     intra-chunk, the quadratic form
+            + exp(c_l) * (C_c @ S^T)                          the state entering the chunk
+    S      <- exp(c_{Q-1}) * S + (w * x_c)^T @ B_c            [P, N]
+
+so the chunk states never go to memory (the XLA path materialises all of them). The grid is (b, G, R / hb), R = H / G.
+The chunk loop is inside the kernel (a `fori_loop`), not a grid axis: grid programs run in parallel on GPUs, so only
+independent work may go on the grid. In-chunk decays are differences of the cumsum, as in the Triton kernels of
+mamba_ssm; the XLA path's masked segment sums avoid that cancellation, a difference of about 1e-7 relative here.
+
+Dots take `dot_dtype` operands with float32 accumulation: float32 (Precision.HIGHEST) when B and C are float32, else
+bfloat16, the tensor-core path of a bf16 model. The state, decays and y are always float32.
+
+Backward: a `custom_vjp` whose backward is the vjp of `ssd_scan_reference`, the same chunked algorithm in plain JAX
+(`lax.scan` over chunks, recomputing the forward). A backward kernel would save the recompute of the forward pass;
+it is not written here: the forward is what prefill runs, and training keeps XLA's fused backward.
+
+GPU (Triton) constraints: every tensor in the kernel has power-of-two sides of at least 16 for `tl.dot`, so the
+wrapper pads P and N to powers of two (>= 16) when not interpreting (zero channels give zero outputs and states) and
+needs a power-of-two chunk size. Refs hold a whole head's sequence ([Lp, P] per head) and the loop reads [Q, P]
+slices, the layout of JAX's own Pallas GPU attention. Depends on JAX alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+f32 = jnp.float32
+_NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
+_NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
+_TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
+
+
+def _check(x, dt, A, B, C, initial_state, chunk_size) -> tuple[int, ...]:
+    if x.ndim != 4 or B.ndim != 4:
+        raise ValueError(f"ssd_scan: x has shape {x.shape}, B {B.shape}; allowed: x [b, L, H, P], B/C [b, L, G, N]")
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if dt.shape != (b, L, H) or A.shape != (H,) or B.shape != (b, L, G, N) or C.shape != B.shape:
+        raise ValueError(f"ssd_scan shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, B {B.shape}, "
+                         f"C {C.shape}")
+    if H % G:
+        raise ValueError(f"ssd_scan: {H} heads do not divide into {G} groups")
+    if initial_state is not None and initial_state.shape != (b, H, P, N):
+        raise ValueError(f"initial_state has shape {initial_state.shape}; allowed: {(b, H, P, N)}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r}; allowed: a positive integer")
+    return b, L, H, P, G, N
+
+
+def _token_scalars(dt: jax.Array, A: jax.Array, Q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-head token scalars of padded dt [b, H, Lp] (see the module docstring) -> (c [b, H, Lp] in-chunk cumsum
+    of dt * A, w [b, H, Lp] end-state weights, chunk_decay [b, H, nc])."""
+    b, H, Lp = dt.shape
+    a = (dt * A[None, :, None]).reshape(b, H, Lp // Q, Q)
+    c = jnp.cumsum(a, axis=-1)
+    total = c[..., -1:]
+    w = jnp.exp(total - c) * dt.reshape(c.shape)
+    return c.reshape(b, H, Lp), w.reshape(b, H, Lp), jnp.exp(total[..., 0])
+
+
+def _pad_axis(t: jax.Array, axis: int, size: int) -> jax.Array:
+    pad = size - t.shape[axis]
+    if pad == 0:
+        return t
+    widths = [(0, 0)] * t.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(t, widths)
+
+
+# --------------------------------------------------------------------------------------------------- reference
+
+
+def ssd_scan_reference(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                       chunk_size: int = 128, initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The kernel's algorithm in plain JAX, float32 throughout (shapes in the module docstring): a `lax.scan` over
+    chunks carrying the state, each chunk's quadratic form batched over heads."""
+    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
+    Q, R = chunk_size, H // G
+    Lp = L + (-L % Q)
+    nc = Lp // Q
+    dt_h = _pad_axis(jnp.swapaxes(dt.astype(f32), 1, 2), 2, Lp)  # [b, H, Lp]
+    c, w, chunk_decay = _token_scalars(dt_h, A.astype(f32), Q)
+
+    def chunked(t: jax.Array, axis: int) -> jax.Array:  # [..., Lp at axis, ...] -> chunk axis first
+        t = _pad_axis(t, axis, Lp)
+        t = t.reshape(*t.shape[:axis], nc, Q, *t.shape[axis + 1:])
+        return jnp.moveaxis(t, axis, 0)
+
+    xs = chunked(x.astype(f32).reshape(b, L, G, R, P), 1)  # [nc, b, Q, G, R, P]
+    Bs, Cs = chunked(B.astype(f32), 1), chunked(C.astype(f32), 1)  # [nc, b, Q, G, N]
+    hs = [chunked(t.reshape(b, G, R, Lp), 3) for t in (c, w, dt_h)]  # [nc, b, G, R, Q]
+    decays = jnp.moveaxis(chunk_decay.reshape(b, G, R, nc), 3, 0)  # [nc, b, G, R]
+    S0 = jnp.zeros((b, H, P, N), f32) if initial_state is None else initial_state.astype(f32)
+    causal = jnp.tril(jnp.ones((Q, Q), bool))
+
+    def chunk(S, inputs):  # S: [b, G, R, P, N]
+        x_c, B_c, C_c, c_c, w_c, dt_c, decay = inputs
+        CB = jnp.einsum("blgn,bsgn->bgls", C_c, B_c)
+        seg = jnp.exp(jnp.where(causal, c_c[..., :, None] - c_c[..., None, :], -jnp.inf))  # [b, G, R, Q, Q]
+        y = jnp.einsum("bgrls,bsgrp->blgrp", CB[:, :, None] * seg * dt_c[..., None, :], x_c)
+        y = y + jnp.einsum("blgn,bgrpn->blgrp", C_c, S) * jnp.moveaxis(jnp.exp(c_c), -1, 1)[..., None]
+        S = S * decay[..., None, None] + jnp.einsum("bsgrp,bsgn->bgrpn", x_c * jnp.moveaxis(w_c, -1, 1)[..., None],
+                                                    B_c)
+        return S, y
+
+    final, ys = jax.lax.scan(chunk, S0.reshape(b, G, R, P, N), (xs, Bs, Cs, *hs, decays))
+    y = jnp.moveaxis(ys, 0, 1).reshape(b, Lp, H, P)[:, :L]
+    return y, final.reshape(b, H, P, N)
+
+
+# ------------------------------------------------------------------------------------------------------ kernel
+
+
+def _kernel(x_ref, B_ref, C_ref, c_ref, w_ref, dt_ref, decay_ref, s0_ref, y_ref, s_ref, *, Q: int, nc: int,
+            heads: int, dot_dtype):
+    """One program: `heads` heads of one group, all chunks. Refs (per program): x/y [Lp, heads, P], B/C [Lp, N],
+    c/w/dt [heads, Lp], decay [heads, nc], s0/s [heads, P, N]."""
+    precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32, precision=precision)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
+    causal = rows >= jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
+
+    def chunk(ci, states):
+        t = pl.ds(pl.multiple_of(ci * Q, Q), Q)
+        B_c = B_ref[t, :].astype(dot_dtype)  # [Q, N]
+        C_c = C_ref[t, :].astype(dot_dtype)
+        CB = dot(C_c, B_c, _NT)  # [Q, Q], once for the group
+        out = []
+        for h, S in enumerate(states):
+            x_c = x_ref[t, h, :].astype(f32)  # [Q, P]
+            c, w, dt = c_ref[h, t], w_ref[h, t], dt_ref[h, t]  # [Q]
+            seg = jnp.exp(jnp.where(causal, c[:, None] - c[None, :], -jnp.inf))
+            y = dot((CB * seg * dt[None, :]).astype(dot_dtype), x_c.astype(dot_dtype), _NN)
+            y += dot(C_c, S.astype(dot_dtype), _NT) * jnp.exp(c)[:, None]
+            y_ref[t, h, :] = y
+            update = dot((x_c * w[:, None]).astype(dot_dtype), B_c, _TN)  # [P, N]
+            out.append(S * decay_ref[h, ci] + update)
+        return tuple(out)
+
+    states = tuple(s0_ref[h].astype(f32) for h in range(heads))
+    states = jax.lax.fori_loop(0, nc, chunk, states)
+    for h, S in enumerate(states):
+        s_ref[h] = S
+
+
+def _pow2(n: int) -> int:
+    return max(16, pl.next_power_of_2(n))
+
+
+def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, interpret: bool):
+    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
+    Q, R = chunk_size, H // G
+    hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
+    if not interpret and (Q & (Q - 1)):
+        raise ValueError(f"chunk_size={Q}; allowed on GPU: a power of two (Triton tensor sides)")
+    Pk, Nk = (P, N) if interpret else (_pow2(P), _pow2(N))
+    Lp = L + (-L % Q)
+    nc = Lp // Q
+    dot_dtype = f32 if B.dtype == f32 and C.dtype == f32 else jnp.bfloat16
+
+    dt_h = _pad_axis(jnp.swapaxes(dt.astype(f32), 1, 2), 2, Lp)  # [b, H, Lp]
+    c, w, decay = _token_scalars(dt_h, A.astype(f32), Q)
+    # x is padded with zeros on the pads (and channels): no input, so the state passes through unchanged.
+    xp = _pad_axis(_pad_axis(x, 1, Lp), 3, Pk)
+    Bp, Cp = (_pad_axis(_pad_axis(t, 1, Lp), 3, Nk) for t in (B, C))
+    s0 = jnp.zeros((b, H, Pk, Nk), f32) if initial_state is None else _pad_axis(
+        _pad_axis(initial_state.astype(f32), 2, Pk), 3, Nk)
+
+    per_head = (b, G, R // hb)
+    head_block = lambda i, g, j: g * (R // hb) + j  # noqa: E731 -- the head-block index of program (i, g, j)
+    seq_heads = pl.BlockSpec((None, Lp, hb, Pk), lambda i, g, j: (i, 0, head_block(i, g, j), 0))
+    seq_group = pl.BlockSpec((None, Lp, None, Nk), lambda i, g, j: (i, 0, g, 0))
+    scalars = pl.BlockSpec((None, hb, Lp), lambda i, g, j: (i, head_block(i, g, j), 0))
+    chunks = pl.BlockSpec((None, hb, nc), lambda i, g, j: (i, head_block(i, g, j), 0))
+    state = pl.BlockSpec((None, hb, Pk, Nk), lambda i, g, j: (i, head_block(i, g, j), 0, 0))
+    y, final = pl.pallas_call(
+        functools.partial(_kernel, Q=Q, nc=nc, heads=hb, dot_dtype=dot_dtype),
+        out_shape=(jax.ShapeDtypeStruct((b, Lp, H, Pk), f32), jax.ShapeDtypeStruct((b, H, Pk, Nk), f32)),
+        grid=per_head,
+        in_specs=[seq_heads, seq_group, seq_group, scalars, scalars, scalars, chunks, state],
+        out_specs=(seq_heads, state),
+        interpret=interpret,
+        name="ssd_scan",
+    )(xp, Bp, Cp, c, w, dt_h, decay, s0)
+    return y[:, :L, :, :P], final[:, :, :P, :N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret):
+    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
+
+
+def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret):
+    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
+    return out, (x, dt, A, B, C, initial_state)
+
+
+def _ssd_scan_bwd(chunk_size, block_heads, interpret, residuals, cotangents):
+    del block_heads, interpret
+    x, dt, A, B, C, initial_state = residuals
+    reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size)
+    _, vjp = jax.vjp(lambda *args: reference(*args[:5], initial_state=args[5]), x, dt, A, B, C, initial_state)
+    return vjp(cotangents)
+
+
+_ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
+
+
+def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int = 128,
+             initial_state: jax.Array | None = None, block_heads: int = 1,
+             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The chunked SSD scan as a Pallas kernel: (y [b, L, H, P], final_state [b, H, P, N]), both float32.
+
+    Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
+    largest divisor of H / G not above it), which share the chunk's C @ B^T; more heads per program mean fewer
+    programs and more state held at once. Differentiable (backward: the pure-JAX reference; see the module
+    docstring).
+    """
+    if not isinstance(block_heads, int) or block_heads <= 0:
+        raise ValueError(f"block_heads={block_heads!r}; allowed: a positive integer")
+    _check(x, dt, A, B, C, initial_state, chunk_size)
+    if initial_state is None:  # a zero state, so the custom_vjp sees arrays only
+        initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), f32)
+    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
