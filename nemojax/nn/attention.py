@@ -11,6 +11,8 @@ from nemojax.config import ModelConfig
 from nemojax.nn.linear import calibrated, calibrating, dense, logical_param, record_amax
 from nemojax.nn.state import Extend, KVCache
 from nemojax.quant import fake
+from pallas_kernels import attention as pallas_attention
+from pallas_kernels import dispatch
 
 f32 = jnp.float32
 
@@ -54,6 +56,30 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, 
     blocks = [_attend(q[:, s:s + block], k[:, :s + block], v[:, :s + block], s) for s in range(0, L, block)]
     out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
     return out.reshape(b, L, Hq, d)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "xla") -> jax.Array:
+    """Causal self-attention (no cache) by the implementation the setting `impl` (`attention.impl`) resolves to.
+
+    q: [b, L, Hq, d], k, v: [b, L, Hkv, d] -> [b, L, Hq, d]. "xla": `causal_attention`, the oracle the others are
+    tested against. "pallas": JAX's shipped Pallas flash attention (`pallas_kernels.attention`; interpreted on
+    CPU). "cudnn": `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU only, bfloat16/float16; GQA natively).
+    "auto": whatever `pallas_kernels.dispatch` has validated for this backend ("xla" until a device run has).
+    """
+    impl = dispatch.resolve("attention", impl)
+    if impl == "pallas":
+        return pallas_attention.flash_attention(q, k, v, scale=scale, interpret=dispatch.interpret())
+    if impl == "cudnn":
+        backend = jax.default_backend()
+        if backend != "gpu":
+            raise ValueError(f"attention.impl='cudnn' is invalid on backend {backend!r}: cuDNN runs on GPU only; "
+                             "must be one of ('xla', 'pallas', 'auto') here")
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention.impl='cudnn' is invalid for dtype={q.dtype}: cuDNN flash attention takes "
+                             "bfloat16 or float16; use dtype='bfloat16' or attention.impl 'xla', 'pallas' or 'auto'")
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    return causal_attention(q, k, v, scale)
 
 
 def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array, scale: float) -> jax.Array:
@@ -116,11 +142,15 @@ class Attention(nn.Module):
             k, v = self._quantize_kv(k, v)
         scale = a.head_dim ** -0.5
         if cache is None:
-            out = causal_attention(q, k, v, scale)
+            out = self_attention(q, k, v, scale, a.impl)
         else:
             cache = write_kv(cache, k, v, step.start)
-            # A fresh prefill attends within the new tokens (block-causal, no O(T * max_len) score matrix).
-            out = causal_attention(q, k, v, scale) if step.fresh else cached_attention(q, cache, step.start, scale)
+            # A fresh prefill attends within the new tokens (no O(T * max_len) score matrix), so it can take the
+            # fused kernel; later chunks and decode steps read the cache and stay on XLA.
+            if step.fresh:
+                out = self_attention(q, k, v, scale, a.impl)
+            else:
+                out = cached_attention(q, cache, step.start, scale)
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
             out.reshape(b, T, a.num_heads * a.head_dim))
