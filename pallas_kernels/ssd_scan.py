@@ -37,7 +37,9 @@ it is not written here: the forward is what prefill runs, and training keeps XLA
 GPU (Triton) constraints: every tensor in the kernel has power-of-two sides of at least 16 for `tl.dot`, so the
 wrapper pads P and N to powers of two (>= 16) when not interpreting (zero channels give zero outputs and states) and
 needs a power-of-two chunk size. Refs hold a whole head's sequence ([Lp, P] per head) and the loop reads [Q, P]
-slices, the layout of JAX's own Pallas GPU attention. Depends on JAX alone.
+slices, the layout of JAX's own Pallas GPU attention. TPU (Mosaic) is not validated: no TPU was available, and
+Mosaic's (8, 128) tiling would want a head-major layout ([b, H, L, P] blocks) rather than this one. Depends on JAX
+alone.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 f32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
@@ -171,7 +174,8 @@ def _pow2(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
 
-def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, interpret: bool):
+def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, interpret: bool,
+             num_warps: int):
     b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
     Q, R = chunk_size, H // G
     hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
@@ -204,23 +208,25 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, i
         in_specs=[seq_heads, seq_group, seq_group, scalars, scalars, scalars, chunks, state],
         out_specs=(seq_heads, state),
         interpret=interpret,
+        # [Q, Q] float32 tiles and the carried [P, N] states need the registers of 8 warps (untuned: no GPU here)
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps) if jax.default_backend() == "gpu" else None,
         name="ssd_scan",
     )(xp, Bp, Cp, c, w, dt_h, decay, s0)
     return y[:, :L, :, :P], final[:, :, :P, :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret):
-    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps):
+    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
 
 
-def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret):
-    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
+def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps):
+    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
     return out, (x, dt, A, B, C, initial_state)
 
 
-def _ssd_scan_bwd(chunk_size, block_heads, interpret, residuals, cotangents):
-    del block_heads, interpret
+def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, residuals, cotangents):
+    del block_heads, interpret, num_warps
     x, dt, A, B, C, initial_state = residuals
     reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size)
     _, vjp = jax.vjp(lambda *args: reference(*args[:5], initial_state=args[5]), x, dt, A, B, C, initial_state)
@@ -231,18 +237,18 @@ _ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 
 def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int = 128,
-             initial_state: jax.Array | None = None, block_heads: int = 1,
-             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+             initial_state: jax.Array | None = None, block_heads: int = 1, interpret: bool = False,
+             num_warps: int = 8) -> tuple[jax.Array, jax.Array]:
     """The chunked SSD scan as a Pallas kernel: (y [b, L, H, P], final_state [b, H, P, N]), both float32.
 
     Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
     largest divisor of H / G not above it), which share the chunk's C @ B^T; more heads per program mean fewer
-    programs and more state held at once. Differentiable (backward: the pure-JAX reference; see the module
-    docstring).
+    programs and more state held at once. `num_warps`: the Triton launch width on GPU. Differentiable (backward:
+    the pure-JAX reference; see the module docstring).
     """
     if not isinstance(block_heads, int) or block_heads <= 0:
         raise ValueError(f"block_heads={block_heads!r}; allowed: a positive integer")
     _check(x, dt, A, B, C, initial_state, chunk_size)
     if initial_state is None:  # a zero state, so the custom_vjp sees arrays only
         initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), f32)
-    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret)
+    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
