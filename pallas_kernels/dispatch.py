@@ -12,6 +12,7 @@ backend nobody has run it on.
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import triton as pltriton
 
 IMPLS = ("xla", "pallas", "auto")
 # implementations beyond IMPLS that some ops accept ("cudnn": jax.nn.dot_product_attention's fused kernel)
@@ -42,3 +43,10 @@ def resolve(op: str, impl: str, backend: str | None = None) -> str:
 def interpret(backend: str | None = None) -> bool:
     """Whether Pallas kernels must run in interpret mode (CPU has no Pallas lowering)."""
     return (backend or jax.default_backend()) == "cpu"
+
+
+def compiler_params(backend: str | None = None, **triton) -> pltriton.CompilerParams | None:
+    """A pallas_call's compiler params for `backend`: on "gpu" Triton's (with `triton` options such as num_warps),
+    which selects the Triton lowering the kernels here are written for (a pallas_call without params would go to
+    Mosaic GPU, whose layout rules differ); None elsewhere (TPU rejects GPU params; the interpreter ignores them)."""
+    return pltriton.CompilerParams(**triton) if (backend or jax.default_backend()) == "gpu" else None

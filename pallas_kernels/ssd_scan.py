@@ -49,7 +49,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import dispatch
 
 f32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
@@ -175,7 +176,7 @@ def _pow2(n: int) -> int:
 
 
 def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, interpret: bool,
-             num_warps: int):
+             num_warps: int, backend: str | None):
     b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
     Q, R = chunk_size, H // G
     hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
@@ -209,24 +210,24 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, i
         out_specs=(seq_heads, state),
         interpret=interpret,
         # [Q, Q] float32 tiles and the carried [P, N] states need the registers of 8 warps (untuned: no GPU here)
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps) if jax.default_backend() == "gpu" else None,
+        compiler_params=None if interpret else dispatch.compiler_params(backend, num_warps=num_warps),
         name="ssd_scan",
     )(xp, Bp, Cp, c, w, dt_h, decay, s0)
     return y[:, :L, :, :P], final[:, :, :P, :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps):
-    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend):
+    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)
 
 
-def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps):
-    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
+def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend):
+    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)
     return out, (x, dt, A, B, C, initial_state)
 
 
-def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, residuals, cotangents):
-    del block_heads, interpret, num_warps
+def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, backend, residuals, cotangents):
+    del block_heads, interpret, num_warps, backend
     x, dt, A, B, C, initial_state = residuals
     reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size)
     _, vjp = jax.vjp(lambda *args: reference(*args[:5], initial_state=args[5]), x, dt, A, B, C, initial_state)
@@ -238,17 +239,18 @@ _ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int = 128,
              initial_state: jax.Array | None = None, block_heads: int = 1, interpret: bool = False,
-             num_warps: int = 8) -> tuple[jax.Array, jax.Array]:
+             num_warps: int = 8, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """The chunked SSD scan as a Pallas kernel: (y [b, L, H, P], final_state [b, H, P, N]), both float32.
 
     Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
     largest divisor of H / G not above it), which share the chunk's C @ B^T; more heads per program mean fewer
-    programs and more state held at once. `num_warps`: the Triton launch width on GPU. Differentiable (backward:
-    the pure-JAX reference; see the module docstring).
+    programs and more state held at once. `num_warps`: the Triton launch width on GPU. `backend`: the platform
+    the kernel is lowered for (default: JAX's default backend; "gpu" when exporting for one from a CPU host).
+    Differentiable (backward: the pure-JAX reference; see the module docstring).
     """
     if not isinstance(block_heads, int) or block_heads <= 0:
         raise ValueError(f"block_heads={block_heads!r}; allowed: a positive integer")
     _check(x, dt, A, B, C, initial_state, chunk_size)
     if initial_state is None:  # a zero state, so the custom_vjp sees arrays only
         initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), f32)
-    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps)
+    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)

@@ -21,16 +21,23 @@ state buffer is allocated on an accelerator.
 Layout: heads are viewed as [G, R] (R = H / G heads per group; a free reshape), and the grid is
 (b, G / gb, R / rb), each program owning gb * rb <= block_heads heads that read gb groups' B/C, so B/C need no
 repeat inside the kernel. gb, rb are divisors of G, R (no padding: a pad would copy the state and lose the
-in-place update), so any H works; an awkward H just gets smaller blocks.
+in-place update), so any H works; an awkward H just gets smaller blocks. gb * rb is a power of two and the P and N
+blocks are rounded up to powers of two (Triton's tensors have power-of-two sizes): a block that overhangs the
+array (P = 80 in Nemotron Nano 2 gets a 128-row block) reads unspecified values past the end, which only ever
+reach masked-off outputs, except along N, the reduction of y, where the kernel zeroes them itself.
 
 Depends on JAX alone.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from pallas_kernels import dispatch
 
 f32 = jnp.float32
 
@@ -62,20 +69,29 @@ def ssd_update_reference(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.A
     return y, new_state
 
 
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
+    d = 1
+    while n % (2 * d) == 0 and 2 * d <= cap:
+        d *= 2
+    return d
 
 
 def head_blocks(H: int, G: int, block_heads: int) -> tuple[int, int]:
-    """(gb, rb): groups and heads-per-group handled by one program; gb * rb <= block_heads, gb | G, rb | H/G."""
+    """(gb, rb): groups and heads-per-group handled by one program; gb | G, rb | H/G, gb * rb <= block_heads and a
+    power of two (whole groups per program only when a group's heads all fit)."""
     R = H // G
-    if block_heads < R:
-        return 1, _largest_divisor_at_most(R, block_heads)
-    return _largest_divisor_at_most(G, block_heads // R), R
+    rb = _largest_pow2_divisor_at_most(R, block_heads)
+    gb = _largest_pow2_divisor_at_most(G, block_heads // R) if rb == R else 1
+    return gb, rb
 
 
-def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref):
-    # Blocks: state [gb, rb, P, N]; x [gb, rb, P]; dt, A, D [gb, rb]; B, C [gb, N] (batch dim squeezed).
+def _pow2(n: int) -> int:
+    return pl.next_power_of_2(n)
+
+
+def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref, *, N: int):
+    # Blocks: state [gb, rb, Pb, Nb]; x [gb, rb, Pb]; dt, A, D [gb, rb]; B, C [gb, Nb] (batch dim squeezed), with
+    # Pb, Nb >= P, N powers of two (see the module docstring).
     S = state_ref[...].astype(f32)
     x = x_ref[...].astype(f32)
     dt = dt_ref[...].astype(f32)
@@ -86,16 +102,21 @@ def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_sta
     decay = jnp.exp(dt * A)  # [gb, rb]
     S = S * decay[:, :, None, None] + (x * dt[:, :, None])[:, :, :, None] * Bm[:, None, None, :]
     new_state_ref[...] = S
-    y_ref[...] = (jnp.sum(S * Cm[:, None, None, :], axis=-1) + D[:, :, None] * x).astype(y_ref.dtype)
+    SC = S * Cm[:, None, None, :]
+    if SC.shape[-1] != N:  # the block overhangs N: keep the lanes past it out of the sum
+        SC = jnp.where(jax.lax.broadcasted_iota(jnp.int32, SC.shape, 3) < N, SC, 0.0)
+    y_ref[...] = (jnp.sum(SC, axis=-1) + D[:, :, None] * x).astype(y_ref.dtype)
 
 
 def ssd_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-               D: jax.Array, *, interpret: bool = False, block_heads: int = 8) -> tuple[jax.Array, jax.Array]:
+               D: jax.Array, *, interpret: bool = False, block_heads: int = 8,
+               backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One decode step of the Mamba-2 state, as a Pallas kernel: (y [b, H, P] f32, new_state [b, H, P, N] f32).
 
     Shapes and semantics in the module docstring. `state` must be float32 and is updated in place when donated.
     `block_heads` caps the heads per program (rounded down to a group-compatible divisor of H, see `head_blocks`).
-    `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU tests).
+    `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU tests). `backend`:
+    the platform it is lowered for (default: JAX's default backend).
     """
     b, H, P, G, N = _check(state, x, dt, A, B, C, D)
     if state.dtype != f32:
@@ -110,20 +131,22 @@ def ssd_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: j
     A2, D2 = A.reshape(G, R), D.reshape(G, R)
     sq = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 
-    state_spec = pl.BlockSpec((sq, gb, rb, P, N), lambda i, g, r: (i, g, r, 0, 0))
-    x_spec = pl.BlockSpec((sq, gb, rb, P), lambda i, g, r: (i, g, r, 0))
+    Pb, Nb = _pow2(P), _pow2(N)
+    state_spec = pl.BlockSpec((sq, gb, rb, Pb, Nb), lambda i, g, r: (i, g, r, 0, 0))
+    x_spec = pl.BlockSpec((sq, gb, rb, Pb), lambda i, g, r: (i, g, r, 0))
     dt_spec = pl.BlockSpec((sq, gb, rb), lambda i, g, r: (i, g, r))
     head_spec = pl.BlockSpec((gb, rb), lambda i, g, r: (g, r))
-    bc_spec = pl.BlockSpec((sq, gb, N), lambda i, g, r: (i, g, 0))
+    bc_spec = pl.BlockSpec((sq, gb, Nb), lambda i, g, r: (i, g, 0))
 
     y4, new_state5 = pl.pallas_call(
-        _kernel,
+        functools.partial(_kernel, N=N),
         out_shape=(jax.ShapeDtypeStruct((b, G, R, P), f32), jax.ShapeDtypeStruct(state5.shape, f32)),
         grid=grid,
         in_specs=[state_spec, x_spec, dt_spec, head_spec, bc_spec, bc_spec, head_spec],
         out_specs=(x_spec, state_spec),
         input_output_aliases={0: 1},  # state (input 0) is written as new_state (output 1)
         interpret=interpret,
+        compiler_params=None if interpret else dispatch.compiler_params(backend),
         name="ssd_update",
     )(state5, x4, dt3, A2, B, C, D2)
     return y4.reshape(b, H, P), new_state5.reshape(b, H, P, N)

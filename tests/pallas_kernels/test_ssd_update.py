@@ -47,6 +47,7 @@ SHAPES = [
     (3, 7, 4, 7, 8, 4),
     (1, 12, 4, 2, 8, 4),
     (2, 6, 4, 3, 8, 64),
+    (1, 4, 5, 2, 12, 4),  # P and N not powers of two: the blocks overhang both
 ]
 
 
@@ -99,13 +100,14 @@ def test_several_steps_match_sequential_scan():
 
 
 @pytest.mark.parametrize("H,G,cap,expected", [
-    (6, 2, 4, (1, 3)), (8, 1, 4, (1, 4)), (16, 4, 8, (2, 4)), (7, 7, 4, (1, 1)),
-    (12, 2, 4, (1, 3)), (6, 3, 64, (3, 2)), (5, 1, 4, (1, 1)),
+    (6, 2, 4, (1, 1)), (8, 1, 4, (1, 4)), (16, 4, 8, (2, 4)), (7, 7, 4, (1, 1)),
+    (12, 2, 4, (1, 2)), (6, 3, 64, (1, 2)), (16, 8, 8, (4, 2)), (5, 1, 4, (1, 1)),
 ])
 def test_head_blocks(H, G, cap, expected):
     gb, rb = head_blocks(H, G, cap)
     assert (gb, rb) == expected
     assert G % gb == 0 and (H // G) % rb == 0 and gb * rb <= max(cap, 1)
+    assert gb * rb & (gb * rb - 1) == 0  # a power of two (Triton tensor sizes)
 
 
 def _pallas_eqn(jaxpr):

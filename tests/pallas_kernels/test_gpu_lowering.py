@@ -1,0 +1,54 @@
+"""Every kernel lowers for the GPU (Pallas -> Triton IR) at the published models' shapes, checked from this CPU host
+through `jax.export` with platforms=["cuda"]. Lowering is where Pallas enforces Triton's rules (power-of-two
+tensor sizes, supported primitives, block shapes); what only the device compiler sees (registers, shared memory)
+and the speed are left to experiments/bench_kernels.py on a GPU. The TPU path of the attention wrapper is lowered
+to Mosaic the same way."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import nemojax
+from pallas_kernels.attention import flash_attention
+from pallas_kernels.ssd_scan import ssd_scan
+from pallas_kernels.ssd_update import ssd_update
+
+S = jax.ShapeDtypeStruct
+# The Triton call is an XLA custom call without export-compatibility guarantees: fine, nothing is serialised.
+UNCHECKED = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+MAMBA_PRESETS = ["nemotron-h-8b", "nemotron-nano-9b-v2", "nemotron-3-nano-4b", "nemotron-h-47b"]
+
+
+def lowered_module(fn, *args, platform: str = "cuda") -> str:
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=UNCHECKED)(*args).mlir_module()
+
+
+@pytest.mark.parametrize("preset", MAMBA_PRESETS)
+def test_mamba_kernels_lower_to_triton(preset):
+    m = nemojax.presets.get(preset).mamba
+    H, P, G, N = m.num_heads, m.head_dim, m.n_groups, m.state_size
+    b, L = 1, 1000  # L not a multiple of the chunk
+    scan = functools.partial(ssd_scan, chunk_size=m.chunk_size, backend="gpu")
+    module = lowered_module(scan, S((b, L, H, P), jnp.float32), S((b, L, H), jnp.float32), S((H,), jnp.float32),
+                            S((b, L, G, N), jnp.bfloat16), S((b, L, G, N), jnp.bfloat16))
+    assert "xla.gpu.triton" in module and "ssd_scan" in module
+    b = 3
+    module = lowered_module(functools.partial(ssd_update, backend="gpu"), S((b, H, P, N), jnp.float32),
+                            S((b, H, P), jnp.bfloat16), S((b, H), jnp.float32), S((H,), jnp.float32),
+                            S((b, G, N), jnp.bfloat16), S((b, G, N), jnp.bfloat16), S((H,), jnp.float32))
+    assert "xla.gpu.triton" in module and "ssd_update" in module
+
+
+@pytest.mark.parametrize("backend,platform,marker", [("gpu", "cuda", "xla.gpu.triton"),
+                                                     ("tpu", "tpu", "tpu_custom_call")])
+def test_attention_lowers(backend, platform, marker):
+    a = nemojax.presets.get("nemotron-h-8b").attention
+    b, L = 1, 1000
+    q, kv = S((b, L, a.num_heads, a.head_dim), jnp.bfloat16), S((b, L, a.num_kv_heads, a.head_dim), jnp.bfloat16)
+    fn = functools.partial(flash_attention, scale=a.head_dim ** -0.5, backend=backend, interpret=False)
+    assert marker in lowered_module(fn, q, kv, kv, platform=platform)
