@@ -1,27 +1,35 @@
 """Low-precision matmul kernels (Pallas): per-tensor-scaled FP8 and W4A16 NVFP4 (spec quant.md 1.1, 1.5, 5.4, 5.5).
 
 * `fp8_matmul(a, b, a_scale_inv, b_scale_inv)`: a [M, K] and b [K, N] in float8_e4m3fn, per-tensor f32 decode
-  scales. FP8 x FP8 dot with f32 accumulation over the K grid axis; the epilogue multiplies by
-  a_scale_inv * b_scale_inv.
+  scales. FP8 x FP8 dot with f32 accumulation over K; the epilogue multiplies by a_scale_inv * b_scale_inv.
 * `nvfp4_matmul(x, w_packed, w_scale, w_global)`: W4A16 as NVIDIA ships NVFP4 checkpoints on Hopper (no FP4 MMA
-  there). x [M, K] activations in bf16; the weight in the ModelOpt/PyTorch layout [N, K]: w_packed uint8 [N, K/2]
+  there). x [M, K] activations; the weight in the ModelOpt/PyTorch layout [N, K]: w_packed uint8 [N, K/2]
   (two E2M1 codes per byte along K, first element in the low nibble), w_scale float8_e4m3fn [N, K/16] (one decode
   scale per 16 elements along K), w_global the f32 per-tensor decode scale S_dec. y = x @ dequant(W).T -> [M, N].
-  In the kernel the nibbles are unpacked with bit ops, decoded arithmetically (no gather), multiplied by the block
-  scale in bf16 (exact: E2M1 x E4M3 has at most 6 significant bits), dotted in bf16 with f32 accumulation; the
-  epilogue multiplies by S_dec.
+  In the kernel the nibbles are unpacked with bit ops, decoded arithmetically (no gather) and multiplied by the
+  block scale in the dot dtype: bf16 (exact: E2M1 x E4M3 has at most 6 significant bits), or f32 when x is f32
+  (an f32 model gets f32 numerics, not a silent bf16 cast); the dot accumulates in f32 and the epilogue
+  multiplies by S_dec.
 
   The low nibbles hold the even K columns and the high nibbles the odd ones, so the wrapper splits x into its even
   and odd columns once and the kernel runs two dots (x_even @ W_lo.T + x_odd @ W_hi.T); no in-kernel interleave.
   Both elements of a byte share a block scale (16 is even), so each scale covers 8 bytes.
 
-Both kernels use the grid (M/bm, N/bn, K/bk) with K innermost and accumulate in the f32 output block (resident across
-the K axis, which is sequential on TPU and in interpret mode); the epilogue scale runs in the kernel at the last K
-step, and the wrapper casts to out_dtype when it slices off the padding. Shapes that are not multiples of the blocks
-are zero-padded in the wrapper (zero codes and zero scales decode to 0). Depends on JAX alone.
+Both kernels use the grid (M/bm, N/bn) and no K grid axis: each program owns one output block and its refs hold
+full-K slabs of the operands ((bm, K) and (K, bn) for fp8; (bm, K/2), (bn, K/2), (bn, K/16) for nvfp4). A
+`lax.fori_loop` walks K in blocks of bk (`ref[:, pl.ds(k * bk, bk)]`), carrying an f32 accumulator; the epilogue
+scale and the cast to out_dtype follow the loop and the output block is stored once. A K grid axis accumulating
+into a resident output block would be a data race under the GPU (Triton) backend, where grid programs run in
+parallel (it is only sequential on TPU and in interpret mode); this is the pattern of JAX's own GPU kernels
+(jax.experimental.pallas.ops.gpu.attention). Shapes that are not multiples of the blocks are zero-padded in the
+wrapper (zero codes and zero scales decode to 0) and the padding is sliced off. All dots ask for
+Precision.HIGHEST, which the Triton lowering maps to IEEE for f32 operands (the default would be TF32).
+Depends on JAX alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +39,7 @@ __all__ = ["fp8_matmul", "nvfp4_matmul"]
 
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
+_HI = jax.lax.Precision.HIGHEST  # IEEE f32 dots under Triton (DEFAULT would be TF32); no-op for bf16 / fp8
 
 
 def _pow2_block(dim: int, block: int, minimum: int) -> int:
@@ -59,18 +68,22 @@ def _check_blocks(**blocks: int) -> None:
 # ------------------------------------------------------------------------------------------------------- fp8
 
 
-def _fp8_kernel(a_ref, b_ref, s_ref, o_ref):
-    k = pl.program_id(2)
+def _k_slice(k: jax.Array, size: int):
+    """The k-th block of `size` along a full-K slab (start aligned to `size`, which the Triton lowering uses)."""
+    return pl.ds(pl.multiple_of(k * size, size), size)
 
-    @pl.when(k == 0)
-    def _init():
-        o_ref[...] = jnp.zeros_like(o_ref)
 
-    o_ref[...] += jax.lax.dot_general(a_ref[...], b_ref[...], _NN, preferred_element_type=jnp.float32)
+def _fp8_kernel(a_ref, b_ref, s_ref, o_ref, *, bk: int):
+    # a_ref [bm, Kp], b_ref [Kp, bn]: full-K slabs; one program per output block, K walked in-kernel
+    bm, bn = o_ref.shape
 
-    @pl.when(k == pl.num_programs(2) - 1)
-    def _epilogue():
-        o_ref[...] = o_ref[...] * s_ref[0, 0]
+    def body(k, acc):
+        a = a_ref[:, _k_slice(k, bk)]  # [bm, bk] e4m3
+        b = b_ref[_k_slice(k, bk), :]  # [bk, bn] e4m3
+        return acc + jax.lax.dot_general(a, b, _NN, precision=_HI, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = (acc * s_ref[0, 0]).astype(o_ref.dtype)
 
 
 def fp8_matmul(
@@ -88,7 +101,7 @@ def fp8_matmul(
     """(a * a_scale_inv) @ (b * b_scale_inv) for float8_e4m3fn a [M, K], b [K, N] -> [M, N] in out_dtype.
 
     a_scale_inv / b_scale_inv: per-tensor f32 decode scales (x_hat = code * scale_inv). f32 accumulation; the product
-    of the two scales is applied once to the accumulator.
+    of the two scales is applied once to the accumulator, which is then cast to out_dtype in the kernel.
     """
     for name, t in (("a", a), ("b", b)):
         if t.ndim != 2 or t.dtype != jnp.float8_e4m3fn:
@@ -103,19 +116,19 @@ def fp8_matmul(
     Mp, Kp = ap.shape
     Np = bp.shape[1]
     out = pl.pallas_call(
-        _fp8_kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), jnp.float32),
-        grid=(Mp // bm, Np // bn, Kp // bk),
+        functools.partial(_fp8_kernel, bk=bk),
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        grid=(Mp // bm, Np // bn),
         in_specs=[
-            pl.BlockSpec((bm, bk), lambda i, j, k: (i, k)),
-            pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
-            pl.BlockSpec((1, 1), lambda i, j, k: (0, 0)),
+            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((Kp, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
         ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
         name="fp8_matmul",
     )(ap, bp, s)
-    return out[:M, :N].astype(out_dtype)
+    return out[:M, :N]
 
 
 # ----------------------------------------------------------------------------------------------------- nvfp4
@@ -135,26 +148,24 @@ def _e2m1_decode(code: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     return jnp.where(c >= 8, -mag, mag).astype(dtype)
 
 
-def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref):
-    k = pl.program_id(2)
+def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
+    # xe/xo [bm, Kp/2], w [bn, Kp/2], s [bn, Kp/16]: full-K slabs; K walked in-kernel, bk/2 bytes per step
+    bm, bn = o_ref.shape
+    half, nsc = bk // 2, bk // 16
+    dt = xe_ref.dtype  # the dot dtype: bf16, or f32 for an f32 x
 
-    @pl.when(k == 0)
-    def _init():
-        o_ref[...] = jnp.zeros_like(o_ref)
+    def body(k, acc):
+        w = w_ref[:, _k_slice(k, half)]  # uint8 [bn, bk/2]
+        s = s_ref[:, _k_slice(k, nsc)].astype(dt)  # [bn, bk/16]: each scale covers 8 bytes
+        s = jnp.broadcast_to(s[:, :, None], (bn, nsc, 8)).reshape(bn, half)
+        w_lo = _e2m1_decode(w & 0xF, dt) * s  # even K columns; exact in bf16
+        w_hi = _e2m1_decode(w >> 4, dt) * s  # odd K columns
+        xe, xo = xe_ref[:, _k_slice(k, half)], xo_ref[:, _k_slice(k, half)]
+        acc += jax.lax.dot_general(xe, w_lo, _NT, precision=_HI, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(xo, w_hi, _NT, precision=_HI, preferred_element_type=jnp.float32)
 
-    w = w_ref[...]  # uint8 [bn, bk/2]
-    bn, half = w.shape
-    s = s_ref[...].astype(jnp.bfloat16)  # [bn, bk/16]: each scale covers 8 bytes
-    s = jnp.broadcast_to(s[:, :, None], (bn, half // 8, 8)).reshape(bn, half)
-    w_lo = _e2m1_decode(w & 0xF) * s  # even K columns; exact in bf16
-    w_hi = _e2m1_decode(w >> 4) * s  # odd K columns
-    acc = jax.lax.dot_general(xe_ref[...], w_lo, _NT, preferred_element_type=jnp.float32)
-    acc += jax.lax.dot_general(xo_ref[...], w_hi, _NT, preferred_element_type=jnp.float32)
-    o_ref[...] += acc
-
-    @pl.when(k == pl.num_programs(2) - 1)
-    def _epilogue():
-        o_ref[...] = o_ref[...] * g_ref[0, 0]
+    acc = jax.lax.fori_loop(0, w_ref.shape[1] // half, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = (acc * g_ref[0, 0]).astype(o_ref.dtype)
 
 
 def nvfp4_matmul(
@@ -173,7 +184,9 @@ def nvfp4_matmul(
 
     w_packed uint8 [N, K/2] (element 2i of a row in the low nibble of byte i), w_scale float8_e4m3fn [N, K/16]
     (block decode scales along K), w_global f32 scalar S_dec; dequant(W)[n, k] = e2m1(code) * w_scale[n, k // 16]
-    * w_global. x is cast to bf16. K must be a multiple of 32; block_k (rounded to the data) a multiple of 32.
+    * w_global. The dot runs in f32 when x is f32, else in bf16 (x cast to bf16), with f32 accumulation; the output
+    block is cast to out_dtype in the kernel. K must be a multiple of 32; block_k (rounded to the data) a multiple
+    of 32.
     """
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x has shape {x.shape} dtype {x.dtype}; allowed: 2-D floating [M, K]")
@@ -192,24 +205,24 @@ def nvfp4_matmul(
         raise ValueError(f"block_k={block_k}; allowed: a multiple of 32")
     g = _scalar(w_global, "w_global")
     bm, bn, bk = _pow2_block(M, block_m, 16), _pow2_block(N, block_n, 16), _pow2_block(K, block_k, 32)
-    xb = x.astype(jnp.bfloat16)
+    xb = x.astype(jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16)
     xe, xo = _pad_to(xb[:, 0::2], (bm, bk // 2)), _pad_to(xb[:, 1::2], (bm, bk // 2))
     wp, ws = _pad_to(w_packed, (bn, bk // 2)), _pad_to(w_scale, (bn, bk // 16))
     Mp, Kh = xe.shape
     Np = wp.shape[0]
     out = pl.pallas_call(
-        _nvfp4_kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), jnp.float32),
-        grid=(Mp // bm, Np // bn, Kh // (bk // 2)),
+        functools.partial(_nvfp4_kernel, bk=bk),
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        grid=(Mp // bm, Np // bn),
         in_specs=[
-            pl.BlockSpec((bm, bk // 2), lambda i, j, k: (i, k)),
-            pl.BlockSpec((bm, bk // 2), lambda i, j, k: (i, k)),
-            pl.BlockSpec((bn, bk // 2), lambda i, j, k: (j, k)),
-            pl.BlockSpec((bn, bk // 16), lambda i, j, k: (j, k)),
-            pl.BlockSpec((1, 1), lambda i, j, k: (0, 0)),
+            pl.BlockSpec((bm, Kh), lambda i, j: (i, 0)),
+            pl.BlockSpec((bm, Kh), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, Kh), lambda i, j: (j, 0)),
+            pl.BlockSpec((bn, Kh // 8), lambda i, j: (j, 0)),
+            pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
         ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
         name="nvfp4_matmul",
     )(xe, xo, wp, ws, g)
-    return out[:M, :N].astype(out_dtype)
+    return out[:M, :N]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.nn import kernel_linear
 from nemojax.quant import training
 from nemojax.quant.qarray import quantize
 from nemojax.quant.recipe import CALIBRATION, LinearQuant
@@ -96,10 +97,12 @@ def quant_key(module: nn.Module, spec: LinearQuant) -> jax.Array | None:
 
 
 def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dict[str, jax.Array | None],
-                  key: jax.Array | None) -> jax.Array:
+                  key: jax.Array | None, matmul_impl: str = "xla") -> jax.Array:
     """x: [..., in] @ kernel: [in, out] with the operands in the formats of `spec` -> [..., out] (x's dtype).
 
-    QAT / QAD (spec.grad None): fake-quantized operands, straight-through backward. Quantized training
+    QAT / QAD (spec.grad None): fake-quantized operands, straight-through backward; when `matmul_impl`
+    (config.matmul_impl) resolves to "pallas" and the formats have a kernel, the forward runs the FP8 / NVFP4
+    Pallas matmul with the same amaxes and block scales (nemojax.nn.kernel_linear). Quantized training
     (spec.grad set): the forward and both backward GEMMs quantized (nemojax.quant.training).
     """
     input_amax = calibrated(state["input_amax"], lambda: jnp.max(jnp.abs(x)).astype(f32))
@@ -108,6 +111,10 @@ def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dic
     if block_scale is not None:  # all zero = not calibrated yet: the scales of the current weight
         current = quantize(kernel.astype(f32), spec.weight.fmt, axis=0, amax=weight_amax).scale.astype(f32)
         block_scale = jnp.where(jnp.any(block_scale > 0), block_scale, current)
+    op = kernel_linear.kernel_op(spec, kernel.shape[0], x.dtype, matmul_impl)
+    if op is not None:
+        return kernel_linear.kernel_matmul(op, x, kernel, spec, input_amax=input_amax, weight_amax=weight_amax,
+                                           weight_block_scale=block_scale)
     return training.matmul(x, kernel, spec, key=key, input_amax=input_amax, weight_amax=weight_amax,
                            weight_block_scale=block_scale)
 
@@ -116,7 +123,8 @@ class Linear(nn.Module):
     """x: [..., in] -> [..., out] with a `kernel` [in, out] (and `bias` [out]) named like its checkpoint tensor.
 
     `names` are the kernel's logical axes. The layer runs in the config's compute dtype, or in the formats
-    `config.quant` gives its path (fake-quantized operands for QAT/QAD/PTQ, quantized GEMMs for training).
+    `config.quant` gives its path (fake-quantized operands for QAT/QAD/PTQ, on the FP8 / NVFP4 Pallas kernels
+    when `config.matmul_impl` selects them; quantized GEMMs for training).
     """
 
     config: ModelConfig
@@ -139,7 +147,7 @@ class Linear(nn.Module):
                 record_amax(self, "kernel_input_amax", jnp.max(jnp.abs(x)))
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         else:
-            y = quantized_dot(x, kernel, spec, state, quant_key(self, spec))
+            y = quantized_dot(x, kernel, spec, state, quant_key(self, spec), cfg.matmul_impl)
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros_init(), (self.names[-1],), (self.features,),
                                  param_dtype)

@@ -139,3 +139,52 @@ def test_nvfp4_matmul_rejects_bad_k():
         nvfp4_matmul(x, jnp.zeros((4, 32), jnp.uint8), jnp.zeros((4, 2), jnp.float8_e4m3fn), 1.0, interpret=True)
     with pytest.raises(ValueError, match="w_packed"):
         nvfp4_matmul(x, jnp.zeros((4, 64), jnp.uint8), jnp.zeros((4, 4), jnp.float8_e4m3fn), 1.0, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------ the in-kernel K loop
+
+
+def _grids(fn, *args) -> list[tuple[int, ...]]:
+    """The grid of every pallas_call in fn's jaxpr."""
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return [e.params["grid_mapping"].grid for e in eqns if e.primitive.name == "pallas_call"]
+
+
+# (M, K, N, block_k): M=1, odd N, several K blocks, K not a multiple of block_k (zero-padded tail block)
+LOOP_SHAPES = [(1, 160, 17, 32), (3, 100, 33, 64), (18, 224, 5, 32)]
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bk"), LOOP_SHAPES)
+def test_fp8_matmul_k_loop(M, K, N, bk):
+    a, b = _fp8((M, K), 20), _fp8((K, N), 21)
+    af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+    ref = jnp.dot(af, bf, precision=HI) * 0.75
+    mag = jnp.dot(jnp.abs(af), jnp.abs(bf), precision=HI) * 0.75
+    fn = lambda a, b: fp8_matmul(a, b, 0.5, 1.5, out_dtype=jnp.float32, block_m=16, block_n=16, block_k=bk,
+                                 interpret=True)
+    y = fn(a, b)
+    assert y.shape == (M, N) and y.dtype == jnp.float32
+    assert _rel_err(y, ref, mag) < 1e-6
+    # grid over output blocks only: K is a loop inside each program (a K grid axis races on GPU)
+    assert _grids(fn, a, b) == [(-(-M // 16), -(-N // 16))]
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bk"), [(1, 96, 17, 64), (3, 160, 7, 32), (18, 224, 5, 64)])
+def test_nvfp4_matmul_k_loop(M, K, N, bk):
+    q, wp, ws, wg = _nvfp4_weight(N, K, 30)
+    w_hat = q.dequantize(jnp.float32)
+    x32 = jnp.asarray(_rng(31).standard_normal((M, K)).astype(np.float32))
+    kw = dict(block_m=16, block_n=16, block_k=bk, interpret=True)
+    for x, tol in ((x32.astype(jnp.bfloat16), 1e-6), (x32, 1e-6)):  # bf16 dot, and the f32 dot for an f32 x
+        xf = x.astype(jnp.float32)
+        ref = jnp.dot(xf, w_hat.T, precision=HI)
+        mag = jnp.dot(jnp.abs(xf), jnp.abs(w_hat).T, precision=HI)
+        fn = lambda x: nvfp4_matmul(x, wp, ws, wg, out_dtype=jnp.float32, **kw)
+        y = fn(x)
+        assert y.shape == (M, N) and y.dtype == jnp.float32
+        assert _rel_err(y, ref, mag) < tol
+        assert _grids(fn, x) == [(-(-M // 16), -(-N // 16))]
+    # an f32 x is not rounded to bf16: the bf16 run differs from the f32 oracle by far more than 1e-6
+    ref32 = jnp.dot(x32, w_hat.T, precision=HI)
+    y_bf = nvfp4_matmul(x32.astype(jnp.bfloat16), wp, ws, wg, out_dtype=jnp.float32, **kw)
+    assert _rel_err(y_bf, ref32, jnp.dot(jnp.abs(x32), jnp.abs(w_hat).T, precision=HI)) > 1e-4
