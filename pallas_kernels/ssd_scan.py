@@ -34,12 +34,16 @@ Backward: a `custom_vjp` whose backward is the vjp of `ssd_scan_reference`, the 
 (`lax.scan` over chunks, recomputing the forward). A backward kernel would save the recompute of the forward pass;
 it is not written here: the forward is what prefill runs, and training keeps XLA's fused backward.
 
-GPU (Triton) constraints: every tensor in the kernel has power-of-two sides of at least 16 for `tl.dot`, so the
-wrapper pads P and N to powers of two (>= 16) when not interpreting (zero channels give zero outputs and states) and
-needs a power-of-two chunk size. Refs hold a whole head's sequence ([Lp, P] per head) and the loop reads [Q, P]
-slices, the layout of JAX's own Pallas GPU attention. TPU (Mosaic) is not validated: no TPU was available, and
-Mosaic's (8, 128) tiling would want a head-major layout ([b, H, L, P] blocks) rather than this one. Depends on JAX
-alone.
+Layouts. GPU (Triton): every tensor in the kernel has a power-of-two size, so the P block is rounded up to a power
+of two (at least 16, `tl.dot`'s minimum) and overhangs the array when P is not one (Nano 2's P = 80): nothing mixes
+channels of P, so values read past P only reach outputs that are never stored. N, which is contracted, is
+zero-padded in the wrapper instead (a no-op for every preset: N is 128 or 256). The chunk must be a power of two.
+Refs hold a head's whole sequence and the loop reads [Q, P] slices, the layout of JAX's own Pallas GPU attention
+(x, y stay [b, L, H, P]: no transpose). TPU (Mosaic) tiles the last two dims of every block, so there the wrapper
+moves heads before the sequence ([b, H, L, P] and [b, G, L, N] slabs, one transpose each way), and the per-token
+scalars come as [.., 1, Q] rows and [.., Q, 1] columns in both layouts. Both layouts are tested in interpret mode,
+the TPU one also under JAX's TPU interpreter, and both lower (Triton IR, Mosaic) from a CPU host; neither has run on
+a device yet. Depends on JAX alone.
 """
 
 from __future__ import annotations
@@ -139,29 +143,32 @@ def ssd_scan_reference(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, 
 # ------------------------------------------------------------------------------------------------------ kernel
 
 
-def _kernel(x_ref, B_ref, C_ref, c_ref, w_ref, dt_ref, decay_ref, s0_ref, y_ref, s_ref, *, Q: int, nc: int,
-            heads: int, dot_dtype):
-    """One program: `heads` heads of one group, all chunks. Refs (per program): x/y [Lp, heads, P], B/C [Lp, N],
-    c/w/dt [heads, Lp], decay [heads, nc], s0/s [heads, P, N]."""
+def _kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, w_ref, dt_ref, decay_ref, s0_ref, y_ref, s_ref, *, Q: int,
+            nc: int, heads: int, dot_dtype, head_major: bool):
+    """One program: `heads` heads of one group, all chunks. Refs (per program): x/y [Lp, heads, Pb] (or
+    [heads, Lp, Pb] head-major), B/C [Lp, Nb], per head and chunk c as a row [heads, nc, 1, Q] and as a column
+    (c, w) [heads, nc, Q, 1], dt [heads, nc, 1, Q], decay [heads, nc, 1, 1], s0/s [heads, Pb, Nb]."""
     precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32, precision=precision)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
-    causal = rows >= jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
+    causal = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0) >= jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
 
     def chunk(ci, states):
         t = pl.ds(pl.multiple_of(ci * Q, Q), Q)
-        B_c = B_ref[t, :].astype(dot_dtype)  # [Q, N]
+        B_c = B_ref[t, :].astype(dot_dtype)  # [Q, Nb]
         C_c = C_ref[t, :].astype(dot_dtype)
         CB = dot(C_c, B_c, _NT)  # [Q, Q], once for the group
         out = []
         for h, S in enumerate(states):
-            x_c = x_ref[t, h, :].astype(f32)  # [Q, P]
-            c, w, dt = c_ref[h, t], w_ref[h, t], dt_ref[h, t]  # [Q]
-            seg = jnp.exp(jnp.where(causal, c[:, None] - c[None, :], -jnp.inf))
-            y = dot((CB * seg * dt[None, :]).astype(dot_dtype), x_c.astype(dot_dtype), _NN)
-            y += dot(C_c, S.astype(dot_dtype), _NT) * jnp.exp(c)[:, None]
-            y_ref[t, h, :] = y
-            update = dot((x_c * w[:, None]).astype(dot_dtype), B_c, _TN)  # [P, N]
+            x_c = (x_ref[h, t, :] if head_major else x_ref[t, h, :]).astype(f32)  # [Q, Pb]
+            c_col = c_col_ref[h, ci]  # [Q, 1]
+            seg = jnp.exp(jnp.where(causal, c_col - c_row_ref[h, ci], -jnp.inf))  # exp(c_l - c_s), s <= l
+            y = dot((CB * seg * dt_ref[h, ci]).astype(dot_dtype), x_c.astype(dot_dtype), _NN)
+            y += dot(C_c, S.astype(dot_dtype), _NT) * jnp.exp(c_col)
+            if head_major:
+                y_ref[h, t, :] = y
+            else:
+                y_ref[t, h, :] = y
+            update = dot((x_c * w_ref[h, ci]).astype(dot_dtype), B_c, _TN)  # [Pb, Nb]
             out.append(S * decay_ref[h, ci] + update)
         return tuple(out)
 
@@ -181,39 +188,53 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, i
     Q, R = chunk_size, H // G
     hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
     if not interpret and (Q & (Q - 1)):
-        raise ValueError(f"chunk_size={Q}; allowed on GPU: a power of two (Triton tensor sides)")
-    Pk, Nk = (P, N) if interpret else (_pow2(P), _pow2(N))
+        raise ValueError(f"chunk_size={Q}; allowed on GPU/TPU: a power of two (Triton tensor sides, TPU tiles)")
+    head_major = (backend or jax.default_backend()) == "tpu"
+    Pb, Nb = _pow2(P), _pow2(N)
     Lp = L + (-L % Q)
     nc = Lp // Q
     dot_dtype = f32 if B.dtype == f32 and C.dtype == f32 else jnp.bfloat16
 
     dt_h = _pad_axis(jnp.swapaxes(dt.astype(f32), 1, 2), 2, Lp)  # [b, H, Lp]
     c, w, decay = _token_scalars(dt_h, A.astype(f32), Q)
-    # x is padded with zeros on the pads (and channels): no input, so the state passes through unchanged.
-    xp = _pad_axis(_pad_axis(x, 1, Lp), 3, Pk)
-    Bp, Cp = (_pad_axis(_pad_axis(t, 1, Lp), 3, Nk) for t in (B, C))
-    s0 = jnp.zeros((b, H, Pk, Nk), f32) if initial_state is None else _pad_axis(
-        _pad_axis(initial_state.astype(f32), 2, Pk), 3, Nk)
+    rows = lambda t: t.reshape(b, H, nc, 1, Q)  # noqa: E731
+    cols = lambda t: t.reshape(b, H, nc, Q, 1)  # noqa: E731
+    # Pads get x = 0 (and dt = 0): no input, decay 1, so the state passes through unchanged. B and C are padded
+    # along N with zeros, since N is contracted; the P block may overhang (P = 80 -> 128): nothing mixes channels
+    # of P, so whatever is read past P only reaches outputs that are never stored.
+    xp = _pad_axis(x, 1, Lp)
+    Bp, Cp = (_pad_axis(_pad_axis(t, 1, Lp), 3, Nb) for t in (B, C))
+    s0 = jnp.zeros((b, H, P, Nb), f32) if initial_state is None else _pad_axis(initial_state.astype(f32), 3, Nb)
+    if head_major:  # TPU tiles the last two dims of a block: give it whole [Lp, P] and [Lp, N] slabs
+        xp, Bp, Cp = (jnp.swapaxes(t, 1, 2) for t in (xp, Bp, Cp))
 
-    per_head = (b, G, R // hb)
     head_block = lambda i, g, j: g * (R // hb) + j  # noqa: E731 -- the head-block index of program (i, g, j)
-    seq_heads = pl.BlockSpec((None, Lp, hb, Pk), lambda i, g, j: (i, 0, head_block(i, g, j), 0))
-    seq_group = pl.BlockSpec((None, Lp, None, Nk), lambda i, g, j: (i, 0, g, 0))
-    scalars = pl.BlockSpec((None, hb, Lp), lambda i, g, j: (i, head_block(i, g, j), 0))
-    chunks = pl.BlockSpec((None, hb, nc), lambda i, g, j: (i, head_block(i, g, j), 0))
-    state = pl.BlockSpec((None, hb, Pk, Nk), lambda i, g, j: (i, head_block(i, g, j), 0, 0))
+    if head_major:
+        seq_heads = pl.BlockSpec((None, hb, Lp, Pb), lambda i, g, j: (i, head_block(i, g, j), 0, 0))
+        seq_group = pl.BlockSpec((None, None, Lp, Nb), lambda i, g, j: (i, g, 0, 0))
+        y_shape = (b, H, Lp, P)
+    else:
+        seq_heads = pl.BlockSpec((None, Lp, hb, Pb), lambda i, g, j: (i, 0, head_block(i, g, j), 0))
+        seq_group = pl.BlockSpec((None, Lp, None, Nb), lambda i, g, j: (i, 0, g, 0))
+        y_shape = (b, Lp, H, P)
+    per_chunk = lambda r, q: pl.BlockSpec((None, hb, nc, r, q),  # noqa: E731
+                                          lambda i, g, j: (i, head_block(i, g, j), 0, 0, 0))
+    state = pl.BlockSpec((None, hb, Pb, Nb), lambda i, g, j: (i, head_block(i, g, j), 0, 0))
     y, final = pl.pallas_call(
-        functools.partial(_kernel, Q=Q, nc=nc, heads=hb, dot_dtype=dot_dtype),
-        out_shape=(jax.ShapeDtypeStruct((b, Lp, H, Pk), f32), jax.ShapeDtypeStruct((b, H, Pk, Nk), f32)),
-        grid=per_head,
-        in_specs=[seq_heads, seq_group, seq_group, scalars, scalars, scalars, chunks, state],
+        functools.partial(_kernel, Q=Q, nc=nc, heads=hb, dot_dtype=dot_dtype, head_major=head_major),
+        out_shape=(jax.ShapeDtypeStruct(y_shape, f32), jax.ShapeDtypeStruct((b, H, P, Nb), f32)),
+        grid=(b, G, R // hb),
+        in_specs=[seq_heads, seq_group, seq_group, per_chunk(1, Q), per_chunk(Q, 1), per_chunk(Q, 1),
+                  per_chunk(1, Q), per_chunk(1, 1), state],
         out_specs=(seq_heads, state),
         interpret=interpret,
         # [Q, Q] float32 tiles and the carried [P, N] states need the registers of 8 warps (untuned: no GPU here)
         compiler_params=None if interpret else dispatch.compiler_params(backend, num_warps=num_warps),
         name="ssd_scan",
-    )(xp, Bp, Cp, c, w, dt_h, decay, s0)
-    return y[:, :L, :, :P], final[:, :, :P, :N]
+    )(xp, Bp, Cp, rows(c), cols(c), cols(w), rows(dt_h), decay.reshape(b, H, nc, 1, 1), s0)
+    if head_major:
+        y = jnp.swapaxes(y, 1, 2)
+    return y[:, :L], final[..., :N]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -245,7 +266,7 @@ def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arr
     Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
     largest divisor of H / G not above it), which share the chunk's C @ B^T; more heads per program mean fewer
     programs and more state held at once. `num_warps`: the Triton launch width on GPU. `backend`: the platform
-    the kernel is lowered for (default: JAX's default backend; "gpu" when exporting for one from a CPU host).
+    the kernel is lowered for and so its layout (default: JAX's default backend).
     Differentiable (backward: the pure-JAX reference; see the module docstring).
     """
     if not isinstance(block_heads, int) or block_heads <= 0:

@@ -1,8 +1,8 @@
 """Every kernel lowers for the GPU (Pallas -> Triton IR) at the published models' shapes, checked from this CPU host
 through `jax.export` with platforms=["cuda"]. Lowering is where Pallas enforces Triton's rules (power-of-two
 tensor sizes, supported primitives, block shapes); what only the device compiler sees (registers, shared memory)
-and the speed are left to experiments/bench_kernels.py on a GPU. The TPU path of the attention wrapper is lowered
-to Mosaic the same way."""
+and the speed are left to experiments/bench_kernels.py on a GPU. The TPU layouts of the SSD scan and of the
+attention wrapper are lowered to Mosaic the same way (platforms=["tpu"])."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def lowered_module(fn, *args, platform: str = "cuda") -> str:
 
 
 @pytest.mark.parametrize("preset", MAMBA_PRESETS)
-def test_mamba_kernels_lower_to_triton(preset):
+def test_mamba_kernels_lower(preset):
     m = nemojax.presets.get(preset).mamba
     H, P, G, N = m.num_heads, m.head_dim, m.n_groups, m.state_size
     b, L = 1, 1000  # L not a multiple of the chunk
@@ -37,6 +37,10 @@ def test_mamba_kernels_lower_to_triton(preset):
     module = lowered_module(scan, S((b, L, H, P), jnp.float32), S((b, L, H), jnp.float32), S((H,), jnp.float32),
                             S((b, L, G, N), jnp.bfloat16), S((b, L, G, N), jnp.bfloat16))
     assert "xla.gpu.triton" in module and "ssd_scan" in module
+    scan = functools.partial(ssd_scan, chunk_size=m.chunk_size, backend="tpu")
+    module = lowered_module(scan, S((b, L, H, P), jnp.float32), S((b, L, H), jnp.float32), S((H,), jnp.float32),
+                            S((b, L, G, N), jnp.bfloat16), S((b, L, G, N), jnp.bfloat16), platform="tpu")
+    assert "tpu_custom_call" in module
     b = 3
     module = lowered_module(functools.partial(ssd_update, backend="gpu"), S((b, H, P, N), jnp.float32),
                             S((b, H, P), jnp.bfloat16), S((b, H), jnp.float32), S((H,), jnp.float32),

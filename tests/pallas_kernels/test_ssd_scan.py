@@ -27,9 +27,10 @@ def _inputs(b, L, H, P, G, N, seed=0, dtype=jnp.float32):
     return x, dt, A, B, C, s0
 
 
-def _kernel(chunk_size=16, block_heads=1):
-    """The kernel under jit (interpret mode runs much faster compiled than op by op)."""
-    return jax.jit(functools.partial(ssd_scan, chunk_size=chunk_size, block_heads=block_heads, interpret=True))
+def _kernel(chunk_size=16, block_heads=1, backend="gpu"):
+    """The kernel under jit (interpret mode runs much faster compiled than op by op), in the layout of `backend`."""
+    return jax.jit(functools.partial(ssd_scan, chunk_size=chunk_size, block_heads=block_heads, interpret=True,
+                                     backend=backend))
 
 
 def _rel(a, b) -> float:
@@ -37,30 +38,46 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# (b, L, H, P, G, N, chunk, block_heads): L not a multiple of the chunk, shorter than it, L = 1, batch 1, many
-# heads per group, several heads per program.
+# (b, L, H, P, G, N, chunk, block_heads, layout): L not a multiple of the chunk, shorter than it, L = 1, batch 1,
+# many heads per group, several heads per program, P and N not powers of two (overhanging P block, N padded); the
+# GPU (sequence-major) and TPU (head-major) layouts.
 SHAPES = [
-    (2, 37, 4, 8, 2, 16, 16, 1),
-    (1, 70, 6, 16, 3, 8, 32, 2),
-    (1, 1, 2, 4, 1, 4, 16, 1),
-    (1, 9, 16, 4, 2, 8, 16, 8),
+    (2, 37, 4, 8, 2, 16, 16, 1, "gpu"),
+    (1, 70, 6, 12, 3, 5, 32, 2, "gpu"),
+    (1, 1, 2, 4, 1, 4, 16, 1, "gpu"),
+    (1, 9, 8, 4, 2, 8, 16, 4, "gpu"),
+    (2, 37, 4, 8, 2, 16, 16, 2, "tpu"),
+    (1, 70, 6, 12, 3, 5, 32, 1, "tpu"),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}L{}H{}P{}G{}N{}Q{}hb{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}L{}H{}P{}G{}N{}Q{}hb{}-{}".format(*s))
 def test_forward_float32_equals_the_recurrence(shape):
     """float32: y and the final state within 1e-6 (relative to the max) of the sequential scan, with and without
     an initial state; the kernel equals its own chunked reference to the same order."""
-    b, L, H, P, G, N, Q, hb = shape
+    b, L, H, P, G, N, Q, hb, layout = shape
     x, dt, A, B, C, s0 = _inputs(b, L, H, P, G, N)
     for init in (s0, None):
-        y, final = _kernel(Q, hb)(x, dt, A, B, C, initial_state=init)
+        y, final = _kernel(Q, hb, layout)(x, dt, A, B, C, initial_state=init)
         y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=init)
         y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, initial_state=init)
         assert y.dtype == final.dtype == jnp.float32
         assert y.shape == x.shape and final.shape == (b, H, P, N)
         assert _rel(y, y_seq) < 1e-6 and _rel(final, final_seq) < 1e-6
         assert _rel(y, y_ref) < 1e-6 and _rel(final, final_ref) < 1e-6
+
+
+def test_tpu_simulator():
+    """The head-major layout under JAX's TPU interpreter (Mosaic semantics on CPU) at a Nano 2-like P = 80 with
+    the real chunk of 128 (float32; the longer chunk's cumsum differences give ~1e-6)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    x, dt, A, B, C, s0 = _inputs(1, 150, 2, 80, 1, 16)
+    with pltpu.force_tpu_interpret_mode():
+        y, final = jax.jit(functools.partial(ssd_scan, chunk_size=128, backend="tpu"))(x, dt, A, B, C,
+                                                                                      initial_state=s0)
+    y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=s0)
+    assert _rel(y, y_seq) < 5e-6 and _rel(final, final_seq) < 5e-6
 
 
 def test_bfloat16_operands():
@@ -103,8 +120,8 @@ def test_bad_input_is_named():
         ssd_scan(x, dt, A, B, C, initial_state=s0[:, :2], interpret=True)
     with pytest.raises(ValueError, match="block_heads=0"):
         ssd_scan(x, dt, A, B, C, block_heads=0, interpret=True)
-    with pytest.raises(ValueError, match="chunk_size=24; allowed on GPU"):
-        ssd_scan(x, dt, A, B, C, chunk_size=24)  # not interpreting: the Triton constraint applies
+    with pytest.raises(ValueError, match="chunk_size=24; allowed on GPU/TPU"):
+        ssd_scan(x, dt, A, B, C, chunk_size=24)  # not interpreting: the Triton / TPU tile constraint applies
     with pytest.raises(ValueError, match="mamba.scan_impl"):
         nemojax.presets.get("nemotron-h-8b-tiny", mamba={"scan_impl": "triton"})
 
