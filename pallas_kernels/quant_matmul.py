@@ -22,8 +22,10 @@ scale and the cast to out_dtype follow the loop and the output block is stored o
 into a resident output block would be a data race under the GPU (Triton) backend, where grid programs run in
 parallel (it is only sequential on TPU and in interpret mode); this is the pattern of JAX's own GPU kernels
 (jax.experimental.pallas.ops.gpu.attention). Shapes that are not multiples of the blocks are zero-padded in the
-wrapper (zero codes and zero scales decode to 0) and the padding is sliced off. All dots ask for
-Precision.HIGHEST, which the Triton lowering maps to IEEE for f32 operands (the default would be TF32).
+wrapper (zero codes and zero scales decode to 0) and the padding is sliced off. f32 dots ask for
+Precision.HIGHEST, which the Triton lowering maps to IEEE (the default would be TF32); bf16 and fp8 dots keep the
+default. On GPU the kernels pass Triton compiler params (`dispatch.compiler_params`): a pallas_call without them
+would be lowered by Mosaic GPU.
 Depends on JAX alone.
 """
 
@@ -35,11 +37,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import dispatch
+
 __all__ = ["fp8_matmul", "nvfp4_matmul"]
 
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
-_HI = jax.lax.Precision.HIGHEST  # IEEE f32 dots under Triton (DEFAULT would be TF32); no-op for bf16 / fp8
+_HI = jax.lax.Precision.HIGHEST  # IEEE f32 dots under Triton (DEFAULT would be TF32); f32 operands only
 
 
 def _pow2_block(dim: int, block: int, minimum: int) -> int:
@@ -80,7 +84,7 @@ def _fp8_kernel(a_ref, b_ref, s_ref, o_ref, *, bk: int):
     def body(k, acc):
         a = a_ref[:, _k_slice(k, bk)]  # [bm, bk] e4m3
         b = b_ref[_k_slice(k, bk), :]  # [bk, bn] e4m3
-        return acc + jax.lax.dot_general(a, b, _NN, precision=_HI, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(a, b, _NN, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = (acc * s_ref[0, 0]).astype(o_ref.dtype)
@@ -97,6 +101,7 @@ def fp8_matmul(
     block_n: int = 128,
     block_k: int = 128,
     interpret: bool = False,
+    backend: str | None = None,
 ) -> jax.Array:
     """(a * a_scale_inv) @ (b * b_scale_inv) for float8_e4m3fn a [M, K], b [K, N] -> [M, N] in out_dtype.
 
@@ -126,6 +131,7 @@ def fp8_matmul(
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else dispatch.compiler_params(backend),
         name="fp8_matmul",
     )(ap, bp, s)
     return out[:M, :N]
@@ -153,6 +159,7 @@ def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
     bm, bn = o_ref.shape
     half, nsc = bk // 2, bk // 16
     dt = xe_ref.dtype  # the dot dtype: bf16, or f32 for an f32 x
+    precision = _HI if dt == jnp.float32 else None
 
     def body(k, acc):
         w = w_ref[:, _k_slice(k, half)]  # uint8 [bn, bk/2]
@@ -161,8 +168,8 @@ def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
         w_lo = _e2m1_decode(w & 0xF, dt) * s  # even K columns; exact in bf16
         w_hi = _e2m1_decode(w >> 4, dt) * s  # odd K columns
         xe, xo = xe_ref[:, _k_slice(k, half)], xo_ref[:, _k_slice(k, half)]
-        acc += jax.lax.dot_general(xe, w_lo, _NT, precision=_HI, preferred_element_type=jnp.float32)
-        return acc + jax.lax.dot_general(xo, w_hi, _NT, precision=_HI, preferred_element_type=jnp.float32)
+        acc += jax.lax.dot_general(xe, w_lo, _NT, precision=precision, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(xo, w_hi, _NT, precision=precision, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, w_ref.shape[1] // half, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = (acc * g_ref[0, 0]).astype(o_ref.dtype)
@@ -179,6 +186,7 @@ def nvfp4_matmul(
     block_n: int = 128,
     block_k: int = 256,
     interpret: bool = False,
+    backend: str | None = None,
 ) -> jax.Array:
     """W4A16 NVFP4 matmul: x [M, K] @ dequant(W).T -> [M, N] in out_dtype, W [N, K] stored packed.
 
@@ -223,6 +231,7 @@ def nvfp4_matmul(
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else dispatch.compiler_params(backend),
         name="nvfp4_matmul",
     )(xe, xo, wp, ws, g)
     return out[:M, :N]

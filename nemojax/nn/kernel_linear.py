@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from nemojax.quant.fake import fake_quant
 from nemojax.quant.qarray import pack_fp4, quantize
 from nemojax.quant.recipe import LinearQuant
-from nemojax.quant.training import _effective_amax, fake_matmul
+from nemojax.quant.training import effective_amax, fake_matmul
 from pallas_kernels import dispatch
 from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_matmul
 
@@ -63,15 +63,15 @@ def _kernel_matmul(op, spec, x, w, input_amax, weight_amax, block_scale):
     K, N = w.shape
     x2 = x.reshape(-1, K)  # leading dims -> M
     interpret = dispatch.interpret()
-    w_amax = _effective_amax(w, weight_amax, spec.weight.fmt)
+    w_amax = effective_amax(w, weight_amax, spec.weight.fmt)
     if op == "fp8_matmul":
-        xq = quantize(x2.astype(f32), "fp8_e4m3", axis=-1, amax=_effective_amax(x, input_amax, "fp8_e4m3"))
+        xq = quantize(x2.astype(f32), "fp8_e4m3", axis=-1, amax=effective_amax(x, input_amax, "fp8_e4m3"))
         wq = quantize(w.astype(f32), "fp8_e4m3", axis=0, amax=w_amax)
         y = fp8_matmul(xq.data, wq.data, xq.scale, wq.scale, out_dtype=x.dtype, interpret=interpret)
     else:
         if spec.input is not None:  # forward value only; the STE is the backward's (fake path's) business
             t = spec.input
-            x2 = fake_quant(x2, t.fmt, axis=-1, amax=_effective_amax(x, input_amax, t.fmt), ste=t.ste)
+            x2 = fake_quant(x2, t.fmt, axis=-1, amax=effective_amax(x, input_amax, t.fmt), ste=t.ste)
         wq = quantize(w.astype(f32), "nvfp4", axis=0, amax=w_amax, block_scale=block_scale)  # codes [K, N]
         # the kernel takes W as [N, K]: packed codes [N, K/2], block scales [N, K/16], S_dec a scalar
         y = nvfp4_matmul(x2, pack_fp4(wq.data.T), wq.scale.T, wq.global_scale, out_dtype=x.dtype,

@@ -67,7 +67,7 @@ def _current_amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
 
 
-def _effective_amax(x: jax.Array, static: jax.Array | None, fmt: str) -> jax.Array | None:
+def effective_amax(x: jax.Array, static: jax.Array | None, fmt: str) -> jax.Array | None:
     """The calibrated amax where it is > 0, else the current amax of x; None (current amax) if not given.
 
     MX formats have no per-tensor scale, so an amax is not used with them (None).
@@ -155,11 +155,11 @@ def fake_matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: ja
     kx, kw = _split(key, 2)
     xq = x
     if ispec is not None:
-        xq = fake_quant(x, ispec.fmt, axis=-1, amax=_effective_amax(x, input_amax, ispec.fmt), ste=ispec.ste,
+        xq = fake_quant(x, ispec.fmt, axis=-1, amax=effective_amax(x, input_amax, ispec.fmt), ste=ispec.ste,
                         rounding=ispec.rounding, key=kx if ispec.rounding == "stochastic" else None)
     wq = w
     if wspec is not None:
-        wq = fake_quant(w, wspec.fmt, axis=0, amax=_effective_amax(w, weight_amax, wspec.fmt),
+        wq = fake_quant(w, wspec.fmt, axis=0, amax=effective_amax(w, weight_amax, wspec.fmt),
                         block_scale=weight_block_scale, ste=wspec.ste, rounding=wspec.rounding,
                         key=kw if wspec.rounding == "stochastic" else None)
     # y[..., n] = sum_k xq[..., k] wq[k, n]
@@ -171,8 +171,8 @@ def fake_matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: ja
 
 def _fwd_operands(spec: LinearQuant, x2: jax.Array, w: jax.Array, input_amax, weight_amax):
     """(DQ(Q(x along K)) [T, K], DQ(Q(W along K)) [K, N]) in float32."""
-    dqx = _dq(x2, spec.input.fmt, axis=-1, amax=_effective_amax(x2, input_amax, spec.input.fmt))
-    dqw = _dq(w, spec.weight.fmt, axis=0, amax=_effective_amax(w, weight_amax, spec.weight.fmt))
+    dqx = _dq(x2, spec.input.fmt, axis=-1, amax=effective_amax(x2, input_amax, spec.input.fmt))
+    dqw = _dq(w, spec.weight.fmt, axis=0, amax=effective_amax(w, weight_amax, spec.weight.fmt))
     return dqx, dqw
 
 
@@ -194,7 +194,7 @@ def _qmm_bwd(spec, res, dy):
 
     # dgrad: dx[t, k] = sum_n DQ(Q(dy along N))[t, n] DQ(QW)[k, n]. A 2D-quantized W is the forward's QW (tiles are
     # symmetric); 1D formats quantize W columnwise, i.e. along N, the contraction axis of this GEMM.
-    w_amax = _effective_amax(w, weight_amax, spec.weight.fmt)
+    w_amax = effective_amax(w, weight_amax, spec.weight.fmt)
     w_axis = 0 if check_format(spec.weight.fmt).two_d else 1
     dqw = _dq(w, spec.weight.fmt, axis=w_axis, amax=w_amax)
     dqdy_r = _dq(dy, g.fmt, axis=-1, rounding=g.rounding, key=k_dgrad)
@@ -204,7 +204,7 @@ def _qmm_bwd(spec, res, dy):
     mult = _token_multiple(spec)
     xc = _pad_rows(x2.astype(jnp.float32), mult)
     dyc = _pad_rows(dy.astype(jnp.float32), mult)
-    x_amax = _effective_amax(x2, input_amax, spec.input.fmt)
+    x_amax = effective_amax(x2, input_amax, spec.input.fmt)
     if spec.rht:
         xc, dyc, x_amax = _rht(xc, 0), _rht(dyc, 0), None  # amaxes of the transformed operands
     dqx_c = _dq(xc, spec.input.fmt, axis=0, amax=x_amax)

@@ -15,6 +15,7 @@ from jax import export
 
 import nemojax
 from pallas_kernels.attention import flash_attention
+from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_matmul
 from pallas_kernels.ssd_scan import ssd_scan
 from pallas_kernels.ssd_update import ssd_update
 
@@ -56,3 +57,19 @@ def test_attention_lowers(backend, platform, marker):
     q, kv = S((b, L, a.num_heads, a.head_dim), jnp.bfloat16), S((b, L, a.num_kv_heads, a.head_dim), jnp.bfloat16)
     fn = functools.partial(flash_attention, scale=a.head_dim ** -0.5, backend=backend, interpret=False)
     assert marker in lowered_module(fn, q, kv, kv, platform=platform)
+
+
+@pytest.mark.parametrize("backend,platform,marker", [("gpu", "cuda", "xla.gpu.triton"),
+                                                     ("tpu", "tpu", "tpu_custom_call")])
+def test_quantized_matmuls_lower(backend, platform, marker):
+    """FP8 x FP8 and W4A16 NVFP4 (bf16 and f32 activations) at an 8B projection shape, M not a multiple of the
+    block (K a multiple of 32, as NVFP4 needs)."""
+    M, K, N = 1000, 4096, 8192
+    e4m3, scalar = jnp.float8_e4m3fn, S((), jnp.float32)
+    fp8 = functools.partial(fp8_matmul, backend=backend)
+    assert marker in lowered_module(fp8, S((M, K), e4m3), S((K, N), e4m3), scalar, scalar, platform=platform)
+    nvfp4 = functools.partial(nvfp4_matmul, backend=backend)
+    for x_dtype in (jnp.bfloat16, jnp.float32):
+        module = lowered_module(nvfp4, S((M, K), x_dtype), S((N, K // 2), jnp.uint8), S((N, K // 16), e4m3), scalar,
+                                platform=platform)
+        assert marker in module
