@@ -12,6 +12,9 @@ round-to-nearest operands, a float32 or bfloat16 compute dtype and `dispatch.res
   multiple of 32; the input unquantized (W4A16) or fake-quantized first in its own format (so W4A4, W4A8 run the
   W4A16 kernel on the dequantized input). W [K, N] is quantized along K and handed over in the kernel's
   [N, K/2] packed layout. ("nvfp4_2d" weights, MX or FP8 weights with other inputs, K % 32 != 0: fake path.)
+  Where the hardware has block-scaled FP4 MMAs (`quant_matmul.has_native_fp4`: Blackwell) and the input is NVFP4
+  too (W4A4), both operands are quantized and the product runs on them natively
+  (`nvfp4_block_scaled_matmul`) instead of dequantizing the input first.
 
 The kernel forward equals the fake forward up to f32 summation order (and, in bfloat16, up to where the scales are
 applied before the rounding to bf16). Its backward is the fake path's: a `jax.custom_vjp` whose bwd is `jax.vjp`
@@ -30,8 +33,8 @@ from nemojax.quant.fake import fake_quant
 from nemojax.quant.qarray import pack_fp4, quantize
 from nemojax.quant.recipe import LinearQuant
 from nemojax.quant.training import effective_amax, fake_matmul
-from pallas_kernels import dispatch
-from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_matmul
+from pallas_kernels import dispatch, quant_matmul
+from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_block_scaled_matmul, nvfp4_matmul
 
 f32 = jnp.float32
 COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -68,6 +71,11 @@ def _kernel_matmul(op, spec, x, w, input_amax, weight_amax, block_scale):
         xq = quantize(x2.astype(f32), "fp8_e4m3", axis=-1, amax=effective_amax(x, input_amax, "fp8_e4m3"))
         wq = quantize(w.astype(f32), "fp8_e4m3", axis=0, amax=w_amax)
         y = fp8_matmul(xq.data, wq.data, xq.scale, wq.scale, out_dtype=x.dtype, interpret=interpret)
+    elif spec.input is not None and spec.input.fmt == "nvfp4" and quant_matmul.has_native_fp4():
+        xq = quantize(x2.astype(f32), "nvfp4", axis=-1, amax=effective_amax(x, input_amax, "nvfp4"))
+        wq = quantize(w.astype(f32), "nvfp4", axis=0, amax=w_amax, block_scale=block_scale)  # codes [K, N]
+        y = nvfp4_block_scaled_matmul(xq.data, xq.scale, xq.global_scale, wq.data.T, wq.scale.T, wq.global_scale,
+                                      out_dtype=x.dtype)
     else:
         if spec.input is not None:  # forward value only; the STE is the backward's (fake path's) business
             t = spec.input

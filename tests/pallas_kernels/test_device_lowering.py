@@ -15,13 +15,14 @@ from jax import export
 
 import nemojax
 from pallas_kernels.attention import flash_attention
-from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_matmul
+from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_block_scaled_matmul, nvfp4_matmul
 from pallas_kernels.ssd_scan import ssd_scan
 from pallas_kernels.ssd_update import ssd_update
 
 S = jax.ShapeDtypeStruct
 # The Triton call is an XLA custom call without export-compatibility guarantees: fine, nothing is serialised.
-UNCHECKED = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+UNCHECKED = [export.DisabledSafetyCheck.custom_call(target) for target in
+             ("__gpu$xla.gpu.triton", "__op$block_scaled_dot")]
 MAMBA_PRESETS = ["nemotron-h-8b", "nemotron-nano-9b-v2", "nemotron-3-nano-4b", "nemotron-h-47b"]
 
 
@@ -73,3 +74,13 @@ def test_quantized_matmuls_lower(backend, platform, marker):
         module = lowered_module(nvfp4, S((M, K), x_dtype), S((N, K // 2), jnp.uint8), S((N, K // 16), e4m3), scalar,
                                 platform=platform)
         assert marker in module
+
+
+def test_native_fp4_lowers_to_block_scaled_dot():
+    """W4A4 NVFP4 on GPU is XLA's block_scaled_dot (cuDNN's native FP4 GEMM on Blackwell)."""
+    M, K, N = 256, 4096, 1024
+    fp4, e4m3, scalar = jnp.float4_e2m1fn, jnp.float8_e4m3fn, S((), jnp.float32)
+    fn = functools.partial(nvfp4_block_scaled_matmul, backend="gpu")
+    module = lowered_module(fn, S((M, K), fp4), S((M, K // 16), e4m3), scalar, S((N, K), fp4),
+                            S((N, K // 16), e4m3), scalar)
+    assert "block_scaled_dot" in module

@@ -148,3 +148,20 @@ def test_uncovered_layers_fall_back(model):
     q = quant.apply(model, "nvfp4")
     assert _n_kernels(_with_impl(q, "auto")) == 0
     assert _n_kernels(_with_impl(quant.apply(model, "mxfp8"), "pallas")) == 0
+
+
+def test_native_fp4_path_for_w4a4(model, monkeypatch):
+    """On hardware with block-scaled FP4 MMAs (forced here: has_native_fp4 -> True) a W4A4 NVFP4 layer runs
+    nvfp4_block_scaled_matmul on both operands' codes, not the W4A16 kernel; off GPU that function computes its
+    documented formula, so this checks the operand layouts and the global-scale epilogue against the fake path."""
+    from nemojax.nn import kernel_linear
+    from pallas_kernels import quant_matmul
+
+    calls = []
+    native = kernel_linear.nvfp4_block_scaled_matmul
+    monkeypatch.setattr(quant_matmul, "has_native_fp4", lambda device=None: True)
+    monkeypatch.setattr(kernel_linear, "nvfp4_block_scaled_matmul", lambda *a, **k: calls.append(1) or native(*a, **k))
+    q = quant.apply(model, "nvfp4")
+    kern, fake = _with_impl(q, "pallas"), _with_impl(q, "xla")
+    assert _n_kernels(kern) == 0 and len(calls) == N_QUANTIZED  # no Pallas call: the library path
+    assert _rel(_logits(kern), _logits(fake)) < 1e-5

@@ -188,3 +188,22 @@ def test_nvfp4_matmul_k_loop(M, K, N, bk):
     ref32 = jnp.dot(x32, w_hat.T, precision=HI)
     y_bf = nvfp4_matmul(x32.astype(jnp.bfloat16), wp, ws, wg, out_dtype=jnp.float32, **kw)
     assert _rel_err(y_bf, ref32, jnp.dot(jnp.abs(x32), jnp.abs(w_hat).T, precision=HI)) > 1e-4
+
+
+def test_nvfp4_block_scaled_matmul_equals_dequantized_product():
+    """W4A4 (both operands NVFP4, [M, K] and [N, K]) = dequant(x) @ dequant(W).T in f32; bad operands are named."""
+    from nemojax.quant.qarray import dequantize
+    from pallas_kernels.quant_matmul import nvfp4_block_scaled_matmul
+
+    x = jnp.asarray(_rng(3).standard_normal((9, 96)), jnp.float32)
+    w = jnp.asarray(_rng(4).standard_normal((40, 96)), jnp.float32)
+    qx, qw = quantize(x, "nvfp4", axis=1), quantize(w, "nvfp4", axis=1)
+    y = nvfp4_block_scaled_matmul(qx.data, qx.scale, qx.global_scale, qw.data, qw.scale, qw.global_scale,
+                                  out_dtype=jnp.float32)
+    dx, dw = dequantize(qx, jnp.float32), dequantize(qw, jnp.float32)
+    ref = jnp.dot(dx, dw.T, precision=HI)
+    assert _rel_err(y, ref, jnp.dot(jnp.abs(dx), jnp.abs(dw).T, precision=HI)) < 1e-6
+    with pytest.raises(ValueError, match="x_scale has shape"):
+        nvfp4_block_scaled_matmul(qx.data, qx.scale[:, :2], qx.global_scale, qw.data, qw.scale, qw.global_scale)
+    with pytest.raises(ValueError, match="w_codes dtype"):
+        nvfp4_block_scaled_matmul(qx.data, qx.scale, qx.global_scale, w, qw.scale, qw.global_scale)
