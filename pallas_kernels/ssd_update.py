@@ -116,11 +116,35 @@ def ssd_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: j
     Shapes and semantics in the module docstring. `state` must be float32 and is updated in place when donated.
     `block_heads` caps the heads per program (rounded down to a group-compatible divisor of H, see `head_blocks`).
     `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU tests). `backend`:
-    the platform it is lowered for (default: JAX's default backend).
+    the platform it is lowered for (default: JAX's default backend). Differentiable: the backward is the vjp of
+    `ssd_update_reference` (a step of elementwise products; a kernel would gain nothing).
     """
-    b, H, P, G, N = _check(state, x, dt, A, B, C, D)
+    _check(state, x, dt, A, B, C, D)
     if state.dtype != f32:
         raise ValueError(f"ssd_update: state must be float32, got {state.dtype}")
+    return _ssd_update(state, x, dt, A, B, C, D, interpret, block_heads, backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd_update(state, x, dt, A, B, C, D, interpret, block_heads, backend):
+    return _update(state, x, dt, A, B, C, D, interpret, block_heads, backend)
+
+
+def _ssd_update_fwd(state, x, dt, A, B, C, D, interpret, block_heads, backend):
+    return _update(state, x, dt, A, B, C, D, interpret, block_heads, backend), (state, x, dt, A, B, C, D)
+
+
+def _ssd_update_bwd(interpret, block_heads, backend, residuals, cotangents):
+    del interpret, block_heads, backend
+    _, vjp = jax.vjp(ssd_update_reference, *residuals)
+    return vjp(cotangents)
+
+
+_ssd_update.defvjp(_ssd_update_fwd, _ssd_update_bwd)
+
+
+def _update(state, x, dt, A, B, C, D, interpret: bool, block_heads: int, backend: str | None):
+    b, H, P, G, N = _check(state, x, dt, A, B, C, D)
     R = H // G
     gb, rb = head_blocks(H, G, block_heads)
     grid = (b, G // gb, R // rb)
