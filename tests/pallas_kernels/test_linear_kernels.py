@@ -80,6 +80,10 @@ def test_logits_and_grads_match_fake_path(model, recipe):
         (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(q.params)
         return y, flatten_dict(g)
 
+    if recipe != "nvfp4":  # the backward is the fake path's whatever the kernel: gradients checked once (W4A4)
+        y_k, y_f = _logits(kern), _logits(fake)
+        assert _rel(y_k, y_f) < 1e-5 and _rel(y_f, _logits(model)) > 1e-3
+        return
     (y_k, g_k), (y_f, g_f) = loss_and_grads(kern.config), loss_and_grads(fake.config)
     assert _rel(y_k, y_f) < 1e-5  # f32: summation order and scale placement only; measured <= 3.5e-7
     assert _rel(y_f, _logits(model)) > 1e-3  # and quantization changed the logits

@@ -45,7 +45,6 @@ SHAPES = [
     (2, 37, 4, 8, 2, 16, 16, 1, "gpu"),
     (1, 70, 6, 12, 3, 5, 32, 2, "gpu"),
     (1, 1, 2, 4, 1, 4, 16, 1, "gpu"),
-    (1, 9, 8, 4, 2, 8, 16, 4, "gpu"),
     (2, 37, 4, 8, 2, 16, 16, 2, "tpu"),
     (1, 70, 6, 12, 3, 5, 32, 1, "tpu"),
 ]
@@ -53,11 +52,12 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}L{}H{}P{}G{}N{}Q{}hb{}-{}".format(*s))
 def test_forward_float32_equals_the_recurrence(shape):
-    """float32: y and the final state within 1e-6 (relative to the max) of the sequential scan, with and without
-    an initial state; the kernel equals its own chunked reference to the same order."""
+    """float32: y and the final state within 1e-6 (relative to the max) of the sequential scan, from an initial
+    state (and from none, in the first case of each layout); the kernel equals its own chunked reference to the
+    same order."""
     b, L, H, P, G, N, Q, hb, layout = shape
     x, dt, A, B, C, s0 = _inputs(b, L, H, P, G, N)
-    for init in (s0, None):
+    for init in (s0, None) if shape in (SHAPES[0], SHAPES[3]) else (s0,):
         y, final = _kernel(Q, hb, layout)(x, dt, A, B, C, initial_state=init)
         y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=init)
         y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, initial_state=init)
