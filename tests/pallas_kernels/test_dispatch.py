@@ -56,3 +56,16 @@ def test_pallas_decode_step_equals_xla(dtype, monkeypatch):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
     assert np.abs(runs["xla"][0][1:] - runs["xla"][0][:1]).max() > 1e-3  # the steps did something
     assert traced  # the "pallas" run went through the kernel (both Mamba layers, traced once)
+
+
+def test_compiler_params_pick_triton_on_gpu_only():
+    """A pallas_call without params is lowered by Mosaic GPU on this JAX; the kernels here are written for Triton,
+    so on "gpu" they pass Triton params, and none elsewhere (TPU refuses GPU params)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    params = dispatch.compiler_params("gpu", num_warps=8)
+    assert isinstance(params, pltriton.CompilerParams) and params.num_warps == 8
+    assert dispatch.compiler_params("tpu") is None and dispatch.compiler_params("cpu") is None
+    assert dispatch.resolve("attention", "cudnn") == "cudnn"
+    with pytest.raises(ValueError, match="impl='cudnn' is invalid for ssd_scan"):
+        dispatch.resolve("ssd_scan", "cudnn")
