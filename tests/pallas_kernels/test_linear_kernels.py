@@ -94,7 +94,7 @@ def test_logits_and_grads_match_fake_path(model, recipe):
             assert _rel(g_k[path], g_f[path]) < 1e-4, path  # measured <= 1.7e-6 (the same STE backward)
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "nvfp4_w4a16"])
+@pytest.mark.parametrize("recipe", ["nvfp4_w4a16"])
 def test_bf16_logits_match_fake_path(model, recipe):
     q = quant.apply(model, recipe)
     kern, fake = _with_impl(q, "pallas", "bfloat16"), _with_impl(q, "xla", "bfloat16")
@@ -102,7 +102,7 @@ def test_bf16_logits_match_fake_path(model, recipe):
     y_k, y_f = _logits(kern), _logits(fake)
     # the kernel applies the scales to the f32 accumulator, the fake path to operands rounded to bf16, and the next
     # layer's quantizer can turn such a bf16 ulp into a whole E4M3 / E2M1 step: measured 1.9e-2 (fp8), 6.5e-3
-    # (nvfp4_w4a16), 4.2e-2 for W4A4 nvfp4 (not tested here)
+    # (nvfp4_w4a16), 4.2e-2 for W4A4 nvfp4 (only W4A16 is tested here, for suite time)
     assert _rel(y_k, y_f) < 5e-2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def _train_losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"}
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """A workdir holding a finished 2-step run with its checkpoint at step 2 (trained once; tests get copies)."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    train(_config("train.steps=2", "train.checkpoint_every=2"), workdir, progress=False)
+    return workdir
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, dirs_exist_ok=True)
+    return to
+
+
 @pytest.mark.xdist_group("subprocess")
 def test_killed_and_resumed_run_equals_straight_run(tmp_path):
     """Straight 12 steps vs 6 steps, SIGKILL, resume for 6 more: identical losses at every step and identical
@@ -68,19 +82,21 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_workdir_of_another_config_is_refused(tmp_path):
+@pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
+def test_workdir_of_another_config_is_refused(tmp_path, two_steps):
     """Resuming a workdir with a different model is refused with the differing field named; nothing is written."""
-    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
+    _copy(two_steps, tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint has 64, config has 32"):
         train(_config("train.steps=4", "model.overrides.hidden_size=32"), tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
-def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+@pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, two_steps):
     """A checkpoint whose array data is damaged is refused with a CheckpointError naming the step; it is not
     overwritten by a fresh start."""
-    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
+    _copy(two_steps, tmp_path)
     step_dir = tmp_path / "checkpoints" / "2"
     data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0
                   and "manifest" not in p.name and not p.name.startswith("_")]
@@ -93,22 +109,17 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     assert {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()} == snapshot
 
 
-def test_unfinished_save_is_ignored(tmp_path):
+@pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
+def test_unfinished_save_is_ignored_and_relative_workdir(tmp_path, two_steps, monkeypatch):
     """A step directory left half-written (orbax's temporary name) is not taken as a checkpoint: the run resumes
-    from the last complete one."""
-    train(_config("train.steps=2", "train.checkpoint_every=2"), tmp_path, progress=False)
-    half = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    from the last complete one. The workdir is given relative to the current directory, which orbax (absolute
+    paths only) must also handle for restoring and saving."""
+    monkeypatch.chdir(tmp_path)
+    workdir = _copy(two_steps, tmp_path / "runs" / "rel")
+    half = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
     half.mkdir()
     (half / "junk").write_text(json.dumps({"partial": True}))
-    result = train(_config("train.steps=4", "train.checkpoint_every=2"), tmp_path, progress=False)
+    result = train(_config("train.steps=4", "train.checkpoint_every=1"), "runs/rel", progress=False)
     assert result["summary"]["steps"] == 4
-    assert sorted(_train_losses(tmp_path)) == [1, 2, 3, 4]
-
-
-def test_relative_workdir(tmp_path, monkeypatch):
-    """A workdir given relative to the current directory checkpoints and resumes (orbax wants absolute paths)."""
-    monkeypatch.chdir(tmp_path)
-    train(_config("train.steps=2", "train.checkpoint_every=1"), "runs/rel", progress=False)
-    assert sorted(p.name for p in (tmp_path / "runs" / "rel" / "checkpoints").iterdir()) == ["1", "2"]
-    result = train(_config("train.steps=3", "train.checkpoint_every=1"), "runs/rel", progress=False)
-    assert result["summary"]["steps"] == 3
+    assert sorted(_train_losses(workdir)) == [1, 2, 3, 4]
+    assert {"3", "4"} <= {p.name for p in (workdir / "checkpoints").iterdir()}  # saved through the relative path
