@@ -111,15 +111,18 @@ def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float 
         B = jax.random.normal(ks[3], (b, L, G, N), jnp.bfloat16)
         C = jax.random.normal(ks[4], (b, L, G, N), jnp.bfloat16)
         args = (x, dt, A, B, C)
-        kernel = compiled(functools.partial(ssd_scan, chunk_size=Q, interpret=interpret), *args)
         ref = compiled(functools.partial(ssd_chunked, chunk_size=Q), *args)
-        (y, s), (y_ref, s_ref) = kernel(*args), ref(*args)
-        err = max(rel_err(y, y_ref), rel_err(s, s_ref))
-        t_k, t_r = time_pair(kernel, args, ref, args, repeats)
+        y_ref, s_ref = ref(*args)
         nc = -(-L // Q)
         flops = 2 * b * nc * (G * Q * Q * N + H * (Q * Q * P + 2 * Q * P * N))
-        out.append(row("ssd_scan", f"{name} b{b} L{L} H{H} P{P} G{G} N{N} Q{Q}", t_k, t_r, err, flops, "TFLOP/s",
-                       peak_bf16, "XLA ssd_chunked"))
+        for heads in (1, 2):  # heads per program: untuned, so both (more C B^T reuse vs more registers held)
+            kernel = compiled(functools.partial(ssd_scan, chunk_size=Q, block_heads=heads, interpret=interpret),
+                              *args)
+            y, s = kernel(*args)
+            err = max(rel_err(y, y_ref), rel_err(s, s_ref))
+            t_k, t_r = time_pair(kernel, args, ref, args, repeats)
+            out.append(row("ssd_scan", f"{name} b{b} L{L} H{H} P{P} G{G} N{N} Q{Q} hb{heads}", t_k, t_r, err, flops,
+                           "TFLOP/s", peak_bf16, "XLA ssd_chunked"))
     return out
 
 
@@ -249,7 +252,7 @@ def main() -> None:
         "attention": lambda: bench_attention(args.quick, interpret, repeats, peak_bf16),
     }
     rows: list[dict] = []
-    header = f"{'op':13} {'shape':46} {'kernel ms':>10} {'ref ms':>9} {'speedup':>8} {'rate':>16} {'of peak':>8} " \
+    header = f"{'op':13} {'shape':56} {'kernel ms':>10} {'ref ms':>9} {'speedup':>8} {'rate':>16} {'of peak':>8} " \
              f"{'rel err':>8}  baseline"
     print(header)
     for op in only:
@@ -262,7 +265,7 @@ def main() -> None:
             continue
         for r in new:
             peak = "" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}%"
-            print(f"{r['op']:13} {r['shape']:46} {r['kernel_ms']:10.3f} {r['ref_ms']:9.3f} {r['speedup']:7.2f}x "
+            print(f"{r['op']:13} {r['shape']:56} {r['kernel_ms']:10.3f} {r['ref_ms']:9.3f} {r['speedup']:7.2f}x "
                   f"{r['rate']:9.1f} {r['unit']:>6} {peak:>8} {r['rel_err']:8.1e}  {r['baseline']}", flush=True)
         rows.extend(new)
         print(f"  ({op}: {time.perf_counter() - t0:.0f} s)", flush=True)

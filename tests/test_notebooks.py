@@ -35,8 +35,7 @@ def _run_quick(name: str, tmp_path: Path) -> None:
     """Runs notebooks/<name>.py at tiny scale as a script, writing under tmp_path; fails on any error."""
     env = dict(os.environ, NEMOJAX_NOTEBOOK_QUICK="1", NEMOJAX_NOTEBOOK_OUT=str(tmp_path), MPLBACKEND="Agg",
                JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
-    # Compile time dominates at this scale; unoptimised XLA code halves the run and changes no assertion.
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    # (XLA_FLAGS comes from tests/conftest.py: backend optimisation level 0, as for every test.)
     proc = subprocess.run([sys.executable, str(NOTEBOOKS / f"{name}.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -192,7 +192,8 @@ WORKER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT),
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT),
            "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
