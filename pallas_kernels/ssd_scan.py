@@ -25,14 +25,16 @@ program then owns `block_heads` heads of one group and walks the chunks in order
 so the chunk states never go to memory (the XLA path materialises all of them). The grid is (b, G, R / hb), R = H / G.
 The chunk loop is inside the kernel (a `fori_loop`), not a grid axis: grid programs run in parallel on GPUs, so only
 independent work may go on the grid. In-chunk decays are differences of the cumsum, as in the Triton kernels of
-mamba_ssm; the XLA path's masked segment sums avoid that cancellation, a difference of about 1e-7 relative here.
+mamba_ssm; the XLA path's masked segment sums avoid that cancellation (a difference of 1e-7 to 1e-6 relative in
+the tests, growing with the chunk).
 
 Dots take `dot_dtype` operands with float32 accumulation: float32 (Precision.HIGHEST) when B and C are float32, else
 bfloat16, the tensor-core path of a bf16 model. The state, decays and y are always float32.
 
 Backward: a `custom_vjp` whose backward is the vjp of `ssd_scan_reference`, the same chunked algorithm in plain JAX
-(`lax.scan` over chunks, recomputing the forward). A backward kernel would save the recompute of the forward pass;
-it is not written here: the forward is what prefill runs, and training keeps XLA's fused backward.
+(`lax.scan` over chunks, recomputing the forward), so a training step runs the kernel forward and an XLA backward.
+A backward kernel would save that recompute; it is not written here, since prefill, the case the kernel is for,
+has no backward.
 
 Layouts. GPU (Triton): every tensor in the kernel has a power-of-two size, so the P block is rounded up to a power
 of two (at least 16, `tl.dot`'s minimum) and overhangs the array when P is not one (Nano 2's P = 80): nothing mixes
