@@ -75,8 +75,9 @@ from transformers import DynamicCache, NemotronHForCausalLM  # noqa: E402
 from experiments.bench_forward import bench_config, environment, hf_model, pin_threads, set_dt_limit  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.infer.cache import Cache, cache_nbytes, init_cache  # noqa: E402
-from nemojax.infer.extend import decode_step, extend, logits, prefill  # noqa: E402
+from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, decode_step, extend, logits, prefill  # noqa: E402
 from nemojax.infer.memory import cache_bytes  # noqa: E402
+from nemojax.infer.sampling import argmax  # noqa: E402
 from nemojax.model import Model  # noqa: E402
 
 SPEED_TARGET = 3.0  # nemojax / transformers per-token decode speed at batch 1
@@ -123,7 +124,7 @@ def copy_cache(cache: Cache) -> Cache:
 
 # ----------------------------------------------------------------------------------------------- nemojax decode
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,), compiler_options=DECODE_COMPILER_OPTIONS)
 def greedy_decode(config: ModelConfig, params: dict, token: jax.Array, cache: Cache,
                   steps: int) -> tuple[jax.Array, Cache]:
     """`steps` greedy decode steps from `cache`: token [b] int32 (the last chosen token, not yet in the cache)
@@ -135,7 +136,7 @@ def greedy_decode(config: ModelConfig, params: dict, token: jax.Array, cache: Ca
     def body(i: jax.Array, carry: tuple[jax.Array, Cache, jax.Array]) -> tuple[jax.Array, Cache, jax.Array]:
         tok, cache, out = carry
         hidden, cache = extend(config, params, tok[:, None], cache, one)
-        nxt = jnp.argmax(logits(config, params, hidden[:, 0]), axis=-1).astype(jnp.int32)
+        nxt = argmax(logits(config, params, hidden[:, 0]))
         return nxt, cache, out.at[:, i].set(nxt)
 
     _, cache, out = jax.lax.fori_loop(0, steps, body, (token, cache, jnp.zeros((b, steps), jnp.int32)))

@@ -26,7 +26,7 @@ import numpy as np
 from nemojax.config import ModelConfig
 from nemojax.infer import budget as budget_lib
 from nemojax.infer.cache import Cache, init_cache
-from nemojax.infer.extend import extend, logits, prefill
+from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, extend, logits, prefill
 from nemojax.infer.sampling import SamplingConfig, mark_seen, sample, seen_from_prompts
 from nemojax.infer.stopping import StopSequences, ends_with_stop
 
@@ -92,7 +92,8 @@ def _finished(token: jax.Array, out: jax.Array, count: jax.Array, dcfg: DecodeCo
     return finished
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream"))
+@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream"),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
 def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Array, prompt_open: jax.Array,
                 key: jax.Array, *, dcfg: DecodeConfig, max_len: int,
                 stream: Callable[..., None] | None = None) -> tuple[jax.Array, jax.Array]:

@@ -27,13 +27,14 @@ import numpy as np
 
 from nemojax.config import ModelConfig
 from nemojax.infer.cache import Cache, init_cache
-from nemojax.infer.extend import commit_steps, embed, extend, inference_module, logits
+from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, commit_steps, embed, extend, inference_module, logits
+from nemojax.infer.sampling import argmax
 from nemojax.models.hybrid import NemotronH
 from nemojax.nn.state import Extend, take_rows
 
 
 def _greedy(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
-    return jnp.argmax(logits(config, params, hidden), axis=-1).astype(jnp.int32)
+    return argmax(logits(config, params, hidden))
 
 
 def _mtp_extend(config: ModelConfig, params: dict, depth: int, hidden: jax.Array, tokens: jax.Array, cache: Cache,
@@ -166,7 +167,8 @@ def step(config: ModelConfig, params: dict, s: SpecState, *, dcfg, k: int, strea
                      done, s.accepted + jnp.where(active, a, 0), s.rounds + active.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dcfg", "k", "max_len", "stream"))
+@functools.partial(jax.jit, static_argnames=("config", "dcfg", "k", "max_len", "stream"),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
 def speculative_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Array, *, dcfg, k: int,
                      max_len: int, stream=None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """tokens: [b, L] right-padded prompts (lengths[i] > k) -> (new tokens [b, max_new], counts [b],

@@ -82,22 +82,38 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
     return causal_attention(q, k, v, scale)
 
 
-def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array, scale: float) -> jax.Array:
-    """Queries at positions start[i] + t against a KV cache that already holds them (and everything before).
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, start: jax.Array,
+                     scale: float) -> jax.Array:
+    """New queries against the cache as it was before them, plus the new keys and values.
 
-    q: [b, T, Hq, d], cache k/v: [b, Hkv, S, d], start: [b] -> [b, T, Hq, d]; query t of sequence i sees cache
-    entries s <= start[i] + t. Work is O(T * S), meant for short T (decode steps, speculative verification). The
-    head-major cache makes both products batched matmuls over (b, Hkv) that read the cache in place.
+    q: [b, T, Hq, d]; k, v: [b, T, Hkv, d], the new tokens' keys and values; cache k/v: [b, Hkv, S, d]; start:
+    [b] -> [b, T, Hq, d]. Query t of sequence i sits at position start[i] + t and sees the cache entries before
+    start[i] and the new tokens 0..t, in one softmax over both. Work is O(T * S), meant for short T (decode
+    steps, speculative verification).
+
+    Call it before `write_kv`: every read of the cache then precedes the in-place write, so inside a decode loop
+    XLA updates the loop-carried cache buffers where they lie instead of copying them each step (with
+    `nemojax.infer.extend.DECODE_COMPILER_OPTIONS`). The head-major cache makes both products batched matmuls
+    over (b, Hkv) that read it in place.
     """
     b, T, Hq, d = q.shape
-    Hkv = cache.k.shape[1]
-    q = jnp.transpose((q * jnp.asarray(scale, q.dtype)).reshape(b, T, Hkv, Hq // Hkv, d), (0, 2, 3, 1, 4))
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, cache.k.astype(q.dtype), preferred_element_type=f32)
-    last = start[:, None] + jnp.arange(T)[None, :]  # [b, T]
-    visible = jnp.arange(cache.k.shape[2])[None, None, :] <= last[..., None]  # [b, T, S]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, cache.v.astype(q.dtype))
+    Hkv, S = cache.k.shape[1], cache.k.shape[2]
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, T, Hkv, Hq // Hkv, d)
+    # The new entries as the cache will hold them, so this step sees what later steps will see.
+    k = k.astype(cache.k.dtype).astype(q.dtype)
+    v = v.astype(cache.v.dtype).astype(q.dtype)
+    old = jnp.einsum("btkgd,bksd->bkgts", q, cache.k.astype(q.dtype), preferred_element_type=f32)
+    before = jnp.arange(S)[None, :] < start[:, None]  # [b, S]
+    old = jnp.where(before[:, None, None, None], old, jnp.finfo(f32).min)
+    new = jnp.einsum("btkgd,bukd->bkgtu", q, k, preferred_element_type=f32)
+    new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), new, jnp.finfo(f32).min)
+    # One softmax over [old, new] without concatenating them; token t always sees itself, so peak is finite.
+    peak = jnp.maximum(old.max(-1), new.max(-1))[..., None]  # [b, Hkv, g, T, 1]
+    p_old, p_new = jnp.exp(old - peak), jnp.exp(new - peak)
+    total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    out = (jnp.einsum("bkgts,bksd->bkgtd", p_old.astype(q.dtype), cache.v.astype(q.dtype), preferred_element_type=f32)
+           + jnp.einsum("bkgtu,bukd->bkgtd", p_new.astype(q.dtype), v, preferred_element_type=f32))
+    out = (out / total).astype(q.dtype)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, T, Hq, d)
 
 
@@ -144,13 +160,13 @@ class Attention(nn.Module):
         if cache is None:
             out = self_attention(q, k, v, scale, a.impl)
         else:
-            cache = write_kv(cache, k, v, step.start)
             # A fresh prefill attends within the new tokens (no O(T * max_len) score matrix), so it can take the
-            # fused kernel; later chunks and decode steps read the cache and stay on XLA.
+            # fused kernel; later chunks and decode steps read the cache (before writing it) and stay on XLA.
             if step.fresh:
                 out = self_attention(q, k, v, scale, a.impl)
             else:
-                out = cached_attention(q, cache, step.start, scale)
+                out = cached_attention(q, k, v, cache, step.start, scale)
+            cache = write_kv(cache, k, v, step.start)
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
             out.reshape(b, T, a.num_heads * a.head_dim))

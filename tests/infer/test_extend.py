@@ -4,7 +4,9 @@ lengths, then decode steps; a multi-token continuation from a filled cache; and 
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +126,38 @@ def test_bfloat16_decode_tracks_the_bfloat16_forward() -> None:
         assert _rel(lg, ref16[rows, pos]) < 1e-2
         assert _rel(lg, ref32[rows, pos]) < 4e-2
         pos = pos + 1
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Compiled HLO text -> {computation name ("ENTRY" for the entry): its instruction lines}."""
+    out, name = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY )?(%\S+) \(", line)
+        if head:
+            name = "ENTRY" if head.group(1) else head.group(2)
+            out[name] = []
+        elif name and line.startswith("  "):
+            out[name].append(line.strip())
+    return out
+
+
+def test_decode_loop_updates_kv_caches_in_place() -> None:
+    """The compiled generation loop copies no KV cache per step: attention reads the cache before `write_kv`, and
+    DECODE_COMPILER_OPTIONS lets copy insertion see it (before both, XLA:CPU copied each KV buffer twice per step).
+    The only copies allowed are of the initial zero cache and in the pass-through branch of the loop's last step,
+    which skips the forward pass (a branch of nothing but tuple plumbing, taken once)."""
+    from nemojax.infer.generate import DecodeConfig, decode_loop
+
+    model = _model("dense")
+    a = model.config.attention
+    max_len = 77  # a length no other array has
+    tokens, lengths = jnp.ones((2, 32), jnp.int32), jnp.array([5, 32])
+    lowered = decode_loop.lower(model.config, model.params, tokens, lengths, jnp.zeros((2,), bool),
+                                jax.random.key(0), dcfg=DecodeConfig(max_new_tokens=45), max_len=max_len)
+    kv = f"f32[2,{a.num_kv_heads},{max_len},{a.head_dim}]"
+    plumbing = ("parameter(", "get-tuple-element(", "copy(", "tuple(", "constant(")
+    per_step = [lines for name, lines in _computations(lowered.compile().as_text()).items()
+                if name != "ENTRY" and not all(any(op in line for op in plumbing) for line in lines)]
+    assert any(kv in line for lines in per_step for line in lines)  # the caches are in the loop at all
+    copies = [line for lines in per_step for line in lines if re.match(rf"%\S+ = {re.escape(kv)}\S* copy\(", line)]
+    assert copies == [], copies

@@ -124,6 +124,21 @@ def test_greedy_is_argmax_of_penalised_logits():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_argmax_equals_jnp_argmax_on_ties_nans_and_infinities(dtype):
+    nan, inf = np.nan, np.inf
+    rows = [[1, 3, 3, 2], [nan, 1, nan, 0], [1, nan, 5, 5], [-inf, -inf, -inf, -inf], [inf, 1, inf, 2],
+            [-0.0, 0.0, -1, -2], [0.0, -0.0, -1, -2], [-3, -1, -1, -2]]
+    rng = np.random.default_rng(0)
+    random = rng.normal(size=(64, 1000)).round(1)  # rounded: many ties for the maximum
+    for x in (np.array(rows), random, random[:, None, :]):
+        x = jnp.asarray(x, dtype)
+        got = jax.jit(sampling.argmax)(x)
+        assert got.dtype == jnp.int32 and got.shape == x.shape[:-1]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(rows, dtype))), [1, 0, 1, 0, 0, 0, 0, 1])
+
+
 DRAWS = 4000
 # Each frequency is a mean of DRAWS Bernoulli draws: its standard deviation is at most sqrt(0.25 / 4000) = 0.0079.
 # The tolerance is about 4 sigma at the worst case p = 0.5, for every token of every row at once.

@@ -83,6 +83,46 @@ def test_first_position_returns_its_value() -> None:
     np.testing.assert_allclose(out[:, 0], np.repeat(v[:, 0], 2, axis=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_cached_attention_sees_old_entries_and_new_tokens(T: int) -> None:
+    """Queries at start[i] + t against a cache holding stale values at and after start[i] (rejected drafts, a longer
+    neighbour): equal to causal attention over the sequence's first start[i] cache entries followed by the new
+    tokens. Sequences of one batch start at different positions."""
+    b, S, Hq, Hkv, d = 2, 12, 6, 2, 8
+    rng = np.random.default_rng(3)
+    start = np.array([5, 9 - T])
+    q = rng.standard_normal((b, T, Hq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, T, Hkv, d)).astype(np.float32) for _ in range(2))
+    ck, cv = (rng.standard_normal((b, Hkv, S, d)).astype(np.float32) for _ in range(2))
+    got = jax.jit(attn.cached_attention, static_argnames="scale")(
+        q, k, v, attn.KVCache(jnp.asarray(ck), jnp.asarray(cv)), jnp.asarray(start), scale=0.3)
+    for i in range(b):
+        n = start[i]
+        full_k = np.concatenate([ck[i, :, :n].transpose(1, 0, 2), k[i]], 0)[None]  # [1, n + T, Hkv, d]
+        full_v = np.concatenate([cv[i, :, :n].transpose(1, 0, 2), v[i]], 0)[None]
+        full_q = np.concatenate([np.zeros((n, Hq, d), np.float32), q[i]], 0)[None]  # only the last T rows count
+        want = _np_attention(full_q, full_k, full_v, 0.3)[0, n:]
+        np.testing.assert_allclose(np.asarray(got[i]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_attention_rounds_new_entries_as_the_cache_stores_them() -> None:
+    """With a bfloat16 cache under a float32 model the new token is seen as the cache will hold it, so a decode step
+    reads exactly what later steps read."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((1, 1, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 1, 2, 8)), jnp.float32) for _ in range(2))
+    cache = attn.KVCache(*(jnp.asarray(rng.standard_normal((1, 2, 6, 8)), jnp.bfloat16) for _ in range(2)))
+    start = jnp.array([4])
+    got = attn.cached_attention(q, k, v, cache, start, 0.35)
+    rounded = attn.cached_attention(q, k.astype(jnp.bfloat16).astype(jnp.float32),
+                                    v.astype(jnp.bfloat16).astype(jnp.float32), cache, start, 0.35)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(rounded))
+    written = attn.write_kv(cache, k, v, start)
+    stored_k, stored_v = (x[:, :, 4:5].transpose(0, 2, 1, 3).astype(jnp.float32) for x in (written.k, written.v))
+    via_cache = attn.cached_attention(q, stored_k, stored_v, cache, start, 0.35)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(via_cache))
+
+
 def test_attention_module_matches_numpy_without_rope() -> None:
     """The NemotronH attention module == numpy q/k/v projections + reference attention + o_proj, and has no
     positional encoding: swapping tokens 0 and 1 leaves the output at position 4 unchanged (spec 2.1)."""
