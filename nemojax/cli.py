@@ -39,9 +39,11 @@
         --chat sends each prompt as a user message (after --system) through a chat template (--chat-template, else the
         one beside the tokenizer.json, else a plain "role: content" fallback); --thinking sets the reasoning toggle and
         --thinking-budget N forces "</think>" after N thinking tokens (spec E.1, E.2). With one prompt the
-        completion is streamed to stdout as it is generated (unless --no-stream); otherwise
-        each completion is printed at the end. Only completions go to stdout; a one-line summary (tokens,
-        seconds including compilation, tokens/s, finish reason, draft acceptance) goes to stderr.
+        completion is streamed to stdout as it is generated (unless --no-stream); otherwise each completion is
+        printed at the end, a chat reply that thought as "<think>\n{reasoning}\n</think>\n{answer}" (the tags
+        written out even when they are special tokens, which streaming drops). Only completions go to stdout; a
+        one-line summary (tokens, seconds including compilation, tokens/s, finish reason, draft acceptance) goes to
+        stderr.
 """
 
 from __future__ import annotations
@@ -367,10 +369,14 @@ def _run_generate(args: argparse.Namespace) -> None:
         budget = None if args.thinking_budget is None else thinking_budget_for(tokenizer, args.thinking_budget)
         out = generate(model, args.prompt, tokenizer=tokenizer, thinking_budget=budget,
                        prompt_open=[prompt_open_thinking(p) for p in args.prompt], **kwargs)
+    texts = out.text
+    if args.chat:  # the thinking block shown with its tags, which decoding drops when they are special tokens
+        texts = [answer if reasoning is None else f"<think>\n{reasoning}\n</think>\n{answer}"
+                 for reasoning, answer in zip(out.reasoning, out.answer, strict=True)]
     if printer is not None:
         printer.finish(out.text[0])
     else:
-        for i, (prompt, text) in enumerate(zip(args.prompt, out.text, strict=True)):
+        for i, (prompt, text) in enumerate(zip(args.prompt, texts, strict=True)):
             if len(args.prompt) > 1:
                 print(f"--- prompt {i + 1} of {len(args.prompt)}: {prompt!r}")
             print(text, flush=True)

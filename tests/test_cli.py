@@ -172,6 +172,26 @@ def test_generate_from_a_training_workdir(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == _reference(tiny, [PROMPT]).text[0] + "\n"
 
 
+def test_generate_chat_prints_the_thinking_block_and_the_answer(tiny, hf_dir, tmp_path, capsys):
+    """--chat --thinking on with a template that opens <think> and a budget of 4: each reply is printed as its
+    reasoning inside the tags, then its answer, exactly as `chat()` splits them."""
+    from nemojax.data.tokenizers import ByteTokenizer
+    from nemojax.infer.chat import chat
+
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: <think>"
+    (tmp_path / "chat.jinja").write_text(template, encoding="utf-8")
+    prompts = [PROMPT, "2+2?"]
+    cli.main(["generate", "--checkpoint", str(hf_dir), "--tokenizer", "byte", "--prompt", prompts[0], "--prompt",
+              prompts[1], "--max-new-tokens", str(NEW), "--chat", "--chat-template", str(tmp_path / "chat.jinja"),
+              "--thinking", "on", "--thinking-budget", "4", "--no-stream"])
+    out = chat(tiny, ByteTokenizer(), [[{"role": "user", "content": p}] for p in prompts], template=template,
+               thinking="on", thinking_budget=4, max_new_tokens=NEW)
+    expected = "".join(f"--- prompt {i + 1} of 2: {p!r}\n<think>\n{r}\n</think>\n{a}\n"
+                       for i, (p, r, a) in enumerate(zip(prompts, out.reasoning, out.answer, strict=True)))
+    assert capsys.readouterr().out == expected
+    assert all("</think>" in text for text in out.text)  # the budget closed every block: a real split
+
+
 def test_generate_errors_name_the_path(tmp_path, hf_dir):
     missing = tmp_path / "nowhere"
     with pytest.raises(SystemExit, match=f"checkpoint '{missing}' is not a folder"):

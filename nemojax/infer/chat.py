@@ -31,7 +31,7 @@ from typing import Any
 from nemojax.infer.budget import ThinkingBudget
 
 __all__ = ["FALLBACK_TEMPLATE", "THINKING_STYLES", "chat", "chat_prompts", "load_chat_template", "newline_ids",
-           "prompt_open_thinking", "render_chat", "thinking_budget_for"]
+           "prompt_open_thinking", "render_chat", "split_reasoning", "thinking_budget_for"]
 
 # style -> (system text for thinking on, for thinking off); None: the template variable only.
 THINKING_STYLES: dict[str, tuple[str, str] | None] = {
@@ -204,6 +204,33 @@ def thinking_budget_for(tokenizer, budget: int, *, start: str = "<think>", end: 
                           grace=grace)
 
 
+def split_reasoning(tokens: Sequence[int], start_ids: Sequence[int], end_ids: Sequence[int], *,
+                    open_: bool = False, is_blank=None) -> tuple[list[int] | None, list[int]]:
+    """One generated reply -> (the ids inside its thinking block, or None if it has none; the ids of the rest).
+
+    The reply is inside a thinking block from its first token when `open_` (the prompt ended inside `start`);
+    otherwise it opens one only by beginning with `start_ids`, after nothing but blank tokens (`is_blank(ids)`
+    decides; default: no tokens at all). The block ends at the first `end_ids`; a reply that never closes it (cut
+    by the length limit) is all reasoning. Tags are matched as id sequences, so special-token tags (one id each)
+    and tags spelt in ordinary tokens (ByteTokenizer) both work.
+    """
+    tokens, start_ids, end_ids = list(tokens), list(start_ids), list(end_ids)
+
+    def find(tag: list[int], after: int) -> int:
+        return next((i for i in range(after, len(tokens) - len(tag) + 1) if tokens[i:i + len(tag)] == tag), -1)
+
+    begin = 0
+    if not open_:
+        at = find(start_ids, 0)
+        if at < 0 or (at > 0 and not (is_blank is not None and is_blank(tokens[:at]))):
+            return None, tokens
+        begin = at + len(start_ids)
+    end = find(end_ids, begin)
+    if end < 0:
+        return tokens[begin:], []
+    return tokens[begin:end], tokens[end + len(end_ids):]
+
+
 def _thinking_flag(thinking: bool | str | None) -> bool | None:
     if thinking is None or isinstance(thinking, bool):
         return thinking
@@ -271,9 +298,11 @@ def chat(model, tokenizer, messages, *, template: str | None = None, thinking: b
     generate_kwargs: passed to `nemojax.infer.generate.generate` (max_new_tokens, temperature, stop, stream, ...).
 
     The prompts are encoded with `allow_special=True`, so template tokens such as "<|im_start|>" get their special
-    ids. Returns a `Generation` with one entry per conversation (`.text` is the reply, special tokens dropped).
+    ids. Returns a `Generation` with one entry per conversation: `.text` is the whole reply (special tokens
+    dropped, so special thinking tags vanish from it), `.reasoning` the text inside the thinking block (None if the
+    reply has none) and `.answer` the text after it, both stripped of surrounding whitespace (`split_reasoning`).
     """
-    from nemojax.infer.generate import generate
+    from nemojax.infer.generate import cut_at_stop_strings, generate
 
     for name in ("prompt_open", "allow_special"):
         if name in generate_kwargs:
@@ -285,5 +314,18 @@ def chat(model, tokenizer, messages, *, template: str | None = None, thinking: b
     budget = thinking_budget
     if budget is not None and not isinstance(budget, ThinkingBudget):
         budget = thinking_budget_for(tokenizer, budget, start=start, end=end, grace=grace)
-    return generate(model, ids, tokenizer=tokenizer, thinking_budget=budget, prompt_open=prompt_open,
-                    **generate_kwargs)
+    out = generate(model, ids, tokenizer=tokenizer, thinking_budget=budget, prompt_open=prompt_open,
+                   **generate_kwargs)
+    start_ids, end_ids = (tokenizer.encode(tag, allow_special=True) for tag in (start, end))
+    stop_strings = [s for s in generate_kwargs.get("stop", ()) if isinstance(s, str)]
+    out.reasoning, out.answer = [], []
+    for tokens, open_ in zip(out.tokens, prompt_open, strict=True):
+        reasoning, answer = split_reasoning(tokens, start_ids, end_ids, open_=open_,
+                                            is_blank=lambda ids: not tokenizer.decode(ids).strip())
+        stopped = False  # a stop string inside the thinking block ends the reply there, as it ends `.text`
+        if reasoning is not None:
+            reasoning, stopped = cut_at_stop_strings(tokenizer.decode(reasoning), stop_strings)
+            reasoning = reasoning.strip()
+        out.reasoning.append(reasoning)
+        out.answer.append("" if stopped else cut_at_stop_strings(tokenizer.decode(answer), stop_strings)[0].strip())
+    return out

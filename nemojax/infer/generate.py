@@ -136,12 +136,16 @@ def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: j
 class Generation:
     """The result of `generate`: per prompt, its new tokens (EOS or stop tokens included), the text when a
     tokenizer was given (stop strings and special tokens removed), why it stopped ("eos", "stop", "length"), and
-    run statistics."""
+    run statistics. `nemojax.infer.chat.chat` also splits each reply at its thinking tags: `reasoning` (the text
+    of the thinking block, None when the reply has none) and `answer` (the rest), which `text` runs together when
+    the tags are special tokens."""
 
     tokens: list[list[int]]
     text: list[str] | None
     finish_reason: list[str]
     stats: dict[str, float]
+    reasoning: list[str | None] | None = None
+    answer: list[str] | None = None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -167,7 +171,8 @@ def _finish_reason(tokens: list[int], eos: Sequence[int], stops: StopSequences) 
     return "length"
 
 
-def _cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """(text up to the first of `stop_strings`, whether one was found)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     return (text, False) if cut < 0 else (text[:cut], True)
 
@@ -247,7 +252,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
     if tokenizer is not None:
         text = []
         for i, t in enumerate(new):
-            decoded, cut = _cut_at_stop_strings(tokenizer.decode(t), stop_strings)
+            decoded, cut = cut_at_stop_strings(tokenizer.decode(t), stop_strings)
             text.append(decoded)
             if cut:
                 reasons[i] = "stop"

@@ -19,6 +19,7 @@ from nemojax.infer.chat import (
     load_chat_template,
     prompt_open_thinking,
     render_chat,
+    split_reasoning,
     thinking_budget_for,
 )
 
@@ -294,3 +295,44 @@ def test_chat_thinking_budget_forces_the_end_tag_in_time():
         assert tokens[first:first + len(end)] == end and first <= N + g
         assert all(tokens[i:i + len(end)] != end for i in range(first))
         assert "</think>" in text
+    decode = ByteTokenizer().decode
+    for tokens, reasoning, answer in zip(out.tokens, out.reasoning, out.answer, strict=True):
+        first = next(i for i in range(len(tokens)) if tokens[i:i + len(end)] == end)
+        assert reasoning == decode(tokens[:first]).strip()
+        assert answer == decode(tokens[first + len(end):]).strip()
+
+
+@pytest.mark.parametrize("tokens,open_,want", [
+    ([1, 2, 8, 3, 4], True, ([1, 2], [3, 4])),  # the prompt opened the block
+    ([7, 1, 2, 8, 3], False, ([1, 2], [3])),  # the reply opens it
+    ([0, 7, 1, 8, 3], False, ([1], [3])),  # ... after blank tokens (id 0 is blank here)
+    ([5, 7, 1, 8, 3], False, (None, [5, 7, 1, 8, 3])),  # "<think>" after text is not a thinking block
+    ([1, 2, 3], False, (None, [1, 2, 3])),
+    ([1, 2, 3], True, ([1, 2, 3], [])),  # never closed: all reasoning
+    ([8, 3, 8], True, ([], [3, 8])),  # closed at once; a later end tag is answer text
+    ([9, 9, 1, 6, 6, 2], False, ([1], [2])),  # multi-token tags
+])
+def test_split_reasoning(tokens, open_, want):
+    start, end = ([9, 9], [6, 6]) if 9 in tokens else ([7], [8])
+    assert split_reasoning(tokens, start, end, open_=open_, is_blank=lambda ids: set(ids) <= {0}) == want
+
+
+def test_chat_splits_reasoning_at_special_tags(tmp_path):
+    """With "<think>" / "</think>" as special tokens `.text` loses the boundary (special tokens are dropped);
+    `.reasoning` and `.answer` keep it. A random model over the word-level vocabulary thinks until the budget
+    forces the end tag (or it emits one itself)."""
+    import nemojax
+
+    _backend().save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path)
+    end = _backend().token_to_id("</think>")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=tok.vocab_size, pattern="M*-", dtype="float32")
+    model = nemojax.Model.init(config, 5)
+    out = chat(model, tok, [CHAT, NO_SYSTEM], template=CHATML, thinking=True, thinking_budget=3, grace=0,
+               max_new_tokens=9, eos_ids=[])
+    for tokens, text, reasoning, answer in zip(out.tokens, out.text, out.reasoning, out.answer, strict=True):
+        cut = tokens.index(end)
+        assert cut <= 3
+        assert reasoning == tok.decode(tokens[:cut]).strip() and answer == tok.decode(tokens[cut + 1:]).strip()
+        assert text == tok.decode(tokens)
+    assert any(out.answer) and any(out.reasoning)
