@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
                                              "weight_decay": 0.1, "clip_norm": 1.0})
     c.train = ml_collections.ConfigDict({
         "steps": 240, "batch_size": 8, "seq_len": 256, "grad_accum": 1, "seed": 0,
-        "z_loss": 1e-4, "moe_aux_loss": 1e-3, "moe_bias_rate": 1e-3, "mtp_loss_weight": 0.3,
+        "z_loss": 1e-4, "moe_aux_loss": 1e-3, "moe_bias_rate": 1e-3, "document_mask": False, "mtp_loss_weight": 0.3,
         "log_every": 10, "eval_every": 80, "eval_batches": 8, "checkpoint_every": 80, "keep_checkpoints": 2,
         "peak_flops_per_device": 0.0,
         "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)

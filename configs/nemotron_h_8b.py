@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
                                              "b1": 0.9, "b2": 0.95, "clip_norm": 1.0})
     c.train = ml_collections.ConfigDict({
         "steps": 100_000, "batch_size": 256, "seq_len": 8192, "grad_accum": 2, "seed": 0,
-        "z_loss": 1e-4, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0,
+        "z_loss": 1e-4, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0, "document_mask": False,
         "log_every": 10, "eval_every": 1000, "eval_batches": 16, "checkpoint_every": 1000, "keep_checkpoints": 3,
         "peak_flops_per_device": 0.0,
         "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({"lr": 3e-3, "warmup_steps": 5, "schedule": "wsd", "decay_fraction": 0.2})
     c.train = ml_collections.ConfigDict({
         "steps": 20, "batch_size": 4, "seq_len": 64, "grad_accum": 1, "seed": 0,
-        "z_loss": 0.0, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0,
+        "z_loss": 0.0, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0, "document_mask": False,
         "log_every": 5, "eval_every": 10, "eval_batches": 2, "checkpoint_every": 10, "keep_checkpoints": 2,
         "peak_flops_per_device": 0.0,
         "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)

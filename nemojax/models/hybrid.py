@@ -43,11 +43,16 @@ class NemotronH(nn.Module):
         if cfg.mtp is not None:
             self.mtp = MTP(cfg)
 
-    def hidden(self, tokens: jax.Array) -> jax.Array:
-        """tokens: [b, L] -> final normed hidden states [b, L, hidden] (compute dtype)."""
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens: [b, L] -> final normed hidden states [b, L, hidden] (compute dtype).
+
+        segment_ids: [b, L] int, the packed documents of each row (contiguous runs of one id, as
+        `nemojax.data.packing` makes them): Mamba state, convolution and attention then stay within each document,
+        so every document is computed as if it were alone in its row. None: one sequence per row.
+        """
         h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, None, None, segment_ids)
         return self.norm_f(h)
 
     def extend(self, tokens: jax.Array, states: tuple, step: Extend) -> tuple[jax.Array, tuple]:
@@ -71,23 +76,27 @@ class NemotronH(nn.Module):
         """hidden: [b, L, hidden] -> [b, L, vocab] float32."""
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.logits(self.hidden(tokens))
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens: [b, L] (segment_ids: [b, L], see `hidden`) -> logits [b, L, vocab] float32."""
+        return self.logits(self.hidden(tokens, segment_ids))
 
-    def mtp_logits(self, hidden: jax.Array, tokens: jax.Array) -> list[jax.Array]:
+    def mtp_logits(self, hidden: jax.Array, tokens: jax.Array,
+                   segment_ids: jax.Array | None = None) -> list[jax.Array]:
         """MTP predictions from the main model's final hidden states.
 
         hidden: [b, L, hidden] at positions t, tokens: [b, L + D] with D = mtp depths. Depth d at position t sees
         the embedding of tokens[:, t + d + 1] and predicts token t + d + 2. Returns D arrays [b, L, vocab] float32.
+        segment_ids: [b, L] of the positions t (packed documents, see `hidden`).
         """
         depths, L = self.config.mtp.num_layers, hidden.shape[1]
         if tokens.shape[1] != L + depths:
             raise ValueError(f"tokens has length {tokens.shape[1]}, expected hidden length {L} + {depths} MTP depths")
         next_embedded = [self.embeddings(tokens[:, d + 1:d + 1 + L]) for d in range(depths)]
-        return [self.logits(h) for h in self.mtp(hidden, next_embedded)]
+        return [self.logits(h) for h in self.mtp(hidden, next_embedded, segment_ids)]
 
-    def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    def forward_with_mtp(self, tokens: jax.Array,
+                         segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """tokens: [b, L] -> (logits [b, L, vocab], MTP logits [b, L - D, vocab] per depth d)."""
-        h = self.hidden(tokens)
-        depths = self.config.mtp.num_layers
-        return self.logits(h), self.mtp_logits(h[:, :tokens.shape[1] - depths], tokens)
+        h = self.hidden(tokens, segment_ids)
+        L = tokens.shape[1] - self.config.mtp.num_layers
+        return self.logits(h), self.mtp_logits(h[:, :L], tokens, None if segment_ids is None else segment_ids[:, :L])

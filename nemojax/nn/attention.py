@@ -30,43 +30,70 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int
     return jnp.concatenate([rot.astype(x.dtype), rest], axis=-1)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, offset: int) -> jax.Array:
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids: [b, L] -> [b, L] int32, the index of the first token of each token's segment (segments are
+    contiguous runs of one id)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    first = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)], constant_values=True)
+    return jax.lax.cummax(jnp.where(first, index, 0), axis=1)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, offset: int, seg_q: jax.Array | None = None,
+            seg_k: jax.Array | None = None) -> jax.Array:
     """Softmax attention of queries at positions offset.. over keys 0..; q is pre-scaled.
 
-    q: [b, Lq, Hkv, g, d], k, v: [b, Lk, Hkv, d] -> [b, Lq, Hkv, g, d]; query i sees keys j <= offset + i.
+    q: [b, Lq, Hkv, g, d], k, v: [b, Lk, Hkv, d] -> [b, Lq, Hkv, g, d]; query i sees keys j <= offset + i, and
+    with segment ids (seg_q [b, Lq], seg_k [b, Lk]) only those of its own segment.
     """
     Lq, Lk = q.shape[1], k.shape[1]
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=f32)
     visible = jnp.arange(Lk)[None, :] <= offset + jnp.arange(Lq)[:, None]
+    if seg_q is not None:
+        visible = (visible & (seg_q[:, :, None] == seg_k[:, None, :]))[:, None, None]  # [b, 1, 1, Lq, Lk]
     scores = jnp.where(visible, scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgls,bskd->blkgd", probs, v)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, block: int = 128) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, block: int = 128,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
     """Exact causal softmax attention, scores and softmax in float32.
 
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv))
     -> [b, L, Hq, d]. Queries go in blocks of `block`, each against the keys up to its own end, so the masked
     upper triangle is mostly never computed (about half the work and memory of the dense form at long L).
+    segment_ids: [b, L] (packed documents): a query sees only the keys of its own segment.
     """
     b, L, Hq, d = q.shape
     Hkv = k.shape[2]
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, L, Hkv, Hq // Hkv, d)
-    blocks = [_attend(q[:, s:s + block], k[:, :s + block], v[:, :s + block], s) for s in range(0, L, block)]
+
+    def seg(lo: int, hi: int) -> jax.Array | None:
+        return None if segment_ids is None else segment_ids[:, lo:hi]
+
+    blocks = [_attend(q[:, s:s + block], k[:, :s + block], v[:, :s + block], s, seg(s, s + block), seg(0, s + block))
+              for s in range(0, L, block)]
     out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
     return out.reshape(b, L, Hq, d)
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "xla") -> jax.Array:
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "xla",
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention (no cache) by the implementation the setting `impl` (`attention.impl`) resolves to.
 
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] -> [b, L, Hq, d]. "xla": `causal_attention`, the oracle the others are
     tested against. "pallas": JAX's shipped Pallas flash attention (`pallas_kernels.attention`; interpreted on
     CPU). "cudnn": `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU only, bfloat16/float16; GQA natively).
     "auto": whatever `pallas_kernels.dispatch` has validated for this backend ("xla" until a device run has).
+    segment_ids: [b, L] (packed documents) keep each query within its segment; only "xla" takes them so far.
     """
     impl = dispatch.resolve("attention", impl)
+    if segment_ids is not None:
+        if impl != "xla":
+            raise ValueError(f"attention.impl={impl!r} does not take segment_ids (packed documents) yet; use 'xla' "
+                             "(or 'auto', which is 'xla' until a kernel is validated), or train without "
+                             "train.document_mask")
+        return causal_attention(q, k, v, scale, segment_ids=segment_ids)
     if impl == "pallas":
         return pallas_attention.flash_attention(q, k, v, scale=scale, interpret=dispatch.interpret())
     if impl == "cudnn":
@@ -138,8 +165,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: KVCache | None = None,
-                 step: Extend | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    def __call__(self, x: jax.Array, cache: KVCache | None = None, step: Extend | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
         cfg, a = self.config, self.config.attention
         b, T, _ = x.shape
         q = dense(cfg, a.num_heads * a.head_dim, ("embed", "heads"), name="q_proj", use_bias=a.bias)(x)
@@ -148,9 +175,14 @@ class Attention(nn.Module):
         q = q.reshape(b, T, a.num_heads, a.head_dim)
         k = k.reshape(b, T, a.num_kv_heads, a.head_dim)
         v = v.reshape(b, T, a.num_kv_heads, a.head_dim)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed documents) apply to the uncached forward; a cached extend "
+                             "continues one sequence per row")
         if a.rope_theta is not None:
             start = jnp.zeros((b,), jnp.int32) if step is None else step.start
             positions = start[:, None] + jnp.arange(T)[None, :]
+            if segment_ids is not None:  # positions restart at every document's first token
+                positions = positions - segment_starts(segment_ids)
             rotary_dim = int(a.head_dim * a.partial_rotary_factor)
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)
@@ -158,7 +190,7 @@ class Attention(nn.Module):
             k, v = self._quantize_kv(k, v)
         scale = a.head_dim ** -0.5
         if cache is None:
-            out = self_attention(q, k, v, scale, a.impl)
+            out = self_attention(q, k, v, scale, a.impl, segment_ids)
         else:
             # A fresh prefill attends within the new tokens (no O(T * max_len) score matrix), so it can take the
             # fused kernel; later chunks and decode steps read the cache (before writing it) and stay on XLA.

@@ -28,23 +28,33 @@ def make_mixer(config: ModelConfig, kind: str) -> nn.Module:
     raise ValueError(f"layer kind {kind!r} is invalid: must be one of 'M', '*', '-', 'E'")
 
 
+def mix(mixer: nn.Module, kind: str, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The uncached mixer call, with the packed-document segment ids for the mixers that mix across tokens."""
+    if segment_ids is None or kind not in "M*":
+        return mixer(x)
+    return mixer(x, segment_ids=segment_ids)
+
+
 class Block(nn.Module):
     """h: [b, T, hidden] -> h + mixer(norm(h)); the residual stream stays in the compute dtype.
 
     With `state` (and `step`, see `nemojax.nn.state`) a Mamba or attention mixer continues from its cache and
     `(h, new_state)` comes back; MLP and MoE layers have no state (`state` is None and stays None).
+    segment_ids: [b, T] (packed documents, uncached forward only) keep Mamba and attention mixers within each
+    document; MLP and MoE layers are per token anyway.
     """
 
     config: ModelConfig
     kind: str
 
     @nn.compact
-    def __call__(self, h: jax.Array, state: LayerState = None, step: Extend | None = None):
+    def __call__(self, h: jax.Array, state: LayerState = None, step: Extend | None = None,
+                 segment_ids: jax.Array | None = None):
         dtype, param_dtype = dtypes(self.config)
         x = RMSNorm(self.config.norm_eps, dtype, param_dtype, name="norm")(h)
         mixer = make_mixer(self.config, self.kind)
         if state is None:
-            y = mixer(x)
+            y = mix(mixer, self.kind, x, segment_ids)
         else:
             y, state = mixer(x, state, step)
         out = nn.with_logical_constraint(h + y.astype(h.dtype), ("batch", "seq", "act_embed"))

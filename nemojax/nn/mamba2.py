@@ -25,16 +25,24 @@ from pallas_kernels.ssd_update import ssd_update
 f32 = jnp.float32
 
 
-def conv_window(window: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+def conv_window(window: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                segment_ids: jax.Array | None = None) -> jax.Array:
     """Depthwise conv over a window that already holds the K-1 inputs before the first output.
 
     window: [b, K-1+T, C], kernel: [K, C], bias: [C] -> [b, T, C] float32, with
     out[t] = bias + sum_k kernel[k] * window[t + k], so tap K-1 multiplies the current token.
+    segment_ids: [b, T] (packed documents): a tap reads only inputs of token t's own segment; the K-1 history
+    entries belong to no segment.
     """
     K = kernel.shape[0]
     T = window.shape[1] - (K - 1)
     w = window.astype(f32)
-    out = sum(w[:, k:k + T] * kernel[k].astype(f32) for k in range(K))
+    if segment_ids is None:
+        taps = [w[:, k:k + T] for k in range(K)]
+    else:
+        seg = jnp.pad(segment_ids, [(0, 0), (K - 1, 0)], constant_values=-1)
+        taps = [jnp.where((seg[:, k:k + T] == segment_ids)[..., None], w[:, k:k + T], 0.0) for k in range(K)]
+    out = sum(tap * kernel[k].astype(f32) for k, tap in enumerate(taps))
     return out if bias is None else out + bias.astype(f32)
 
 
@@ -65,13 +73,15 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax
 
 
 def scan(m, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-         initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+         initial_state: jax.Array | None = None, reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The SSD over T > 1 tokens for mamba config `m`: `ssd_impl` picks the algorithm and, for the chunked one,
-    `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd)."""
-    if m.ssd_impl == "chunked" and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
+    `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd). A `reset` (packed documents)
+    always takes the XLA code: the kernel forms in-chunk decays as differences of running sums, which a -inf
+    log-decay would turn into NaN."""
+    if m.ssd_impl == "chunked" and reset is None and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
         return ssd_scan(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state,
                         interpret=dispatch.interpret())
-    return ssd(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, impl=m.ssd_impl)
+    return ssd(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, impl=m.ssd_impl, reset=reset)
 
 
 class CausalConv1d(nn.Module):
@@ -83,7 +93,7 @@ class CausalConv1d(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, window: jax.Array) -> jax.Array:
+    def __call__(self, window: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         m = self.config.mamba
         _, param_dtype = dtypes(self.config)
         kernel = logical_param(self, "kernel", nn.initializers.normal(self.config.initializer_range),
@@ -92,7 +102,7 @@ class CausalConv1d(nn.Module):
         if m.use_conv_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros_init(), ("ssm_heads",), (m.conv_dim,),
                                  param_dtype)
-        return conv_window(window, kernel, bias)
+        return conv_window(window, kernel, bias, segment_ids)
 
 
 class Mamba2Mixer(nn.Module):
@@ -105,9 +115,12 @@ class Mamba2Mixer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, u: jax.Array, state: MambaState | None = None,
-                 step: Extend | None = None) -> jax.Array | tuple[jax.Array, MambaState]:
+    def __call__(self, u: jax.Array, state: MambaState | None = None, step: Extend | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, MambaState]:
         cfg, m = self.config, self.config.mamba
+        if segment_ids is not None and state is not None:
+            raise ValueError("segment_ids (packed documents) apply to the uncached forward; a cached extend "
+                             "continues one sequence per row")
         dtype, param_dtype = dtypes(cfg)
         H, P, G, N, K = m.num_heads, m.head_dim, m.n_groups, m.state_size, m.conv_kernel
         I = m.inner_size
@@ -119,7 +132,7 @@ class Mamba2Mixer(nn.Module):
         # The conv runs in float32 and its output is rounded to the compute dtype, as torch's conv would be.
         history = jnp.zeros((b, K - 1, m.conv_dim), xBC.dtype) if state is None else state.conv
         window = jnp.concatenate([history, xBC.astype(history.dtype)], axis=1)  # [b, K-1+T, conv_dim]
-        xBC = jax.nn.silu(CausalConv1d(cfg, name="conv1d")(window).astype(dtype))
+        xBC = jax.nn.silu(CausalConv1d(cfg, name="conv1d")(window, segment_ids).astype(dtype))
         x, B, C = jnp.split(xBC, [I, I + G * N], axis=-1)
 
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init(cfg), ("ssm_heads",), (H,), param_dtype)
@@ -134,7 +147,10 @@ class Mamba2Mixer(nn.Module):
         B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
 
         if state is None:
-            y_bThp, _ = scan(m, x_bThp, dt, A, B, C)
+            reset = None
+            if segment_ids is not None:  # the state restarts at every document's first token
+                reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+            y_bThp, _ = scan(m, x_bThp, dt, A, B, C, reset=reset)
         elif step.all_steps:
             y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
             # conv state after token t: the K-1 inputs ending at t (window rows t+1 .. t+K-1)

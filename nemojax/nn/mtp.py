@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.blocks import make_mixer
+from nemojax.nn.blocks import make_mixer, mix
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend, LayerState
@@ -33,7 +33,7 @@ class MTPSublayer(nn.Module):
 
     @nn.compact
     def __call__(self, f: jax.Array, embedded: jax.Array | None = None, state: LayerState = None,
-                 step: Extend | None = None):
+                 step: Extend | None = None, segment_ids: jax.Array | None = None):
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         if self.first:
@@ -43,7 +43,7 @@ class MTPSublayer(nn.Module):
         x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(f)
         mixer = make_mixer(cfg, self.kind)
         if state is None:
-            y = mixer(x)
+            y = mix(mixer, self.kind, x, segment_ids)
         else:
             y, state = mixer(x, state, step)
         f = f + y.astype(f.dtype)
@@ -64,13 +64,14 @@ class MTP(nn.Module):
             for _ in range(self.config.mtp.num_layers) for j, kind in enumerate(pattern)
         ]
 
-    def __call__(self, hidden: jax.Array, next_embedded: list[jax.Array]) -> list[jax.Array]:
+    def __call__(self, hidden: jax.Array, next_embedded: list[jax.Array],
+                 segment_ids: jax.Array | None = None) -> list[jax.Array]:
         per_depth = len(self.config.mtp.pattern)
         outputs = []
         for d in range(self.config.mtp.num_layers):
             f = hidden
             for j in range(per_depth):
-                f = self.layers[d * per_depth + j](f, next_embedded[d] if j == 0 else None)
+                f = self.layers[d * per_depth + j](f, next_embedded[d] if j == 0 else None, None, None, segment_ids)
             outputs.append(f)
             hidden = f
         return outputs

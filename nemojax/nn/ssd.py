@@ -14,7 +14,11 @@ group-aware so B/C are never expanded to H heads. Shapes:
 
     x: [b, L, H, P]   dt: [b, L, H] (after softplus and clamp)   A: [H] (negative)
     B, C: [b, L, G, N]   initial_state: [b, H, P, N] or None
+    reset: [b, L] bool or None: S_{t-1} is dropped before token t (the first token of a packed document)
     returns y: [b, L, H, P] float32 and final_state: [b, H, P, N] float32
+
+A reset is a log-decay dt_t * A of -inf at token t, so exp(.) = 0 cuts every path from before t. Both algorithms
+only ever add log-decays (never subtract running sums), so -inf stays -inf and nothing turns into NaN.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ f32 = jnp.float32
 
 
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int,
-        initial_state: jax.Array | None = None, impl: str = "chunked") -> tuple[jax.Array, jax.Array]:
+        initial_state: jax.Array | None = None, impl: str = "chunked",
+        reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Dispatches to `ssd_chunked` or `ssd_sequential` (see the module docstring for shapes)."""
     if impl == "chunked":
-        return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
+        return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, reset=reset)
     if impl == "sequential":
-        return ssd_sequential(x, dt, A, B, C, initial_state=initial_state)
+        return ssd_sequential(x, dt, A, B, C, initial_state=initial_state, reset=reset)
     raise ValueError(f"impl={impl!r} is invalid: must be 'chunked' or 'sequential'")
 
 
@@ -45,6 +50,16 @@ def _check_shapes(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: ja
     return b, L, H, P, G, N
 
 
+def log_decay(dt: jax.Array, A: jax.Array, reset: jax.Array | None) -> jax.Array:
+    """dt: [b, L, H] float32, A: [H], reset: [b, L] bool or None -> dt * A, with -inf where a reset drops the state."""
+    a = dt * A.astype(f32)
+    if reset is None:
+        return a
+    if reset.shape != dt.shape[:2]:
+        raise ValueError(f"reset has shape {reset.shape}, expected [b, L] = {dt.shape[:2]}")
+    return jnp.where(reset[..., None], -jnp.inf, a)
+
+
 def _initial(initial_state: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
     if initial_state is None:
         return jnp.zeros(shape, f32)
@@ -53,34 +68,36 @@ def _initial(initial_state: jax.Array | None, shape: tuple[int, ...]) -> jax.Arr
     return initial_state.astype(f32)
 
 
-def _scan(x, dt, A, B, C, initial_state, keep_states: bool):
+def _scan(x, dt, A, B, C, initial_state, keep_states: bool, reset=None):
     b, L, H, P, G, N = _check_shapes(x, dt, A, B, C)
     R = H // G
     # Time-major inputs for the scan; B/C repeat-interleaved from groups to heads.
     x_t = jnp.moveaxis(x.astype(f32), 1, 0)
     dt_t = jnp.moveaxis(dt.astype(f32), 1, 0)
+    a_t = jnp.moveaxis(log_decay(dt.astype(f32), A, reset), 1, 0)
     B_t = jnp.moveaxis(jnp.repeat(B.astype(f32), R, axis=2), 1, 0)
     C_t = jnp.moveaxis(jnp.repeat(C.astype(f32), R, axis=2), 1, 0)
     A = A.astype(f32)
 
     def step(S_bhpn, inputs):
-        x_bhp, dt_bh, B_bhn, C_bhn = inputs
-        decay_bh = jnp.exp(dt_bh * A)
+        x_bhp, dt_bh, a_bh, B_bhn, C_bhn = inputs
+        decay_bh = jnp.exp(a_bh)
         S_bhpn = (S_bhpn * decay_bh[..., None, None]
                   + jnp.einsum("bhp,bhn->bhpn", x_bhp * dt_bh[..., None], B_bhn))
         y_bhp = jnp.einsum("bhpn,bhn->bhp", S_bhpn, C_bhn)
         return S_bhpn, (y_bhp, S_bhpn) if keep_states else y_bhp
 
-    final, out = jax.lax.scan(step, _initial(initial_state, (b, H, P, N)), (x_t, dt_t, B_t, C_t))
+    final, out = jax.lax.scan(step, _initial(initial_state, (b, H, P, N)), (x_t, dt_t, a_t, B_t, C_t))
     if keep_states:
         return jnp.moveaxis(out[0], 0, 1), jnp.moveaxis(out[1], 0, 1)
     return jnp.moveaxis(out, 0, 1), final
 
 
 def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-                   initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   initial_state: jax.Array | None = None,
+                   reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The recurrence, one token at a time (`lax.scan` over L). The test oracle for every other SSD."""
-    return _scan(x, dt, A, B, C, initial_state, keep_states=False)
+    return _scan(x, dt, A, B, C, initial_state, keep_states=False, reset=reset)
 
 
 def ssd_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -111,7 +128,8 @@ def segsum(a: jax.Array) -> jax.Array:
 
 
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int,
-                initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                initial_state: jax.Array | None = None,
+                reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD for any L (L < chunk and L not a multiple of it included).
 
     Index names: g group, r head within its group (h = g*R + r), c chunk, l/s positions in a chunk, p head
@@ -127,7 +145,7 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     # (spec 6.8: padding raw dt would decay the state through softplus(dt_bias)).
     dt = dt.astype(f32)
     X = x.astype(f32) * dt[..., None]
-    a = dt * A.astype(f32)
+    a = log_decay(dt, A, reset)
 
     def chunks(t: jax.Array) -> jax.Array:
         t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))

@@ -71,7 +71,7 @@ def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
     t = config.train
     optimizer = make_optimizer(optimizer_config(config))
     loss_fn = lm_loss(mcfg, z_loss=t.z_loss, moe_aux_loss=t.moe_aux_loss,
-                      mtp_weight=t.get("mtp_loss_weight", 0.0))
+                      mtp_weight=t.get("mtp_loss_weight", 0.0), document_mask=t.get("document_mask", False))
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     params_shape = abstract_params(mcfg)
     params_sharding = sharding.param_shardings(mcfg, mesh, params_shape)

@@ -55,7 +55,7 @@ def init_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.A
 
 
 def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0.0,
-            mtp_weight: float = 0.0) -> LossFn:
+            mtp_weight: float = 0.0, document_mask: bool = False) -> LossFn:
     """Next-token cross entropy (+ z-loss, + MoE load-balancing loss, + MTP loss) of the model `config` describes.
 
     mtp_weight > 0 (config `train.mtp_loss_weight`; needs `config.mtp`) adds mtp_weight times the mean over MTP
@@ -63,6 +63,11 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
     i.e. targets[:, d + 1 : d + 1 + L - D] under loss_mask[:, d + 1 : d + 1 + L - D] (spec/arch.md 3.5). The MTP
     head's MoE routers then also feed the balance loss and the correction-bias update. Metrics add "mtp_nll" (mean
     over depths) and, with several depths, "mtp_nll_{d}".
+
+    document_mask (config `train.document_mask`): the batch's `segment_ids` [B, L] (packed documents) keep Mamba
+    state, convolutions and attention within each document, so a packed row trains like its documents run one by
+    one; an MTP prediction whose target lies in the next document is left out of the MTP loss. Off, a packed row
+    is one long sequence (the usual pretraining choice).
     """
     if mtp_weight < 0:
         raise ValueError(f"train.mtp_loss_weight={mtp_weight!r} is invalid: must be >= 0")
@@ -75,21 +80,29 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
         rngs = {"quant": rng}  # stochastic rounding of quantized-training recipes (no dropout in these models)
         tokens = batch["tokens"]
+        segments = batch["segment_ids"] if document_mask else None
         if with_mtp:
             depths = config.mtp.num_layers
             if tokens.shape[1] <= depths:
                 raise ValueError(f"sequence length {tokens.shape[1]} is too short for train.mtp_loss_weight > 0: "
                                  f"must exceed mtp.num_layers={depths}")
-            (logits, mtp_logits), state = net.apply({"params": params}, tokens, method=NemotronH.forward_with_mtp,
-                                                    mutable=["intermediates"], rngs=rngs)
+            (logits, mtp_logits), state = net.apply({"params": params}, tokens, segments,
+                                                    method=NemotronH.forward_with_mtp, mutable=["intermediates"],
+                                                    rngs=rngs)
         else:
-            logits, state = net.apply({"params": params}, tokens, mutable=["intermediates"], rngs=rngs)
+            logits, state = net.apply({"params": params}, tokens, segments, mutable=["intermediates"], rngs=rngs)
         loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         if with_mtp:
             # depth d at position t predicts token t + d + 2 = targets[:, t + d + 1]
             L = tokens.shape[1] - depths
-            nlls = [cross_entropy(depth_logits, batch["targets"][:, d + 1:d + 1 + L],
-                                  batch["loss_mask"][:, d + 1:d + 1 + L])[0]
+
+            def mtp_mask(d: int) -> jax.Array:
+                mask = batch["loss_mask"][:, d + 1:d + 1 + L]
+                if segments is None:
+                    return mask
+                return mask * (segments[:, d + 1:d + 1 + L] == segments[:, :L]).astype(mask.dtype)
+
+            nlls = [cross_entropy(depth_logits, batch["targets"][:, d + 1:d + 1 + L], mtp_mask(d))[0]
                     for d, depth_logits in enumerate(mtp_logits)]
             mtp_nll = jnp.mean(jnp.stack(nlls))
             loss = loss + mtp_weight * mtp_nll
