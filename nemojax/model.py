@@ -51,15 +51,22 @@ def logical_axes(config: ModelConfig) -> Params:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def forward(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """tokens: [b, L] int -> logits [b, L, vocab] float32."""
-    return module(config).apply({"params": params}, tokens)
+def forward(config: ModelConfig, params: Params, tokens: jax.Array,
+            segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens: [b, L] int -> logits [b, L, vocab] float32. segment_ids: [b, L] packed documents (see
+    `NemotronH.hidden`)."""
+    return module(config).apply({"params": params}, tokens, segment_ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def forward_with_mtp(config: ModelConfig, params: Params, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+def forward_with_mtp(config: ModelConfig, params: Params, tokens: jax.Array,
+                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """tokens: [b, L] -> (logits [b, L, vocab], per MTP depth d logits [b, L - depths, vocab]); see NemotronH."""
-    return module(config).apply({"params": params}, tokens, method=NemotronH.forward_with_mtp)
+    return module(config).apply({"params": params}, tokens, segment_ids, method=NemotronH.forward_with_mtp)
+
+
+def _optional(segment_ids: jax.Array | None) -> jax.Array | None:
+    return None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -77,15 +84,16 @@ class Model:
             rng = jax.random.key(rng)
         return cls(config, nn.meta.unbox(_init_boxed(config, rng)))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: [b, L] int -> logits [b, L, vocab] float32."""
-        return forward(self.config, self.params, jnp.asarray(tokens))
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens: [b, L] int -> logits [b, L, vocab] float32. segment_ids: [b, L] int, the packed documents of
+        each row, which then do not see each other (see `NemotronH.hidden`)."""
+        return forward(self.config, self.params, jnp.asarray(tokens), _optional(segment_ids))
 
-    def with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    def with_mtp(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """tokens: [b, L] -> (logits, MTP logits per depth). Requires a config with `mtp`."""
         if self.config.mtp is None:
             raise ValueError("config.mtp is None: this model has no MTP head")
-        return forward_with_mtp(self.config, self.params, jnp.asarray(tokens))
+        return forward_with_mtp(self.config, self.params, jnp.asarray(tokens), _optional(segment_ids))
 
     def replace(self, **changes: Any) -> Model:
         return dataclasses.replace(self, **changes)

@@ -75,6 +75,7 @@ def test_each_packed_document_gets_its_own_logits(name: str, rope: bool) -> None
         assert _rel(packed[row, lo:hi], alone) < 1e-5, (row, lo, hi)
         if lo > 0:  # without segments the later documents do see their predecessors
             assert _rel(unmasked[row, lo:hi], alone) > 1e-3
+    np.testing.assert_allclose(np.asarray(model(tokens, segments)), packed, rtol=1e-6, atol=1e-6)  # Model too
 
 
 def test_mtp_logits_of_packed_documents() -> None:
