@@ -29,6 +29,8 @@ Adapting our shapes to the shipped kernels, with what it costs:
   works on GPU/CPU. The TPU kernel takes d < 128 as is and needs a multiple of 128 above that, so a larger d is
   zero-padded to the next multiple of 128 (zero q/k channels add nothing to the scores; zero v channels give
   zero output channels, sliced off).
+- Segment ids (packed documents): both kernels take them natively (`mha`'s `segment_ids`, the TPU kernel's
+  `SegmentIds`); pad positions get id -1, a segment no real token is in.
 - Blocks: powers of two, at least 16 on GPU/CPU (Triton's `tl.dot` minimum) and at least 128 on TPU (the TPU
   kernel's lane width); each is clipped to the padded length, so a short sequence runs as one block.
 """
@@ -85,8 +87,9 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, backend: str | None = None,
                     interpret: bool | None = None, block_q: int = 128, block_k: int = 128,
-                    block_bwd: int = 32) -> jax.Array:
+                    block_bwd: int = 32, segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention softmax(scale * q k^T + causal mask) v by JAX's shipped Pallas flash attention.
+    segment_ids: [b, L] int (packed documents): a query sees only keys of its own segment.
 
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv))
     -> [b, L, Hq, d] in q's dtype (k, v are cast to it; the kernels accumulate in float32). `backend` picks the
@@ -104,13 +107,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, b
                          "or None")
     _check_shapes(q, k, v)
     b, L, Hq, d = q.shape
+    if segment_ids is not None and segment_ids.shape != (b, L):
+        raise ValueError(f"segment_ids.shape={segment_ids.shape} is invalid: must be [batch, seq] = {(b, L)}")
     group = Hq // k.shape[2]
     # Expanded KV heads: the shipped kernels pair query head h with kv head h (see the module docstring's cost).
     k = jnp.repeat(k.astype(q.dtype), group, axis=2)
     v = jnp.repeat(v.astype(q.dtype), group, axis=2)
     if backend == "tpu":
         blocks, Lp = _blocks(L, backend, block_q=block_q, block_k=block_k)
-        out = _tpu(q, k, v, scale=float(scale), Lp=Lp, interpret=bool(interpret), **blocks)
+        out = _tpu(q, k, v, scale=float(scale), Lp=Lp, interpret=bool(interpret), segment_ids=_pad_ids(segment_ids, Lp),
+                   **blocks)
     else:
         blocks, Lp = _blocks(L, backend, block_q=block_q, block_k=block_k, block_bwd=block_bwd)
         # the backward kernel runs one program per kv block for dk/dv and per q block for dq, so it needs the
@@ -119,13 +125,20 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, b
             block_q=blocks["block_q"], block_k=blocks["block_k"], block_q_dkv=blocks["block_bwd"],
             block_kv_dkv=blocks["block_bwd"], block_q_dq=blocks["block_bwd"], block_kv_dq=blocks["block_bwd"])
         q, k, v = (_pad_axis(x, 1, Lp) for x in (q, k, v))
-        out = gpu_attention.mha(q, k, v, None, sm_scale=float(scale), causal=True, block_sizes=sizes,
-                                interpret=bool(interpret))
+        out = gpu_attention.mha(q, k, v, _pad_ids(segment_ids, Lp), sm_scale=float(scale), causal=True,
+                                block_sizes=sizes, interpret=bool(interpret))
     return out[:, :L]
 
 
+def _pad_ids(segment_ids: jax.Array | None, Lp: int) -> jax.Array | None:
+    """[b, L] segment ids -> [b, Lp] int32, the pad positions in segment -1."""
+    if segment_ids is None:
+        return None
+    return jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, Lp - segment_ids.shape[1])], constant_values=-1)
+
+
 def _tpu(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, Lp: int, interpret: bool, block_q: int,
-         block_k: int) -> jax.Array:
+         block_k: int, segment_ids: jax.Array | None = None) -> jax.Array:
     """The TPU kernel on [b, L, H, d] inputs (equal heads): pad L to Lp and a large d to lanes, go head-major."""
     d = q.shape[3]
     dp = d if d <= TPU_LANES else -(-d // TPU_LANES) * TPU_LANES
@@ -134,7 +147,9 @@ def _tpu(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, Lp: int, int
         block_q=block_q, block_k_major=block_k, block_k=block_k, block_b=1,
         block_q_major_dkv=block_q, block_k_major_dkv=block_k, block_k_dkv=block_k, block_q_dkv=block_q,
         block_k_major_dq=block_k, block_k_dq=block_k, block_q_dq=block_q)
-    call = functools.partial(tpu_attention.flash_attention, causal=True, sm_scale=scale, block_sizes=sizes)
+    segments = None if segment_ids is None else tpu_attention.SegmentIds(q=segment_ids, kv=segment_ids)
+    call = functools.partial(tpu_attention.flash_attention, segment_ids=segments, causal=True, sm_scale=scale,
+                             block_sizes=sizes)
     out = _tpu_interpreted(call, q, k, v) if interpret else call(q, k, v)
     return jnp.transpose(out, (0, 2, 1, 3))[..., :d]
 

@@ -137,9 +137,9 @@ def test_segments_are_refused_where_they_do_not_apply() -> None:
 
     tokens, segments = _packed()
     model = _model("nemotron-h-8b-tiny")
-    pallas = _config("nemotron-h-8b-tiny", impl="pallas")
-    with pytest.raises(ValueError, match="attention.impl='pallas' does not take segment_ids"):
-        NemotronH(pallas).apply({"params": model.params}, jnp.asarray(tokens), jnp.asarray(segments))
+    cudnn = _config("nemotron-h-8b-tiny", impl="cudnn")
+    with pytest.raises(ValueError, match="attention.impl='cudnn' does not take segment_ids"):
+        NemotronH(cudnn).apply({"params": model.params}, jnp.asarray(tokens), jnp.asarray(segments))
     cfg = model.config
     x = jnp.ones((2, L, cfg.hidden_size), jnp.float32)
     step = Extend(jnp.zeros((2,), jnp.int32), jnp.full((2,), L, jnp.int32), fresh=True)

@@ -85,17 +85,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
     tested against. "pallas": JAX's shipped Pallas flash attention (`pallas_kernels.attention`; interpreted on
     CPU). "cudnn": `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU only, bfloat16/float16; GQA natively).
     "auto": whatever `pallas_kernels.dispatch` has validated for this backend ("xla" until a device run has).
-    segment_ids: [b, L] (packed documents) keep each query within its segment; only "xla" takes them so far.
+    segment_ids: [b, L] (packed documents) keep each query within its segment ("xla" and "pallas").
     """
     impl = dispatch.resolve("attention", impl)
-    if segment_ids is not None:
-        if impl != "xla":
-            raise ValueError(f"attention.impl={impl!r} does not take segment_ids (packed documents) yet; use 'xla' "
-                             "(or 'auto', which is 'xla' until a kernel is validated), or train without "
-                             "train.document_mask")
-        return causal_attention(q, k, v, scale, segment_ids=segment_ids)
+    if segment_ids is not None and impl == "cudnn":
+        raise ValueError("attention.impl='cudnn' does not take segment_ids (packed documents); use 'xla' or "
+                         "'pallas', or train without train.document_mask")
     if impl == "pallas":
-        return pallas_attention.flash_attention(q, k, v, scale=scale, interpret=dispatch.interpret())
+        return pallas_attention.flash_attention(q, k, v, scale=scale, interpret=dispatch.interpret(),
+                                                segment_ids=segment_ids)
     if impl == "cudnn":
         backend = jax.default_backend()
         if backend != "gpu":
@@ -106,7 +104,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
                              "bfloat16 or float16; use dtype='bfloat16' or attention.impl 'xla', 'pallas' or 'auto'")
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
                                             implementation="cudnn")
-    return causal_attention(q, k, v, scale)
+    return causal_attention(q, k, v, scale, segment_ids=segment_ids)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, start: jax.Array,

@@ -35,7 +35,7 @@ def _inputs(b, L, Hq, Hkv, d, dtype, seed=0):
     return [jax.random.normal(key, (b, L, H, d), jnp.float32).astype(dtype) for key, H in shapes]
 
 
-def _check_against_oracle(kernel, b, L, Hq, Hkv, d, dtype):
+def _check_against_oracle(kernel, b, L, Hq, Hkv, d, dtype, segment_ids=None):
     """kernel(q, k, v) and its vjp == causal_attention in float32 on the same (rounded) inputs."""
     q, k, v, ct = _inputs(b, L, Hq, Hkv, d, dtype, seed=L + Hq + d)
     out, vjp = jax.vjp(kernel, q, k, v)
@@ -43,7 +43,8 @@ def _check_against_oracle(kernel, b, L, Hq, Hkv, d, dtype):
     grads = vjp(ct)
     scale = d ** -0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
-    ref_out, ref_vjp = jax.vjp(lambda q, k, v: attn.causal_attention(q, k, v, scale), *f32[:3])
+    ref_out, ref_vjp = jax.vjp(lambda q, k, v: attn.causal_attention(q, k, v, scale, segment_ids=segment_ids),
+                               *f32[:3])
     ref_grads = ref_vjp(f32[3])
     tol = TOL[dtype]
     # one gradient scale for dq, dk, dv: at L=1 the exact dq and dk are 0 (a single visible key) and the kernel
@@ -85,6 +86,29 @@ def test_tpu_kernel_float32():
     kernel = lambda q, k, v: pallas_attention.flash_attention(  # noqa: E731
         q, k, v, scale=24 ** -0.5, backend="tpu", interpret=True, block_q=128, block_k=128)
     _check_against_oracle(kernel, 1, 130, 8, 2, 24, "float32")
+
+
+def _segments(b: int, L: int) -> jax.Array:
+    """Packed documents: row 0 of lengths 5, 1, 40, rest; row 1 of 30 and rest."""
+    ids = np.zeros((b, L), np.int32)
+    for row, ends in enumerate(([5, 6, 46, L], [30, L])[:b]):
+        for i, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            ids[row, lo:hi] = i + 1
+    return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_kernels_with_segment_ids(backend):
+    """Packed documents: both kernels' native segment ids equal the oracle's segment mask, forward and gradient
+    (L = 130 with pad positions in segment -1; documents crossing blocks; a one-token document)."""
+    segments = _segments(2, 130)
+    blocks = dict(block_q=64, block_k=64, block_bwd=64) if backend == "cpu" else dict(block_q=128, block_k=128)
+    kernel = lambda q, k, v: pallas_attention.flash_attention(  # noqa: E731
+        q, k, v, scale=16 ** -0.5, backend=backend, interpret=True, segment_ids=segments, **blocks)
+    _check_against_oracle(kernel, 2, 130, 4, 2, 16, "float32", segments)
+    with pytest.raises(ValueError, match="segment_ids.shape=\\(2, 7\\) is invalid"):
+        pallas_attention.flash_attention(*_inputs(2, 130, 4, 2, 16, "float32")[:3], scale=0.25, backend=backend,
+                                         interpret=True, segment_ids=segments[:, :7])
 
 
 def test_bad_inputs_raise():
