@@ -126,6 +126,9 @@ def test_document_mask_loss_is_the_documents_own_loss() -> None:
     assert abs(float(plain) - float(loss)) > 1e-4  # the flag changes what the model sees
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]))(model.params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    no_segments = {key: value for key, value in batch.items() if key != "segment_ids"}
+    with pytest.raises(ValueError, match="train.document_mask=True needs batches with 'segment_ids'"):
+        loss_fn(model.params, no_segments, jax.random.key(0))
 
 
 def test_segments_are_refused_where_they_do_not_apply() -> None:

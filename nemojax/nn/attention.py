@@ -157,7 +157,8 @@ class Attention(nn.Module):
     """x: [b, T, hidden] -> [b, T, hidden]. q/o are num_heads * head_dim wide, which need not equal hidden.
 
     With `cache` (and `step`) the T tokens sit at positions step.start[i] + t: their keys and values are written
-    into the cache and `(y, KVCache)` comes back; see `nemojax.nn.state`.
+    into the cache and `(y, KVCache)` comes back; see `nemojax.nn.state`. segment_ids: [b, T] (packed documents,
+    uncached only): queries see their own document, and RoPE positions restart at each document.
     """
 
     config: ModelConfig

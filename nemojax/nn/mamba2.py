@@ -110,6 +110,7 @@ class Mamba2Mixer(nn.Module):
 
     With `state` (and `step`) the T tokens continue from that state and the new state comes back too:
     `(y, MambaState)`; see `nemojax.nn.state`. Without it they start from zeros and only `y` comes back.
+    segment_ids: [b, T] (packed documents, uncached only): the conv and the SSM state restart at every document.
     """
 
     config: ModelConfig

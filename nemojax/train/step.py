@@ -80,6 +80,9 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
         rngs = {"quant": rng}  # stochastic rounding of quantized-training recipes (no dropout in these models)
         tokens = batch["tokens"]
+        if document_mask and "segment_ids" not in batch:
+            raise ValueError(f"train.document_mask=True needs batches with 'segment_ids' (packed documents); this "
+                             f"batch has {sorted(batch)}")
         segments = batch["segment_ids"] if document_mask else None
         if with_mtp:
             depths = config.mtp.num_layers
