@@ -89,13 +89,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, b
                     interpret: bool | None = None, block_q: int = 128, block_k: int = 128,
                     block_bwd: int = 32, segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention softmax(scale * q k^T + causal mask) v by JAX's shipped Pallas flash attention.
-    segment_ids: [b, L] int (packed documents): a query sees only keys of its own segment.
 
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv))
     -> [b, L, Hq, d] in q's dtype (k, v are cast to it; the kernels accumulate in float32). `backend` picks the
     kernel (module docstring); `interpret` defaults to True exactly on "cpu". block_q, block_k: forward tiles
     (GPU/CPU and TPU); block_bwd: the backward tiles of the GPU kernel (JAX's default 32 keeps its fused
     dq/dk/dv kernel in shared memory); the TPU backward reuses block_q, block_k. Differentiable wrt q, k, v.
+    segment_ids: [b, L] int (packed documents): a query sees only the keys of its own segment.
     """
     backend = backend or jax.default_backend()
     if backend not in BACKENDS:
