@@ -8,7 +8,8 @@ Per batch row and head h (group g = h // (H / G), spec/arch.md 1.2 step 7 and 6.
 the same contract as `nemojax.nn.ssd.ssd_chunked` (the D skip, gate and norm belong to the mixer). Shapes:
 
     x: [b, L, H, P]   dt: [b, L, H] (after softplus and clamp)   A: [H] (negative)   B, C: [b, L, G, N]
-    initial_state: [b, H, P, N] or None
+    initial_state: [b, H, P, N] or None   reset: [b, L] bool or None (S_{t-1} is dropped before token t: the first
+    token of a packed document)
     returns y: [b, L, H, P] float32 and final_state: [b, H, P, N] float32
 
 Algorithm (the chunked SSD of spec 1.3, fused). The wrapper pads L to a multiple of the chunk Q (dt = 0 and x = 0 on
@@ -22,11 +23,15 @@ program then owns `block_heads` heads of one group and walks the chunks in order
             + exp(c_l) * (C_c @ S^T)                          the state entering the chunk
     S      <- exp(c_{Q-1}) * S + (w * x_c)^T @ B_c            [P, N]
 
-so the chunk states never go to memory (the XLA path materialises all of them). The grid is (b, G, R / hb), R = H / G.
-The chunk loop is inside the kernel (a `fori_loop`), not a grid axis: grid programs run in parallel on GPUs, so only
-independent work may go on the grid. In-chunk decays are differences of the cumsum, as in the Triton kernels of
-mamba_ssm; the XLA path's masked segment sums avoid that cancellation (a difference of 1e-7 to 1e-6 relative in
-the tests, growing with the chunk).
+so the chunk states never go to memory (the XLA path materialises all of them). Resets are masks, not infinite
+log-decays (a difference of running sums would turn -inf into NaN): with k_t the number of resets in the chunk up
+to t, the quadratic form keeps s only if k_s = k_l, the entering state reaches l only if k_l = 0, the end state
+takes s only if k_s = k_{Q-1}, and the chunk decay is 0 when the chunk holds a reset.
+
+The grid is (b, G, R / hb), R = H / G. The chunk loop is inside the kernel (a `fori_loop`), not a grid axis: grid
+programs run in parallel on GPUs, so only independent work may go on the grid. In-chunk decays are differences of
+the cumsum, as in the Triton kernels of mamba_ssm; the XLA path's masked segment sums avoid that cancellation (a
+difference of 1e-7 to 1e-6 relative in the tests, growing with the chunk).
 
 Dots take `dot_dtype` operands with float32 accumulation: float32 (Precision.HIGHEST) when B and C are float32, else
 bfloat16, the tensor-core path of a bf16 model. The state, decays and y are always float32.
@@ -64,7 +69,7 @@ _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
 _TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
 
 
-def _check(x, dt, A, B, C, initial_state, chunk_size) -> tuple[int, ...]:
+def _check(x, dt, A, B, C, initial_state, chunk_size, reset=None) -> tuple[int, ...]:
     if x.ndim != 4 or B.ndim != 4:
         raise ValueError(f"ssd_scan: x has shape {x.shape}, B {B.shape}; allowed: x [b, L, H, P], B/C [b, L, G, N]")
     b, L, H, P = x.shape
@@ -78,18 +83,28 @@ def _check(x, dt, A, B, C, initial_state, chunk_size) -> tuple[int, ...]:
         raise ValueError(f"initial_state has shape {initial_state.shape}; allowed: {(b, H, P, N)}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r}; allowed: a positive integer")
+    if reset is not None and reset.shape != (b, L):
+        raise ValueError(f"reset has shape {reset.shape}; allowed: {(b, L)}")
     return b, L, H, P, G, N
 
 
-def _token_scalars(dt: jax.Array, A: jax.Array, Q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-head token scalars of padded dt [b, H, Lp] (see the module docstring) -> (c [b, H, Lp] in-chunk cumsum
-    of dt * A, w [b, H, Lp] end-state weights, chunk_decay [b, H, nc])."""
+def _token_scalars(dt: jax.Array, A: jax.Array, Q: int,
+                   reset: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per-head token scalars of padded dt [b, H, Lp] and reset [b, Lp] (see the module docstring) -> (c [b, H, Lp]
+    in-chunk cumsum of dt * A, w [b, H, Lp] end-state weights, chunk_decay [b, H, nc], k [b, Lp] float32 in-chunk
+    reset count)."""
     b, H, Lp = dt.shape
-    a = (dt * A[None, :, None]).reshape(b, H, Lp // Q, Q)
+    nc = Lp // Q
+    a = (dt * A[None, :, None]).reshape(b, H, nc, Q)
     c = jnp.cumsum(a, axis=-1)
     total = c[..., -1:]
-    w = jnp.exp(total - c) * dt.reshape(c.shape)
-    return c.reshape(b, H, Lp), w.reshape(b, H, Lp), jnp.exp(total[..., 0])
+    if reset is None:
+        k = jnp.zeros((b, 1, nc, Q), f32)
+    else:
+        k = jnp.cumsum(reset.reshape(b, 1, nc, Q).astype(f32), axis=-1)
+    w = jnp.where(k == k[..., -1:], jnp.exp(total - c) * dt.reshape(c.shape), 0.0)
+    decay = jnp.where(k[..., -1] == 0, jnp.exp(total[..., 0]), 0.0)
+    return c.reshape(b, H, Lp), w.reshape(b, H, Lp), decay, k.reshape(b, Lp)
 
 
 def _pad_axis(t: jax.Array, axis: int, size: int) -> jax.Array:
@@ -105,15 +120,16 @@ def _pad_axis(t: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def ssd_scan_reference(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
-                       chunk_size: int = 128, initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                       chunk_size: int = 128, initial_state: jax.Array | None = None,
+                       reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The kernel's algorithm in plain JAX, float32 throughout (shapes in the module docstring): a `lax.scan` over
     chunks carrying the state, each chunk's quadratic form batched over heads."""
-    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
+    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size, reset)
     Q, R = chunk_size, H // G
     Lp = L + (-L % Q)
     nc = Lp // Q
     dt_h = _pad_axis(jnp.swapaxes(dt.astype(f32), 1, 2), 2, Lp)  # [b, H, Lp]
-    c, w, chunk_decay = _token_scalars(dt_h, A.astype(f32), Q)
+    c, w, chunk_decay, k = _token_scalars(dt_h, A.astype(f32), Q, None if reset is None else _pad_axis(reset, 1, Lp))
 
     def chunked(t: jax.Array, axis: int) -> jax.Array:  # [..., Lp at axis, ...] -> chunk axis first
         t = _pad_axis(t, axis, Lp)
@@ -123,21 +139,24 @@ def ssd_scan_reference(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, 
     xs = chunked(x.astype(f32).reshape(b, L, G, R, P), 1)  # [nc, b, Q, G, R, P]
     Bs, Cs = chunked(B.astype(f32), 1), chunked(C.astype(f32), 1)  # [nc, b, Q, G, N]
     hs = [chunked(t.reshape(b, G, R, Lp), 3) for t in (c, w, dt_h)]  # [nc, b, G, R, Q]
+    ks = chunked(k, 1)  # [nc, b, Q]
     decays = jnp.moveaxis(chunk_decay.reshape(b, G, R, nc), 3, 0)  # [nc, b, G, R]
     S0 = jnp.zeros((b, H, P, N), f32) if initial_state is None else initial_state.astype(f32)
     causal = jnp.tril(jnp.ones((Q, Q), bool))
 
     def chunk(S, inputs):  # S: [b, G, R, P, N]
-        x_c, B_c, C_c, c_c, w_c, dt_c, decay = inputs
+        x_c, B_c, C_c, c_c, w_c, dt_c, k_c, decay = inputs
         CB = jnp.einsum("blgn,bsgn->bgls", C_c, B_c)
-        seg = jnp.exp(jnp.where(causal, c_c[..., :, None] - c_c[..., None, :], -jnp.inf))  # [b, G, R, Q, Q]
+        visible = (causal & (k_c[:, :, None] == k_c[:, None, :]))[:, None, None]  # [b, 1, 1, Q, Q]
+        seg = jnp.exp(jnp.where(visible, c_c[..., :, None] - c_c[..., None, :], -jnp.inf))  # [b, G, R, Q, Q]
         y = jnp.einsum("bgrls,bsgrp->blgrp", CB[:, :, None] * seg * dt_c[..., None, :], x_c)
-        y = y + jnp.einsum("blgn,bgrpn->blgrp", C_c, S) * jnp.moveaxis(jnp.exp(c_c), -1, 1)[..., None]
+        entering = jnp.where(k_c[:, None, None] == 0, jnp.exp(c_c), 0.0)  # [b, G, R, Q]
+        y = y + jnp.einsum("blgn,bgrpn->blgrp", C_c, S) * jnp.moveaxis(entering, -1, 1)[..., None]
         S = S * decay[..., None, None] + jnp.einsum("bsgrp,bsgn->bgrpn", x_c * jnp.moveaxis(w_c, -1, 1)[..., None],
                                                     B_c)
         return S, y
 
-    final, ys = jax.lax.scan(chunk, S0.reshape(b, G, R, P, N), (xs, Bs, Cs, *hs, decays))
+    final, ys = jax.lax.scan(chunk, S0.reshape(b, G, R, P, N), (xs, Bs, Cs, *hs, ks, decays))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, Lp, H, P)[:, :L]
     return y, final.reshape(b, H, P, N)
 
@@ -145,11 +164,12 @@ def ssd_scan_reference(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, 
 # ------------------------------------------------------------------------------------------------------ kernel
 
 
-def _kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, w_ref, dt_ref, decay_ref, s0_ref, y_ref, s_ref, *, Q: int,
-            nc: int, heads: int, dot_dtype, head_major: bool):
+def _kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, w_ref, dt_ref, decay_ref, k_row_ref, k_col_ref, s0_ref, y_ref,
+            s_ref, *, Q: int, nc: int, heads: int, dot_dtype, head_major: bool):
     """One program: `heads` heads of one group, all chunks. Refs (per program): x/y [Lp, heads, Pb] (or
     [heads, Lp, Pb] head-major), B/C [Lp, Nb], per head and chunk c as a row [heads, nc, 1, Q] and as a column
-    (c, w) [heads, nc, Q, 1], dt [heads, nc, 1, Q], decay [heads, nc, 1, 1], s0/s [heads, Pb, Nb]."""
+    (c, w) [heads, nc, Q, 1], dt [heads, nc, 1, Q], decay [heads, nc, 1, 1], the in-chunk reset count k (shared
+    by the heads) as a row [nc, 1, Q] and a column [nc, Q, 1], s0/s [heads, Pb, Nb]."""
     precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32, precision=precision)
     causal = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0) >= jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
@@ -159,13 +179,16 @@ def _kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, w_ref, dt_ref, decay_ref,
         B_c = B_ref[t, :].astype(dot_dtype)  # [Q, Nb]
         C_c = C_ref[t, :].astype(dot_dtype)
         CB = dot(C_c, B_c, _NT)  # [Q, Q], once for the group
+        k_col = k_col_ref[ci]  # [Q, 1]
+        visible = causal & (k_col == k_row_ref[ci])  # s <= l, with no reset between them
+        fresh = k_col == 0  # no reset in the chunk up to l: the entering state reaches l
         out = []
         for h, S in enumerate(states):
             x_c = (x_ref[h, t, :] if head_major else x_ref[t, h, :]).astype(f32)  # [Q, Pb]
             c_col = c_col_ref[h, ci]  # [Q, 1]
-            seg = jnp.exp(jnp.where(causal, c_col - c_row_ref[h, ci], -jnp.inf))  # exp(c_l - c_s), s <= l
+            seg = jnp.exp(jnp.where(visible, c_col - c_row_ref[h, ci], -jnp.inf))  # exp(c_l - c_s)
             y = dot((CB * seg * dt_ref[h, ci]).astype(dot_dtype), x_c.astype(dot_dtype), _NN)
-            y += dot(C_c, S.astype(dot_dtype), _NT) * jnp.exp(c_col)
+            y += dot(C_c, S.astype(dot_dtype), _NT) * jnp.where(fresh, jnp.exp(c_col), 0.0)
             if head_major:
                 y_ref[h, t, :] = y
             else:
@@ -184,9 +207,9 @@ def _pow2(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
 
-def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, interpret: bool,
+def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, block_heads: int, interpret: bool,
              num_warps: int, backend: str | None):
-    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size)
+    b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size, reset)
     Q, R = chunk_size, H // G
     hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
     if not interpret and (Q & (Q - 1)):
@@ -198,7 +221,7 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, i
     dot_dtype = f32 if B.dtype == f32 and C.dtype == f32 else jnp.bfloat16
 
     dt_h = _pad_axis(jnp.swapaxes(dt.astype(f32), 1, 2), 2, Lp)  # [b, H, Lp]
-    c, w, decay = _token_scalars(dt_h, A.astype(f32), Q)
+    c, w, decay, k = _token_scalars(dt_h, A.astype(f32), Q, _pad_axis(reset, 1, Lp))
     rows = lambda t: t.reshape(b, H, nc, 1, Q)  # noqa: E731
     cols = lambda t: t.reshape(b, H, nc, Q, 1)  # noqa: E731
     # Pads get x = 0 (and dt = 0): no input, decay 1, so the state passes through unchanged. B and C are padded
@@ -222,58 +245,62 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, block_heads: int, i
     per_chunk = lambda r, q: pl.BlockSpec((None, hb, nc, r, q),  # noqa: E731
                                           lambda i, g, j: (i, head_block(i, g, j), 0, 0, 0))
     state = pl.BlockSpec((None, hb, Pb, Nb), lambda i, g, j: (i, head_block(i, g, j), 0, 0))
+    per_row = lambda r, q: pl.BlockSpec((None, nc, r, q), lambda i, g, j: (i, 0, 0, 0))  # noqa: E731
     y, final = pl.pallas_call(
         functools.partial(_kernel, Q=Q, nc=nc, heads=hb, dot_dtype=dot_dtype, head_major=head_major),
         out_shape=(jax.ShapeDtypeStruct(y_shape, f32), jax.ShapeDtypeStruct((b, H, P, Nb), f32)),
         grid=(b, G, R // hb),
         in_specs=[seq_heads, seq_group, seq_group, per_chunk(1, Q), per_chunk(Q, 1), per_chunk(Q, 1),
-                  per_chunk(1, Q), per_chunk(1, 1), state],
+                  per_chunk(1, Q), per_chunk(1, 1), per_row(1, Q), per_row(Q, 1), state],
         out_specs=(seq_heads, state),
         interpret=interpret,
         # [Q, Q] float32 tiles and the carried [P, N] states need the registers of 8 warps (untuned: no GPU here)
         compiler_params=None if interpret else dispatch.compiler_params(backend, num_warps=num_warps),
         name="ssd_scan",
-    )(xp, Bp, Cp, rows(c), cols(c), cols(w), rows(dt_h), decay.reshape(b, H, nc, 1, 1), s0)
+    )(xp, Bp, Cp, rows(c), cols(c), cols(w), rows(dt_h), decay.reshape(b, H, nc, 1, 1), k.reshape(b, nc, 1, Q),
+      k.reshape(b, nc, Q, 1), s0)
     if head_major:
         y = jnp.swapaxes(y, 1, 2)
     return y[:, :L], final[..., :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend):
-    return _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend):
+    return _forward(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)
 
 
-def _ssd_scan_fwd(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend):
-    out = _forward(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)
-    return out, (x, dt, A, B, C, initial_state)
+def _ssd_scan_fwd(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend):
+    out = _forward(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)
+    return out, (x, dt, A, B, C, initial_state, reset)
 
 
 def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, backend, residuals, cotangents):
     del block_heads, interpret, num_warps, backend
-    x, dt, A, B, C, initial_state = residuals
-    reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size)
+    x, dt, A, B, C, initial_state, reset = residuals
+    reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size, reset=reset)
     _, vjp = jax.vjp(lambda *args: reference(*args[:5], initial_state=args[5]), x, dt, A, B, C, initial_state)
-    return vjp(cotangents)
+    return (*vjp(cotangents), jnp.zeros_like(reset))
 
 
 _ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 
 def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int = 128,
-             initial_state: jax.Array | None = None, block_heads: int = 1, interpret: bool = False,
-             num_warps: int = 8, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+             initial_state: jax.Array | None = None, reset: jax.Array | None = None, block_heads: int = 1,
+             interpret: bool = False, num_warps: int = 8, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """The chunked SSD scan as a Pallas kernel: (y [b, L, H, P], final_state [b, H, P, N]), both float32.
 
     Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
     largest divisor of H / G not above it), which share the chunk's C @ B^T; more heads per program mean fewer
     programs and more state held at once. `num_warps`: the Triton launch width on GPU. `backend`: the platform
-    the kernel is lowered for and so its layout (default: JAX's default backend).
+    the kernel is lowered for and so its layout (default: JAX's default backend). `reset`: [b, L] bool, packed
+    documents (see the module docstring).
     Differentiable (backward: the pure-JAX reference; see the module docstring).
     """
     if not isinstance(block_heads, int) or block_heads <= 0:
         raise ValueError(f"block_heads={block_heads!r}; allowed: a positive integer")
-    _check(x, dt, A, B, C, initial_state, chunk_size)
-    if initial_state is None:  # a zero state, so the custom_vjp sees arrays only
+    _check(x, dt, A, B, C, initial_state, chunk_size, reset)
+    if initial_state is None:  # a zero state and no resets, so the custom_vjp sees arrays only
         initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), f32)
-    return _ssd_scan(x, dt, A, B, C, initial_state, chunk_size, block_heads, interpret, num_warps, backend)
+    reset = jnp.zeros(x.shape[:2], f32) if reset is None else reset.astype(f32)
+    return _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)

@@ -78,6 +78,28 @@ def test_each_packed_document_gets_its_own_logits(name: str, rope: bool) -> None
     np.testing.assert_allclose(np.asarray(model(tokens, segments)), packed, rtol=1e-6, atol=1e-6)  # Model too
 
 
+def test_pallas_kernels_take_the_segments(monkeypatch) -> None:
+    """mamba.scan_impl and attention.impl "pallas" (interpreted here) on a packed row give the XLA path's logits
+    (float32, 1e-5): the scan kernel's reset masks and the attention kernel's native segment ids."""
+    from nemojax.nn import attention, mamba2
+
+    traced = []
+    for module, name in ((mamba2, "ssd_scan"), (attention.pallas_attention, "flash_attention")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: traced.append(
+            (_n, kw.get("reset", kw.get("segment_ids")) is not None)) or _k(*a, **kw))
+    model = _model("nemotron-h-8b-tiny")
+    tokens, segments = _packed(3)
+    kernels = model.config.replace(mamba={"scan_impl": "pallas"},
+                                   attention=dataclasses.replace(model.config.attention, impl="pallas"))
+    xla = np.asarray(model(tokens, segments))
+    pallas = np.asarray(Model(kernels, model.params)(tokens, segments))
+    assert _rel(pallas, xla) < 1e-5
+    pattern = model.config.pattern
+    assert sorted(traced) == sorted([("ssd_scan", True)] * pattern.count("M") + [("flash_attention", True)]
+                                    * pattern.count("*"))
+
+
 def test_mtp_logits_of_packed_documents() -> None:
     """Super tiny (LatentMoE + a 1-depth MTP head): MTP logits at every position whose target lies in its own
     document equal the document's own MTP logits."""

@@ -75,11 +75,10 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax
 def scan(m, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
          initial_state: jax.Array | None = None, reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The SSD over T > 1 tokens for mamba config `m`: `ssd_impl` picks the algorithm and, for the chunked one,
-    `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd). A `reset` (packed documents)
-    always takes the XLA code: the kernel forms in-chunk decays as differences of running sums, which a -inf
-    log-decay would turn into NaN."""
-    if m.ssd_impl == "chunked" and reset is None and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
-        return ssd_scan(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state,
+    `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd; `reset` [b, T] marks the first
+    token of each packed document)."""
+    if m.ssd_impl == "chunked" and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
+        return ssd_scan(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, reset=reset,
                         interpret=dispatch.interpret())
     return ssd(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, impl=m.ssd_impl, reset=reset)
 
