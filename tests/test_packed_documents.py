@@ -172,3 +172,13 @@ def test_segments_are_refused_where_they_do_not_apply() -> None:
         params = module.init(jax.random.key(0), x)
         with pytest.raises(ValueError, match="segment_ids \\(packed documents\\) apply to the uncached forward"):
             module.apply(params, x, layer_cache(cfg, kind, 2, L, jnp.float32), step, jnp.asarray(segments))
+
+
+def test_document_starts_and_positions() -> None:
+    from nemojax.nn.segments import document_positions, document_starts
+
+    ids = jnp.asarray([[1, 1, 2, 3, 3, 3, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4]])
+    np.testing.assert_array_equal(np.asarray(document_starts(ids)),
+                                  [[0, 0, 1, 1, 0, 0, 1, 0], [0] * 8])
+    np.testing.assert_array_equal(np.asarray(document_positions(ids)),
+                                  [[0, 1, 0, 0, 1, 2, 0, 1], list(range(8))])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import calibrated, calibrating, dense, logical_param, record_amax
+from nemojax.nn.segments import document_positions
 from nemojax.nn.state import Extend, KVCache
 from nemojax.quant import fake
 from pallas_kernels import attention as pallas_attention
@@ -28,14 +29,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int
     rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     rot = rot * jnp.cos(angles) + rotated_half * jnp.sin(angles)
     return jnp.concatenate([rot.astype(x.dtype), rest], axis=-1)
-
-
-def segment_starts(segment_ids: jax.Array) -> jax.Array:
-    """segment_ids: [b, L] -> [b, L] int32, the index of the first token of each token's segment (segments are
-    contiguous runs of one id)."""
-    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    first = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)], constant_values=True)
-    return jax.lax.cummax(jnp.where(first, index, 0), axis=1)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, offset: int, seg_q: jax.Array | None = None,
@@ -181,7 +174,7 @@ class Attention(nn.Module):
             start = jnp.zeros((b,), jnp.int32) if step is None else step.start
             positions = start[:, None] + jnp.arange(T)[None, :]
             if segment_ids is not None:  # positions restart at every document's first token
-                positions = positions - segment_starts(segment_ids)
+                positions = document_positions(segment_ids)
             rotary_dim = int(a.head_dim * a.partial_rotary_factor)
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)

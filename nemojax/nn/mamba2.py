@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dense, dtypes, logical_param
 from nemojax.nn.norms import GatedRMSNorm
+from nemojax.nn.segments import document_starts
 from nemojax.nn.ssd import ssd, ssd_states
 from nemojax.nn.state import Extend, MambaState, take_rows
 from pallas_kernels import dispatch
@@ -149,7 +150,7 @@ class Mamba2Mixer(nn.Module):
         if state is None:
             reset = None
             if segment_ids is not None:  # the state restarts at every document's first token
-                reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+                reset = document_starts(segment_ids)
             y_bThp, _ = scan(m, x_bThp, dt, A, B, C, reset=reset)
         elif step.all_steps:
             y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
