@@ -97,7 +97,8 @@ def row(op: str, shape: str, t_kernel: float, t_ref: float, err: float, work: fl
 # ------------------------------------------------------------------------------------------------- the ops
 
 
-def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float | None) -> list[dict]:
+def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float | None,
+                   sweep: bool = False) -> list[dict]:
     cases = ([("tiny", 1, 70, 8, 16, 2, 16, 32)] if quick else
              [(name, 1, L, m.num_heads, m.head_dim, m.n_groups, m.state_size, m.chunk_size)
               for name, L in (("nemotron-h-8b", 8192), ("nemotron-nano-9b-v2", 4096))
@@ -130,7 +131,8 @@ def _state_args(key: jax.Array, shape: tuple[int, ...], small: tuple) -> tuple:
     return (jax.random.normal(key, shape, jnp.float32), *small)
 
 
-def bench_ssd_update(quick: bool, interpret: bool, repeats: int, peak_bw: float | None) -> list[dict]:
+def bench_ssd_update(quick: bool, interpret: bool, repeats: int, peak_bw: float | None,
+                     sweep: bool = False) -> list[dict]:
     m = nemojax.presets.get("nemotron-h-8b").mamba
     name = "tiny" if quick else "nemotron-h-8b"
     cases = [(2, 8, 16, 2, 16)] if quick else [(b, m.num_heads, m.head_dim, m.n_groups, m.state_size)
@@ -154,7 +156,7 @@ def bench_ssd_update(quick: bool, interpret: bool, repeats: int, peak_bw: float 
     return out
 
 
-def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None) -> list[dict]:
+def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None, sweep: bool = False) -> list[dict]:
     cases = [(48, 96, 64)] if quick else [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 8192, 4096)]
     out = []
     for M, K, N in cases:
@@ -177,7 +179,7 @@ def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None
     return out
 
 
-def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple) -> list[dict]:
+def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple, sweep: bool = False) -> list[dict]:
     peak_bf16, _, peak_bw = peaks_
     cases = [(16, 64, 48)] if quick else [(16, 8192, 8192), (8192, 8192, 8192)]
     out = []
@@ -203,7 +205,8 @@ def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple) -> li
     return out
 
 
-def bench_attention(quick: bool, interpret: bool, repeats: int, peak_bf16: float | None) -> list[dict]:
+def bench_attention(quick: bool, interpret: bool, repeats: int, peak_bf16: float | None,
+                    sweep: bool = False) -> list[dict]:
     cases = [(1, 70, 4, 2, 32)] if quick else [(1, 4096, 32, 8, 128), (1, 8192, 32, 8, 128)]
     out = []
     for b, L, Hq, Hkv, d in cases:
@@ -232,6 +235,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run; interpreted on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10, quick 1)")
     parser.add_argument("--only", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time each kernel's alternative block / launch configurations (tuning runs)")
     parser.add_argument("--out", default="runs/bench_kernels.json")
     args = parser.parse_args()
     only = [op for op in args.only.split(",") if op]
@@ -245,11 +250,12 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"interpret={interpret}, repeats={repeats}", flush=True)
     runners = {
-        "ssd_scan": lambda: bench_ssd_scan(args.quick, interpret, repeats, peak_bf16),
-        "ssd_update": lambda: bench_ssd_update(args.quick, interpret, repeats, peak_bw),
-        "fp8_matmul": lambda: bench_fp8(args.quick, interpret, repeats, peak_fp8),
-        "nvfp4_matmul": lambda: bench_nvfp4(args.quick, interpret, repeats, (peak_bf16, peak_fp8, peak_bw)),
-        "attention": lambda: bench_attention(args.quick, interpret, repeats, peak_bf16),
+        "ssd_scan": lambda: bench_ssd_scan(args.quick, interpret, repeats, peak_bf16, args.sweep),
+        "ssd_update": lambda: bench_ssd_update(args.quick, interpret, repeats, peak_bw, args.sweep),
+        "fp8_matmul": lambda: bench_fp8(args.quick, interpret, repeats, peak_fp8, args.sweep),
+        "nvfp4_matmul": lambda: bench_nvfp4(args.quick, interpret, repeats, (peak_bf16, peak_fp8, peak_bw),
+                                            args.sweep),
+        "attention": lambda: bench_attention(args.quick, interpret, repeats, peak_bf16, args.sweep),
     }
     rows: list[dict] = []
     header = f"{'op':13} {'shape':56} {'kernel ms':>10} {'ref ms':>9} {'speedup':>8} {'rate':>16} {'of peak':>8} " \
