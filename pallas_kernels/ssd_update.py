@@ -18,13 +18,15 @@ x, B, C may be bf16 (the mixer's compute dtype); everything is computed in float
 over the old one (`input_output_aliases`): donate `state` under `jax.jit(..., donate_argnums=...)` and no second
 state buffer is allocated on an accelerator.
 
-Layout: heads are viewed as [G, R] (R = H / G heads per group; a free reshape), and the grid is
-(b, G / gb, R / rb), each program owning gb * rb <= block_heads heads that read gb groups' B/C, so B/C need no
-repeat inside the kernel. gb, rb are divisors of G, R (no padding: a pad would copy the state and lose the
-in-place update), so any H works; an awkward H just gets smaller blocks. gb * rb is a power of two and the P and N
-blocks are rounded up to powers of two (Triton's tensors have power-of-two sizes): a block that overhangs the
-array (P = 80 in Nemotron Nano 2 gets a 128-row block) reads unspecified values past the end, which only ever
-reach masked-off outputs, except along N, the reduction of y, where the kernel zeroes them itself.
+Layout: the step is bound by streaming the state once (read + write, 8 bytes per element), so the grid is
+(b, H, P / bp) and each program owns one [bp, N] slab of one head's state (bp a power of two, default 32: 16 KB
+of f32 at N = 128, few registers per thread, and b * H * P / bp programs to keep every SM's loads in flight).
+The head's B/C rows are read straight from their group (the index map sends head h to group h // (H / G), so B/C
+are never repeated in memory) and dt, A, D arrive as one scalar per program. Any H, G (G | H) and P: the P and N
+blocks are powers of two (Triton's tensor sizes) and a block that overhangs the array (P = 80 in Nemotron Nano 2
+with bp = 32 or 64) reads unspecified values past the end, which only ever reach masked-off outputs, except along
+N, the reduction of y, where the kernel zeroes them itself. No padding (a pad would copy the state and lose the
+in-place update).
 
 Depends on JAX alone.
 """
@@ -69,73 +71,63 @@ def ssd_update_reference(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.A
     return y, new_state
 
 
-def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
-    d = 1
-    while n % (2 * d) == 0 and 2 * d <= cap:
-        d *= 2
-    return d
-
-
-def head_blocks(H: int, G: int, block_heads: int) -> tuple[int, int]:
-    """(gb, rb): groups and heads-per-group handled by one program; gb | G, rb | H/G, gb * rb <= block_heads and a
-    power of two (whole groups per program only when a group's heads all fit)."""
-    R = H // G
-    rb = _largest_pow2_divisor_at_most(R, block_heads)
-    gb = _largest_pow2_divisor_at_most(G, block_heads // R) if rb == R else 1
-    return gb, rb
-
-
-def _pow2(n: int) -> int:
-    return pl.next_power_of_2(n)
+def p_block(P: int, block_p: int) -> int:
+    """The rows of a head's state per program: `block_p` (a power of two), or the smallest power of two >= P when
+    that is smaller (one block per head)."""
+    if block_p <= 0 or block_p & (block_p - 1):
+        raise ValueError(f"block_p={block_p}; allowed: a positive power of two")
+    return min(block_p, pl.next_power_of_2(P))
 
 
 def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref, *, N: int):
-    # Blocks: state [gb, rb, Pb, Nb]; x [gb, rb, Pb]; dt, A, D [gb, rb]; B, C [gb, Nb] (batch dim squeezed), with
-    # Pb, Nb >= P, N powers of two (see the module docstring).
-    S = state_ref[...].astype(f32)
+    # Blocks (batch and head dims squeezed): state [bp, Nb]; x [bp]; dt, A, D [1, 1]; B, C [Nb] of the head's
+    # group, with bp, Nb powers of two (see the module docstring).
+    dt = dt_ref[0, 0].astype(f32)
+    decay = jnp.exp(dt * A_ref[0, 0].astype(f32))
     x = x_ref[...].astype(f32)
-    dt = dt_ref[...].astype(f32)
-    A = A_ref[...].astype(f32)
-    Bm = B_ref[...].astype(f32)
-    Cm = C_ref[...].astype(f32)
-    D = D_ref[...].astype(f32)
-    decay = jnp.exp(dt * A)  # [gb, rb]
-    S = S * decay[:, :, None, None] + (x * dt[:, :, None])[:, :, :, None] * Bm[:, None, None, :]
+    Bv = B_ref[...].astype(f32)
+    Cv = C_ref[...].astype(f32)
+    S = state_ref[...] * decay + (x * dt)[:, None] * Bv[None, :]
     new_state_ref[...] = S
-    SC = S * Cm[:, None, None, :]
-    if SC.shape[-1] != N:  # the block overhangs N: keep the lanes past it out of the sum
-        SC = jnp.where(jax.lax.broadcasted_iota(jnp.int32, SC.shape, 3) < N, SC, 0.0)
-    y_ref[...] = (jnp.sum(SC, axis=-1) + D[:, :, None] * x).astype(y_ref.dtype)
+    SC = S * Cv[None, :]
+    if SC.shape[1] != N:  # the block overhangs N: keep the lanes past it (unspecified, maybe NaN) out of the sum
+        SC = jnp.where(jax.lax.broadcasted_iota(jnp.int32, SC.shape, 1) < N, SC, 0.0)
+    y_ref[...] = jnp.sum(SC, axis=1) + D_ref[0, 0].astype(f32) * x
 
 
 def ssd_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-               D: jax.Array, *, interpret: bool = False, block_heads: int = 8,
+               D: jax.Array, *, interpret: bool = False, block_p: int = 32, num_warps: int | None = None,
                backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One decode step of the Mamba-2 state, as a Pallas kernel: (y [b, H, P] f32, new_state [b, H, P, N] f32).
 
     Shapes and semantics in the module docstring. `state` must be float32 and is updated in place when donated.
-    `block_heads` caps the heads per program (rounded down to a group-compatible divisor of H, see `head_blocks`).
-    `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU tests). `backend`:
-    the platform it is lowered for (default: JAX's default backend). Differentiable: the backward is the vjp of
-    `ssd_update_reference` (a step of elementwise products; a kernel would gain nothing).
+    `block_p`: state rows per program (a power of two; capped at P rounded up, see `p_block`); `num_warps`: the
+    Triton launch width on GPU (None: Triton's default, 4). `interpret=True` runs the kernel through the Pallas
+    interpreter (any backend, e.g. CPU tests). `backend`: the platform it is lowered for (default: JAX's default
+    backend). Differentiable: the backward is the vjp of `ssd_update_reference` (a step of elementwise products;
+    a kernel would gain nothing).
     """
     _check(state, x, dt, A, B, C, D)
     if state.dtype != f32:
         raise ValueError(f"ssd_update: state must be float32, got {state.dtype}")
-    return _ssd_update(state, x, dt, A, B, C, D, interpret, block_heads, backend)
+    p_block(state.shape[2], block_p)
+    if num_warps is not None and (num_warps <= 0 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps={num_warps}; allowed: None or a positive power of two")
+    return _ssd_update(state, x, dt, A, B, C, D, interpret, block_p, num_warps, backend)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ssd_update(state, x, dt, A, B, C, D, interpret, block_heads, backend):
-    return _update(state, x, dt, A, B, C, D, interpret, block_heads, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ssd_update(state, x, dt, A, B, C, D, interpret, block_p, num_warps, backend):
+    return _update(state, x, dt, A, B, C, D, interpret, block_p, num_warps, backend)
 
 
-def _ssd_update_fwd(state, x, dt, A, B, C, D, interpret, block_heads, backend):
-    return _update(state, x, dt, A, B, C, D, interpret, block_heads, backend), (state, x, dt, A, B, C, D)
+def _ssd_update_fwd(state, x, dt, A, B, C, D, interpret, block_p, num_warps, backend):
+    out = _update(state, x, dt, A, B, C, D, interpret, block_p, num_warps, backend)
+    return out, (state, x, dt, A, B, C, D)
 
 
-def _ssd_update_bwd(interpret, block_heads, backend, residuals, cotangents):
-    del interpret, block_heads, backend
+def _ssd_update_bwd(interpret, block_p, num_warps, backend, residuals, cotangents):
+    del interpret, block_p, num_warps, backend
     _, vjp = jax.vjp(ssd_update_reference, *residuals)
     return vjp(cotangents)
 
@@ -143,34 +135,31 @@ def _ssd_update_bwd(interpret, block_heads, backend, residuals, cotangents):
 _ssd_update.defvjp(_ssd_update_fwd, _ssd_update_bwd)
 
 
-def _update(state, x, dt, A, B, C, D, interpret: bool, block_heads: int, backend: str | None):
+def _update(state, x, dt, A, B, C, D, interpret: bool, block_p: int, num_warps: int | None, backend: str | None):
     b, H, P, G, N = _check(state, x, dt, A, B, C, D)
     R = H // G
-    gb, rb = head_blocks(H, G, block_heads)
-    grid = (b, G // gb, R // rb)
-
-    state5 = state.reshape(b, G, R, P, N)
-    x4 = x.reshape(b, G, R, P)
-    dt3 = dt.reshape(b, G, R)
-    A2, D2 = A.reshape(G, R), D.reshape(G, R)
+    bp, Nb = p_block(P, block_p), pl.next_power_of_2(N)
+    grid = (b, H, pl.cdiv(P, bp))
     sq = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 
-    Pb, Nb = _pow2(P), _pow2(N)
-    state_spec = pl.BlockSpec((sq, gb, rb, Pb, Nb), lambda i, g, r: (i, g, r, 0, 0))
-    x_spec = pl.BlockSpec((sq, gb, rb, Pb), lambda i, g, r: (i, g, r, 0))
-    dt_spec = pl.BlockSpec((sq, gb, rb), lambda i, g, r: (i, g, r))
-    head_spec = pl.BlockSpec((gb, rb), lambda i, g, r: (g, r))
-    bc_spec = pl.BlockSpec((sq, gb, Nb), lambda i, g, r: (i, g, 0))
+    # scalars per (batch, head) / per head as [.., 1] columns: a (1, 1) block is one element, read as ref[0, 0]
+    dt3, A2, D2 = dt.reshape(b, H, 1), A.reshape(H, 1), D.reshape(H, 1)
+    state_spec = pl.BlockSpec((sq, sq, bp, Nb), lambda i, h, p: (i, h, p, 0))
+    x_spec = pl.BlockSpec((sq, sq, bp), lambda i, h, p: (i, h, p))
+    dt_spec = pl.BlockSpec((sq, 1, 1), lambda i, h, p: (i, h, 0))
+    head_spec = pl.BlockSpec((1, 1), lambda i, h, p: (h, 0))
+    bc_spec = pl.BlockSpec((sq, sq, Nb), lambda i, h, p: (i, h // R, 0))  # the head's group: no repeat of B/C
 
-    y4, new_state5 = pl.pallas_call(
+    triton = {} if num_warps is None else dict(num_warps=num_warps)
+    y, new_state = pl.pallas_call(
         functools.partial(_kernel, N=N),
-        out_shape=(jax.ShapeDtypeStruct((b, G, R, P), f32), jax.ShapeDtypeStruct(state5.shape, f32)),
+        out_shape=(jax.ShapeDtypeStruct((b, H, P), f32), jax.ShapeDtypeStruct(state.shape, f32)),
         grid=grid,
         in_specs=[state_spec, x_spec, dt_spec, head_spec, bc_spec, bc_spec, head_spec],
         out_specs=(x_spec, state_spec),
         input_output_aliases={0: 1},  # state (input 0) is written as new_state (output 1)
         interpret=interpret,
-        compiler_params=None if interpret else dispatch.compiler_params(backend),
+        compiler_params=None if interpret else dispatch.compiler_params(backend, **triton),
         name="ssd_update",
-    )(state5, x4, dt3, A2, B, C, D2)
-    return y4.reshape(b, H, P), new_state5.reshape(b, H, P, N)
+    )(state, x, dt3, A2, B, C, D2)
+    return y, new_state

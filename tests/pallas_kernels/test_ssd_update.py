@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nemojax.nn.ssd import ssd_sequential
-from pallas_kernels.ssd_update import head_blocks, ssd_update, ssd_update_reference
+from pallas_kernels.ssd_update import p_block, ssd_update, ssd_update_reference
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -39,22 +39,24 @@ def nemojax_step(state, x, dt, A, B, C, D):
     return y[:, 0] + D[:, None] * x32, new_state
 
 
-# (b, H, P, G, N, block_heads): odd H with a block that does not divide it, batch 1, G < H, G = H, one group.
+# (b, H, P, G, N, block_p): batch 1, G < H, G = H, one group, odd H; P a multiple of the block (several P blocks
+# per head), P smaller than the block, P not a multiple of it (the last block overhangs, as P = 80 with bp 32/64).
 SHAPES = [
     (2, 6, 8, 2, 16, 4),
     (1, 8, 4, 1, 8, 4),
     (1, 16, 8, 4, 16, 8),
-    (3, 7, 4, 7, 8, 4),
-    (1, 12, 4, 2, 8, 4),
+    (3, 7, 4, 7, 8, 16),
+    (1, 12, 4, 2, 8, 2),
     (2, 6, 4, 3, 8, 64),
     (1, 4, 5, 2, 12, 4),  # P and N not powers of two: the blocks overhang both
+    (2, 4, 10, 2, 8, 4),  # three P blocks, the last overhanging by 2 rows
 ]
 
 
-@pytest.mark.parametrize("b,H,P,G,N,bh", SHAPES)
-def test_matches_reference_and_nemojax_fp32(b, H, P, G, N, bh):
+@pytest.mark.parametrize("b,H,P,G,N,bp", SHAPES)
+def test_matches_reference_and_nemojax_fp32(b, H, P, G, N, bp):
     args = make_inputs(0, b, H, P, G, N)
-    y, new_state = jax.jit(partial(ssd_update, interpret=True, block_heads=bh))(*args)
+    y, new_state = jax.jit(partial(ssd_update, interpret=True, block_p=bp))(*args)
     assert y.shape == (b, H, P) and new_state.shape == (b, H, P, N)
     assert y.dtype == jnp.float32 and new_state.dtype == jnp.float32
     y_ref, s_ref = jax.jit(ssd_update_reference)(*args)
@@ -74,7 +76,7 @@ def test_bf16_inputs_fp32_state():
     args32 = make_inputs(1, b, H, P, G, N)
     state, x, dt, A, B, C, D = args32
     args16 = (state, x.astype(jnp.bfloat16), dt, A, B.astype(jnp.bfloat16), C.astype(jnp.bfloat16), D)
-    y, new_state = jax.jit(partial(ssd_update, interpret=True, block_heads=4))(*args16)
+    y, new_state = jax.jit(partial(ssd_update, interpret=True, block_p=4))(*args16)
     assert new_state.dtype == jnp.float32 and y.dtype == jnp.float32
     for ref in (ssd_update_reference, nemojax_step):
         y_ref, s_ref = jax.jit(ref)(*args16)
@@ -88,7 +90,7 @@ def test_bf16_inputs_fp32_state():
 def test_several_steps_match_sequential_scan():
     b, H, P, G, N, L = 2, 6, 4, 2, 8, 5
     state0, x, dt, A, B, C, D = make_inputs(2, b, H, P, G, N, L=L)
-    step = jax.jit(partial(ssd_update, interpret=True, block_heads=4))
+    step = jax.jit(partial(ssd_update, interpret=True, block_p=4))
     state, ys = state0, []
     for t in range(L):
         y, state = step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
@@ -99,15 +101,27 @@ def test_several_steps_match_sequential_scan():
     np.testing.assert_allclose(state, final, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("H,G,cap,expected", [
-    (6, 2, 4, (1, 1)), (8, 1, 4, (1, 4)), (16, 4, 8, (2, 4)), (7, 7, 4, (1, 1)),
-    (12, 2, 4, (1, 2)), (6, 3, 64, (1, 2)), (16, 8, 8, (4, 2)), (5, 1, 4, (1, 1)),
-])
-def test_head_blocks(H, G, cap, expected):
-    gb, rb = head_blocks(H, G, cap)
-    assert (gb, rb) == expected
-    assert G % gb == 0 and (H // G) % rb == 0 and gb * rb <= max(cap, 1)
-    assert gb * rb & (gb * rb - 1) == 0  # a power of two (Triton tensor sizes)
+@pytest.mark.parametrize("P,block,expected", [(64, 32, 32), (80, 32, 32), (80, 128, 128), (5, 64, 8), (4, 4, 4)])
+def test_p_block(P, block, expected):
+    assert p_block(P, block) == expected
+
+
+@pytest.mark.parametrize("block", [0, 24, -4])
+def test_p_block_rejects_non_powers_of_two(block):
+    with pytest.raises(ValueError, match=f"block_p={block}"):
+        p_block(64, block)
+
+
+def test_launch_options_do_not_change_the_result():
+    """num_warps only reaches the Triton params; interpreted, every (block_p, num_warps) gives the same values."""
+    args = make_inputs(6, 1, 4, 8, 2, 8)
+    y_ref, s_ref = jax.jit(ssd_update_reference)(*args)
+    for bp, warps in ((2, 1), (8, 8)):
+        y, s = jax.jit(partial(ssd_update, interpret=True, block_p=bp, num_warps=warps))(*args)
+        np.testing.assert_allclose(y, y_ref, **TOL)
+        np.testing.assert_allclose(s, s_ref, **TOL)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        ssd_update(*args, interpret=True, num_warps=3)
 
 
 def _pallas_eqn(jaxpr):
@@ -126,7 +140,7 @@ def _pallas_eqn(jaxpr):
 def test_state_aliased_and_donation():
     b, H, P, G, N = 1, 8, 4, 2, 8
     args = make_inputs(3, b, H, P, G, N)
-    fn = partial(ssd_update, interpret=True, block_heads=4)
+    fn = partial(ssd_update, interpret=True, block_p=4)
     # the kernel declares state (input 0) -> new_state (output 1)
     eqn = _pallas_eqn(jax.make_jaxpr(fn)(*args).jaxpr)
     assert eqn is not None
