@@ -1,7 +1,18 @@
 """Low-precision matmul kernels (Pallas): per-tensor-scaled FP8 and W4A16 NVFP4 (spec quant.md 1.1, 1.5, 5.4, 5.5).
 
-* `fp8_matmul(a, b, a_scale_inv, b_scale_inv)`: a [M, K] and b [K, N] in float8_e4m3fn, per-tensor f32 decode
-  scales. FP8 x FP8 dot with f32 accumulation over K; the epilogue multiplies by a_scale_inv * b_scale_inv.
+* `fp8_matmul(a, b, a_scale_inv, b_scale_inv)`: a [M, K] and b [K, N] (or [N, K], `b_layout="nk"`) in
+  float8_e4m3fn, per-tensor f32 decode scales. FP8 x FP8 dot with f32 accumulation over K; the epilogue multiplies
+  by a_scale_inv * b_scale_inv. `impl` picks who runs it: "pallas" (the Triton kernel below; Pallas' Triton
+  lowering cannot issue Hopper's wgmma, so it trails cuBLAS), or XLA's own FP8 GEMM, written in the two forms
+  XLA's GPU gemm rewriter turns into a cuBLASLt FP8 matmul (custom call `__cublas$lt$matmul$f8`, operand scales
+  passed to cuBLASLt) on Hopper/Ada (openxla/xla xla/service/gpu/transforms/gemm_rewriter_fp8_test.cc,
+  ScaledABUnscaledDF8 and ScaledABUnscaledDColMajorLhsF8): "xla" dequantize-then-dot (convert the E4M3 codes to
+  f32, multiply by the scale, dot, then cast to out_dtype; flax.linen.fp8_ops' dq-dot form), "xla_out"
+  the same with the dot emitting out_dtype itself (the cast left to cuBLASLt's D type), and "xla_dot" a dot on
+  the E4M3 operands themselves with an f32 result, then the scale and the cast. cuBLASLt's FP8 GEMM wants the
+  "TN" layout (both operands K-minor): a [K, N] b costs XLA a transpose of b per call, which b_layout="nk"
+  (a weight stored [N, K], as PyTorch and ModelOpt keep it) avoids. Which form wins is measured by
+  experiments/bench_kernels.py --sweep.
 * `nvfp4_block_scaled_matmul(x_codes, x_scale, x_global, w_codes, w_scale, w_global)`: W4A4, both operands NVFP4,
   on the hardware's block-scaled MMA where it has one (Blackwell, `has_native_fp4`): `jax.nn.scaled_matmul`, i.e.
   XLA's block_scaled_dot, which cuDNN runs natively there (and XLA rewrites into dequantize + dot on older GPUs).
@@ -45,7 +56,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 
-__all__ = ["fp8_matmul", "has_native_fp4", "nvfp4_block_scaled_matmul", "nvfp4_matmul"]
+__all__ = ["FP8_IMPLS", "fp8_matmul", "has_native_fp4", "nvfp4_block_scaled_matmul", "nvfp4_default_config",
+           "nvfp4_matmul", "nvfp4_smem_bytes"]
+
+FP8_IMPLS = ("pallas", "xla", "xla_out", "xla_dot")
+B_LAYOUTS = ("kn", "nk")
 
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
@@ -75,6 +90,16 @@ def _check_blocks(**blocks: int) -> None:
             raise ValueError(f"{name}={b}; allowed: a positive block size")
 
 
+def _triton_params(backend: str | None, num_warps: int | None, num_stages: int | None):
+    """Triton compiler params with the launch options that were given (None: Triton's defaults, 4 warps and, in
+    JAX's params, 3 pipeline stages)."""
+    for name, v in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{name}={v}; allowed: None or a positive integer")
+    opts = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+    return dispatch.compiler_params(backend, **opts)
+
+
 # ------------------------------------------------------------------------------------------------------- fp8
 
 
@@ -83,12 +108,16 @@ def _k_slice(k: jax.Array, size: int):
     return pl.ds(pl.multiple_of(k * size, size), size)
 
 
-def _fp8_kernel(a_ref, b_ref, s_ref, o_ref, *, bk: int):
-    # a_ref [bm, Kp], b_ref [Kp, bn]: full-K slabs; one program per output block, K walked in-kernel
+def _fp8_kernel(a_ref, b_ref, s_ref, o_ref, *, bk: int, nk: bool):
+    # a_ref [bm, Kp], b_ref [Kp, bn] (or [bn, Kp] when nk): full-K slabs; one program per output block, K walked
+    # in-kernel
     bm, bn = o_ref.shape
 
     def body(k, acc):
         a = a_ref[:, _k_slice(k, bk)]  # [bm, bk] e4m3
+        if nk:
+            b = b_ref[:, _k_slice(k, bk)]  # [bn, bk] e4m3
+            return acc + jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
         b = b_ref[_k_slice(k, bk), :]  # [bk, bn] e4m3
         return acc + jax.lax.dot_general(a, b, _NN, preferred_element_type=jnp.float32)
 
@@ -103,41 +132,68 @@ def fp8_matmul(
     b_scale_inv,
     *,
     out_dtype=jnp.bfloat16,
+    impl: str = "pallas",
+    b_layout: str = "kn",
     block_m: int = 128,
     block_n: int = 128,
     block_k: int = 128,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
     backend: str | None = None,
 ) -> jax.Array:
     """(a * a_scale_inv) @ (b * b_scale_inv) for float8_e4m3fn a [M, K], b [K, N] -> [M, N] in out_dtype.
 
-    a_scale_inv / b_scale_inv: per-tensor f32 decode scales (x_hat = code * scale_inv). f32 accumulation; the product
-    of the two scales is applied once to the accumulator, which is then cast to out_dtype in the kernel.
+    b_layout: "kn" (b is [K, N]) or "nk" (b is [N, K], the product then being a @ b.T). a_scale_inv /
+    b_scale_inv: per-tensor f32 decode scales (x_hat = code * scale_inv). f32 accumulation; the scales are applied
+    in f32 and the result cast to out_dtype. impl (module docstring): "pallas" (the Triton kernel; block_m/n/k,
+    num_warps, num_stages tune it and are ignored by the others), "xla" (dequantize then dot), "xla_out" (the
+    same, the dot emitting out_dtype) or "xla_dot" (a dot on the E4M3 operands, then the scale). The XLA forms are
+    plain jnp and run on any backend (interpret does not apply to them).
     """
+    if impl not in FP8_IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {FP8_IMPLS}")
+    if b_layout not in B_LAYOUTS:
+        raise ValueError(f"b_layout={b_layout!r}; allowed: {B_LAYOUTS}")
     for name, t in (("a", a), ("b", b)):
         if t.ndim != 2 or t.dtype != jnp.float8_e4m3fn:
             raise ValueError(f"{name} has shape {t.shape} dtype {t.dtype}; allowed: 2-D float8_e4m3fn")
-    (M, K), (K2, N) = a.shape, b.shape
+    nk = b_layout == "nk"
+    (M, K), (K2, N) = a.shape, (b.shape[::-1] if nk else b.shape)
     if K != K2:
-        raise ValueError(f"a.shape[1]={K} != b.shape[0]={K2}; the contraction dims must agree")
+        raise ValueError(f"a.shape[1]={K} != the contraction dim of b={K2} (b {b.shape}, b_layout={b_layout!r}); "
+                         "the contraction dims must agree")
     _check_blocks(block_m=block_m, block_n=block_n, block_k=block_k)
-    s = _scalar(a_scale_inv, "a_scale_inv") * _scalar(b_scale_inv, "b_scale_inv")
+    sa, sb = _scalar(a_scale_inv, "a_scale_inv")[0, 0], _scalar(b_scale_inv, "b_scale_inv")[0, 0]
+    dims = _NT if nk else _NN
+    if impl == "xla":  # convert -> scale -> dot (f32) -> cast: the gemm rewriter's scaled-operand FP8 pattern
+        y = jax.lax.dot_general(a.astype(jnp.float32) * sa, b.astype(jnp.float32) * sb, dims,
+                                preferred_element_type=jnp.float32)
+        return y.astype(out_dtype)
+    if impl == "xla_out":  # the same, the dot itself producing out_dtype (cuBLASLt's D type)
+        return jax.lax.dot_general(a.astype(jnp.float32) * sa, b.astype(jnp.float32) * sb, dims,
+                                   preferred_element_type=out_dtype)
+    if impl == "xla_dot":  # FP8 operands straight into the dot, the product of the scales on the f32 result
+        y = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        return (y * (sa * sb)).astype(out_dtype)
+    s = (sa * sb).reshape(1, 1)
     bm, bn, bk = _pow2_block(M, block_m, 16), _pow2_block(N, block_n, 16), _pow2_block(K, block_k, 32)
-    ap, bp = _pad_to(a, (bm, bk)), _pad_to(b, (bk, bn))
+    ap, bp = _pad_to(a, (bm, bk)), _pad_to(b, (bn, bk) if nk else (bk, bn))
     Mp, Kp = ap.shape
-    Np = bp.shape[1]
+    Np = bp.shape[0] if nk else bp.shape[1]
+    b_spec = (pl.BlockSpec((bn, Kp), lambda i, j: (j, 0)) if nk else pl.BlockSpec((Kp, bn), lambda i, j: (0, j)))
     out = pl.pallas_call(
-        functools.partial(_fp8_kernel, bk=bk),
+        functools.partial(_fp8_kernel, bk=bk, nk=nk),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // bm, Np // bn),
         in_specs=[
             pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((Kp, bn), lambda i, j: (0, j)),
+            b_spec,
             pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
-        compiler_params=None if interpret else dispatch.compiler_params(backend),
+        compiler_params=None if interpret else _triton_params(backend, num_warps, num_stages),
         name="fp8_matmul",
     )(ap, bp, s)
     return out[:M, :N]
@@ -181,6 +237,34 @@ def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
     o_ref[...] = (acc * g_ref[0, 0]).astype(o_ref.dtype)
 
 
+DECODE_M = 64  # M up to this is decode-shaped: the W4A16 matmul is a GEMV bound by streaming the weight
+SMEM_BUDGET = 150 * 1024  # what the default configs stay under (H100/H200 allow 227 KB per block)
+
+
+def nvfp4_smem_bytes(block_m: int, block_n: int, block_k: int, num_stages: int = 3, x_bytes: int = 2) -> int:
+    """An estimate of the shared memory of one nvfp4_matmul program: Triton's pipeliner keeps `num_stages` copies
+    of the tiles one K step loads (x even + odd [bm, bk/2] each, x_bytes per element; the packed weight
+    [bn, bk/2] bytes; its scales [bn, bk/16] bytes), plus the decoded weight operands of the two dots
+    ([bn, bk/2] each in the dot dtype) staged for the MMA. An over-estimate rather than an under-: the H200 run
+    of (128, 128, 256, 3 stages) asked Triton for 266240 bytes and this gives 317440."""
+    per_stage = block_m * block_k * x_bytes + block_n * block_k // 2 + block_n * block_k // 16
+    return num_stages * per_stage + block_n * block_k * x_bytes
+
+
+def nvfp4_default_config(M: int, x_dtype=jnp.bfloat16) -> dict:
+    """The (block_m, block_n, block_k, num_warps, num_stages) nvfp4_matmul uses for M rows of x in x_dtype.
+
+    Decode-sized M (<= DECODE_M): a GEMV bound by reading the weight, so a 16-row block (the smallest MMA tile)
+    and narrow N blocks (32 columns: N / 32 programs, 256 at N = 8192, about two per SM on an H200) that each
+    stream a long K step (512, or 256 for f32 x) so every program keeps several weight tiles in flight.
+    Prefill-sized M: a GEMM tiling (128 x 128 output blocks, K steps of 64). Both stay under SMEM_BUDGET by
+    `nvfp4_smem_bytes` at Triton's 3 stages."""
+    f32x = jnp.dtype(x_dtype) == jnp.float32
+    if M <= DECODE_M:
+        return dict(block_m=16, block_n=32, block_k=256 if f32x else 512, num_warps=4, num_stages=3)
+    return dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+
+
 def nvfp4_matmul(
     x: jax.Array,
     w_packed: jax.Array,
@@ -188,9 +272,11 @@ def nvfp4_matmul(
     w_global,
     *,
     out_dtype=jnp.bfloat16,
-    block_m: int = 128,
-    block_n: int = 128,
-    block_k: int = 256,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
     backend: str | None = None,
 ) -> jax.Array:
@@ -200,7 +286,9 @@ def nvfp4_matmul(
     (block decode scales along K), w_global f32 scalar S_dec; dequant(W)[n, k] = e2m1(code) * w_scale[n, k // 16]
     * w_global. The dot runs in f32 when x is f32, else in bf16 (x cast to bf16), with f32 accumulation; the output
     block is cast to out_dtype in the kernel. K must be a multiple of 32; block_k (rounded to the data) a multiple
-    of 32.
+    of 32. Blocks and the Triton launch options (num_warps, num_stages: the loads of each K step are pipelined
+    over that many buffers) default per M and x dtype to `nvfp4_default_config`; each one given overrides its
+    default.
     """
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x has shape {x.shape} dtype {x.dtype}; allowed: 2-D floating [M, K]")
@@ -214,6 +302,11 @@ def nvfp4_matmul(
         raise ValueError(
             f"w_scale has shape {w_scale.shape} dtype {w_scale.dtype}; allowed: float8_e4m3fn [{N}, {K // 16}]"
         )
+    cfg = nvfp4_default_config(M, x.dtype)
+    block_m, block_n, block_k = (cfg[k] if v is None else v for k, v in
+                                 (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)))
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
     _check_blocks(block_m=block_m, block_n=block_n, block_k=block_k)
     if block_k % 32:
         raise ValueError(f"block_k={block_k}; allowed: a multiple of 32")
@@ -237,7 +330,7 @@ def nvfp4_matmul(
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
-        compiler_params=None if interpret else dispatch.compiler_params(backend),
+        compiler_params=None if interpret else _triton_params(backend, num_warps, num_stages),
         name="nvfp4_matmul",
     )(xe, xo, wp, ws, g)
     return out[:M, :N]
