@@ -84,3 +84,56 @@ def test_native_fp4_lowers_to_block_scaled_dot():
     module = lowered_module(fn, S((M, K), fp4), S((M, K // 16), e4m3), scalar, S((N, K), fp4),
                             S((N, K // 16), e4m3), scalar)
     assert "block_scaled_dot" in module
+
+
+def _dot_line(module: str) -> str:
+    (line,) = [ln for ln in module.splitlines() if "stablehlo.dot_general" in ln]
+    return line
+
+
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_fp8_xla_impls_lower_to_the_cublaslt_fp8_patterns(b_layout):
+    """The XLA forms of fp8_matmul, lowered for CUDA, are the HLO XLA's gemm rewriter turns into a cuBLASLt FP8
+    GEMM: "xla_dot" feeds the E4M3 operands themselves into the dot (no upcast before it) and scales its f32
+    result; "xla" / "xla_out" convert each E4M3 operand to f32 and multiply it by its broadcast scalar scale right
+    before the dot. b_layout "nk" contracts b's minor dim (no transpose anywhere: cuBLASLt's TN layout)."""
+    M, K, N = 1000, 4096, 8192
+    e4m3, scalar = jnp.float8_e4m3fn, S((), jnp.float32)
+    b_shape = (K, N) if b_layout == "kn" else (N, K)
+    contract = "contracting_dims = [1] x [0]" if b_layout == "kn" else "contracting_dims = [1] x [1]"
+    modules = {impl: lowered_module(functools.partial(fp8_matmul, impl=impl, b_layout=b_layout, backend="gpu"),
+                                    S((M, K), e4m3), S(b_shape, e4m3), scalar, scalar)
+               for impl in ("xla", "xla_out", "xla_dot")}
+    for impl, module in modules.items():
+        dot = _dot_line(module)
+        assert contract in dot and "transpose" not in module and "xla.gpu.triton" not in module
+        if impl == "xla_dot":
+            assert f"(tensor<{M}x{K}xf8E4M3FN>, tensor<{b_shape[0]}x{b_shape[1]}xf8E4M3FN>) -> tensor<{M}x{N}xf32>" \
+                in dot
+            assert "stablehlo.convert %arg0" not in module and "stablehlo.convert %arg1" not in module
+        else:
+            out = "f32" if impl == "xla" else "bf16"
+            assert f"-> tensor<{M}x{N}x{out}>" in dot
+            for arg, shape in (("%arg0", (M, K)), ("%arg1", b_shape)):
+                assert f"stablehlo.convert {arg} : (tensor<{shape[0]}x{shape[1]}xf8E4M3FN>) -> " \
+                       f"tensor<{shape[0]}x{shape[1]}xf32>" in module
+            assert module.count("stablehlo.multiply") == 2  # one scale per operand, before the dot
+
+
+def test_pallas_launch_options_reach_triton():
+    """num_warps / num_stages given to the kernels reach the Triton custom call (the bench's sweep hooks)."""
+    e4m3, scalar = jnp.float8_e4m3fn, S((), jnp.float32)
+    fp8 = functools.partial(fp8_matmul, b_layout="nk", num_warps=8, num_stages=4, backend="gpu")
+    module = lowered_module(fp8, S((256, 512), e4m3), S((256, 512), e4m3), scalar, scalar)
+    assert "num_warps = 8" in module and "num_stages = 4" in module
+    nvfp4 = functools.partial(nvfp4_matmul, backend="gpu")  # decode defaults: 4 warps, 3 stages
+    module = lowered_module(nvfp4, S((16, 8192), jnp.bfloat16), S((8192, 4096), jnp.uint8),
+                            S((8192, 512), e4m3), scalar)
+    assert "num_warps = 4" in module and "num_stages = 3" in module
+    m = nemojax.presets.get("nemotron-nano-9b-v2").mamba
+    H, P, G, N = m.num_heads, m.head_dim, m.n_groups, m.state_size
+    upd = functools.partial(ssd_update, block_p=64, num_warps=2, backend="gpu")
+    module = lowered_module(upd, S((2, H, P, N), jnp.float32), S((2, H, P), jnp.bfloat16), S((2, H), jnp.float32),
+                            S((H,), jnp.float32), S((2, G, N), jnp.bfloat16), S((2, G, N), jnp.bfloat16),
+                            S((H,), jnp.float32))
+    assert "num_warps = 2" in module

@@ -6,13 +6,24 @@ Tolerances are relative to |x| @ |W|.T (the scale of the summands), so they meas
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from nemojax.quant.qarray import pack_fp4, quantize
-from pallas_kernels.quant_matmul import _e2m1_decode, fp8_matmul, nvfp4_matmul
+from pallas_kernels.quant_matmul import (
+    DECODE_M,
+    FP8_IMPLS,
+    SMEM_BUDGET,
+    _e2m1_decode,
+    fp8_matmul,
+    nvfp4_default_config,
+    nvfp4_matmul,
+    nvfp4_smem_bytes,
+)
 
 HI = jax.lax.Precision.HIGHEST
 
@@ -207,3 +218,78 @@ def test_nvfp4_block_scaled_matmul_equals_dequantized_product():
         nvfp4_block_scaled_matmul(qx.data, qx.scale[:, :2], qx.global_scale, qw.data, qw.scale, qw.global_scale)
     with pytest.raises(ValueError, match="w_codes dtype"):
         nvfp4_block_scaled_matmul(qx.data, qx.scale, qx.global_scale, w, qw.scale, qw.global_scale)
+
+
+# ------------------------------------------------------------------- fp8 implementations, layouts, launch options
+
+
+@pytest.mark.parametrize("impl", FP8_IMPLS)
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_fp8_matmul_every_impl_and_layout_matches_oracle(impl, b_layout):
+    """Every implementation (the Pallas kernel and XLA's FP8 GEMM forms) on a [K, N] or [N, K] b equals the f32
+    oracle: only the f32 summation order differs (f32 out), and bf16 out is that rounded once."""
+    M, K, N = 19, 96, 40
+    a, b = _fp8((M, K), 40), _fp8((K, N), 41)
+    sa, sb = jnp.float32(0.37), jnp.float32(2.5)
+    af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+    ref = jnp.dot(af, bf, precision=HI) * (sa * sb)
+    mag = jnp.dot(jnp.abs(af), jnp.abs(bf), precision=HI) * (sa * sb)
+    b_in = b if b_layout == "kn" else b.T
+    kw = dict(impl=impl, b_layout=b_layout, block_m=16, block_n=16, block_k=32, num_warps=8, num_stages=2,
+              interpret=True)
+    y32 = jax.jit(lambda a, b: fp8_matmul(a, b, sa, sb, out_dtype=jnp.float32, **kw))(a, b_in)
+    assert y32.shape == (M, N) and y32.dtype == jnp.float32
+    assert _rel_err(y32, ref, mag) < 1e-6
+    y = jax.jit(lambda a, b: fp8_matmul(a, b, sa, sb, **kw))(a, b_in)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32),
+                               rtol=2**-7, atol=1e-6 * float(jnp.max(mag)))
+
+
+def test_fp8_matmul_rejects_bad_impl_layout_and_launch_options():
+    a, b = _fp8((4, 64), 42), _fp8((64, 16), 43)
+    with pytest.raises(ValueError, match="impl='cublas'"):
+        fp8_matmul(a, b, 1.0, 1.0, impl="cublas")
+    with pytest.raises(ValueError, match="b_layout='tn'"):
+        fp8_matmul(a, b, 1.0, 1.0, b_layout="tn")
+    with pytest.raises(ValueError, match="contraction"):
+        fp8_matmul(a, b, 1.0, 1.0, b_layout="nk")  # a [4, 64] against b [16, 64] read as [N, K] = K 16
+    with pytest.raises(ValueError, match="num_stages=0"):
+        fp8_matmul(a, b, 1.0, 1.0, num_stages=0, backend="gpu")
+
+
+# ---------------------------------------------------------------------- nvfp4 configurations (decode / prefill)
+
+
+def test_nvfp4_default_configs_by_m_fit_shared_memory():
+    """Decode-sized M gets a 16-row block and narrow N blocks; prefill M a GEMM tiling; every default is under the
+    budget by the estimate, which puts the config that failed on the H200 (requested 266240 > 232448 available)
+    over the device's limit."""
+    for x_dtype in (jnp.bfloat16, jnp.float32):
+        dec, pre = nvfp4_default_config(16, x_dtype), nvfp4_default_config(8192, x_dtype)
+        assert dec["block_m"] == 16 and dec["block_n"] <= 64 and pre["block_m"] >= 64
+        assert nvfp4_default_config(DECODE_M + 1, x_dtype) == pre
+        for cfg in (dec, pre):
+            est = nvfp4_smem_bytes(cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["num_stages"],
+                                   jnp.dtype(x_dtype).itemsize)
+            assert est <= SMEM_BUDGET
+    assert nvfp4_smem_bytes(128, 128, 256, 3) > 232448
+    # the estimate by hand: 3 stages x (x 16*512*2 + w 32*256 + scales 32*32) + decoded w 32*512*2
+    assert nvfp4_smem_bytes(16, 32, 512, 3) == 3 * (16384 + 8192 + 1024) + 32768
+
+
+@pytest.mark.parametrize("M", [16, 80])
+def test_nvfp4_matmul_default_configs_match_oracle(M):
+    """The decode (M 16: bm 16, bn 32, bk 512 on K 1024 -> two K steps) and prefill (M 80) defaults, and explicit
+    launch options, compute x @ dequant(W).T."""
+    K, N = 1024, 48
+    q, wp, ws, wg = _nvfp4_weight(N, K, 44)
+    w_hat = q.dequantize(jnp.float32)
+    x = jnp.asarray(_rng(45).standard_normal((M, K)).astype(np.float32)).astype(jnp.bfloat16)
+    xf = x.astype(jnp.float32)
+    ref = jnp.dot(xf, w_hat.T, precision=HI)
+    mag = jnp.dot(jnp.abs(xf), jnp.abs(w_hat).T, precision=HI)
+    for kw in ({}, dict(num_warps=8, num_stages=2, block_n=16)):
+        y = jax.jit(functools.partial(nvfp4_matmul, out_dtype=jnp.float32, interpret=True, **kw))(x, wp, ws, wg)
+        assert y.shape == (M, N)
+        assert _rel_err(y, ref, mag) < 1e-6
