@@ -116,15 +116,44 @@ def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float 
         y_ref, s_ref = ref(*args)
         nc = -(-L // Q)
         flops = 2 * b * nc * (G * Q * Q * N + H * (Q * Q * P + 2 * Q * P * N))
-        for heads in (1, 2):  # heads per program: untuned, so both (more C B^T reuse vs more registers held)
-            kernel = compiled(functools.partial(ssd_scan, chunk_size=Q, block_heads=heads, interpret=interpret),
-                              *args)
-            y, s = kernel(*args)
+        for label, launch in SSD_SCAN_SWEEP if sweep else SSD_SCAN_SWEEP[:1]:
+            try:
+                kernel = compiled(functools.partial(ssd_scan, chunk_size=Q, interpret=interpret, **launch), *args)
+                y, s = kernel(*args)
+            except Exception as e:  # a config that does not compile is a result of the sweep, not its end
+                out.append(dict(op="ssd_scan", shape=f"{name} L{L} {label}", error=f"{type(e).__name__}: {e}"[:400]))
+                print(f"  ssd_scan {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
             err = max(rel_err(y, y_ref), rel_err(s, s_ref))
             t_k, t_r = time_pair(kernel, args, ref, args, repeats)
-            out.append(row("ssd_scan", f"{name} b{b} L{L} H{H} P{P} G{G} N{N} Q{Q} hb{heads}", t_k, t_r, err, flops,
+            out.append(row("ssd_scan", f"{name} b{b} L{L} H{H} P{P} G{G} N{N} Q{Q} {label}", t_k, t_r, err, flops,
                            "TFLOP/s", peak_bf16, "XLA ssd_chunked"))
+        if sweep:  # the training path: the kernel forward and the reference's backward vs autodiff of the XLA SSD
+            w_y = jax.random.normal(ks[0], x.shape, jnp.float32)
+            kernel = compiled(_grads(functools.partial(ssd_scan, chunk_size=Q, interpret=interpret), w_y), *args)
+            ref_g = compiled(_grads(functools.partial(ssd_chunked, chunk_size=Q), w_y), *args)
+            err = max(rel_err(a, b) for a, b in zip(kernel(*args), ref_g(*args), strict=True))
+            t_k, t_r = time_pair(kernel, args, ref_g, args, repeats)
+            out.append(row("ssd_scan", f"{name} b{b} L{L} fwd+bwd (dx, ddt, dB, dC)", t_k, t_r, err, 3 * flops,
+                           "TFLOP/s", peak_bf16, "XLA ssd_chunked autodiff"))
     return out
+
+
+def _grads(scan: Callable, w_y: jax.Array) -> Callable:
+    """(x, dt, A, B, C) -> the gradients of sum(y * w_y) w.r.t. x, dt, B, C."""
+    return jax.grad(lambda *a: jnp.sum(scan(*a)[0] * w_y), argnums=(0, 1, 3, 4))
+
+
+# (label, ssd_scan launch options): the default first, then the alternatives a --sweep times
+SSD_SCAN_SWEEP = [
+    ("chunked hb1 w4", dict(algorithm="chunked", block_heads=1, num_warps=4)),
+    ("chunked hb1 w8", dict(algorithm="chunked", block_heads=1, num_warps=8)),
+    ("chunked hb2 w4", dict(algorithm="chunked", block_heads=2, num_warps=4)),
+    ("chunked hb2 w8", dict(algorithm="chunked", block_heads=2, num_warps=8)),
+    ("chunked hb4 w8", dict(algorithm="chunked", block_heads=4, num_warps=8)),
+    ("fused hb1 w8 stages1", dict(algorithm="fused", block_heads=1, num_warps=8, num_stages=1)),
+    ("fused hb1 w4 stages2", dict(algorithm="fused", block_heads=1, num_warps=4, num_stages=2)),
+]
 
 
 def _state_args(key: jax.Array, shape: tuple[int, ...], small: tuple) -> tuple:
@@ -270,6 +299,8 @@ def main() -> None:
             rows.append(dict(op=op, error=f"{type(e).__name__}: {e}"))
             continue
         for r in new:
+            if "error" in r:  # a sweep config that failed; printed when it failed
+                continue
             peak = "" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}%"
             print(f"{r['op']:13} {r['shape']:56} {r['kernel_ms']:10.3f} {r['ref_ms']:9.3f} {r['speedup']:7.2f}x "
                   f"{r['rate']:9.1f} {r['unit']:>6} {peak:>8} {r['rel_err']:8.1e}  {r['baseline']}", flush=True)

@@ -55,6 +55,7 @@ a device yet. Depends on JAX alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -62,11 +63,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
+from pallas_kernels.ssd_chunked import chunked_scan
 
 f32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
 _TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
+# The chunked GPU algorithm runs at most this chunk (exact for any chunk: the chunking is only a blocking of the
+# sum); its [Q, Q] float32 tiles are held in registers, 64 KiB each at 128.
+MAX_GPU_CHUNK = 128
 
 
 def _check(x, dt, A, B, C, initial_state, chunk_size, reset=None) -> tuple[int, ...]:
@@ -207,10 +212,27 @@ def _pow2(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
 
-def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, block_heads: int, interpret: bool,
-             num_warps: int, backend: str | None):
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the scan runs (hashable: a static argument of the custom_vjp). algorithm "chunked" (GPU: three kernels
+    with chunk-level parallelism, `pallas_kernels.ssd_chunked`) or "fused" (one program walks all chunks; the TPU
+    layout); block_heads, num_warps, num_stages: Triton launch choices (num_stages: the software pipelining depth
+    of the fused kernel's chunk loop, None for Triton's default)."""
+
+    algorithm: str
+    block_heads: int
+    num_warps: int
+    num_stages: int | None
+    interpret: bool
+    backend: str | None
+
+
+def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, launch: Launch):
     b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size, reset)
+    backend, interpret, block_heads = launch.backend, launch.interpret, launch.block_heads
     Q, R = chunk_size, H // G
+    if launch.algorithm == "chunked":  # its [Q, Q] tiles live in registers: longer chunks only add spills
+        Q = min(Q, MAX_GPU_CHUNK)
     hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
     if not interpret and (Q & (Q - 1)):
         raise ValueError(f"chunk_size={Q}; allowed on GPU/TPU: a power of two (Triton tensor sides, TPU tiles)")
@@ -230,6 +252,11 @@ def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, block_heads:
     xp = _pad_axis(x, 1, Lp)
     Bp, Cp = (_pad_axis(_pad_axis(t, 1, Lp), 3, Nb) for t in (B, C))
     s0 = jnp.zeros((b, H, P, Nb), f32) if initial_state is None else _pad_axis(initial_state.astype(f32), 3, Nb)
+    if launch.algorithm == "chunked":
+        y, final = chunked_scan(xp, Bp, Cp, c, w, dt_h, decay, k, s0, Q=Q, P=P, block_heads=block_heads,
+                                dot_dtype=dot_dtype, interpret=interpret, num_warps=launch.num_warps,
+                                backend=backend)
+        return y[:, :L], final[..., :N]
     if head_major:  # TPU tiles the last two dims of a block: give it whole [Lp, P] and [Lp, N] slabs
         xp, Bp, Cp = (jnp.swapaxes(t, 1, 2) for t in (xp, Bp, Cp))
 
@@ -255,7 +282,9 @@ def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, block_heads:
         out_specs=(seq_heads, state),
         interpret=interpret,
         # [Q, Q] float32 tiles and the carried [P, N] states need the registers of 8 warps (untuned: no GPU here)
-        compiler_params=None if interpret else dispatch.compiler_params(backend, num_warps=num_warps),
+        compiler_params=None if interpret else dispatch.compiler_params(
+            backend, num_warps=launch.num_warps,
+            **({} if launch.num_stages is None else {"num_stages": launch.num_stages})),
         name="ssd_scan",
     )(xp, Bp, Cp, rows(c), cols(c), cols(w), rows(dt_h), decay.reshape(b, H, nc, 1, 1), k.reshape(b, nc, 1, Q),
       k.reshape(b, nc, Q, 1), s0)
@@ -264,18 +293,18 @@ def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, block_heads:
     return y[:, :L], final[..., :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend):
-    return _forward(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, launch):
+    return _forward(x, dt, A, B, C, initial_state, reset, chunk_size, launch)
 
 
-def _ssd_scan_fwd(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend):
-    out = _forward(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)
+def _ssd_scan_fwd(x, dt, A, B, C, initial_state, reset, chunk_size, launch):
+    out = _forward(x, dt, A, B, C, initial_state, reset, chunk_size, launch)
     return out, (x, dt, A, B, C, initial_state, reset)
 
 
-def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, backend, residuals, cotangents):
-    del block_heads, interpret, num_warps, backend
+def _ssd_scan_bwd(chunk_size, launch, residuals, cotangents):
+    del launch
     x, dt, A, B, C, initial_state, reset = residuals
     reference = functools.partial(ssd_scan_reference, chunk_size=chunk_size, reset=reset)
     _, vjp = jax.vjp(lambda *args: reference(*args[:5], initial_state=args[5]), x, dt, A, B, C, initial_state)
@@ -285,9 +314,13 @@ def _ssd_scan_bwd(chunk_size, block_heads, interpret, num_warps, backend, residu
 _ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 
+ALGORITHMS = ("auto", "chunked", "fused")
+
+
 def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, chunk_size: int = 128,
              initial_state: jax.Array | None = None, reset: jax.Array | None = None, block_heads: int = 1,
-             interpret: bool = False, num_warps: int = 8, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+             interpret: bool = False, num_warps: int = 8, num_stages: int | None = None,
+             backend: str | None = None, algorithm: str = "auto") -> tuple[jax.Array, jax.Array]:
     """The chunked SSD scan as a Pallas kernel: (y [b, L, H, P], final_state [b, H, P, N]), both float32.
 
     Any L (not a multiple of the chunk, shorter than it, 1). `block_heads`: heads of one group per program (the
@@ -299,8 +332,15 @@ def ssd_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arr
     """
     if not isinstance(block_heads, int) or block_heads <= 0:
         raise ValueError(f"block_heads={block_heads!r}; allowed: a positive integer")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}; allowed: {ALGORITHMS}")
+    if algorithm == "auto":
+        algorithm = "fused" if (backend or jax.default_backend()) == "tpu" else "chunked"
+    elif algorithm == "chunked" and (backend or jax.default_backend()) == "tpu":
+        raise ValueError("algorithm='chunked' is the GPU (sequence-major) layout; allowed on TPU: 'fused' or 'auto'")
     _check(x, dt, A, B, C, initial_state, chunk_size, reset)
     if initial_state is None:  # a zero state and no resets, so the custom_vjp sees arrays only
         initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), f32)
     reset = jnp.zeros(x.shape[:2], f32) if reset is None else reset.astype(f32)
-    return _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, block_heads, interpret, num_warps, backend)
+    launch = Launch(algorithm, block_heads, num_warps, num_stages, interpret, backend)
+    return _ssd_scan(x, dt, A, B, C, initial_state, reset, chunk_size, launch)

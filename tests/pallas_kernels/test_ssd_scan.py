@@ -27,10 +27,16 @@ def _inputs(b, L, H, P, G, N, seed=0, dtype=jnp.float32):
     return x, dt, A, B, C, s0
 
 
-def _kernel(chunk_size=16, block_heads=1, backend="gpu"):
-    """The kernel under jit (interpret mode runs much faster compiled than op by op), in the layout of `backend`."""
+# layout -> (backend, algorithm): the GPU's three-kernel chunked algorithm (its default), the fused kernel in the
+# GPU (sequence-major) layout, and the fused kernel in the TPU (head-major) layout
+LAYOUTS = {"gpu": ("gpu", "chunked"), "gpu-fused": ("gpu", "fused"), "tpu": ("tpu", "fused")}
+
+
+def _kernel(chunk_size=16, block_heads=1, layout="gpu"):
+    """The kernel under jit (interpret mode runs much faster compiled than op by op), in the given layout."""
+    backend, algorithm = LAYOUTS[layout]
     return jax.jit(functools.partial(ssd_scan, chunk_size=chunk_size, block_heads=block_heads, interpret=True,
-                                     backend=backend))
+                                     backend=backend, algorithm=algorithm))
 
 
 def _rel(a, b) -> float:
@@ -40,11 +46,12 @@ def _rel(a, b) -> float:
 
 # (b, L, H, P, G, N, chunk, block_heads, layout): L not a multiple of the chunk, shorter than it, L = 1, batch 1,
 # many heads per group, several heads per program, P and N not powers of two (overhanging P block, N padded); the
-# GPU (sequence-major) and TPU (head-major) layouts.
+# GPU chunked algorithm, the fused kernel in the sequence-major layout and in the TPU (head-major) layout.
 SHAPES = [
     (2, 37, 4, 8, 2, 16, 16, 1, "gpu"),
     (1, 70, 6, 12, 3, 5, 32, 2, "gpu"),
     (1, 1, 2, 4, 1, 4, 16, 1, "gpu"),
+    (1, 70, 4, 12, 2, 5, 16, 2, "gpu-fused"),
     (2, 37, 4, 8, 2, 16, 16, 2, "tpu"),
     (1, 70, 6, 12, 3, 5, 32, 1, "tpu"),
 ]
@@ -57,7 +64,7 @@ def test_forward_float32_equals_the_recurrence(shape):
     same order."""
     b, L, H, P, G, N, Q, hb, layout = shape
     x, dt, A, B, C, s0 = _inputs(b, L, H, P, G, N)
-    for init in (s0, None) if shape in (SHAPES[0], SHAPES[3]) else (s0,):
+    for init in (s0, None) if shape in (SHAPES[0], SHAPES[4]) else (s0,):
         y, final = _kernel(Q, hb, layout)(x, dt, A, B, C, initial_state=init)
         y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=init)
         y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, initial_state=init)
@@ -77,6 +84,16 @@ def test_tpu_simulator():
         y, final = jax.jit(functools.partial(ssd_scan, chunk_size=128, backend="tpu"))(x, dt, A, B, C,
                                                                                       initial_state=s0)
     y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=s0)
+    assert _rel(y, y_seq) < 5e-6 and _rel(final, final_seq) < 5e-6
+
+
+def test_gpu_chunk_is_capped():
+    """A model chunk of 256 (Nemotron 3 Nano 4B) runs the GPU algorithm at MAX_GPU_CHUNK: the same sum blocked
+    differently, so the same result as the recurrence (float32, with resets crossing the kernel's chunks)."""
+    x, dt, A, B, C, s0 = _inputs(1, 300, 2, 16, 1, 16, seed=9)
+    reset = jnp.zeros((1, 300), bool).at[0, [100, 130, 256]].set(True)
+    y, final = _kernel(256, 1, "gpu")(x, dt, A, B, C, initial_state=s0, reset=reset)
+    y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=s0, reset=reset)
     assert _rel(y, y_seq) < 5e-6 and _rel(final, final_seq) < 5e-6
 
 
@@ -122,7 +139,7 @@ def _resets(b: int, L: int) -> jax.Array:
     return jnp.asarray(reset)
 
 
-@pytest.mark.parametrize("layout", ["gpu", "tpu"])
+@pytest.mark.parametrize("layout", ["gpu", "gpu-fused", "tpu"])
 def test_resets_equal_the_recurrence(layout):
     """Packed-document resets in the kernel (masks on the in-chunk form, the entering state, the end-state weights
     and the chunk decay): y and the final state within 1e-6 of the sequential scan with the same resets, from an
@@ -170,6 +187,10 @@ def test_bad_input_is_named():
         ssd_scan(x, dt, A, B, C, reset=jnp.zeros((1, 7), bool), interpret=True)
     with pytest.raises(ValueError, match="chunk_size=24; allowed on GPU/TPU"):
         ssd_scan(x, dt, A, B, C, chunk_size=24)  # not interpreting: the Triton / TPU tile constraint applies
+    with pytest.raises(ValueError, match="algorithm='chunked' is the GPU"):
+        ssd_scan(x, dt, A, B, C, algorithm="chunked", backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="algorithm='scan'"):
+        ssd_scan(x, dt, A, B, C, algorithm="scan", interpret=True)
     with pytest.raises(ValueError, match="mamba.scan_impl"):
         nemojax.presets.get("nemotron-h-8b-tiny", mamba={"scan_impl": "triton"})
 

@@ -1,0 +1,138 @@
+"""The chunked SSD scan as three GPU kernels with chunk-level parallelism (the split of mamba_ssm's Triton kernels,
+state-spaces/mamba@v2.2.4:mamba_ssm/ops/triton/ssd_combined.py: chunk state, state passing, chunk scan).
+
+The fused kernel of `ssd_scan` walks the chunks of a sequence in one program, so a batch-1 prefill has only
+b * H programs and each waits on its previous chunk. Here only the cheap part is sequential:
+
+    chunk_states   grid (b, nc, H)        s_c = (w * x_c)^T @ B_c                      [P, N] per chunk and head
+    state_passing  grid (b, H, P / bp)    S_0 = s0;  entering_c = S_c;  S_{c+1} = decay_c * S_c + s_c
+    chunk_scan     grid (b, nc, H / hb)   y_c = (C_c B_c^T * exp(c_l - c_s) [s <= l] * dt_s) @ x_c
+                                                + exp(c_l) * (C_c @ entering_c^T)
+
+The inputs are those the `ssd_scan` wrapper prepares (sequence-major layout, L padded to a multiple of Q, N padded
+to a power of two Nb, the per-token scalars c, w, dt and chunk decays of its module docstring, the reset counts k).
+The chunk states and entering states go through memory in float32 ([b, nc, H, P, Nb] each: 268 MB for the 8B mixer
+at L = 8192); everything else stays in registers. Depends on JAX alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import dispatch
+
+f32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
+_NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
+_TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
+
+
+def _dot(dot_dtype):
+    precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None  # IEEE f32 under Triton, not TF32
+    return functools.partial(jax.lax.dot_general, preferred_element_type=f32, precision=precision)
+
+
+def _chunk_state_kernel(x_ref, B_ref, w_ref, s_ref, *, dot_dtype):
+    # x [Q, Pb] (one head, one chunk), B [Q, Nb] (its group), w [Q, 1] end-state weights -> s [Pb, Nb]
+    xw = x_ref[...].astype(f32) * w_ref[...]
+    s_ref[...] = _dot(dot_dtype)(xw.astype(dot_dtype), B_ref[...].astype(dot_dtype), _TN)
+
+
+def _state_passing_kernel(s_ref, decay_ref, s0_ref, enter_ref, final_ref, *, nc: int):
+    # s / enter [nc, bp, Nb] (one head, bp rows of P), decay [nc, 1, 1], s0 / final [bp, Nb]
+    def step(c, S):
+        enter_ref[c] = S
+        return S * decay_ref[c] + s_ref[c]
+
+    final_ref[...] = jax.lax.fori_loop(0, nc, step, s0_ref[...])
+
+
+def _chunk_scan_kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, dt_ref, k_row_ref, k_col_ref, enter_ref, y_ref, *,
+                       heads: int, dot_dtype):
+    # x / y [Q, hb, Pb]; B / C [Q, Nb]; per head c and dt as rows [hb, 1, Q], c as a column [hb, Q, 1]; the reset
+    # counts k as a row [1, Q] and a column [Q, 1]; enter [hb, Pb, Nb]
+    dot = _dot(dot_dtype)
+    Q = x_ref.shape[0]
+    B_c = B_ref[...].astype(dot_dtype)
+    C_c = C_ref[...].astype(dot_dtype)
+    CB = dot(C_c, B_c, _NT)  # [Q, Q], shared by the heads of the group
+    causal = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0) >= jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
+    k_col = k_col_ref[...]
+    visible = causal & (k_col == k_row_ref[...])  # s <= l with no reset between them
+    fresh = k_col == 0  # no reset in the chunk up to l: the entering state reaches l
+    for h in range(heads):
+        c_col = c_col_ref[h]
+        seg = jnp.exp(jnp.where(visible, c_col - c_row_ref[h], -jnp.inf))  # exp(c_l - c_s)
+        y = dot((CB * seg * dt_ref[h]).astype(dot_dtype), x_ref[:, h, :].astype(dot_dtype), _NN)
+        y += dot(C_c, enter_ref[h].astype(dot_dtype), _NT) * jnp.where(fresh, jnp.exp(c_col), 0.0)
+        y_ref[:, h, :] = y.astype(y_ref.dtype)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while n % (2 * d) == 0 and 2 * d <= cap:
+        d *= 2
+    return d
+
+
+def chunked_scan(xp: jax.Array, Bp: jax.Array, Cp: jax.Array, c: jax.Array, w: jax.Array, dt: jax.Array,
+                 decay: jax.Array, k: jax.Array, s0: jax.Array, *, Q: int, P: int, block_heads: int, dot_dtype,
+                 interpret: bool, num_warps: int, backend: str | None) -> tuple[jax.Array, jax.Array]:
+    """The three kernels on prepared inputs: xp [b, Lp, H, P], Bp / Cp [b, Lp, G, Nb], c / w / dt [b, H, Lp]
+    float32, decay [b, H, nc], k [b, Lp], s0 [b, H, P, Nb] float32 -> (y [b, Lp, H, P] f32, final [b, H, P, Nb])."""
+    b, Lp, H, _ = xp.shape
+    G, Nb = Bp.shape[2], Bp.shape[3]
+    R, nc = H // G, Lp // Q
+    Pb = max(16, pl.next_power_of_2(P))  # power-of-two tiles; a block past P only reaches outputs never stored
+    hb = _pow2_divisor(R, block_heads)
+    bp = _pow2_divisor(P, 32)
+    params = None if interpret else dispatch.compiler_params(backend, num_warps=num_warps)
+    rows = lambda t: t.reshape(b, H, nc, 1, Q)  # noqa: E731
+    cols = lambda t: t.reshape(b, H, nc, Q, 1)  # noqa: E731
+
+    states = pl.pallas_call(
+        functools.partial(_chunk_state_kernel, dot_dtype=dot_dtype),
+        out_shape=jax.ShapeDtypeStruct((b, nc, H, P, Nb), f32),
+        grid=(b, nc, H),
+        in_specs=[pl.BlockSpec((None, Q, None, Pb), lambda i, c, h: (i, c, h, 0)),
+                  pl.BlockSpec((None, Q, None, Nb), lambda i, c, h: (i, c, h // R, 0)),
+                  pl.BlockSpec((None, None, None, Q, 1), lambda i, c, h: (i, h, c, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, None, Pb, Nb), lambda i, c, h: (i, c, h, 0, 0)),
+        interpret=interpret, compiler_params=params, name="ssd_chunk_states",
+    )(xp, Bp, cols(w))
+
+    entering, final = pl.pallas_call(
+        functools.partial(_state_passing_kernel, nc=nc),
+        out_shape=(jax.ShapeDtypeStruct(states.shape, f32), jax.ShapeDtypeStruct(s0.shape, f32)),
+        grid=(b, H, P // bp),
+        in_specs=[pl.BlockSpec((None, nc, None, bp, Nb), lambda i, h, j: (i, 0, h, j, 0)),
+                  pl.BlockSpec((None, None, nc, 1, 1), lambda i, h, j: (i, h, 0, 0, 0)),
+                  pl.BlockSpec((None, None, bp, Nb), lambda i, h, j: (i, h, j, 0))],
+        out_specs=(pl.BlockSpec((None, nc, None, bp, Nb), lambda i, h, j: (i, 0, h, j, 0)),
+                   pl.BlockSpec((None, None, bp, Nb), lambda i, h, j: (i, h, j, 0))),
+        interpret=interpret, compiler_params=None if interpret else dispatch.compiler_params(backend, num_warps=4),
+        name="ssd_state_passing",
+    )(states, decay.reshape(b, H, nc, 1, 1), s0)
+
+    head_block = lambda j: (j * hb) // R  # noqa: E731 -- the group of head block j (hb divides R)
+    y = pl.pallas_call(
+        functools.partial(_chunk_scan_kernel, heads=hb, dot_dtype=dot_dtype),
+        out_shape=jax.ShapeDtypeStruct((b, Lp, H, P), f32),
+        grid=(b, nc, H // hb),
+        in_specs=[pl.BlockSpec((None, Q, hb, Pb), lambda i, c, j: (i, c, j, 0)),
+                  pl.BlockSpec((None, Q, None, Nb), lambda i, c, j: (i, c, head_block(j), 0)),
+                  pl.BlockSpec((None, Q, None, Nb), lambda i, c, j: (i, c, head_block(j), 0)),
+                  pl.BlockSpec((None, hb, None, 1, Q), lambda i, c, j: (i, j, c, 0, 0)),
+                  pl.BlockSpec((None, hb, None, Q, 1), lambda i, c, j: (i, j, c, 0, 0)),
+                  pl.BlockSpec((None, hb, None, 1, Q), lambda i, c, j: (i, j, c, 0, 0)),
+                  pl.BlockSpec((None, None, 1, Q), lambda i, c, j: (i, c, 0, 0)),
+                  pl.BlockSpec((None, None, Q, 1), lambda i, c, j: (i, c, 0, 0)),
+                  pl.BlockSpec((None, None, hb, Pb, Nb), lambda i, c, j: (i, c, j, 0, 0))],
+        out_specs=pl.BlockSpec((None, Q, hb, Pb), lambda i, c, j: (i, c, j, 0)),
+        interpret=interpret, compiler_params=params, name="ssd_chunk_scan",
+    )(xp, Bp, Cp, rows(c), cols(c), rows(dt), k.reshape(b, nc, 1, Q), k.reshape(b, nc, Q, 1), entering)
+    return y, final
