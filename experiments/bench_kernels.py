@@ -41,17 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import nemojax
+from nemojax.nn.attention import causal_attention
 from nemojax.nn.ssd import ssd_chunked
 from nemojax.quant.qarray import dequantize, pack_fp4, quantize
 from pallas_kernels import dispatch
 from pallas_kernels.attention import flash_attention
-from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_matmul
+from pallas_kernels.quant_matmul import DECODE_M, fp8_matmul, nvfp4_default_config, nvfp4_matmul
 from pallas_kernels.ssd_scan import ssd_scan
 from pallas_kernels.ssd_update import ssd_update, ssd_update_reference
 
 # device kind (substring) -> (bf16 TFLOP/s, fp8 TFLOP/s, HBM TB/s), dense, SXM parts
 PEAKS = {"H200": (989.0, 1979.0, 4.8), "H100": (989.0, 1979.0, 3.35), "A100": (312.0, None, 2.0)}
-OPS = ("ssd_scan", "ssd_update", "fp8_matmul", "nvfp4_matmul", "attention")
+OPS = ("ssd_scan", "ssd_update", "fp8_matmul", "nvfp4_matmul", "attention")  # attention includes attention_packed
 
 
 def peaks() -> tuple[float | None, float | None, float | None]:
@@ -87,11 +88,12 @@ def rel_err(a, b) -> float:
 
 
 def row(op: str, shape: str, t_kernel: float, t_ref: float, err: float, work: float, unit: str,
-        peak: float | None, baseline: str) -> dict:
+        peak: float | None, baseline: str, impl: str = "pallas") -> dict:
+    """One result: `impl` (the implementation timed, as pallas_kernels.dispatch names it) against `baseline`."""
     rate = work / t_kernel / (1e12 if unit == "TFLOP/s" else 1e9)
-    return dict(op=op, shape=shape, kernel_ms=1e3 * t_kernel, ref_ms=1e3 * t_ref, speedup=t_ref / t_kernel,
-                rate=rate, unit=unit, peak=peak, of_peak=None if peak is None else rate / peak, rel_err=err,
-                baseline=baseline)
+    return dict(op=op, impl=impl, shape=shape, kernel_ms=1e3 * t_kernel, ref_ms=1e3 * t_ref,
+                speedup=t_ref / t_kernel, rate=rate, unit=unit, peak=peak,
+                of_peak=None if peak is None else rate / peak, rel_err=err, baseline=baseline)
 
 
 # ------------------------------------------------------------------------------------------------- the ops
@@ -162,37 +164,57 @@ def _state_args(key: jax.Array, shape: tuple[int, ...], small: tuple) -> tuple:
 
 def bench_ssd_update(quick: bool, interpret: bool, repeats: int, peak_bw: float | None,
                      sweep: bool = False) -> list[dict]:
-    m = nemojax.presets.get("nemotron-h-8b").mamba
-    name = "tiny" if quick else "nemotron-h-8b"
-    cases = [(2, 8, 16, 2, 16)] if quick else [(b, m.num_heads, m.head_dim, m.n_groups, m.state_size)
-                                                for b in (1, 64)]
+    """Defaults on the 8B mixer at batch 1 and 64 and on Nano 2 (P 80: overhanging P blocks) at batch 64; with
+    sweep, every (block_p, num_warps) of the grid below as its own row (the default is block_p 32, 4 warps)."""
+    name8, nano = ("tiny", "tiny-p5") if quick else ("nemotron-h-8b", "nemotron-nano-9b-v2")
+    m8, mn = nemojax.presets.get("nemotron-h-8b").mamba, nemojax.presets.get("nemotron-nano-9b-v2").mamba
+    if quick:
+        cases = [(name8, (2, 8, 16, 2, 16)), (nano, (1, 4, 5, 2, 8))]
+    else:
+        cases = [(name8, (b, m8.num_heads, m8.head_dim, m8.n_groups, m8.state_size)) for b in (1, 64)]
+        cases.append((nano, (64, mn.num_heads, mn.head_dim, mn.n_groups, mn.state_size)))
+    configs = [dict()]  # the defaults
+    if sweep:
+        configs += ([dict(block_p=4, num_warps=1), dict(block_p=8, num_warps=2)] if quick else
+                    [dict(block_p=bp, num_warps=w) for bp, w in ((16, 2), (16, 4), (32, 2), (32, 8), (64, 4),
+                                                                 (64, 8))])
     out = []
-    for b, H, P, G, N in cases:
+    for name, (b, H, P, G, N) in cases:
         ks = jax.random.split(jax.random.key(1), 6)
         small = (jax.random.normal(ks[1], (b, H, P), jnp.bfloat16),
                  jax.nn.softplus(jax.random.normal(ks[2], (b, H))), -jnp.exp(jax.random.normal(ks[3], (H,))),
                  jax.random.normal(ks[4], (b, G, N), jnp.bfloat16), jax.random.normal(ks[5], (b, G, N), jnp.bfloat16),
                  jnp.ones((H,), jnp.float32))
         fresh = functools.partial(_state_args, ks[0], (b, H, P, N), small)  # the state is donated: one per call
-        kernel = compiled(functools.partial(ssd_update, interpret=interpret), *fresh(), donate=(0,))
         ref = compiled(ssd_update_reference, *fresh(), donate=(0,))
-        (y, s), (y_ref, s_ref) = kernel(*fresh()), ref(*fresh())
-        err = max(rel_err(y, y_ref), rel_err(s, s_ref))
-        t_k, t_r = time_pair(kernel, fresh, ref, fresh, repeats)
+        y_ref, s_ref = ref(*fresh())
         nbytes = 2 * b * H * P * N * 4 + sum(t.nbytes for t in small) + b * H * P * 4
-        out.append(row("ssd_update", f"{name} b{b} H{H} P{P} G{G} N{N}", t_k, t_r, err, nbytes, "GB/s",
-                       None if peak_bw is None else 1e3 * peak_bw, "XLA reference (donated state)"))
+        for cfg in configs:
+            kernel = compiled(functools.partial(ssd_update, interpret=interpret, **cfg), *fresh(), donate=(0,))
+            y, s = kernel(*fresh())
+            err = max(rel_err(y, y_ref), rel_err(s, s_ref))
+            t_k, t_r = time_pair(kernel, fresh, ref, fresh, repeats)
+            tag = "".join(f" {k}={v}" for k, v in cfg.items()) or " defaults"
+            out.append(row("ssd_update", f"{name} b{b} H{H} P{P} G{G} N{N}{tag}", t_k, t_r, err, nbytes, "GB/s",
+                           None if peak_bw is None else 1e3 * peak_bw, "XLA reference (donated state)"))
     return out
 
 
 def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None, sweep: bool = False) -> list[dict]:
+    """The default (the Pallas kernel) against bf16 and XLA's plain FP8 dot; with sweep, XLA's FP8 GEMM forms
+    (fp8_matmul impl xla / xla_out / xla_dot, b [K, N] or [N, K]) and Pallas launch configs, each against bf16.
+    All forms at the square 8192 shape (the target), two at the others, to keep the compiles few."""
     cases = [(48, 96, 64)] if quick else [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 8192, 4096)]
+    pallas_cfgs = ([dict(block_m=16, block_n=32, block_k=32, num_warps=2, num_stages=2)] if quick else
+                   [dict(num_warps=8), dict(block_n=256, block_k=64, num_warps=8),
+                    dict(b_layout="nk", num_warps=8, num_stages=4)])
     out = []
     for M, K, N in cases:
         ka, kb = jax.random.split(jax.random.key(2))
         a, b = jax.random.normal(ka, (M, K), jnp.bfloat16), jax.random.normal(kb, (K, N), jnp.bfloat16)
         qa, qb = quantize(a, "fp8_e4m3"), quantize(b, "fp8_e4m3")
         codes = (qa.data, qb.data, qa.scale, qb.scale)
+        codes_nk = (qa.data, jnp.asarray(qb.data.T), qa.scale, qb.scale)  # the weight stored [N, K]
         kernel = compiled(functools.partial(fp8_matmul, interpret=interpret), *codes)
         bf16 = compiled(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16), a, b)
         xla_fp8 = compiled(lambda a, b, sa, sb: (jnp.dot(a, b, preferred_element_type=jnp.float32) * (sa * sb)
@@ -205,12 +227,40 @@ def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None
         shape = f"M{M} K{K} N{N}"
         out.append(row("fp8_matmul", shape, t_k, t_bf16, err, flops, "TFLOP/s", peak_fp8, "bf16 jnp.dot"))
         out.append(row("fp8_matmul", shape, t_k2, t_x8, err, flops, "TFLOP/s", peak_fp8, "XLA fp8 dot"))
+        if not sweep:
+            continue
+        full = quick or (M, K, N) == (8192, 8192, 8192)
+        variants = [dict(impl=i, b_layout=lay) for i in ("xla", "xla_out", "xla_dot") for lay in ("kn", "nk")]
+        if not full:
+            variants = [dict(impl="xla", b_layout="nk"), dict(impl="xla_dot", b_layout="nk")]
+        variants += pallas_cfgs if full else []
+        for cfg in variants:
+            args = codes_nk if cfg.get("b_layout") == "nk" else codes
+            fn = compiled(functools.partial(fp8_matmul, interpret=interpret, **cfg), *args)
+            err = rel_err(fn(*args), exact)
+            t_v, t_bf16 = time_pair(fn, args, bf16, (a, b), repeats)
+            tag = " ".join(f"{k}={v}" for k, v in cfg.items())
+            out.append(row("fp8_matmul", f"{shape} {tag}", t_v, t_bf16, err, flops, "TFLOP/s", peak_fp8,
+                           "bf16 jnp.dot"))
     return out
 
 
 def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple, sweep: bool = False) -> list[dict]:
+    """W4A16 with its per-M default config (quant_matmul.nvfp4_default_config) against a bf16 dot with bf16
+    weights; with sweep, other (block_m, block_n, block_k, num_warps, num_stages) per regime as their own rows,
+    each under ~200 KB of shared memory by quant_matmul.nvfp4_smem_bytes."""
     peak_bf16, _, peak_bw = peaks_
-    cases = [(16, 64, 48)] if quick else [(16, 8192, 8192), (8192, 8192, 8192)]
+    cases = [(16, 64, 48), (80, 64, 48)] if quick else [(16, 8192, 8192), (8192, 8192, 8192)]
+    if quick:
+        decode_cfgs = prefill_cfgs = [dict(block_m=16, block_n=16, block_k=32, num_warps=2, num_stages=2)]
+    else:
+        decode_cfgs = [dict(block_m=16, block_n=64, block_k=256), dict(block_m=16, block_n=16, block_k=512),
+                       dict(block_m=16, block_n=32, block_k=256, num_stages=4),
+                       dict(block_m=16, block_n=32, block_k=512, num_warps=2),
+                       dict(block_m=16, block_n=64, block_k=512, num_stages=2)]
+        prefill_cfgs = [dict(block_m=128, block_n=128, block_k=64, num_warps=8),
+                        dict(block_m=64, block_n=128, block_k=128),
+                        dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=2)]
     out = []
     for M, K, N in cases:
         kx, kw = jax.random.split(jax.random.key(3))
@@ -219,19 +269,34 @@ def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple, sweep
         q = quantize(w, "nvfp4", axis=1)
         packed, scale, g = pack_fp4(q.data), q.scale, q.global_scale
         w_bf16 = dequantize(q, jnp.bfloat16)  # the same weights, exact in bf16 up to S_dec's rounding
-        kernel = compiled(functools.partial(nvfp4_matmul, interpret=interpret), x, packed, scale, g)
         bf16 = compiled(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                                          preferred_element_type=jnp.float32).astype(jnp.bfloat16),
                         x, w_bf16)
-        err = rel_err(kernel(x, packed, scale, g), bf16(x, w_bf16))
-        t_k, t_r = time_pair(kernel, (x, packed, scale, g), bf16, (x, w_bf16), repeats)
-        if M <= 64:  # decode-sized: bound by reading the weights
+        y_bf16 = bf16(x, w_bf16)
+        if M <= DECODE_M:  # decode-sized: bound by reading the weights
             work, unit = packed.nbytes + scale.nbytes + x.nbytes, "GB/s"
             peak = None if peak_bw is None else 1e3 * peak_bw
         else:
             work, unit, peak = 2 * M * N * K, "TFLOP/s", peak_bf16
-        out.append(row("nvfp4_matmul", f"M{M} K{K} N{N}", t_k, t_r, err, work, unit, peak, "bf16 dot, bf16 W"))
+        configs = [dict()] + ((decode_cfgs if M <= DECODE_M else prefill_cfgs) if sweep else [])
+        for cfg in configs:
+            kernel = compiled(functools.partial(nvfp4_matmul, interpret=interpret, **cfg), x, packed, scale, g)
+            err = rel_err(kernel(x, packed, scale, g), y_bf16)
+            t_k, t_r = time_pair(kernel, (x, packed, scale, g), bf16, (x, w_bf16), repeats)
+            full = {**nvfp4_default_config(M, x.dtype), **cfg}
+            tag = "defaults" if not cfg else "cfg"
+            tag += " bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}".format(**full)
+            out.append(row("nvfp4_matmul", f"M{M} K{K} N{N} {tag}", t_k, t_r, err, work, unit, peak,
+                           "bf16 dot, bf16 W"))
     return out
+
+
+def _packed_flash(q, k, v, segment_ids, *, scale: float, interpret: bool):
+    return flash_attention(q, k, v, scale=scale, interpret=interpret, segment_ids=segment_ids)
+
+
+def _packed_xla(q, k, v, segment_ids, *, scale: float):
+    return causal_attention(q, k, v, scale, segment_ids=segment_ids)
 
 
 def bench_attention(quick: bool, interpret: bool, repeats: int, peak_bf16: float | None,
@@ -244,18 +309,30 @@ def bench_attention(quick: bool, interpret: bool, repeats: int, peak_bf16: float
         k = jax.random.normal(ks[1], (b, L, Hkv, d), jnp.bfloat16)
         v = jax.random.normal(ks[2], (b, L, Hkv, d), jnp.bfloat16)
         scale = d ** -0.5
-        kernel = compiled(functools.partial(flash_attention, scale=scale, interpret=interpret), q, k, v)
-        refs = {"jax.nn.dot_product_attention xla": "xla"}
-        if jax.default_backend() == "gpu":
-            refs["jax.nn.dot_product_attention cudnn"] = "cudnn"
         flops = 2 * 2 * b * Hq * d * L * L / 2  # QK^T and PV, the causal half
-        for label, impl in refs.items():
-            ref = compiled(functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=True,
-                                             implementation=impl), q, k, v)
-            err = rel_err(kernel(q, k, v), ref(q, k, v))
-            t_k, t_r = time_pair(kernel, (q, k, v), ref, (q, k, v), repeats)
-            out.append(row("attention", f"b{b} L{L} Hq{Hq} Hkv{Hkv} d{d}", t_k, t_r, err, flops, "TFLOP/s",
-                           peak_bf16, label))
+        shape = f"b{b} L{L} Hq{Hq} Hkv{Hkv} d{d}"
+        xla = compiled(functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=True,
+                                         implementation="xla"), q, k, v)
+        impls = {"pallas": functools.partial(flash_attention, scale=scale, interpret=interpret)}
+        if jax.default_backend() == "gpu":
+            impls["cudnn"] = functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=True,
+                                               implementation="cudnn")
+        for impl, fn in impls.items():
+            kernel = compiled(fn, q, k, v)
+            err = rel_err(kernel(q, k, v), xla(q, k, v))
+            t_k, t_r = time_pair(kernel, (q, k, v), xla, (q, k, v), repeats)
+            out.append(row("attention", shape, t_k, t_r, err, flops, "TFLOP/s", peak_bf16,
+                           "jax.nn.dot_product_attention xla", impl=impl))
+        # packed documents (4 of them, unequal): the Pallas kernel's segment ids vs nemojax's XLA segment mask
+        cuts = np.array([0, L // 8, L // 2, L // 2 + L // 5])
+        segments = jnp.asarray(np.searchsorted(cuts, np.arange(L), side="right")[None].repeat(b, 0), jnp.int32)
+        packed = (q, k, v, segments)
+        kernel = compiled(functools.partial(_packed_flash, scale=scale, interpret=interpret), *packed)
+        ref = compiled(functools.partial(_packed_xla, scale=scale), *packed)
+        err = rel_err(kernel(*packed), ref(*packed))
+        t_k, t_r = time_pair(kernel, packed, ref, packed, repeats)
+        out.append(row("attention_packed", shape + " 4 docs", t_k, t_r, err, flops, "TFLOP/s", peak_bf16,
+                       "nemojax causal_attention (XLA, segment mask)"))
     return out
 
 

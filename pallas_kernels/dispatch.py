@@ -17,13 +17,17 @@ from jax.experimental.pallas import triton as pltriton
 IMPLS = ("xla", "pallas", "auto")
 # implementations beyond IMPLS that some ops accept ("cudnn": jax.nn.dot_product_attention's fused kernel)
 EXTRA_IMPLS: dict[str, tuple[str, ...]] = {"attention": ("cudnn",)}
-# op -> backends on which "auto" chooses the Pallas kernel (filled in as device runs validate each kernel)
-VALIDATED: dict[str, frozenset[str]] = {
-    "ssd_scan": frozenset(),
-    "ssd_update": frozenset(),
-    "fp8_matmul": frozenset(),
-    "nvfp4_matmul": frozenset(),
-    "attention": frozenset(),
+# op -> {backend: the implementation "auto" picks there}. An entry is added only from a recorded device run in which
+# that implementation compiled, matched its reference and beat the XLA baseline on that backend: the run's JSON is
+# committed under experiments/results/ and named beside the entry, and tests/pallas_kernels/test_dispatch.py
+# checks every entry against it. Backends without an entry run XLA.
+VALIDATED: dict[str, dict[str, str]] = {
+    "ssd_scan": {},
+    "ssd_update": {},
+    "fp8_matmul": {},
+    "nvfp4_matmul": {},
+    "attention": {},
+    "attention_packed": {},  # attention over packed documents (segment ids), which cuDNN's path here does not take
 }
 
 
@@ -37,7 +41,7 @@ def resolve(op: str, impl: str, backend: str | None = None) -> str:
         raise ValueError(f"impl={impl!r} is invalid for {op}: must be one of {allowed}")
     if impl != "auto":
         return impl
-    return "pallas" if (backend or jax.default_backend()) in VALIDATED[op] else "xla"
+    return VALIDATED[op].get(backend or jax.default_backend(), "xla")
 
 
 def interpret(backend: str | None = None) -> bool:

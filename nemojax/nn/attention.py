@@ -70,6 +70,23 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, 
     return out.reshape(b, L, Hq, d)
 
 
+def cudnn_takes(q: jax.Array) -> bool:
+    """Whether cuDNN's fused attention (as `jax.nn.dot_product_attention` calls it) takes queries like q
+    [b, L, Hq, d]: bfloat16 / float16 and a head_dim up to 128 in steps of 8."""
+    d = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+
+
+def attention_impl(impl: str, q: jax.Array, packed: bool, backend: str | None = None) -> str:
+    """The implementation `self_attention` runs for the setting `impl`, queries like q and packed (segment ids) or
+    plain sequences on `backend` (default: JAX's default backend)."""
+    if impl == "auto":
+        impl = dispatch.resolve("attention_packed" if packed else "attention", "auto", backend)
+        if impl == "cudnn" and not cudnn_takes(q):
+            impl = "xla"
+    return dispatch.resolve("attention", impl, backend)
+
+
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "xla",
                    segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention (no cache) by the implementation the setting `impl` (`attention.impl`) resolves to.
@@ -77,10 +94,12 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] -> [b, L, Hq, d]. "xla": `causal_attention`, the oracle the others are
     tested against. "pallas": JAX's shipped Pallas flash attention (`pallas_kernels.attention`; interpreted on
     CPU). "cudnn": `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU only, bfloat16/float16; GQA natively).
-    "auto": whatever `pallas_kernels.dispatch` has validated for this backend ("xla" until a device run has).
+    "auto": what `pallas_kernels.dispatch` has validated for this backend, separately for plain and packed
+    sequences (cuDNN only where it takes the case: bfloat16/float16, head_dim <= 128 and a multiple of 8, no
+    segments); "xla" where no device run has validated anything.
     segment_ids: [b, L] (packed documents) keep each query within its segment ("xla" and "pallas").
     """
-    impl = dispatch.resolve("attention", impl)
+    impl = attention_impl(impl, q, segment_ids is not None)
     if segment_ids is not None and impl == "cudnn":
         raise ValueError("attention.impl='cudnn' does not take segment_ids (packed documents); use 'xla' or "
                          "'pallas', or train without train.document_mask")

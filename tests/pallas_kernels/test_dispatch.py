@@ -18,7 +18,7 @@ def test_resolve(monkeypatch):
     assert dispatch.resolve("ssd_update", "xla") == "xla"
     assert dispatch.resolve("ssd_update", "pallas", backend="cpu") == "pallas"
     # "auto" takes the kernel only where it has been validated on the device
-    monkeypatch.setitem(dispatch.VALIDATED, "ssd_update", frozenset({"gpu"}))
+    monkeypatch.setitem(dispatch.VALIDATED, "ssd_update", {"gpu": "pallas"})
     assert dispatch.resolve("ssd_update", "auto", backend="gpu") == "pallas"
     assert dispatch.resolve("ssd_update", "auto", backend="cpu") == "xla"
     assert dispatch.interpret("cpu") and not dispatch.interpret("gpu")
@@ -28,6 +28,22 @@ def test_resolve(monkeypatch):
         dispatch.resolve("conv", "xla")
     with pytest.raises(ValueError, match="mamba.decode_impl"):
         nemojax.presets.get("nemotron-h-8b-tiny", mamba={"decode_impl": "cuda"})
+
+
+def test_attention_auto_picks_per_case(monkeypatch):
+    """"auto" attention: the validated choice for plain and for packed sequences, cuDNN only where it takes the
+    queries (bf16/f16, head_dim <= 128 in steps of 8), XLA on a backend nobody validated."""
+    from nemojax.nn.attention import attention_impl
+
+    monkeypatch.setitem(dispatch.VALIDATED, "attention", {"gpu": "cudnn"})
+    monkeypatch.setitem(dispatch.VALIDATED, "attention_packed", {"gpu": "pallas"})
+    q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+    assert attention_impl("auto", q, packed=False, backend="gpu") == "cudnn"
+    assert attention_impl("auto", q, packed=True, backend="gpu") == "pallas"
+    assert attention_impl("auto", q.astype(jnp.float32), packed=False, backend="gpu") == "xla"
+    assert attention_impl("auto", jnp.zeros((1, 8, 4, 256), jnp.bfloat16), packed=False, backend="gpu") == "xla"
+    assert attention_impl("auto", q, packed=False, backend="tpu") == "xla"
+    assert attention_impl("pallas", q, packed=False, backend="gpu") == "pallas"  # an explicit setting is kept
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
