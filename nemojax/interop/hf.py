@@ -89,13 +89,41 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def fused_parts(rules: Iterable[tuple[TensorRule, jax.ShapeDtypeStruct]]
+                ) -> dict[str, list[tuple[TensorRule, int, int]]]:
+    """{fused checkpoint tensor name: [(rule, start, stop), ...]}: the params that are parts of one checkpoint
+    tensor (the Mamba mixer's in_proj and conv1d), in part order, with the rows each one covers."""
+    parts: dict[str, list[tuple[TensorRule, jax.ShapeDtypeStruct]]] = {}
+    for rule, leaf in rules:
+        if rule.part is not None:
+            parts.setdefault(rule.names[0], []).append((rule, leaf))
+    out = {}
+    for name, found in parts.items():
+        found.sort(key=lambda item: item[0].part)
+        if [rule.part for rule, _ in found] != list(range(len(found))):
+            raise ValueError(f"checkpoint tensor {name}: parts {[r.part for r, _ in found]} are not 0..n-1")
+        start, spans = 0, []
+        for rule, leaf in found:
+            rows = rule.checkpoint_shape(leaf.shape)[0]
+            spans.append((rule, start, start + rows))
+            start += rows
+        out[name] = spans
+    return out
+
+
 def state_dict_from_params(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    """Hub-named tensors in torch layout, one per expert, each in its param's dtype."""
+    """Hub-named tensors in torch layout, one per expert, each in its param's dtype; the parts of a fused tensor
+    (the Mamba mixer's in_proj and conv1d) concatenated in their checkpoint order."""
     flat = _flatten(params)
+    rules = tensor_rules(config)
     state_dict = {}
-    for rule, _ in tensor_rules(config):
-        for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path])), strict=True):
-            state_dict[name] = np.ascontiguousarray(tensor)
+    for rule, _ in rules:
+        if rule.part is None:
+            for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path])), strict=True):
+                state_dict[name] = np.ascontiguousarray(tensor)
+    for name, spans in fused_parts(rules).items():
+        state_dict[name] = np.ascontiguousarray(np.concatenate(
+            [rule.to_checkpoint(np.asarray(flat[rule.path]))[0] for rule, _, _ in spans], axis=0))
     return state_dict
 
 
@@ -129,7 +157,10 @@ def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) ->
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
 
     rules = tensor_rules(config)
-    expected = {name: (rule, leaf) for rule, leaf in rules for name in rule.names}
+    fused = fused_parts(rules)
+    expected = {name: rule.checkpoint_shape(leaf.shape) for rule, leaf in rules for name in rule.names}
+    for name, spans in fused.items():  # the whole tensor: its parts' rows, stacked
+        expected[name] = (spans[-1][2], *expected[name][1:])
     missing = expected.keys() - tensors.keys()
     unexpected = tensors.keys() - expected.keys()
     problems = []
@@ -138,16 +169,20 @@ def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) ->
     if unexpected:
         problems.append(f"unexpected tensors: {_list(unexpected)}")
     for name in sorted(expected.keys() & tensors.keys()):
-        rule, leaf = expected[name]
-        want, got = rule.checkpoint_shape(leaf.shape), tuple(tensors[name].shape)
+        want, got = expected[name], tuple(tensors[name].shape)
         if want != got:
             problems.append(f"tensor {name} has shape {list(got)}, expected {list(want)}")
     if problems:
         raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
 
+    rows = {rule.path: (start, stop) for spans in fused.values() for rule, start, stop in spans}
     flat = {}
     for rule, leaf in rules:
-        value = rule.from_checkpoint([_to_numpy(tensors[name]) for name in rule.names])
+        arrays = [_to_numpy(tensors[name]) for name in rule.names]
+        if rule.part is not None:  # this part's rows of the fused tensor
+            start, stop = rows[rule.path]
+            arrays = [arrays[0][start:stop]]
+        value = rule.from_checkpoint(arrays)
         flat[rule.path] = jnp.asarray(value.astype(leaf.dtype))
     flat.update(_uncalibrated_state(config))
     return Model(config, _unflatten(flat))

@@ -2,15 +2,22 @@
 
 nemojax params mirror the checkpoint names, so the table is a rename plus a layout change per leaf:
 
-    params path                               checkpoint tensor (torch layout)         layout
-    embeddings/embedding                      backbone.embeddings.weight               same
-    layers_{i}/norm/scale                     backbone.layers.{i}.norm.weight          same
-    layers_{i}/mixer/in_proj/kernel [in,out]  backbone.layers.{i}.mixer.in_proj.weight transposed [out,in]
-    layers_{i}/mixer/conv1d/kernel [K,C]      backbone.layers.{i}.mixer.conv1d.weight  [C,1,K]
+    params path                                   checkpoint tensor (torch layout)          layout
+    embeddings/embedding                          backbone.embeddings.weight                same
+    layers_{i}/norm/scale                         backbone.layers.{i}.norm.weight           same
+    layers_{i}/mixer/in_proj_{p}/kernel [in,out]  backbone.layers.{i}.mixer.in_proj.weight  rows of part p, transposed
+    layers_{i}/mixer/conv1d_{p}/kernel [K,C_p]    backbone.layers.{i}.mixer.conv1d.weight   channels of part p [C_p,1,K]
     layers_{i}/mixer/gate/kernel [D,E]        backbone.layers.{i}.mixer.gate.weight    transposed [E,D]
     layers_{i}/mixer/experts/up_proj [E,D,F]  backbone.layers.{i}.mixer.experts.{e}.up_proj.weight, e < E: [F,D]
     mtp/layers_{j}/...                        mtp.layers.{j}....
     norm_f/scale, lm_head/kernel              backbone.norm_f.weight, lm_head.weight
+
+The Mamba mixer holds the checkpoint's fused `in_proj` (rows [z | x | B | C | dt]) and `conv1d` (channels
+[x | B | C]), weights and biases alike, as one param per part p (`in_proj_z` ... `in_proj_dt`, `conv1d_x`,
+`conv1d_B`, `conv1d_C`; see nemojax.nn.mamba2), so each part shards over the tensor axis by its own heads or
+groups. Their rules carry `part`, the position along the checkpoint tensor's first dimension: saving concatenates
+the parts in that order, loading cuts the tensor at the parts' widths. The params, and so Orbax checkpoints, do
+not depend on the mesh.
 
 `checkpoint_name` normalises the other spellings met in the wild: transformers-native `model.` for `backbone.`,
 `embedding.weight` for `embeddings.weight` and a multimodal `language_model.` prefix.
@@ -33,6 +40,9 @@ class TensorRule:
     path: Path
     names: tuple[str, ...]
     layout: str  # "same" | "transpose" | "conv" | "experts"
+    # Position of this leaf among the parts of a fused checkpoint tensor (along its first dimension), or None
+    # when the leaf is the whole tensor.
+    part: int | None = None
 
     def to_checkpoint(self, value: np.ndarray) -> list[np.ndarray]:
         """The param leaf in torch layout: one array per name in `names`."""
@@ -65,6 +75,9 @@ class TensorRule:
 
 
 _LAYER = re.compile(r"layers_(\d+)$")
+# Mamba mixer modules that are one part of a fused checkpoint module: {module: (fused module, part index)}.
+FUSED_PARTS = {**{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate(("z", "x", "B", "C", "dt"))},
+               **{f"conv1d_{p}": ("conv1d", i) for i, p in enumerate(("x", "B", "C"))}}
 
 
 def _prefix(path: Path) -> tuple[str, Path]:
@@ -86,16 +99,19 @@ def rule_for(path: Path, ndim: int, num_experts: int | None = None) -> TensorRul
     """The checkpoint mapping of the param at `path` (with `ndim` dimensions)."""
     prefix, rest = _prefix(path)
     *modules, leaf = rest
+    part = None
+    if modules and modules[-1] in FUSED_PARTS:
+        modules[-1], part = FUSED_PARTS[modules[-1]]
     stem = prefix + "".join(f"{m}." for m in modules)
     if modules and modules[-1] == "experts":
         return TensorRule(path, tuple(f"{stem}{e}.{leaf}.weight" for e in range(num_experts)), "experts")
     if leaf == "kernel" and modules and modules[-1] == "conv1d":
-        return TensorRule(path, (stem + "weight",), "conv")
+        return TensorRule(path, (stem + "weight",), "conv", part)
     if leaf == "kernel":
-        return TensorRule(path, (stem + "weight",), "transpose" if ndim == 2 else "same")
+        return TensorRule(path, (stem + "weight",), "transpose" if ndim == 2 else "same", part)
     if leaf in ("scale", "embedding"):
-        return TensorRule(path, (stem + "weight",), "same")
-    return TensorRule(path, (stem + leaf,), "same")
+        return TensorRule(path, (stem + "weight",), "same", part)
+    return TensorRule(path, (stem + leaf,), "same", part)
 
 
 _STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$")

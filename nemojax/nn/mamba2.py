@@ -1,8 +1,14 @@
 """The Mamba-2 mixer of NemotronH (spec/arch.md 1.2).
 
-    in_proj -> split(z, xBC, dt) -> causal depthwise conv (with bias) -> silu -> split(x, B, C)
+    in_proj_{z,x,B,C,dt} -> causal depthwise conv (with bias) of x, B and C each -> silu
     -> SSD with dt = clip(softplus(dt + dt_bias), time_step_limit), A = -exp(A_log) -> + D * x
     -> grouped gated RMSNorm(y, z) -> out_proj
+
+The checkpoint's fused `in_proj` (output rows [z | x | B | C | dt]) and `conv1d` (channels [x | B | C]) are held
+as one projection and one conv per part, so that each part shards over the `tensor` mesh axis by its own heads
+(z, x, dt) or groups (B, C) and the conv, the scan, the per-group norm and out_proj's input stay shard-local:
+cutting a fused [z | x | B | C | dt] output into parts crosses shard boundaries and costs collectives in every
+layer, forward and backward. `nemojax.interop` splits and fuses the checkpoint tensors.
 """
 
 from __future__ import annotations
@@ -85,24 +91,40 @@ def scan(m, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv with params `kernel` [K, conv_dim] and `bias` [conv_dim] (torch: [conv_dim, 1, K]).
+    """Depthwise causal conv over `width` channels with params `kernel` [K, width] and `bias` [width] (torch:
+    [width, 1, K]); `axis` is the logical name of the channel dimension ("ssm_heads" or "ssm_groups").
 
-    window: [b, K-1+T, conv_dim] (the K-1 earlier inputs, then the T new ones) -> [b, T, conv_dim] float32.
+    window: [b, K-1+T, width] (the K-1 earlier inputs, then the T new ones) -> [b, T, width] float32.
     """
 
     config: ModelConfig
+    width: int
+    axis: str = "ssm_heads"
 
     @nn.compact
     def __call__(self, window: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         m = self.config.mamba
         _, param_dtype = dtypes(self.config)
         kernel = logical_param(self, "kernel", nn.initializers.normal(self.config.initializer_range),
-                               ("conv", "ssm_heads"), (m.conv_kernel, m.conv_dim), param_dtype)
+                               ("conv", self.axis), (m.conv_kernel, self.width), param_dtype)
         bias = None
         if m.use_conv_bias:
-            bias = logical_param(self, "bias", nn.initializers.zeros_init(), ("ssm_heads",), (m.conv_dim,),
+            bias = logical_param(self, "bias", nn.initializers.zeros_init(), (self.axis,), (self.width,),
                                  param_dtype)
         return conv_window(window, kernel, bias, segment_ids)
+
+
+# The checkpoint's fused tensors, part by part in their row (channel) order, with each part's logical axis.
+IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
+CONV_PARTS = ("x", "B", "C")
+PART_AXES = {"z": "ssm_heads", "x": "ssm_heads", "B": "ssm_groups", "C": "ssm_groups", "dt": "ssm_heads"}
+
+
+def part_widths(config: ModelConfig) -> dict[str, int]:
+    """Output width of each in_proj part: z, x: H*P; B, C: G*N; dt: H."""
+    m = config.mamba
+    return {"z": m.inner_size, "x": m.inner_size, "B": m.n_groups * m.state_size,
+            "C": m.n_groups * m.state_size, "dt": m.num_heads}
 
 
 class Mamba2Mixer(nn.Module):
@@ -127,14 +149,24 @@ class Mamba2Mixer(nn.Module):
         I = m.inner_size
         b, T, _ = u.shape
 
-        zxbcdt = dense(cfg, m.in_proj_size, ("embed", "ssm_heads"), name="in_proj", use_bias=m.proj_bias)(u)
-        z, xBC, dt = jnp.split(zxbcdt, [I, I + m.conv_dim], axis=-1)
+        widths = part_widths(cfg)
+        proj = {part: dense(cfg, widths[part], ("embed", PART_AXES[part]), name=f"in_proj_{part}",
+                            use_bias=m.proj_bias)(u) for part in IN_PROJ_PARTS}
+        z, dt = proj["z"], proj["dt"]
 
         # The conv runs in float32 and its output is rounded to the compute dtype, as torch's conv would be.
-        history = jnp.zeros((b, K - 1, m.conv_dim), xBC.dtype) if state is None else state.conv
-        window = jnp.concatenate([history, xBC.astype(history.dtype)], axis=1)  # [b, K-1+T, conv_dim]
-        xBC = jax.nn.silu(CausalConv1d(cfg, name="conv1d")(window, segment_ids).astype(dtype))
-        x, B, C = jnp.split(xBC, [I, I + G * N], axis=-1)
+        # The cache holds the K-1 earlier inputs of all three convs as one [b, K-1, conv_dim] array ([x | B | C]).
+        if state is None:
+            history = {part: jnp.zeros((b, K - 1, widths[part]), proj[part].dtype) for part in CONV_PARTS}
+        else:
+            cuts = [widths["x"], widths["x"] + widths["B"]]
+            history = dict(zip(CONV_PARTS, jnp.split(state.conv, cuts, axis=-1), strict=True))
+        windows, conv = {}, {}
+        for part in CONV_PARTS:
+            windows[part] = jnp.concatenate([history[part], proj[part].astype(history[part].dtype)], axis=1)
+            out = CausalConv1d(cfg, widths[part], PART_AXES[part], name=f"conv1d_{part}")(windows[part], segment_ids)
+            conv[part] = jax.nn.silu(out.astype(dtype))  # [b, T, width]
+        x, B, C = conv["x"], conv["B"], conv["C"]
 
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init(cfg), ("ssm_heads",), (H,), param_dtype)
         A_log = logical_param(self, "A_log", _a_log_init, ("ssm_heads",), (H,), param_dtype)
@@ -155,6 +187,7 @@ class Mamba2Mixer(nn.Module):
         elif step.all_steps:
             y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
             # conv state after token t: the K-1 inputs ending at t (window rows t+1 .. t+K-1)
+            window = jnp.concatenate([windows[part] for part in CONV_PARTS], axis=-1)  # [b, K-1+T, conv_dim]
             convs = jnp.stack([window[:, t + 1:t + K] for t in range(T)], axis=1)
             new_state = MambaState(convs, states)
         else:
@@ -173,6 +206,7 @@ class Mamba2Mixer(nn.Module):
                                     impl="sequential")
             else:
                 y_bThp, final = scan(m, x_c, dt_c, A, B, C, initial_state=state.ssm)
+            window = jnp.concatenate([windows[part] for part in CONV_PARTS], axis=-1)  # [b, K-1+T, conv_dim]
             new_state = MambaState(take_rows(window, step.commit, K - 1), final)
         y_bThp = y_bThp + D.astype(f32)[:, None] * x_bThp
 

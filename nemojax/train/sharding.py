@@ -5,12 +5,15 @@ Mesh axes are `data, fsdp, tensor, expert` (explicit `AxisType.Auto`). Every par
 
     batch        -> (data, fsdp, expert)    the batch is split over every axis but tensor
     embed        -> fsdp                    ZeRO-3 style: params and optimizer state sharded over fsdp
-    vocab, mlp, heads, kv_heads, ssm_heads -> tensor   Megatron-style tensor parallelism
+    vocab, mlp, heads, kv_heads, ssm_heads, ssm_groups -> tensor   Megatron-style tensor parallelism
     experts      -> expert                  expert parallelism
     act_mlp, act_heads -> tensor; everything else replicated
 
 A dimension that a mesh axis does not divide is replicated along that axis instead of failing, so a tiny model
-runs on any mesh.
+runs on any mesh. Mamba dimensions are split only between whole heads (`ssm_heads`: H heads of P channels, or H
+scalars) or whole groups (`ssm_groups`: the G groups of N channels of B and C): a tensor degree that does not
+divide G replicates B and C (and their convs) while z, x and dt still shard by heads, and one that does not divide
+H replicates the mixer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("ssm_heads", "tensor"),
+    ("ssm_groups", "tensor"),
     ("experts", "expert"),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -78,18 +82,29 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes that do not divide their dimension (those dimensions are replicated instead)."""
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh,
+         units: tuple[int | None, ...] | None = None) -> PartitionSpec:
+    """Drops mesh axes that do not divide their dimension (those dimensions are replicated instead). `units[i]`,
+    where given, is how many indivisible units (heads, groups) dimension i holds: the axes must divide that."""
+    units = units or (None,) * len(shape)
     fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    for dim, unit, axes in zip(shape, units, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        count = dim if unit is None else unit
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept, size = [], 1
         for name in names:
-            if dim % (size * mesh.shape[name]) == 0:
+            if count % (size * mesh.shape[name]) == 0:
                 kept.append(name)
                 size *= mesh.shape[name]
         fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*fitted)
+
+
+def _units(config: ModelConfig) -> dict[str, int]:
+    """Logical axes whose dimensions split only between whole units: {axis name: number of units}."""
+    if config.mamba is None:
+        return {}
+    return {"ssm_heads": config.mamba.num_heads, "ssm_groups": config.mamba.n_groups}
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh, params_shape: Any,
@@ -97,10 +112,12 @@ def param_shardings(config: ModelConfig, mesh: Mesh, params_shape: Any,
     """NamedShardings for a params tree (or its ShapeDtypeStructs) of `config`, by the logical rules."""
     logical = logical_axes(config)
     rules = tuple(rules)
+    units = _units(config)
 
     def to_sharding(spec: PartitionSpec, leaf: Any) -> NamedSharding:
         physical = nn.logical_to_mesh_axes(tuple(spec), rules)
-        return NamedSharding(mesh, _fit(physical, tuple(leaf.shape), mesh))
+        dims = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        return NamedSharding(mesh, _fit(physical, tuple(leaf.shape), mesh, tuple(units.get(d) for d in dims)))
 
     return jax.tree.map(to_sharding, logical, params_shape,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))

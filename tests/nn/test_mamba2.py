@@ -92,6 +92,15 @@ def _config(limit=(0.0, math.inf), impl="chunked") -> ModelConfig:
                        initializer_range=0.3)
 
 
+def _fused(p) -> tuple[dict, dict]:
+    """The checkpoint's fused in_proj (columns [z | x | B | C | dt]) and conv1d (channels [x | B | C]) from the
+    per-part params."""
+    in_proj = {"kernel": np.concatenate([p[f"in_proj_{q}"]["kernel"] for q in ("z", "x", "B", "C", "dt")], axis=1)}
+    conv1d = {leaf: np.concatenate([p[f"conv1d_{q}"][leaf] for q in ("x", "B", "C")], axis=-1)
+              for leaf in ("kernel", "bias")}
+    return in_proj, conv1d
+
+
 def _np_mixer(p, u, cfg: ModelConfig) -> np.ndarray:
     """Spec 1.2 in float64 from the params: in_proj, causal conv, silu, softplus/clip dt, sequential scan with
     h -> group h // (H/G), + D x, per-group gated norm, out_proj."""
@@ -100,10 +109,11 @@ def _np_mixer(p, u, cfg: ModelConfig) -> np.ndarray:
     u = np.asarray(u, np.float64)
     Bsz, L, _ = u.shape
     I, K = m.inner_size, m.conv_kernel
-    zxbcdt = u @ p["in_proj"]["kernel"]
+    in_proj, conv1d = _fused(p)
+    zxbcdt = u @ in_proj["kernel"]
     z, xBC, dt = zxbcdt[..., :I], zxbcdt[..., I:I + m.conv_dim], zxbcdt[..., I + m.conv_dim:]
     padded = np.concatenate([np.zeros((Bsz, K - 1, m.conv_dim)), xBC], axis=1)
-    conv = p["conv1d"]["bias"] + sum(padded[:, k:k + L] * p["conv1d"]["kernel"][k] for k in range(K))
+    conv = conv1d["bias"] + sum(padded[:, k:k + L] * conv1d["kernel"][k] for k in range(K))
     xBC = conv / (1 + np.exp(-conv))
     x = xBC[..., :I].reshape(Bsz, L, H, P)
     Bm = xBC[..., I:I + G * N].reshape(Bsz, L, G, N)
@@ -127,7 +137,9 @@ def _init(cfg: ModelConfig, u: jax.Array):
     params = nn.meta.unbox(jax.jit(Mamba2Mixer(cfg).init)(jax.random.key(0), u)["params"])
     # dt ranges from ~1e-5 (head 0, below time_step_min) to ~1 (head 3), so both clamp ends matter.
     params["dt_bias"] = jnp.array([-11.0, -3.0, -1.0, 0.5])
-    params["conv1d"]["bias"] = jax.random.normal(jax.random.key(3), params["conv1d"]["bias"].shape) * 0.1
+    for i, part in enumerate(("x", "B", "C")):
+        bias = params[f"conv1d_{part}"]["bias"]
+        params[f"conv1d_{part}"]["bias"] = jax.random.normal(jax.random.key(3 + i), bias.shape) * 0.1
     params["D"] = jnp.array([1.0, 0.5, -0.5, 2.0])
     return params
 
@@ -165,14 +177,18 @@ def test_mixer_limit_above_all_dt_is_a_no_op() -> None:
 
 
 def test_mixer_param_shapes_follow_spec() -> None:
-    """Params are named like the checkpoint with spec 1.5 shapes ([in, out] kernels, conv kernel [K, conv_dim])."""
+    """Params are named like the checkpoint with spec 1.5 shapes ([in, out] kernels, conv kernel [K, conv_dim]),
+    in_proj and conv1d split into their parts (z, x, B, C, dt; x, B, C) in the checkpoint's order."""
     cfg = _config()
     m = cfg.mamba
     params = nn.meta.unbox(jax.eval_shape(Mamba2Mixer(cfg).init, jax.random.key(0), jnp.zeros((1, 2, 16))))
     shapes = jax.tree.map(lambda a: a.shape, params["params"])
+    assert H * P + 2 * G * N == m.conv_dim and 2 * H * P + 2 * G * N + H == m.in_proj_size
     assert shapes == {
-        "in_proj": {"kernel": (16, m.in_proj_size)},
-        "conv1d": {"kernel": (4, m.conv_dim), "bias": (m.conv_dim,)},
+        "in_proj_z": {"kernel": (16, H * P)}, "in_proj_x": {"kernel": (16, H * P)},
+        "in_proj_B": {"kernel": (16, G * N)}, "in_proj_C": {"kernel": (16, G * N)}, "in_proj_dt": {"kernel": (16, H)},
+        "conv1d_x": {"kernel": (4, H * P), "bias": (H * P,)},
+        "conv1d_B": {"kernel": (4, G * N), "bias": (G * N,)}, "conv1d_C": {"kernel": (4, G * N), "bias": (G * N,)},
         "dt_bias": (H,), "A_log": (H,), "D": (H,),
         "norm": {"scale": (H * P,)},
         "out_proj": {"kernel": (H * P, 16)},

@@ -82,9 +82,14 @@ def test_rules_place_each_logical_axis():
     assert attention["k_proj"]["kernel"] == P("fsdp", "tensor")  # (embed, kv_heads)
     assert attention["o_proj"]["kernel"] == P("tensor", "fsdp")  # (heads, embed)
     mamba = specs["layers_0"]["mixer"]
-    assert mamba["in_proj"]["kernel"] == P("fsdp", "tensor")  # (embed, ssm_heads): 328 = 2 * 164
+    for part in ("z", "x", "dt"):
+        assert mamba[f"in_proj_{part}"]["kernel"] == P("fsdp", "tensor")  # (embed, ssm_heads)
+    for part in ("B", "C"):
+        assert mamba[f"in_proj_{part}"]["kernel"] == P("fsdp", "tensor")  # (embed, ssm_groups): G = 2
+        assert mamba[f"conv1d_{part}"]["kernel"] == P(None, "tensor")  # (conv, ssm_groups)
     assert mamba["A_log"] == P("tensor")
-    assert mamba["conv1d"]["kernel"] == P(None, "tensor")  # (conv, ssm_heads)
+    assert mamba["conv1d_x"]["kernel"] == P(None, "tensor")  # (conv, ssm_heads)
+    assert mamba["out_proj"]["kernel"] == P("tensor", "fsdp")  # (ssm_heads, embed)
     assert specs["norm_f"]["scale"] == P("fsdp")
 
 
@@ -108,6 +113,25 @@ def test_non_divisible_dimensions_are_replicated():
     assert NamedSharding(mesh, specs["lm_head"]["kernel"]).shard_shape((64, 512)) == (64, 512)
 
 
+def test_mamba_parts_split_between_whole_heads_and_groups():
+    """The tiny Super's mixer has H = 8 heads of P = 16 and G = 2 groups of N = 16. Tensor 4 divides the heads
+    but not the groups: z, x, dt (and the norm, out_proj, conv1d_x) shard, B and C and their convs replicate
+    although G * N = 32 divides by 4. Tensor 16 divides H * P = 128 but not H: the whole mixer replicates."""
+    m = SUPER.mamba
+    assert (m.num_heads, m.head_dim, m.n_groups, m.state_size) == (8, 16, 2, 16)
+    mamba = _specs(SUPER, _abstract_mesh(tensor=4))["layers_0"]["mixer"]
+    for part in ("z", "x", "dt"):
+        assert mamba[f"in_proj_{part}"]["kernel"] == P("fsdp", "tensor")
+    for part in ("B", "C"):
+        assert mamba[f"in_proj_{part}"]["kernel"] == P("fsdp", None)
+        assert mamba[f"conv1d_{part}"]["kernel"] == P(None, None) and mamba[f"conv1d_{part}"]["bias"] == P(None)
+    assert mamba["conv1d_x"]["bias"] == P("tensor") and mamba["norm"]["scale"] == P("tensor")
+    assert mamba["out_proj"]["kernel"] == P("tensor", "fsdp")
+    mamba = _specs(SUPER, _abstract_mesh(tensor=16))["layers_0"]["mixer"]
+    assert mamba["in_proj_x"]["kernel"] == P("fsdp", None) and mamba["out_proj"]["kernel"] == P(None, "fsdp")
+    assert mamba["A_log"] == P(None)
+
+
 def test_fit_keeps_the_axes_that_divide():
     """A dimension split over several mesh axes keeps, in order, each axis whose running product divides it."""
     mesh = _abstract_mesh(data=2, fsdp=4, expert=2)
@@ -119,6 +143,9 @@ def test_fit_keeps_the_axes_that_divide():
     assert sharding._fit(batch, (3, 5), mesh) == P(None, None)
     assert sharding._fit(P("fsdp"), (6, 7), mesh) == P(None, None)  # a short spec is padded with None
     assert sharding._fit(P(None, "fsdp"), (6, 12), mesh) == P(None, "fsdp")
+    # with units (heads, groups) per dimension, the axes must divide the units, not only the size
+    assert sharding._fit(P(None, "fsdp"), (6, 12), mesh, (None, 2)) == P(None, None)
+    assert sharding._fit(P(None, "fsdp"), (6, 12), mesh, (None, 4)) == P(None, "fsdp")
 
 
 def test_batch_sharding_and_replicated():
