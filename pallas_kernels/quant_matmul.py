@@ -23,8 +23,9 @@
   there). x [M, K] activations; the weight in the ModelOpt/PyTorch layout [N, K]: w_packed uint8 [N, K/2]
   (two E2M1 codes per byte along K, first element in the low nibble), w_scale float8_e4m3fn [N, K/16] (one decode
   scale per 16 elements along K), w_global the f32 per-tensor decode scale S_dec. y = x @ dequant(W).T -> [M, N].
-  In the kernel the nibbles are unpacked with bit ops, decoded arithmetically (no gather) and multiplied by the
-  block scale in the dot dtype: bf16 (exact: E2M1 x E4M3 has at most 6 significant bits), or f32 when x is f32
+  In the kernel the nibbles are unpacked with bit ops, decoded without a gather (by default moved into E4M3
+  bit positions and converted by the hardware, `_e2m1_pair_as_e4m3`) and multiplied by the block scale in the
+  dot dtype: bf16 (exact: E2M1 x E4M3 has at most 6 significant bits), or f32 when x is f32
   (an f32 model gets f32 numerics, not a silent bf16 cast); the dot accumulates in f32 and the epilogue
   multiplies by S_dec.
 
@@ -216,7 +217,23 @@ def _e2m1_decode(code: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     return jnp.where(c >= 8, -mag, mag).astype(dtype)
 
 
-def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
+def _e2m1_pair_as_e4m3(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed bytes (uint8, two E2M1 codes each, element 2i in the low nibble) -> the two codes as float8_e4m3fn
+    numbers equal to e2m1(code) * 2**-6, exactly: the code's magnitude bits (e1 e0 m) become E4M3's exponent
+    0 0 e1 e0 and mantissa m 0 0, which is 2**(e-7) * (1 + m/2) for e >= 1 and, as an E4M3 subnormal,
+    2**-6 * m/2 for e == 0; the sign bit moves to bit 7. A handful of integer ops per byte and one hardware
+    conversion per element afterwards (instead of `_e2m1_decode`'s compare/select chain), which matters for the
+    decode GEMV, where every weight element is decoded once per output row block."""
+    lo = ((w << 2) & 0x1C) | ((w << 4) & 0x80)
+    hi = ((w >> 2) & 0x1C) | (w & 0x80)
+    f8 = jnp.float8_e4m3fn
+    return jax.lax.bitcast_convert_type(lo, f8), jax.lax.bitcast_convert_type(hi, f8)
+
+
+NVFP4_DECODES = ("e4m3", "arith")
+
+
+def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int, decode: str):
     # xe/xo [bm, Kp/2], w [bn, Kp/2], s [bn, Kp/16]: full-K slabs; K walked in-kernel, bk/2 bytes per step
     bm, bn = o_ref.shape
     half, nsc = bk // 2, bk // 16
@@ -226,9 +243,14 @@ def _nvfp4_kernel(xe_ref, xo_ref, w_ref, s_ref, g_ref, o_ref, *, bk: int):
     def body(k, acc):
         w = w_ref[:, _k_slice(k, half)]  # uint8 [bn, bk/2]
         s = s_ref[:, _k_slice(k, nsc)].astype(dt)  # [bn, bk/16]: each scale covers 8 bytes
+        if decode == "e4m3":
+            s = s * 64.0  # undoes the 2**-6 of the E4M3 view of the codes (exact)
+            c_lo, c_hi = (c.astype(dt) for c in _e2m1_pair_as_e4m3(w))
+        else:
+            c_lo, c_hi = _e2m1_decode(w & 0xF, dt), _e2m1_decode(w >> 4, dt)
         s = jnp.broadcast_to(s[:, :, None], (bn, nsc, 8)).reshape(bn, half)
-        w_lo = _e2m1_decode(w & 0xF, dt) * s  # even K columns; exact in bf16
-        w_hi = _e2m1_decode(w >> 4, dt) * s  # odd K columns
+        w_lo = c_lo * s  # even K columns; exact in bf16 (2 x 4 significant bits)
+        w_hi = c_hi * s  # odd K columns
         xe, xo = xe_ref[:, _k_slice(k, half)], xo_ref[:, _k_slice(k, half)]
         acc += jax.lax.dot_general(xe, w_lo, _NT, precision=precision, preferred_element_type=jnp.float32)
         return acc + jax.lax.dot_general(xo, w_hi, _NT, precision=precision, preferred_element_type=jnp.float32)
@@ -277,6 +299,7 @@ def nvfp4_matmul(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    decode: str = "e4m3",
     interpret: bool = False,
     backend: str | None = None,
 ) -> jax.Array:
@@ -288,8 +311,11 @@ def nvfp4_matmul(
     block is cast to out_dtype in the kernel. K must be a multiple of 32; block_k (rounded to the data) a multiple
     of 32. Blocks and the Triton launch options (num_warps, num_stages: the loads of each K step are pipelined
     over that many buffers) default per M and x dtype to `nvfp4_default_config`; each one given overrides its
-    default.
+    default. decode: how the kernel turns codes into values, "e4m3" (bit moves into an E4M3 view and a hardware
+    conversion, `_e2m1_pair_as_e4m3`) or "arith" (`_e2m1_decode`'s compare/select arithmetic); equal results.
     """
+    if decode not in NVFP4_DECODES:
+        raise ValueError(f"decode={decode!r}; allowed: {NVFP4_DECODES}")
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x has shape {x.shape} dtype {x.dtype}; allowed: 2-D floating [M, K]")
     M, K = x.shape
@@ -318,7 +344,7 @@ def nvfp4_matmul(
     Mp, Kh = xe.shape
     Np = wp.shape[0]
     out = pl.pallas_call(
-        functools.partial(_nvfp4_kernel, bk=bk),
+        functools.partial(_nvfp4_kernel, bk=bk, decode=decode),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // bm, Np // bn),
         in_specs=[

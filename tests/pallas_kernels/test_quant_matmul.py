@@ -19,6 +19,7 @@ from pallas_kernels.quant_matmul import (
     FP8_IMPLS,
     SMEM_BUDGET,
     _e2m1_decode,
+    _e2m1_pair_as_e4m3,
     fp8_matmul,
     nvfp4_default_config,
     nvfp4_matmul,
@@ -293,3 +294,27 @@ def test_nvfp4_matmul_default_configs_match_oracle(M):
         y = jax.jit(functools.partial(nvfp4_matmul, out_dtype=jnp.float32, interpret=True, **kw))(x, wp, ws, wg)
         assert y.shape == (M, N)
         assert _rel_err(y, ref, mag) < 1e-6
+
+
+def test_e2m1_pair_as_e4m3_every_byte():
+    """All 256 bytes: the E4M3 view of each nibble is exactly e2m1(code) * 2**-6 (subnormal codes and -0 included),
+    low nibble = element 2i, high nibble = element 2i + 1."""
+    table = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    b = np.arange(256, dtype=np.uint8)
+    lo, hi = _e2m1_pair_as_e4m3(jnp.asarray(b))
+    assert lo.dtype == hi.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(lo, np.float32) * 64, table[b & 0xF])
+    np.testing.assert_array_equal(np.asarray(hi, np.float32) * 64, table[b >> 4])
+    assert np.array_equal(np.signbit(np.asarray(lo, np.float32)), np.signbit(table[b & 0xF]))
+
+
+def test_nvfp4_matmul_decodes_agree():
+    """decode="e4m3" (the default) and "arith" give the same product bit for bit; a bad name is rejected."""
+    q, wp, ws, wg = _nvfp4_weight(24, 64, 46)
+    x = jnp.asarray(_rng(47).standard_normal((5, 64)).astype(np.float32))
+    for xd in (jnp.bfloat16, jnp.float32):
+        ys = [nvfp4_matmul(x.astype(xd), wp, ws, wg, out_dtype=jnp.float32, decode=d, interpret=True)
+              for d in ("e4m3", "arith")]
+        np.testing.assert_array_equal(np.asarray(ys[0]), np.asarray(ys[1]))
+    with pytest.raises(ValueError, match="decode='lut'"):
+        nvfp4_matmul(x, wp, ws, wg, decode="lut", interpret=True)
