@@ -224,6 +224,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
+    # Run the layer stack as a scan over the pattern's repeating period (nemojax.models.scan): XLA compiles one
+    # period instead of every layer. The module's params are then in the scanned layout (stacked on a leading
+    # `layers` axis); nemojax.models.scan converts to and from the checkpoint-named unrolled layout.
+    scan_layers: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -255,6 +259,8 @@ class ModelConfig:
                 _fail(field, getattr(self, field), f"must be one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
+        if not isinstance(self.scan_layers, bool):
+            _fail("scan_layers", self.scan_layers, "must be True or False")
         if self.matmul_impl not in KERNEL_IMPLS:
             _fail("matmul_impl", self.matmul_impl, f"must be one of {KERNEL_IMPLS}")
         if not self.norm_eps > 0:

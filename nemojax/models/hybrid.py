@@ -5,6 +5,10 @@
     logits = lm_head(norm_f(h))           (untied, float32)
 
 plus the optional MTP head, which reads the final hidden state and the next token's embedding.
+
+With `config.scan_layers` the stack runs as a scan over the pattern's repeating period (`nemojax.models.scan`):
+the layers before and after the scanned run stay unrolled (`layers_{i}`), the run's params are stacked under
+`layers_scan/slot_{j}`. Decoding with caches (`extend`) uses the unrolled layout only.
 """
 
 from __future__ import annotations
@@ -14,11 +18,43 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.models import scan
 from nemojax.nn.blocks import Block
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.mtp import MTP
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend
+
+
+def block_class(config: ModelConfig, in_scan: bool = False) -> type[nn.Module]:
+    """Block, rematerialised per `config.remat` (inside a scan the loop already keeps XLA from merging the
+    recompute into the forward, so prevent_cse is off there, as flax recommends)."""
+    if config.remat == "none":
+        return Block
+    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    return nn.remat(Block, policy=policy, prevent_cse=not in_scan)
+
+
+class Period(nn.Module):
+    """One scan step: the blocks of one period of the pattern in order, h: [b, L, hidden] -> (h, None)."""
+
+    config: ModelConfig
+    kinds: str
+
+    @nn.compact
+    def __call__(self, h: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
+        block = block_class(self.config, in_scan=True)
+        for j, kind in enumerate(self.kinds):
+            h = block(self.config, kind, name=scan.slot_name(j))(h, None, None, segment_ids)
+        return h, None
+
+
+def scanned_run(config: ModelConfig, plan: scan.ScanPlan) -> nn.Module:
+    """`plan.repeats` scan steps of `Period`: every variable collection (params, sown router statistics, quant
+    calibration) stacked on a leading axis whose logical name is `layers`; segment ids broadcast."""
+    return nn.scan(Period, variable_axes={True: 0}, split_rngs={"params": True, "quant": True},
+                   in_axes=(nn.broadcast,), length=plan.repeats,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(config, plan.period)
 
 
 class NemotronH(nn.Module):
@@ -33,11 +69,13 @@ class NemotronH(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
                                                         ("vocab", "embed")))
-        block = Block
-        if cfg.remat != "none":
-            policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
-            block = nn.remat(Block, policy=policy)
-        self.layers = [block(cfg, kind) for kind in cfg.pattern]
+        block = block_class(cfg)
+        if cfg.scan_layers:
+            plan = scan.plan(cfg.pattern)
+            self.layers = {i: block(cfg, cfg.pattern[i]) for i in plan.unrolled}  # named layers_{i}
+            self.layers_scan = scanned_run(cfg, plan)
+        else:
+            self.layers = [block(cfg, kind) for kind in cfg.pattern]
         self.norm_f = RMSNorm(cfg.norm_eps, dtype, param_dtype)
         self.lm_head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), name=None)
         if cfg.mtp is not None:
@@ -51,8 +89,16 @@ class NemotronH(nn.Module):
         so every document is computed as if it were alone in its row. None: one sequence per row.
         """
         h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
-        for layer in self.layers:
-            h = layer(h, None, None, segment_ids)
+        if not self.config.scan_layers:
+            for layer in self.layers:
+                h = layer(h, None, None, segment_ids)
+            return self.norm_f(h)
+        plan = scan.plan(self.config.pattern)
+        for i in plan.prefix:
+            h = self.layers[i](h, None, None, segment_ids)
+        h, _ = self.layers_scan(h, segment_ids)
+        for i in plan.suffix:
+            h = self.layers[i](h, None, None, segment_ids)
         return self.norm_f(h)
 
     def extend(self, tokens: jax.Array, states: tuple, step: Extend) -> tuple[jax.Array, tuple]:
@@ -61,6 +107,9 @@ class NemotronH(nn.Module):
         tokens: [b, T] at positions step.start[i] + t; states: one entry per pattern character (None for MLP /
         MoE) -> (final normed hidden [b, T, hidden], new states).
         """
+        if self.config.scan_layers:
+            raise ValueError("scan_layers=True is a training layout; decoding with caches runs the unrolled one: "
+                             "convert with nemojax.models.scan.to_unrolled and config.replace(scan_layers=False)")
         h = self.embeddings(tokens)
         new_states = []
         for layer, state in zip(self.layers, states, strict=True):

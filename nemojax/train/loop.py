@@ -5,6 +5,12 @@
 The same code runs on one CPU and on a pod: the mesh comes from `config.mesh`, params and optimizer state are
 placed by the logical-axis rules, each process feeds its share of the batch, and the job resumes by itself from
 the newest checkpoint in its workdir.
+
+With `model.overrides.scan_layers=True` the step runs the layer stack as a scan and the train state (params,
+optimizer state, checkpoints) holds the scanned params layout (`nemojax.models.scan`); the run starts from the
+unrolled initialisation converted to it, and the Models it hands back (`train`, `restore_model`) are unrolled again,
+so HF export, pruning, quantization and decoding never see the scanned layout. `train.compilation_cache_dir` (""
+off) keeps XLA executables across processes (jax's persistent compilation cache).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from nemojax import data, presets
 from nemojax.config import ModelConfig
 from nemojax.model import Model, abstract_params
+from nemojax.models import scan
 from nemojax.quant import recipes
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints
@@ -44,6 +52,33 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if recipe:
         mcfg = mcfg.replace(quant=recipes.get(recipe))
     return mcfg
+
+
+def use_compilation_cache(directory: str | Path) -> Path:
+    """Points jax's persistent compilation cache (`jax_compilation_cache_dir`, a process-wide setting) at
+    `directory`, so a later process that builds the same step loads its executable instead of compiling it. jax
+    caches programs that take at least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile."""
+    path = Path(directory).expanduser().absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != str(path):
+        compilation_cache.reset_cache()  # the cache binds its directory once; drop a previous one
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
+
+
+def init_params(mcfg: ModelConfig, rng: jax.Array) -> Any:
+    """Initial params in the layout of `mcfg`: the unrolled initialisation, stacked when `mcfg.scan_layers`, so
+    a run starts from the same weights with the option on or off."""
+    params = Model.init(mcfg.replace(scan_layers=False), rng).params
+    return scan.to_scanned(mcfg.pattern, params) if mcfg.scan_layers else params
+
+
+def as_model(mcfg: ModelConfig, params: Any) -> Model:
+    """The Model of a train state's params: always the unrolled, checkpoint-named layout (scan_layers off), the
+    one HF interop, compression, quantization and decoding take."""
+    if mcfg.scan_layers:
+        return Model(mcfg.replace(scan_layers=False), scan.to_unrolled(mcfg.pattern, params))
+    return Model(mcfg, params)
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
@@ -69,6 +104,8 @@ def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
     """Mesh, shardings and the jitted init / step / eval functions of a training config."""
     mcfg = mcfg or model_config(config)
     t = config.train
+    if t.get("compilation_cache_dir", ""):
+        use_compilation_cache(t.compilation_cache_dir)
     optimizer = make_optimizer(optimizer_config(config))
     loss_fn = lm_loss(mcfg, z_loss=t.z_loss, moe_aux_loss=t.moe_aux_loss,
                       mtp_weight=t.get("mtp_loss_weight", 0.0), document_mask=t.get("document_mask", False))
@@ -85,7 +122,7 @@ def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
 
     def init(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
-        params = Model.init(mcfg, params_rng).params
+        params = init_params(mcfg, params_rng)
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), state_rng)
 
     step_fn = make_train_step(optimizer, loss_fn, grad_accum=t.grad_accum, moe_bias_rate=t.moe_bias_rate)
@@ -108,12 +145,15 @@ def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[s
     model = dataclasses.asdict(mcfg)
     # Runtime and kernel choices may change between runs of one checkpoint (and workdirs from before a kernel
     # field existed still resume).
-    for runtime in ("dtype", "remat", "matmul_impl"):
+    for runtime in ("dtype", "remat", "matmul_impl", "scan_layers"):
         model.pop(runtime)
     for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl",))):
         for field in fields if model.get(sub) else ():
             model[sub].pop(field)
-    return {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
+    fingerprint = {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
+    if mcfg.scan_layers:  # checkpoints hold the state in the scanned layout; absent (unrolled) in older workdirs
+        fingerprint["params_layout"] = "scanned"
+    return fingerprint
 
 
 def evaluate(run: Run, params: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -199,13 +239,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         writer.close()
     history = read_metrics(workdir)
     summary = {
-        "workdir": str(workdir), "steps": int(state.step), "params": Model(mcfg, state.params).num_params,
+        "workdir": str(workdir), "steps": int(state.step), "params": as_model(mcfg, state.params).num_params,
         "train_loss": next((m["loss"] for m in reversed(history) if m["split"] == "train"), None),
         "validation_loss": next((m["loss"] for m in reversed(history) if m["split"] == "validation"), None),
     }
     if jax.process_index() == 0:
         plot_losses(history, workdir / "loss.png")
-    return {"summary": summary, "state": state, "model": Model(mcfg, state.params)}
+    return {"summary": summary, "state": state, "model": as_model(mcfg, state.params)}
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None) -> Model:
@@ -215,7 +255,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | Path, step: 
         checkpoints = Checkpoints(workdir, _fingerprint(run.model_config, config))
         state = checkpoints.restore(run.abstract_state, step=step)
         checkpoints.close()
-    return Model(run.model_config, state.params)
+    return as_model(run.model_config, state.params)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:

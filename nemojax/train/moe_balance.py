@@ -30,15 +30,17 @@ def router_stats(intermediates: Any, name: str) -> Stats:
 
 
 def load_balancing_loss(intermediates: Any) -> jax.Array:
-    """Mean over MoE layers of E * sum_e f_e * P_e (1.0 when perfectly balanced); 0 if there is no MoE layer."""
+    """Mean over MoE layers of E * sum_e f_e * P_e (1.0 when perfectly balanced); 0 if there is no MoE layer.
+
+    A router's statistics are [E], or [R, E] for the R layers of a scanned stack (one router path, stacked)."""
     loads = router_stats(intermediates, "expert_load")
     probs = router_stats(intermediates, "expert_prob")
     losses = []
     for path, load in loads.items():
         num_experts = load.shape[-1]
-        fraction = jax.lax.stop_gradient(load / jnp.maximum(jnp.sum(load), 1.0))
-        losses.append(num_experts * jnp.sum(fraction * probs[path]))
-    return jnp.mean(jnp.stack(losses)) if losses else jnp.zeros((), jnp.float32)
+        fraction = jax.lax.stop_gradient(load / jnp.maximum(jnp.sum(load, -1, keepdims=True), 1.0))
+        losses.append(num_experts * jnp.sum(fraction * probs[path], -1).reshape(-1))
+    return jnp.mean(jnp.concatenate(losses)) if losses else jnp.zeros((), jnp.float32)
 
 
 def expert_loads(intermediates: Any) -> Stats:
@@ -58,7 +60,8 @@ def update_correction_bias(params: Any, loads: Stats, rate: float) -> Any:
         if prefix in loads and "e_score_correction_bias" in out:
             load = loads[prefix]
             bias = out["e_score_correction_bias"]
-            out["e_score_correction_bias"] = bias + rate * jnp.sign(jnp.mean(load) - load).astype(bias.dtype)
+            balanced = jnp.mean(load, -1, keepdims=True)  # per layer ([R, E] loads of a scanned stack)
+            out["e_score_correction_bias"] = bias + rate * jnp.sign(balanced - load).astype(bias.dtype)
         return out
 
     return visit(params, ())

@@ -1,0 +1,186 @@
+"""Scanned layer stacks (config.scan_layers): the period found in a pattern, the exact params round trip, and logits
+and gradients equal to the unrolled stack's (dense, remat, MoE + MTP, packed documents)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from nemojax import presets
+from nemojax.config import ModelConfig
+from nemojax.model import Model, forward, forward_with_mtp, logical_axes
+from nemojax.models import scan
+from nemojax.models.hybrid import NemotronH
+from nemojax.nn.state import Extend
+from nemojax.train import moe_balance
+
+H8B = presets.get("nemotron-h-8b").pattern
+# Prefix "M", three scan steps of "-M*" (Mamba, MLP and attention in one step), suffix "-M".
+DENSE = presets.get("nemotron-h-8b-tiny", pattern="M-M*-M*-M*-M")
+# Prefix "M", two scan steps of "EM*" (latent MoE with sown router statistics), suffix "EMM"; MTP head "*E".
+MOE_MTP = presets.get("nemotron-3-super-120b-a12b-tiny", pattern="MEM*EM*EMM")
+
+
+def test_find_plan_hand_cases() -> None:
+    """The plan leaves the fewest blocks to compile; hand-checked on three patterns."""
+    # Nemotron-H-8B: 4 x "M-M-M-M*-M-" (44 layers, 11 blocks) then an unrolled "M-M-M-M-": 19 blocks instead of 52.
+    p = scan.find_plan(H8B)
+    assert (p.start, p.period, p.repeats) == (0, "M-M-M-M*-M-", 4)
+    assert p.period * 4 + "M-M-M-M-" == H8B
+    assert (list(p.prefix), list(p.suffix), p.compiled_blocks) == ([], list(range(44, 52)), 19)
+    # Only "MM" repeats in the tiny twins' "M-M*-MM-": layers 5 and 6, 7 blocks instead of 8.
+    p = scan.find_plan("M-M*-MM-")
+    assert (p.start, p.period, p.repeats, p.compiled_blocks) == (5, "M", 2, 7)
+    p = scan.find_plan(DENSE.pattern)
+    assert (p.start, p.period, p.repeats, p.unrolled) == (1, "-M*", 3, (0, 10, 11))
+    assert [p.layer(r, 2) for r in range(3)] == [3, 6, 9]
+    assert scan.find_plan("ME*-") is None
+    with pytest.raises(ValueError, match="scan_layers=True is invalid for pattern='ME\\*-'"):
+        scan.plan("ME*-")
+
+
+@pytest.mark.parametrize("config", [DENSE, MOE_MTP], ids=["dense", "moe_mtp"])
+def test_round_trip_is_exact_and_matches_the_scanned_module(config: ModelConfig) -> None:
+    """unrolled -> scanned -> unrolled gives back every leaf bit for bit; the scanned tree has the shapes the scanned
+    module initialises (leading axis = repeats) and its logical axes lead with the unsharded `layers` axis."""
+    params = Model.init(config, 0).params
+    scanned = scan.to_scanned(config.pattern, params)
+    p = scan.plan(config.pattern)
+    assert set(scanned) == {k for k in params if k not in {f"layers_{p.layer(r, j)}" for r in range(p.repeats)
+                                                          for j in range(len(p.period))}} | {scan.SCAN_KEY}
+    for r in range(p.repeats):  # slot j of repeat r is layer start + r * P + j
+        np.testing.assert_array_equal(scanned["layers_scan"]["slot_1"]["norm"]["scale"][r],
+                                      params[f"layers_{p.layer(r, 1)}"]["norm"]["scale"])
+    back = scan.to_unrolled(config.pattern, scanned)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scan_cfg = config.replace(scan_layers=True)
+    shapes = jax.eval_shape(lambda: Model.init(scan_cfg, 0).params)
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, scanned)
+    axes = logical_axes(scan_cfg)
+    specs = jax.tree.leaves(axes[scan.SCAN_KEY], is_leaf=lambda x: isinstance(x, PartitionSpec))
+    unrolled_specs = jax.tree.leaves(logical_axes(config)[f"layers_{p.start}"],
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+    assert specs and all(s[0] == "layers" for s in specs)
+    assert [tuple(s[1:]) for s in jax.tree.leaves(axes[scan.SCAN_KEY]["slot_0"],
+                                                  is_leaf=lambda x: isinstance(x, PartitionSpec))] == \
+        [tuple(s) for s in unrolled_specs]
+
+
+def test_wrong_layout_is_a_named_error() -> None:
+    params = Model.init(DENSE, 0).params
+    with pytest.raises(ValueError, match="not in the scanned layout"):
+        scan.to_unrolled(DENSE.pattern, params)
+    scanned = scan.to_scanned(DENSE.pattern, params)
+    with pytest.raises(ValueError, match="not in the unrolled layout"):
+        scan.to_scanned(DENSE.pattern, scanned)
+    truncated = {**scanned, "layers_scan": jax.tree.map(lambda x: x[:2], scanned["layers_scan"])}
+    with pytest.raises(ValueError, match="leading layers axis of 3"):
+        scan.to_unrolled(DENSE.pattern, truncated)
+
+
+def test_scan_layers_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="scan_layers='yes' is invalid: must be True or False"):
+        DENSE.replace(scan_layers="yes")
+    with pytest.raises(ValueError, match="scan_layers=True is invalid for pattern='M\\*-'"):
+        Model.init(DENSE.replace(pattern="M*-", scan_layers=True), 0)
+
+
+def _loss_and_grads(config: ModelConfig, params, tokens, segment_ids=None):
+    """A loss that weighs every logit (and every MTP logit) differently, and its gradient."""
+
+    def loss(params):
+        if config.mtp is None:
+            logits, extra = forward(config, params, tokens, segment_ids), []
+        else:
+            logits, extra = forward_with_mtp(config, params, tokens, segment_ids)
+        total = 0.0
+        for i, out in enumerate([logits, *extra]):
+            weights = jax.random.normal(jax.random.key(10 + i), out.shape)
+            total = total + jnp.sum(out * weights)
+        return total, (logits, extra)
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+CASES = [(DENSE, True), (DENSE.replace(remat="full"), False), (MOE_MTP, True)]
+
+
+@pytest.mark.parametrize(("config", "packed"), CASES, ids=["dense_packed", "remat_full", "moe_mtp_packed"])
+def test_scanned_logits_and_grads_equal_unrolled(config: ModelConfig, packed: bool) -> None:
+    """Same params in both layouts: logits (and MTP logits) and every gradient agree to float32 round-off, with
+    remat and with packed documents (segment ids broadcast into every scan step)."""
+    params = Model.init(config, 3).params
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+    segment_ids = jnp.asarray([[0] * 7 + [1] * 9, [0] * 12 + [1] * 4]) if packed else None
+    (loss, (logits, extra)), grads = _loss_and_grads(config, params, tokens, segment_ids)
+    scan_cfg = config.replace(scan_layers=True)
+    (loss_s, (logits_s, extra_s)), grads_s = _loss_and_grads(scan_cfg, scan.to_scanned(config.pattern, params),
+                                                             tokens, segment_ids)
+    np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    for a, b in zip(extra_s, extra, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-5)
+    expected = scan.to_scanned(config.pattern, grads)
+    assert jax.tree.structure(grads_s) == jax.tree.structure(expected)
+    for (path, g_s), g in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(expected), strict=True):
+        scale = float(jnp.max(jnp.abs(g))) + 1e-6
+        np.testing.assert_allclose(np.asarray(g_s) / scale, np.asarray(g) / scale, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+    trained = [g for path, g in jax.tree_util.tree_leaves_with_path(grads_s[scan.SCAN_KEY])
+               if "e_score_correction_bias" not in jax.tree_util.keystr(path)]  # moved by the balancer, not by grads
+    assert min(float(jnp.max(jnp.abs(g))) for g in trained) > 0
+    if packed:  # the segment ids reach the scanned layers: without them the logits differ
+        unpacked = forward(scan_cfg, scan.to_scanned(config.pattern, params), tokens)
+        assert float(jnp.max(jnp.abs(unpacked - logits_s))) > 1e-3
+
+
+def test_moe_router_statistics_are_stacked_per_layer() -> None:
+    """The scanned run sows one [repeats, E] expert load per slot, row r the unrolled layer's load; the balance
+    loss and the correction-bias update read them per layer, so both layouts give the same loss and new biases."""
+    config = MOE_MTP.replace(mtp=None)
+    params = Model.init(config, 0).params
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
+    scan_cfg = config.replace(scan_layers=True)
+    scanned = scan.to_scanned(config.pattern, params)
+
+    @jax.jit
+    def stats(params, scanned):
+        inter = NemotronH(config).apply({"params": params}, tokens, mutable=["intermediates"])[1]["intermediates"]
+        inter_s = NemotronH(scan_cfg).apply({"params": scanned}, tokens, mutable=["intermediates"])[1][
+            "intermediates"]
+        return inter, inter_s
+
+    inter, inter_s = stats(params, scanned)
+    loads, loads_s = moe_balance.expert_loads(inter), moe_balance.expert_loads(inter_s)
+    p = scan.plan(config.pattern)
+    slot = p.period.index("E")
+    stacked = loads_s[(scan.SCAN_KEY, scan.slot_name(slot), "mixer", "gate")]
+    assert stacked.shape == (p.repeats, config.moe.num_experts)
+    for r in range(p.repeats):
+        np.testing.assert_array_equal(np.asarray(stacked[r]), np.asarray(loads[(f"layers_{p.layer(r, slot)}",
+                                                                                 "mixer", "gate")]))
+    assert len(loads) == 3 and len(loads_s) == 2  # layer 7 is in the suffix
+    np.testing.assert_allclose(float(moe_balance.load_balancing_loss(inter_s)),
+                               float(moe_balance.load_balancing_loss(inter)), rtol=1e-6)
+    updated = moe_balance.update_correction_bias(params, loads, 0.5)
+    updated_s = moe_balance.update_correction_bias(scanned, loads_s, 0.5)
+    for a, b in zip(jax.tree.leaves(updated_s), jax.tree.leaves(scan.to_scanned(config.pattern, updated)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(updated["layers_4"]["mixer"]["gate"]["e_score_correction_bias"]),
+                              np.asarray(params["layers_4"]["mixer"]["gate"]["e_score_correction_bias"]))
+
+
+def test_decode_refuses_the_scanned_layout() -> None:
+    scan_cfg = DENSE.replace(scan_layers=True)
+    params = scan.to_scanned(DENSE.pattern, Model.init(DENSE, 0).params)
+    step = Extend(start=jnp.zeros((1,), jnp.int32), commit=jnp.ones((1,), jnp.int32), fresh=True)
+    with pytest.raises(ValueError, match="decoding with caches runs the unrolled one"):
+        NemotronH(scan_cfg).apply({"params": params}, jnp.zeros((1, 1), jnp.int32), (None,) * 12, step,
+                                  method=NemotronH.extend)
