@@ -137,3 +137,40 @@ def test_pallas_launch_options_reach_triton():
                             S((H,), jnp.float32), S((2, G, N), jnp.bfloat16), S((2, G, N), jnp.bfloat16),
                             S((H,), jnp.float32))
     assert "num_warps = 2" in module
+
+
+def _nvfp4_args(M: int, K: int = 8192, N: int = 8192) -> tuple:
+    return (S((M, K), jnp.bfloat16), S((N, K // 2), jnp.uint8), S((N, K // 16), jnp.float8_e4m3fn),
+            S((), jnp.float32))
+
+
+@pytest.mark.parametrize("name", ["nvfp4 decode", "nvfp4 prefill", "fp8", "ssd_update"])
+def test_default_configs_fit_hopper(name):
+    """The default blocks and launch options, compiled for sm_90a by the triton package from the kernels' Triton IR
+    (pallas_kernels.resources), fit an H200's shared memory (227 KB per block; nvfp4 defaults under the 150 KB
+    budget) and spill no registers, at the 8B model's shapes. The nvfp4 config that failed on the H200
+    (128 x 128 x 256, 3 stages) is over the limit here too."""
+    pytest.importorskip("triton", reason="the triton package (the [test] extras) compiles the kernels")
+    from pallas_kernels import resources
+
+    limit = resources.device_limits(compute_capability=(9, 0)).max_shared_bytes_per_block
+    e4m3, scalar = jnp.float8_e4m3fn, S((), jnp.float32)
+    m = nemojax.presets.get("nemotron-h-8b").mamba
+    H, P, G, N = m.num_heads, m.head_dim, m.n_groups, m.state_size
+    fn, args, cap = {
+        "nvfp4 decode": (functools.partial(nvfp4_matmul, backend="gpu"), _nvfp4_args(16), 150 * 1024),
+        "nvfp4 prefill": (functools.partial(nvfp4_matmul, backend="gpu"), _nvfp4_args(8192), 150 * 1024),
+        "fp8": (functools.partial(fp8_matmul, backend="gpu"), (S((8192, 8192), e4m3), S((8192, 8192), e4m3),
+                                                               scalar, scalar), limit),
+        "ssd_update": (functools.partial(ssd_update, backend="gpu"),
+                       (S((64, H, P, N), jnp.float32), S((64, H, P), jnp.bfloat16), S((64, H), jnp.float32),
+                        S((H,), jnp.float32), S((64, G, N), jnp.bfloat16), S((64, G, N), jnp.bfloat16),
+                        S((H,), jnp.float32)), limit),
+    }[name]
+    [k] = resources.triton_kernel_resources(fn, *args, compute_capability=(9, 0))
+    assert k.shared_bytes <= cap, k
+    assert not k.spill_store_bytes, k
+    if name == "nvfp4 prefill":
+        old = functools.partial(nvfp4_matmul, block_m=128, block_n=128, block_k=256, num_warps=4, backend="gpu")
+        [k_old] = resources.triton_kernel_resources(old, *args, compute_capability=(9, 0), ptxas=False)
+        assert k_old.shared_bytes > limit, k_old
