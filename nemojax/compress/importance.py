@@ -158,9 +158,8 @@ def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Ar
                 taps[f"layers_{i}/mlp"] = seq_stat(args[0], None, seq_kind)
             elif kind == "E" and rest == ("mixer", "shared_experts", "down_proj"):
                 taps[f"layers_{i}/shared_mlp"] = seq_stat(args[0], None, seq_kind)
-            elif kind == "M" and rest == ("mixer", "in_proj"):
-                I = config.mamba.inner_size
-                taps[f"layers_{i}/mamba_x"] = seq_stat(out[..., I:2 * I], None, seq_kind)
+            elif kind == "M" and rest == ("mixer", "in_proj_x"):
+                taps[f"layers_{i}/mamba_x"] = seq_stat(out, None, seq_kind)
         elif isinstance(mod, Experts) and path[1:] == ("mixer", "experts"):
             x, _, ids = args
             p = params[path[0]]["mixer"]["experts"]
@@ -241,7 +240,7 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
     * `*`: `layers_i/heads` [n_h] = L2 over head_dim of the per-channel scores of the o_proj input
       (spec 1.2 "heads": sqrt(sum_d Acc[h, d]) for mean_l2).
     * `-`: `layers_i/mlp` [F], per-channel scores of the down_proj input relu(x W_up)^2 (spec 1.2 "FFN").
-    * `M`: `layers_i/mamba_x` [H, P] per-channel scores of the x block of the in_proj output (before the conv;
+    * `M`: `layers_i/mamba_x` [H, P] per-channel scores of the in_proj x output (before the conv;
       spec 4.2); `layers_i/mamba_channels` [P] = L2 over heads; `layers_i/mamba_heads` [H] = L2 over all P
       channels (spec 4.2 step 2 uses only the kept channels: recompute it from `mamba_x` once they are chosen;
       heads are ranked within their group of H / G by the pruner).

@@ -180,7 +180,7 @@ def _slice_hidden(layer: dict, kind: str, k_H: np.ndarray, cfg: ModelConfig, hid
         _take(layer, "eh_proj/kernel", k_H, 1)
         _take(layer, "eh_proj/bias", k_H, 0)
     if kind == "M":
-        ins, outs = ["in_proj"], ["out_proj"]
+        ins, outs = [f"in_proj_{part}" for part in ("z", "x", "B", "C", "dt")], ["out_proj"]
     elif kind == "*":
         ins, outs = ["q_proj", "k_proj", "v_proj"], ["o_proj"]
     elif kind == "-":
@@ -215,17 +215,15 @@ def _slice_mlp(layer: dict, k_F: np.ndarray, prefix: str = "mixer") -> None:
 
 
 def _slice_mamba(layer: dict, k_heads: np.ndarray, k_P: np.ndarray, cfg: ModelConfig) -> None:
-    """spec 4.3: k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel(); B/C kept; dt and per-head params by head."""
+    """spec 4.3: k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel() for z, x, the x conv, the norm and
+    out_proj's input; B/C (projections and convs) kept; dt and the per-head params by head."""
     m = cfg.mamba
-    I, GN = m.inner_size, m.n_groups * m.state_size
     k_inner = (k_heads[:, None] * m.head_dim + k_P[None, :]).ravel()
-    bc = 2 * I + np.arange(2 * GN)
-    k_in = np.concatenate([k_inner, I + k_inner, bc, 2 * I + 2 * GN + k_heads])
-    _take(layer, "mixer/in_proj/kernel", k_in, 1)
-    _take(layer, "mixer/in_proj/bias", k_in, 0)
-    k_conv = np.concatenate([k_inner, I + np.arange(2 * GN)])
-    _take(layer, "mixer/conv1d/kernel", k_conv, 1)
-    _take(layer, "mixer/conv1d/bias", k_conv, 0)
+    for part, keep in (("z", k_inner), ("x", k_inner), ("dt", k_heads)):
+        _take(layer, f"mixer/in_proj_{part}/kernel", keep, 1)
+        _take(layer, f"mixer/in_proj_{part}/bias", keep, 0)
+    _take(layer, "mixer/conv1d_x/kernel", k_inner, 1)
+    _take(layer, "mixer/conv1d_x/bias", k_inner, 0)
     for name in ("A_log", "D", "dt_bias"):
         _take(layer, f"mixer/{name}", k_heads, 0)
     _take(layer, "mixer/norm/scale", k_inner, 0)

@@ -5,7 +5,7 @@ Keys (spec/compress.md 1.2, 3, 4.2; see `importance` for the exact definitions):
     hidden                    [hidden_size]
     layers_{i}/heads          [num_heads]               attention layer i
     layers_{i}/mlp            [intermediate_size]       MLP layer i
-    layers_{i}/mamba_x        [H, P]                    Mamba layer i, per-channel scores of the in_proj x block
+    layers_{i}/mamba_x        [H, P]                    Mamba layer i, per-channel scores of the in_proj_x output
     layers_{i}/mamba_heads    [H]                       Mamba layer i
     layers_{i}/mamba_channels [P]                       Mamba layer i
     layers_{i}/experts        [E]                       MoE layer i

@@ -6,7 +6,10 @@
 Input (and KV) amaxes: the running max of |x| over the calibration batches, collected with the quantizers off
 (the layers run in high precision, as ModelOpt's calibration forward does). Weights: "max" sets the per-tensor
 amax to max|W|; "mse" searches it (candidates initial amax x 0.25..4, least squared quantization error) and, for
-weights with static NVFP4 block scales, tries every finite E4M3 value per 16-block and keeps the best.
+weights with static NVFP4 block scales, tries every finite E4M3 value per 16-block and keeps the best. The
+parts of one checkpoint module (the Mamba mixer's in_proj_z ... in_proj_dt, fused as `in_proj` in checkpoints)
+are calibrated together, on their concatenated weight, and share its amax, as ModelOpt calibrates `in_proj`;
+block scales are per column, so each part keeps its own columns.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from nemojax.interop.nemotron_h_names import FUSED_PARTS
 from nemojax.model import Model, module
 from nemojax.quant import mse
 from nemojax.quant.recipe import CALIBRATION
@@ -38,7 +42,7 @@ def _tokens(batch: Any) -> jax.Array:
 
 def activation_amaxes(model: Model, batches: Iterable[Any]) -> dict[tuple[str, ...], jax.Array]:
     """{state path: running max |x|} of every quantized input (and KV cache) over `batches` ([b, L] tokens or
-    dicts with "tokens"), e.g. ("layers_0", "mixer", "in_proj", "kernel_input_amax") -> scalar."""
+    dicts with "tokens"), e.g. ("layers_0", "mixer", "in_proj_x", "kernel_input_amax") -> scalar."""
     net = module(model.config)
 
     @jax.jit
@@ -81,6 +85,21 @@ def _weight_state(w: jax.Array, fmt: str, method: str, block_scales: bool) -> tu
     return jax.vmap(one)(w) if w.ndim == 3 else one(w)
 
 
+def _calibrate_weight(flat: dict, parts: list[tuple[tuple[str, ...], jax.Array, tuple[str, ...] | None, str]],
+                      method: str) -> None:
+    """Sets the amax leaf (and block scales) of each part (amax path, weight [in, out_i] or stacked experts,
+    block-scale path or None, format; one format for all), calibrated on the weights concatenated along `out`:
+    one shared amax, each part its own block-scale columns."""
+    weights = [w for _, w, _, _ in parts]
+    w = weights[0] if len(weights) == 1 else jnp.concatenate(weights, axis=-1)
+    amax, scales = _weight_state(w, parts[0][3], method, parts[0][2] is not None)
+    cuts = np.cumsum([x.shape[-1] for x in weights])[:-1]
+    for i, (path, _, block, _) in enumerate(parts):
+        flat[path] = amax
+        if scales is not None:
+            flat[block] = jnp.split(scales, cuts, axis=-1)[i].reshape(flat[block].shape)
+
+
 def calibrate(model: Model, batches: Iterable[Any] | None = None, *, method: str = "max") -> Model:
     """`model` (with a recipe; see `quant.apply`) with its quantization state calibrated.
 
@@ -102,21 +121,30 @@ def calibrate(model: Model, batches: Iterable[Any] | None = None, *, method: str
                 raise ValueError(f"calibration produced {'/'.join(path)}, which the params do not hold")
             flat[path] = value.astype(f32).reshape(flat[path].shape)
 
-    for path in list(flat):
+    groups: dict[tuple[str, ...], list[tuple[str, ...]]] = {}  # weight amaxes, the parts of a fused module together
+    for path in flat:
         name = path[-1]
         if not name.endswith("_amax") or name.endswith("_input_amax") or name in ("k_amax", "v_amax"):
             continue
-        weight_path, _ = _weight_for(path, flat)
-        layer = "/".join(weight_path[:-1]) if weight_path[-1] == "kernel" else "/".join(weight_path)
-        fmt = config.quant.linear(layer, config.pattern).weight.fmt
-        block_path = (*weight_path[:-1], f"{weight_path[-1]}_block_scale")
-        if block_path in flat and method != "mse":
-            raise ValueError(f"{'/'.join(block_path)}: static NVFP4 block scales are chosen by MSE search; "
-                             "calibrate with method='mse'")
-        amax, scales = _weight_state(flat[weight_path].astype(f32), fmt, method, block_path in flat)
-        flat[path] = amax
-        if scales is not None:
-            flat[block_path] = scales.reshape(flat[block_path].shape)
+        fused = len(path) > 1 and path[-2] in FUSED_PARTS
+        key = (*path[:-2], FUSED_PARTS[path[-2]][0], name) if fused else path
+        groups.setdefault(key, []).append(path)
+    for paths in groups.values():
+        parts = []  # (amax path, weight, block-scale path or None, format) per part
+        for path in paths:
+            weight_path, _ = _weight_for(path, flat)
+            layer = "/".join(weight_path[:-1]) if weight_path[-1] == "kernel" else "/".join(weight_path)
+            block_path = (*weight_path[:-1], f"{weight_path[-1]}_block_scale")
+            if block_path in flat and method != "mse":
+                raise ValueError(f"{'/'.join(block_path)}: static NVFP4 block scales are chosen by MSE search; "
+                                 "calibrate with method='mse'")
+            parts.append((path, flat[weight_path].astype(f32), block_path if block_path in flat else None,
+                          config.quant.linear(layer, config.pattern).weight.fmt))
+        if len({(fmt, block is None) for _, _, block, fmt in parts}) > 1:  # parts quantized differently
+            for part in parts:
+                _calibrate_weight(flat, [part], method)
+        else:
+            _calibrate_weight(flat, parts, method)
     return Model(config, unflatten_dict(flat))
 
 

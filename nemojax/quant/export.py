@@ -69,6 +69,15 @@ storing ours keeps "checkpoint dequantization == our fake quantization" exact. O
 a value A' whose decode scale is bit-equal to the stored one (searched among the float32 neighbours of
 scale x 2688 or scale x 448).
 
+Fused modules: the Mamba mixer's `in_proj` is one checkpoint module but five linear weights here (`in_proj_z`,
+`in_proj_x`, `in_proj_B`, `in_proj_C`, `in_proj_dt`, so that each shards by heads or groups; nemojax.nn.mamba2).
+They must share one format and are written as one module: the weight concatenated in the checkpoint's row order,
+one per-tensor scale from the largest of the parts' amaxes, the input scale from their common input amax.
+`calibrate` gives the parts one amax (calibrated on the fused weight, as ModelOpt calibrates `in_proj`), so the
+export is exact; parts left with different amaxes (uncalibrated or dynamic weights) are re-rounded to the shared
+scale, as a server that fuses q/k/v projections with different scales does. Loading gives every part the stored
+scale and its columns of the block scales.
+
 Not supported (ValueError naming the layer and the alternatives): MXFP4 and FP8 E5M2 layers; inputs with a
 dynamic (uncalibrated) per-tensor amax for NVFP4 / FP8, whose layout needs a static input_scale; weight-only FP8;
 mixed weight / input formats; contraction dims that are not a multiple of the block; a KV cache without
@@ -78,6 +87,7 @@ inference checkpoint and are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -102,7 +112,7 @@ from nemojax.interop.nemotron_h_names import TensorRule, checkpoint_name, rule_f
 from nemojax.model import Model, abstract_params
 from nemojax.quant.formats import e8m0_from_code, e8m0_to_code
 from nemojax.quant.qarray import QArray, pack_fp4, quantize, unpack_fp4
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
+from nemojax.quant.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 
 QUANT_CONFIG_NAME = "hf_quant_config.json"
 PRODUCER = "nemojax"
@@ -160,7 +170,7 @@ def _linears(config: ModelConfig) -> tuple[_Linear, ...]:
     experts = config.moe.num_experts if config.moe else None
     out = []
     for path, leaf in _abstract(config).items():
-        if path[-1] == "kernel" and len(path) > 1 and path[-2] not in ("gate", "conv1d") and len(leaf.shape) == 2:
+        if path[-1] == "kernel" and len(path) > 1 and path[-2] not in NOT_LINEAR and len(leaf.shape) == 2:
             name = "/".join(path[:-1])
         elif path[-1] in ("up_proj", "down_proj") and len(path) > 1 and path[-2] == "experts":
             name = "/".join(path)
@@ -169,6 +179,45 @@ def _linears(config: ModelConfig) -> tuple[_Linear, ...]:
         rule = rule_for(path, len(leaf.shape), experts)
         out.append(_Linear(name, path, rule, tuple(n.removesuffix(".weight") for n in rule.names)))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Module:
+    """One linear module of the checkpoint (one per expert for stacked experts) and the linear weights it is
+    made of: one, or the parts of a fused tensor in its row order (the Mamba mixer's in_proj)."""
+
+    parts: tuple[_Linear, ...]
+
+    @property
+    def path(self) -> str:
+        """The recipe path of a single weight; for a fused module the parts' paths joined by ' + '."""
+        return " + ".join(part.path for part in self.parts)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.parts[0].modules
+
+    @property
+    def stacked(self) -> bool:
+        return self.parts[0].stacked
+
+
+@functools.lru_cache(maxsize=16)
+def _modules(config: ModelConfig) -> tuple[_Module, ...]:
+    """The linear weights of `config` grouped by checkpoint module (fused parts in their row order)."""
+    groups: dict[tuple[str, ...], list[_Linear]] = {}
+    for layer in _linears(config):
+        groups.setdefault(layer.modules, []).append(layer)
+    return tuple(_Module(tuple(sorted(parts, key=lambda p: p.rule.part or 0))) for parts in groups.values())
+
+
+def _module_spec(module: _Module, recipe: QuantRecipe, pattern: str) -> LinearQuant | None:
+    """The one recipe entry of the module's weights; the parts of a fused module must agree."""
+    specs = [recipe.linear(part.path, pattern) for part in module.parts]
+    if any(spec != specs[0] for spec in specs[1:]):
+        raise ValueError(f"layers {module.path} are one checkpoint module ({module.modules[0]}) but the recipe gives "
+                         f"them different formats {specs}; give them one rule (e.g. a pattern '*/in_proj_*')")
+    return specs[0]
 
 
 def _layer_algo(path: str, spec: LinearQuant) -> dict[str, Any]:
@@ -267,18 +316,20 @@ def _swap(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(x, -1, -2))
 
 
-def _per_module(layer: _Linear, value: np.ndarray) -> list[np.ndarray]:
+def _per_module(layer: _Linear | _Module, value: np.ndarray) -> list[np.ndarray]:
     """A tensor with a leading expert dim (stacked experts) -> one array per checkpoint module."""
     if layer.stacked:
         return [np.array(value[e], order="C") for e in range(value.shape[0])]
     return [value]
 
 
-def _export_linear(layer: _Linear, spec: LinearQuant, flat: Mapping[tuple[str, ...], Any],
+def _export_linear(layer: _Module, spec: LinearQuant, flat: Mapping[tuple[str, ...], Any],
                    compute_dtype: jnp.dtype) -> dict[str, np.ndarray]:
-    """Checkpoint tensors of one quantized linear weight (see the module docstring's table)."""
+    """Checkpoint tensors of one quantized linear module (see the module docstring's table; a fused module's parts
+    concatenated along `out`, with one per-tensor scale)."""
     algo = _layer_algo(layer.path, spec)["quant_algo"]
-    W = jnp.asarray(flat[layer.param]).astype(compute_dtype)  # [in, out] or [E, in, out]
+    parts = [jnp.asarray(flat[part.param]).astype(compute_dtype) for part in layer.parts]
+    W = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)  # [in, out] or [E, in, out]
     contract = W.ndim - 2
     group = {"NVFP4": NVFP4_GROUP, "W4A16_NVFP4": NVFP4_GROUP, "MXFP8": MXFP8_GROUP}.get(algo)
     if group and W.shape[contract] % group:
@@ -288,22 +339,31 @@ def _export_linear(layer: _Linear, spec: LinearQuant, flat: Mapping[tuple[str, .
         raise ValueError(f"layer {layer.path}: the weight has NaN or inf values; refusing to export")
     out: dict[str, list[np.ndarray]] = {}
 
-    def weight_amax() -> jax.Array:
-        current = jnp.max(jnp.abs(W.astype(jnp.float32)), axis=(-2, -1))
-        static = flat.get(layer.state("_amax"))
-        return current if static is None else jnp.where(static > 0, static, current)
+    def weight_amax() -> jax.Array:  # the largest of the parts' (calibrated, else current) amaxes
+        amaxes = []
+        for part, w in zip(layer.parts, parts, strict=True):
+            current = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=(-2, -1))
+            static = flat.get(part.state("_amax"))
+            amaxes.append(current if static is None else jnp.where(static > 0, static, current))
+        return functools.reduce(jnp.maximum, amaxes)
 
     def input_scale(fmt: str) -> np.ndarray:
-        amax = flat.get(layer.state("_input_amax"))
-        amax = _positive(None if amax is None else np.asarray(amax), f"the input amax of layer {layer.path}")
+        amaxes = [flat.get(part.state("_input_amax")) for part in layer.parts]
+        amax = np.max([_positive(None if a is None else np.asarray(a), f"the input amax of layer {part.path}")
+                       for a, part in zip(amaxes, layer.parts, strict=True)], axis=0)
         return decode_scale(amax, fmt)
 
     if algo in ("NVFP4", "W4A16_NVFP4"):
         fmt = spec.weight.fmt
-        block = flat.get(layer.state("_block_scale")) if spec.weight.block_scales == "static" else None
-        if block is not None and not bool(jnp.any(jnp.asarray(block) != 0)):
-            raise ValueError(f"the static NVFP4 block scales of layer {layer.path} are all zero (not calibrated); "
-                             "run nemojax.quant.calibrate (method='mse') on the model before save_quantized")
+        block = None
+        if spec.weight.block_scales == "static":
+            blocks = [flat.get(part.state("_block_scale")) for part in layer.parts]
+            if any(b is not None and not bool(jnp.any(jnp.asarray(b) != 0)) for b in blocks):
+                raise ValueError(f"the static NVFP4 block scales of layer {layer.path} are all zero (not "
+                                 "calibrated); run nemojax.quant.calibrate (method='mse') on the model before "
+                                 "save_quantized")
+            if all(b is not None for b in blocks):
+                block = blocks[0] if len(blocks) == 1 else jnp.concatenate([jnp.asarray(b) for b in blocks], -1)
         q = _quantize(W, fmt, axis=contract, amax=weight_amax(), block_scale=block)
         scale = np.asarray(q.scale.astype(jnp.float32))
         if fmt == "nvfp4_2d":  # one scale per 16x16 tile -> the 1x16 layout (each tile scale on its 16 columns)
@@ -364,8 +424,8 @@ def quant_config(model: Model) -> dict[str, Any]:
                          "or save a high-precision checkpoint with nemojax.save_hf")
     quantized: dict[str, dict[str, Any]] = {}
     excluded: list[str] = []
-    for layer in _linears(config):
-        spec = recipe.linear(layer.path, config.pattern)
+    for layer in _modules(config):
+        spec = _module_spec(layer, recipe, config.pattern)
         if spec is None or (spec.weight is None and spec.input is None):
             excluded.extend(layer.modules)
             continue
@@ -373,8 +433,9 @@ def quant_config(model: Model) -> dict[str, Any]:
         quantized.update({module: dict(algo) for module in layer.modules})
     # Other modules a server might build as Linear layers but that stay high precision: routers, conv1d.
     for path in _abstract(config):
-        if path[-1] == "kernel" and len(path) > 1 and path[-2] in ("gate", "conv1d"):
+        if path[-1] == "kernel" and len(path) > 1 and path[-2] in NOT_LINEAR:
             excluded.append(rule_for(path, 2).names[0].removesuffix(".weight"))
+    excluded = list(dict.fromkeys(excluded))  # the parts of a fused module name it once
     if not quantized and recipe.kv_cache is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no linear layer and no KV cache of this model; save a "
                          "high-precision checkpoint with nemojax.save_hf instead")
@@ -459,11 +520,11 @@ def quantized_state_dict(model: Model, dtype: str | None = None) -> dict[str, np
         tensors = {k: v.astype(jnp.dtype(dtype)) if k not in fp32 and jnp.issubdtype(v.dtype, jnp.floating) else v
                    for k, v in tensors.items()}
     compute_dtype = jnp.dtype(config.dtype)
-    for layer in _linears(config):
-        spec = config.quant.linear(layer.path, config.pattern)
+    for layer in _modules(config):
+        spec = _module_spec(layer, config.quant, config.pattern)
         if spec is None or (spec.weight is None and spec.input is None):
             continue
-        for name in layer.rule.names:
+        for name in layer.parts[0].rule.names:
             del tensors[name]
         tensors.update(_export_linear(layer, spec, flat, compute_dtype))
     if config.quant.kv_cache is not None:
@@ -572,7 +633,7 @@ def _read_quant_config(directory: Path, hf_config: Mapping[str, Any]) -> dict[st
     return out
 
 
-def _module_algos(q: Mapping[str, Any], layers: tuple[_Linear, ...]) -> dict[str, str | None]:
+def _module_algos(q: Mapping[str, Any], layers: tuple[_Module, ...]) -> dict[str, str | None]:
     """{checkpoint module name: quant_algo or None} for every linear module, from the "quantization" dict."""
     import fnmatch
 
@@ -613,11 +674,12 @@ def _scalar(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     return value.reshape(())
 
 
-def _import_linear(layer: _Linear, algo: str, tensors: dict[str, np.ndarray],
+def _import_linear(layer: _Module, algo: str, tensors: dict[str, np.ndarray],
                    shape: tuple[int, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(dequantized weight in our layout f32 `shape`, {state suffix: value}) of one quantized linear; pops the
-    layer's tensors from `tensors`."""
-    out_in = layer.rule.checkpoint_shape(shape)  # [out, in]
+    """(dequantized weight in our layout f32 `shape`, {state suffix: value}) of one quantized linear module (a
+    fused module: its whole weight, parts concatenated along `out`); pops the module's tensors from `tensors`."""
+    rule = dataclasses.replace(layer.parts[0].rule, part=None)
+    out_in = rule.checkpoint_shape(shape)  # [out, in]
     weights, state_parts = [], {}
 
     def take(name: str) -> np.ndarray:
@@ -662,14 +724,14 @@ def _import_linear(layer: _Linear, algo: str, tensors: dict[str, np.ndarray],
             q = QArray(jnp.asarray(w), e8m0_from_code(jnp.asarray(s)), None, "mxfp8", 1, "float32")
             tensors.pop(f"{m}.input_scale", None)
         weights.append(np.asarray(_dequantize(q)))
-    kernel = layer.rule.from_checkpoint(weights)
+    kernel = rule.from_checkpoint(weights)
 
     def ours(parts: list[np.ndarray]) -> np.ndarray:
         return np.stack(parts) if layer.stacked else parts[0]
 
     state = {k: ours(v) for k, v in state_parts.items()}
     if "_block_scale" in state:  # [out, in/16] per module -> our layout ([in/16, out] or [E, D/16, F])
-        state["_block_scale"] = layer.rule.from_checkpoint(state_parts["_block_scale"])
+        state["_block_scale"] = rule.from_checkpoint(state_parts["_block_scale"])
     return kernel, state
 
 
@@ -689,7 +751,7 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
     tensors = {checkpoint_name(k): v for k, v in read_safetensors(directory).items()}
     if config.mtp is not None and not any(k.startswith("mtp.") for k in tensors):
         config = config.replace(mtp=None)  # as load_hf: checkpoints saved by transformers drop the MTP head
-    layers = _linears(config)
+    layers = _modules(config)
     algos = _module_algos(q, layers)
     shapes = {path: leaf.shape for path, leaf in _abstract(config).items()}
 
@@ -702,11 +764,18 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
         algo = found.pop()
         if algo is None:
             continue
-        rules.append((layer.path, _spec_from_algo(algo, layer.path)))
-        kernel, layer_state = _import_linear(layer, algo, tensors, shapes[layer.param])
-        for name, value in zip(layer.rule.names, layer.rule.to_checkpoint(kernel), strict=True):
+        widths = [shapes[part.param][-1] for part in layer.parts]
+        shape = (*shapes[layer.parts[0].param][:-1], sum(widths))
+        kernel, layer_state = _import_linear(layer, algo, tensors, shape)
+        rule = dataclasses.replace(layer.parts[0].rule, part=None)
+        for name, value in zip(rule.names, rule.to_checkpoint(kernel), strict=True):
             tensors[name] = value  # the dequantized weight, torch layout, under the plain name
-        state.update({layer.state(suffix): value for suffix, value in layer_state.items()})
+        cuts = np.cumsum(widths)[:-1]
+        for part in layer.parts:  # a fused module's parts share the scales; block scales split by columns
+            rules.append((part.path, _spec_from_algo(algo, part.path)))
+        for suffix, value in layer_state.items():
+            values = np.split(value, cuts, axis=-1) if suffix == "_block_scale" else [value] * len(layer.parts)
+            state.update({part.state(suffix): v for part, v in zip(layer.parts, values, strict=True)})
 
     kv_algo = q.get("kv_cache_quant_algo")
     kv = None

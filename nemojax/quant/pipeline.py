@@ -37,6 +37,8 @@ def weight_bytes(model: Model) -> int:
     (NVFP4 4.5 bits, FP8 8 bits, MXFP8 8.25 bits per element), bfloat16 for everything else."""
     from flax.traverse_util import flatten_dict
 
+    from nemojax.quant.recipe import NOT_LINEAR
+
     bits = {"nvfp4": 4.5, "nvfp4_2d": 4.5, "fp8_e4m3": 8.0, "fp8_e5m2": 8.0, "mxfp8": 8.25, "mxfp4": 4.25}
     recipe, total = model.config.quant, 0.0
     for path, leaf in flatten_dict(model.params).items():
@@ -45,7 +47,7 @@ def weight_bytes(model: Model) -> int:
             continue
         layer = "/".join(path[:-1]) if name == "kernel" else "/".join(path)
         spec = recipe.linear(layer, model.config.pattern) if recipe is not None and (
-            name == "kernel" or path[-2] == "experts") and path[-2] not in ("gate", "conv1d") else None
+            name == "kernel" or path[-2] == "experts") and path[-2] not in NOT_LINEAR else None
         per = bits[spec.weight.fmt] if spec is not None and spec.weight is not None else 16.0
         total += leaf.size * per / 8
     return int(total)

@@ -1,7 +1,7 @@
 """Quantization recipes: which linear layers get which low-precision format (spec/quant.md 2.2, 4.1-4.3).
 
 A `QuantRecipe` is static data carried by `ModelConfig.quant`. Every linear layer asks it for its `LinearQuant`
-with its module path (`layers_3/mixer/in_proj`, `layers_1/mixer/experts/up_proj`, `mtp/layers_0/mixer/q_proj`,
+with its module path (`layers_3/mixer/in_proj_x`, `layers_1/mixer/experts/up_proj`, `mtp/layers_0/mixer/q_proj`,
 `lm_head`); `None` means the layer stays in the model's own precision (bfloat16 / float32).
 
 Resolution order: layers kept by position (`keep_first_layers`, `keep_last_layers`, `keep_last_fraction`,
@@ -40,6 +40,9 @@ BLOCKED_FORMATS = ("nvfp4", "nvfp4_2d")  # formats with E4M3 block scales that c
 # Names of the frozen quantization-state leaves (suffixes of the weight's name; see the module docstring).
 STATE_SUFFIXES = ("_input_amax", "_amax", "_block_scale")
 KV_STATE = ("k_amax", "v_amax")
+# Modules with a `kernel` that are not linear layers and are never quantized: the MoE router and the Mamba mixer's
+# depthwise convs (one per part x, B, C; see nemojax.nn.mamba2).
+NOT_LINEAR = ("gate", "conv1d", "conv1d_x", "conv1d_B", "conv1d_C")
 # The flax collection calibration runs make mutable: quantized layers then run in high precision and sow the
 # amax of each quantized input under its state name (`kernel_input_amax`, `k_amax`, ...).
 CALIBRATION = "quant_stats"

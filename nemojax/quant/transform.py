@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nemojax.model import Model, abstract_params
 from nemojax.quant import recipes
-from nemojax.quant.recipe import QuantRecipe, is_state
+from nemojax.quant.recipe import NOT_LINEAR, QuantRecipe, is_state
 
 
 def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:
@@ -51,7 +51,7 @@ def quantized_layers(model: Model) -> dict[str, str]:
         raise ValueError("model.config.quant is None: apply a recipe first (nemojax.quant.apply)")
     paths = []
     for path in flatten_dict(model.params):
-        if path[-1] == "kernel" and path[-2] not in ("gate", "conv1d"):
+        if path[-1] == "kernel" and path[-2] not in NOT_LINEAR:
             paths.append("/".join(path[:-1]))
         elif path[-1] in ("up_proj", "down_proj") and path[-2] == "experts":
             paths.append("/".join(path))

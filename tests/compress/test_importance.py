@@ -114,9 +114,8 @@ def oracle(model: Model, tokens: np.ndarray, agg: str = "mean_l2") -> dict[str, 
             res[f"layers_{i}/heads"] = np.sqrt(np.sum(per_c ** 2, axis=1))
         elif kind == "M":
             m = cfg.mamba
-            I = m.num_heads * m.head_dim
-            zx = n @ np.asarray(mix["in_proj"]["kernel"], np.float64)
-            s_x = np_agg(zx[..., I:2 * I], agg).reshape(m.num_heads, m.head_dim)
+            x = n @ np.asarray(mix["in_proj_x"]["kernel"], np.float64)
+            s_x = np_agg(x, agg).reshape(m.num_heads, m.head_dim)
             res[f"layers_{i}/mamba_x"] = s_x
             res[f"layers_{i}/mamba_heads"] = np.sqrt((s_x ** 2).sum(1))
             res[f"layers_{i}/mamba_channels"] = np.sqrt((s_x ** 2).sum(0))

@@ -125,18 +125,21 @@ def test_first_k_scores_equal_hand_slicing(dense_model):
     np.testing.assert_array_equal(dst["lm_head"]["kernel"], np.asarray(src["lm_head"]["kernel"])[:d2])
     np.testing.assert_array_equal(dst["norm_f"]["scale"], np.asarray(src["norm_f"]["scale"])[:d2])
 
-    # Mamba layer 0: in_proj [D, z | x | B C | dt]
-    w = np.asarray(src["layers_0"]["mixer"]["in_proj"]["kernel"])[:d2]
+    # Mamba layer 0: in_proj [D, z | x | B C | dt] (the checkpoint's fused layout of the per-part kernels)
+    def fused(mixer: dict, module: str, parts: str) -> np.ndarray:
+        return np.concatenate([np.asarray(mixer[f"{module}_{q}"]["kernel"]) for q in parts.split()], axis=1)
+
+    w = fused(src["layers_0"]["mixer"], "in_proj", "z x B C dt")[:d2]
     per_head = lambda block: block.reshape(d2, G, H // G, P)[:, :, :h2 // G, :p2].reshape(d2, -1)  # noqa: E731
     want = np.concatenate([per_head(w[:, :I]), per_head(w[:, I:2 * I]), w[:, 2 * I:2 * I + 2 * G * N],
                            w[:, 2 * I + 2 * G * N:].reshape(d2, G, H // G)[:, :, :h2 // G].reshape(d2, -1)], axis=1)
     mixer = dst["layers_0"]["mixer"]
-    np.testing.assert_array_equal(mixer["in_proj"]["kernel"], want)
-    conv = np.asarray(src["layers_0"]["mixer"]["conv1d"]["kernel"])
+    np.testing.assert_array_equal(fused(mixer, "in_proj", "z x B C dt"), want)
+    conv = fused(src["layers_0"]["mixer"], "conv1d", "x B C")
     K = conv.shape[0]
     want_conv = np.concatenate([conv[:, :I].reshape(K, G, H // G, P)[:, :, :h2 // G, :p2].reshape(K, -1),
                                 conv[:, I:]], axis=1)
-    np.testing.assert_array_equal(mixer["conv1d"]["kernel"], want_conv)
+    np.testing.assert_array_equal(fused(mixer, "conv1d", "x B C"), want_conv)
     for name in ("A_log", "D", "dt_bias"):
         np.testing.assert_array_equal(
             mixer[name], np.asarray(src["layers_0"]["mixer"][name]).reshape(G, H // G)[:, :h2 // G].ravel())

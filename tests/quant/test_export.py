@@ -37,12 +37,17 @@ def _calibrated(recipe, seed: int = 0) -> Model:
 @functools.cache
 def _calibrated_cached(recipe, seed: int) -> Model:
     """CONFIG with `recipe` and hand-set quantization state: input / KV amaxes, half the weight amaxes below
-    max|W| (clipping), static block scales = the dynamic ones with every third block doubled."""
+    max|W| (clipping), static block scales = the dynamic ones with every third block doubled. The parts of the
+    fused Mamba in_proj share calibrated amaxes, as `calibrate` sets them (one input, one checkpoint scale)."""
     config = CONFIG.replace(quant=recipe)
     base = Model.init(CONFIG, seed)
     rng = np.random.default_rng(seed)
     old = flatten_dict(base.params)
-    flat = {}
+    flat, shared = {}, {}
+
+    def fused(path: tuple[str, ...]) -> tuple[str, ...]:  # in_proj_z/... -> in_proj/...
+        return tuple("in_proj" if key.startswith("in_proj_") else key for key in path)
+
     for path, leaf in flatten_dict(abstract_params(config)).items():
         if not is_state(path[-1]):
             flat[path] = old[path]
@@ -50,18 +55,31 @@ def _calibrated_cached(recipe, seed: int) -> Model:
         name = path[-1]
         weight = (*path[:-1], name.split("_")[0] if not name.startswith(("up_proj", "down_proj"))
                   else name[: len("up_proj") if name.startswith("up") else len("down_proj")])
-        if name in ("k_amax", "v_amax") or name.endswith("_input_amax"):
+        parts = [p for p in old if fused(p) == fused(weight)]  # the weight, or every part of in_proj
+        if fused(path) in shared and not name.endswith("_block_scale"):
+            flat[path] = shared[fused(path)]
+        elif name in ("k_amax", "v_amax") or name.endswith("_input_amax"):
             flat[path] = jnp.asarray(rng.uniform(0.5, 4.0, leaf.shape), jnp.float32)
         elif name.endswith("_amax"):
-            w = jnp.abs(old[weight]).max(axis=(-2, -1))
-            flat[path] = (w * (0.8 if rng.random() < 0.5 else 0.0)).astype(jnp.float32)
+            w = functools.reduce(jnp.maximum, [jnp.abs(old[p]).max(axis=(-2, -1)) for p in parts])
+            # an uncalibrated (0) amax makes each in_proj part use its own current amax, which the fused
+            # checkpoint scale cannot hold: calibrate always sets the parts' amax, so the helper does too
+            calibrated = len(parts) > 1 or rng.random() < 0.5
+            flat[path] = (w * (0.8 if calibrated else 0.0)).astype(jnp.float32)
         else:  # _block_scale
             w = old[weight]
             q = quantize(w, "nvfp4", axis=w.ndim - 2)
             s = np.asarray(q.scale.astype(jnp.float32)).copy()
             s.reshape(-1)[::3] = np.minimum(s.reshape(-1)[::3] * 2, 448)
             flat[path] = jnp.asarray(s)
+        shared[fused(path)] = flat[path]
     return Model(config, unflatten_dict(flat))
+
+
+def _in_proj(params) -> np.ndarray:
+    """The checkpoint's fused in_proj kernel [in, z | x | B | C | dt] of Mamba layer 0."""
+    mixer = params["layers_0"]["mixer"]
+    return np.concatenate([np.asarray(mixer[f"in_proj_{p}"]["kernel"]) for p in ("z", "x", "B", "C", "dt")], axis=1)
 
 
 def _files(directory) -> dict[str, np.ndarray]:
@@ -85,10 +103,11 @@ def test_nvfp4_hand_computed_oracle():
     W[0, :4] = [6, -3, 0.5, 1]          # block (0,0): a_b 6 -> d 1; codes 7, 0xD, 1, 2
     W[0, 16:20] = [2688, 1344, -896, 224]  # block (0,1): a_b 2688 -> d 448; /448 = 6, 3, -2, 0.5 -> 7, 5, 0xC, 1
     W[1, 16:19] = [12, 3, -1]           # block (1,1): a_b 12 -> d 2; 6, 1.5, -0.5 -> 7, 3, 9; block (1,0) zero
-    path = ("layers_0", "mixer", "in_proj", "kernel")
+    path = ("layers_0", "mixer", "in_proj_x", "kernel")
     rule = rule_for(path, 2)
-    layer = export._Linear("layers_0/mixer/in_proj", path, rule, ("backbone.layers.0.mixer.in_proj",))
-    flat = {path: jnp.asarray(W.T), ("layers_0", "mixer", "in_proj", "kernel_input_amax"): jnp.float32(5376.0)}
+    layer = export._Module((export._Linear("layers_0/mixer/in_proj_x", path, rule,
+                                           ("backbone.layers.0.mixer.in_proj",)),))
+    flat = {path: jnp.asarray(W.T), ("layers_0", "mixer", "in_proj_x", "kernel_input_amax"): jnp.float32(5376.0)}
     out = export._export_linear(layer, recipes.nvfp4().default, flat, jnp.float32)
     m = "backbone.layers.0.mixer.in_proj"
     expected = np.zeros((2, 16), np.uint8)
@@ -110,10 +129,10 @@ def test_fp8_and_kv_scales_are_amax_over_448():
     tensors = export.quantized_state_dict(model)
     flat = flatten_dict(model.params)
     m = "backbone.layers.0.mixer.in_proj"
-    amax = flat[("layers_0", "mixer", "in_proj", "kernel_input_amax")]
+    amax = flat[("layers_0", "mixer", "in_proj_z", "kernel_input_amax")]  # one input: the parts share it
     np.testing.assert_allclose(tensors[f"{m}.input_scale"], amax / 448, rtol=2e-7)
-    w_amax = flat[("layers_0", "mixer", "in_proj", "kernel_amax")]
-    w_amax = w_amax if w_amax > 0 else jnp.abs(flat[("layers_0", "mixer", "in_proj", "kernel")]).max()
+    w_amax = flat[("layers_0", "mixer", "in_proj_z", "kernel_amax")]
+    w_amax = w_amax if w_amax > 0 else np.abs(_in_proj(model.params)).max()
     np.testing.assert_allclose(tensors[f"{m}.weight_scale"], w_amax / 448, rtol=2e-7)
     assert tensors[f"{m}.weight"].dtype == ml_dtypes.float8_e4m3fn and tensors[f"{m}.weight"].shape == (
         CONFIG.mamba.num_heads * CONFIG.mamba.head_dim * 2 + 2 * 2 * 16 + 4, 64)
@@ -189,7 +208,7 @@ def test_export_import_export_is_byte_identical(tmp_path, recipe):
         assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "b" / name).read_text())
     # Formats per layer come back; the imported kernel re-quantizes to the source's codes.
     cfg = loaded.config
-    for path in ("layers_0/mixer/in_proj", "layers_2/mixer/experts/up_proj", "layers_1/mixer/q_proj", "lm_head"):
+    for path in ("layers_0/mixer/in_proj_x", "layers_2/mixer/experts/up_proj", "layers_1/mixer/q_proj", "lm_head"):
         src, got = model.config.quant.linear(path, cfg.pattern), cfg.quant.linear(path, cfg.pattern)
         assert (src is None or src.weight is None) == (got is None)
         if got is not None:
@@ -244,10 +263,10 @@ def test_mxfp8_round_trip_values(tmp_path):
     m = "backbone.layers.0.mixer.in_proj"
     assert t[f"{m}.weight"].dtype == ml_dtypes.float8_e4m3fn and t[f"{m}.weight_scale"].dtype == np.uint8
     assert t[f"{m}.weight_scale"].shape == (t[f"{m}.weight"].shape[0], 64 // 32) and f"{m}.input_scale" not in t
-    w = np.asarray(model.params["layers_0"]["mixer"]["in_proj"]["kernel"])
+    w = _in_proj(model.params)
     want = np.asarray(quantize(jnp.asarray(w), "mxfp8", axis=0).dequantize())
     loaded = export.load_quantized(tmp_path / "a")
-    np.testing.assert_array_equal(np.asarray(loaded.params["layers_0"]["mixer"]["in_proj"]["kernel"]), want)
+    np.testing.assert_array_equal(_in_proj(loaded.params), want)
     export.save_quantized(loaded, tmp_path / "b")
     loaded2 = export.load_quantized(tmp_path / "b")
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(loaded2.params), strict=True):
@@ -271,7 +290,7 @@ def test_refusals_name_the_problem():
         export.quant_config(_calibrated(recipes.fp8_training()))
     model = _calibrated(recipes.nvfp4())
     flat = flatten_dict(model.params)
-    flat[("layers_0", "mixer", "in_proj", "kernel_input_amax")] = jnp.float32(0.0)
+    flat[("layers_0", "mixer", "in_proj_x", "kernel_input_amax")] = jnp.float32(0.0)
     with pytest.raises(ValueError, match="layers_0/mixer/in_proj.*calibrate"):
         export.quantized_state_dict(Model(model.config, unflatten_dict(flat)))
     with pytest.raises(ValueError, match="save_hf"):
