@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/compile_check.py                      # fsdp x tensor 8x1, 4x2, 2x4; seq 4096
     .venv/bin/python experiments/compile_check.py --meshes 4x2 --seq 8192 --batch 8
-    options: --config --meshes --seq --batch --grad-accum --remat --dtype --out   (see --help)
+    .venv/bin/python experiments/compile_check.py --meshes 8x1 --scan-layers   # the stack as a scan (see below)
+    options: --config --meshes --seq --batch --grad-accum --remat --dtype --scan-layers --out   (see --help)
 
 The host platform is split into 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set before
 jax is imported). For each mesh "FxT" (fsdp F x tensor T) the config (default configs/nemotron_h_8b.py: the full
@@ -86,7 +87,20 @@ def make_config(args: argparse.Namespace, fsdp: int, tensor: int) -> ml_collecti
         config.model.overrides.remat = args.remat
     if args.dtype:
         config.model.overrides.dtype = args.dtype
+    if args.scan_layers:
+        config.model.overrides.scan_layers = True
     return config
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), which the compile times depend on; "unknown" elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return "unknown"
 
 
 def abstract_batch(batch: int, seq: int, batch_sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
@@ -163,9 +177,9 @@ def check_mesh(args: argparse.Namespace, fsdp: int, tensor: int) -> dict[str, An
         t0 = time.perf_counter()
         lowered = run.step.lower(run.abstract_state, batch)
         lower_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
+        compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = args.batch * args.seq
     model_flops = train_flops_per_token(mcfg, args.seq) * tokens
     device_flops = cost_flops(compiled)
@@ -175,7 +189,8 @@ def check_mesh(args: argparse.Namespace, fsdp: int, tensor: int) -> dict[str, An
         "seq_len": args.seq, "global_batch": args.batch, "grad_accum": args.grad_accum,
         "dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "remat": mcfg.remat,
         "params": sum(x.size for x in jax.tree.leaves(params)),
-        "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
+        "scan_layers": mcfg.scan_layers, "cpu": cpu_model(),
+        "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
         "memory_per_device": memory_report(compiled),
         "xla_flops_per_device": device_flops,
         "model_flops_per_device": model_flops / NUM_DEVICES,
@@ -189,7 +204,11 @@ def print_result(r: dict[str, Any]) -> None:
     print(f"\nfsdp {m['fsdp']} x tensor {m['tensor']}: {r['params'] / 1e9:.2f}B params, global batch "
           f"{r['global_batch']} x seq {r['seq_len']}, {r['dtype']} compute / {r['param_dtype']} params, "
           f"remat {r['remat']}")
-    print(f"  build {r['build_s']:.1f} s   lower {r['lower_s']:.1f} s   compile {r['compile_s']:.1f} s")
+    print(f"  build {r['build_s']:.1f} s   lower {r['lower_s']:.1f} s   compile {r['compile_s']:.1f} s "
+          f"({r['compile_cpu_s']:.1f} s CPU time; scan_layers {r['scan_layers']}, on {r['cpu']})")
+    if r["scan_layers"]:
+        print("  note: with scan_layers XLA's cost analysis and the collectives below count the scanned period once, "
+              "not once per repeat")
     mem = r["memory_per_device"]
     if mem:
         print(f"  memory per device (GiB): arguments {mem['argument_gib']:.2f}  outputs {mem['output_gib']:.2f}  "
@@ -219,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--remat", default=None, help="override model remat (none, full, dots_saveable, ...)")
     parser.add_argument("--dtype", default=None, help="override model compute dtype")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="run the layer stack as a scan over the pattern's repeating period (model scan_layers)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "compile_check.json"))
     return parser.parse_args(argv)
 
