@@ -120,7 +120,8 @@ def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float 
         flops = 2 * b * nc * (G * Q * Q * N + H * (Q * Q * P + 2 * Q * P * N))
         for label, launch in SSD_SCAN_SWEEP if sweep else SSD_SCAN_SWEEP[:1]:
             try:
-                kernel = compiled(functools.partial(ssd_scan, chunk_size=Q, interpret=interpret, **launch), *args)
+                kernel = compiled(functools.partial(ssd_scan, **{"chunk_size": Q, "interpret": interpret, **launch}),
+                                  *args)
                 y, s = kernel(*args)
             except Exception as e:  # a config that does not compile is a result of the sweep, not its end
                 out.append(dict(op="ssd_scan", shape=f"{name} L{L} {label}", error=f"{type(e).__name__}: {e}"[:400]))
@@ -148,13 +149,13 @@ def _grads(scan: Callable, w_y: jax.Array) -> Callable:
 
 # (label, ssd_scan launch options): the default first, then the alternatives a --sweep times
 SSD_SCAN_SWEEP = [
-    ("chunked hb1 w4", dict(algorithm="chunked", block_heads=1, num_warps=4)),
     ("chunked hb1 w8", dict(algorithm="chunked", block_heads=1, num_warps=8)),
-    ("chunked hb2 w4", dict(algorithm="chunked", block_heads=2, num_warps=4)),
     ("chunked hb2 w8", dict(algorithm="chunked", block_heads=2, num_warps=8)),
     ("chunked hb4 w8", dict(algorithm="chunked", block_heads=4, num_warps=8)),
+    ("chunked hb1 w4", dict(algorithm="chunked", block_heads=1, num_warps=4)),
+    ("chunked hb1 w8 Q64", dict(algorithm="chunked", block_heads=1, num_warps=8, chunk_size=64)),
     ("fused hb1 w8 stages1", dict(algorithm="fused", block_heads=1, num_warps=8, num_stages=1)),
-    ("fused hb1 w4 stages2", dict(algorithm="fused", block_heads=1, num_warps=4, num_stages=2)),
+    ("fused hb1 w8 stages2", dict(algorithm="fused", block_heads=1, num_warps=8, num_stages=2)),
 ]
 
 

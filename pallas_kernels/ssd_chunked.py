@@ -72,6 +72,24 @@ def _chunk_scan_kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, dt_ref, k_row_
         y_ref[:, h, :] = y.astype(y_ref.dtype)
 
 
+def shared_bytes_bound(Q: int, Pb: int, Nb: int, itemsize: int) -> int:
+    """An upper bound on the shared memory Triton gives the largest of the three kernels at chunk Q, power-of-two
+    P / N tiles Pb / Nb and dot operands of `itemsize` bytes: the chunk scan's dot operands (C_c and B_c [Q, Nb],
+    x_c [Q, Pb], the masked C B^T [Q, Q]) and the chunk states' ([Q, Pb], [Q, Nb]), as if all were staged at once.
+    tests/pallas_kernels/test_kernel_resources.py checks it against Triton's own allocation at every preset."""
+    return itemsize * max(Q * (2 * Nb + Pb + Q), Q * (Pb + Nb))
+
+
+def gpu_chunk(chunk: int, Pb: int, Nb: int, itemsize: int, budget: int) -> int:
+    """The chunk the kernels run: min(chunk, 128), halved while its `shared_bytes_bound` exceeds `budget` bytes
+    (down to 16, tl.dot's minimum side). Any chunk gives the same result: the chunking only blocks the sum. Longer
+    than 128 only adds register spills ([Q, Q] float32 tiles live in registers)."""
+    Q = min(chunk, 128)
+    while Q > 16 and Q % 2 == 0 and shared_bytes_bound(Q, Pb, Nb, itemsize) > budget:
+        Q //= 2
+    return Q
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     d = 1
     while n % (2 * d) == 0 and 2 * d <= cap:

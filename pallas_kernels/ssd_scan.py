@@ -62,16 +62,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import dispatch
-from pallas_kernels.ssd_chunked import chunked_scan
+from pallas_kernels import dispatch, resources
+from pallas_kernels.ssd_chunked import chunked_scan, gpu_chunk
 
 f32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
 _TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
-# The chunked GPU algorithm runs at most this chunk (exact for any chunk: the chunking is only a blocking of the
-# sum); its [Q, Q] float32 tiles are held in registers, 64 KiB each at 128.
-MAX_GPU_CHUNK = 128
 
 
 def _check(x, dt, A, B, C, initial_state, chunk_size, reset=None) -> tuple[int, ...]:
@@ -231,11 +228,12 @@ def _forward(x, dt, A, B, C, initial_state, reset, chunk_size: int, launch: Laun
     b, L, H, P, G, N = _check(x, dt, A, B, C, initial_state, chunk_size, reset)
     backend, interpret, block_heads = launch.backend, launch.interpret, launch.block_heads
     Q, R = chunk_size, H // G
-    if launch.algorithm == "chunked":  # its [Q, Q] tiles live in registers: longer chunks only add spills
-        Q = min(Q, MAX_GPU_CHUNK)
-    hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
     if not interpret and (Q & (Q - 1)):
         raise ValueError(f"chunk_size={Q}; allowed on GPU/TPU: a power of two (Triton tensor sides, TPU tiles)")
+    if launch.algorithm == "chunked":  # the chunk that fits the device (the same result at any chunk)
+        dot_bytes = 4 if B.dtype == f32 and C.dtype == f32 else 2
+        Q = gpu_chunk(Q, _pow2(P), _pow2(N), dot_bytes, resources.device_limits().max_shared_bytes_per_block)
+    hb = max(d for d in range(1, min(block_heads, R) + 1) if R % d == 0)  # heads per program: a divisor of R
     head_major = (backend or jax.default_backend()) == "tpu"
     Pb, Nb = _pow2(P), _pow2(N)
     Lp = L + (-L % Q)

@@ -88,8 +88,9 @@ def test_tpu_simulator():
 
 
 def test_gpu_chunk_is_capped():
-    """A model chunk of 256 (Nemotron 3 Nano 4B) runs the GPU algorithm at MAX_GPU_CHUNK: the same sum blocked
-    differently, so the same result as the recurrence (float32, with resets crossing the kernel's chunks)."""
+    """A model chunk of 256 (Nemotron 3 Nano 4B) runs the GPU algorithm at a chunk of 128 at most
+    (`ssd_chunked.gpu_chunk`): the same sum blocked differently, so the same result as the recurrence (float32,
+    with resets crossing the kernel's chunks)."""
     x, dt, A, B, C, s0 = _inputs(1, 300, 2, 16, 1, 16, seed=9)
     reset = jnp.zeros((1, 300), bool).at[0, [100, 130, 256]].set(True)
     y, final = _kernel(256, 1, "gpu")(x, dt, A, B, C, initial_state=s0, reset=reset)
