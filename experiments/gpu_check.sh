@@ -6,7 +6,8 @@
 #
 # 1. installs the wheels in ./.whl, if any (packages the device image lacks), into /tmp/site;
 # 2. experiments/bench_kernels.py: every kernel against its baseline (--sweep: also the launch alternatives);
-# 3. experiments/device_model_check.py: a Nemotron-H-8B slice with each scan / attention implementation.
+# 3. experiments/device_model_check.py: a Nemotron-H-8B slice with each scan / attention implementation
+#    (BENCH_TIMEOUT, MODEL_TIMEOUT: seconds for 2 and 3; MODEL_ARGS: extra flags for 3, e.g. --skip-train).
 # Results land in OUT_DIR (bench_kernels.json, model.jsonl and the logs); commit the ones relied on under
 # experiments/results/ with the device and the date in their names.
 set -uo pipefail
@@ -27,5 +28,6 @@ echo "[$(date +%T)] bench_kernels $sweep"
 timeout "${BENCH_TIMEOUT:-240}" python3 experiments/bench_kernels.py --repeats 5 $sweep --out "$out/bench_kernels.json" \
   2>&1 | tee "$out/kernels.txt"
 echo "[$(date +%T)] device_model_check"
-timeout "${MODEL_TIMEOUT:-150}" python3 experiments/device_model_check.py --out "$out/model.jsonl" 2>&1 | tee "$out/model.txt"
+timeout "${MODEL_TIMEOUT:-150}" python3 experiments/device_model_check.py ${MODEL_ARGS:-} --out "$out/model.jsonl" 2>&1 \
+  | tee "$out/model.txt"
 echo "[$(date +%T)] done"
