@@ -151,7 +151,7 @@ def test_logical_axes_cover_every_param(name: str) -> None:
         assert is_spec(spec) and len(spec) == len(shape.shape), (spec, shape.shape)
     assert axes["embeddings"]["embedding"] == PartitionSpec("vocab", "embed")
     assert axes["lm_head"]["kernel"] == PartitionSpec("embed", "vocab")
-    assert axes["layers_0"]["mixer"]["in_proj"]["kernel"] == PartitionSpec("embed", "ssm_heads")
+    assert axes["layers_0"]["mixer"]["in_proj_B"]["kernel"] == PartitionSpec("embed", "ssm_groups")
     attn = config.pattern.index("*")
     assert axes[f"layers_{attn}"]["mixer"]["q_proj"]["kernel"] == PartitionSpec("embed", "heads")
     if config.moe is not None:

@@ -72,8 +72,8 @@ def test_qad_lowers_the_kl_and_moves_only_student_weights(student, teacher, batc
     for path in before:
         if is_state(path[-1]):
             np.testing.assert_array_equal(np.asarray(before[path]), np.asarray(after[path]))
-    assert not np.array_equal(np.asarray(before[("layers_0", "mixer", "in_proj", "kernel")]),
-                              np.asarray(after[("layers_0", "mixer", "in_proj", "kernel")]))
+    assert not np.array_equal(np.asarray(before[("layers_0", "mixer", "in_proj_x", "kernel")]),
+                              np.asarray(after[("layers_0", "mixer", "in_proj_x", "kernel")]))
 
 
 def test_qat_lowers_the_lm_loss(student, batches):

@@ -19,7 +19,7 @@ def _fmt(recipe: QuantRecipe, path: str, pattern: str = PATTERN) -> str | None:
 
 def test_default_nvfp4_quantizes_every_linear_but_lm_head():
     r = recipes.get("nvfp4")
-    for path in ("layers_0/mixer/in_proj", "layers_3/mixer/q_proj", "layers_7/mixer/down_proj",
+    for path in ("layers_0/mixer/in_proj_x", "layers_3/mixer/q_proj", "layers_7/mixer/down_proj",
                  "mtp/layers_0/eh_proj", "layers_1/mixer/experts/up_proj"):
         spec = r.linear(path, PATTERN)
         assert spec.weight.fmt == spec.input.fmt == "nvfp4"
@@ -31,7 +31,7 @@ def test_positional_keeps():
     # last 15% of 8 layers = ceil(1.2) = 2 layers; first 1
     r = QuantRecipe("t", default=LinearQuant(weight=TensorQuant("fp8_e4m3")), keep_first_layers=1,
                     keep_last_fraction=0.15)
-    kept = [i for i in range(8) if _fmt(r, f"layers_{i}/mixer/in_proj") is None]
+    kept = [i for i in range(8) if _fmt(r, f"layers_{i}/mixer/in_proj_x") is None]
     assert kept == [0, 6, 7]
     assert r.kept_layers("M" * 20) == frozenset({0, 17, 18, 19})
     # Nemotron 3 Nano: attention layers and the layers feeding them
@@ -48,7 +48,7 @@ def test_super_ptq_recipe_assignments():
     routed = r.linear("layers_1/mixer/experts/up_proj", pattern)
     assert routed.weight.fmt == "nvfp4" and routed.weight.block_scales == "static" and routed.input.fmt == "nvfp4"
     assert _fmt(r, "layers_1/mixer/shared_experts/up_proj", pattern) == "fp8_e4m3"
-    assert _fmt(r, "layers_0/mixer/in_proj", pattern) == "fp8_e4m3"
+    assert _fmt(r, "layers_0/mixer/in_proj_x", pattern) == "fp8_e4m3"
     assert _fmt(r, "layers_0/mixer/out_proj", pattern) == "fp8_e4m3"
     for hp in ("layers_3/mixer/q_proj", "layers_3/mixer/o_proj", "layers_1/mixer/fc1_latent_proj",
                "layers_1/mixer/fc2_latent_proj", "mtp/layers_1/mixer/experts/up_proj", "lm_head"):
@@ -59,13 +59,13 @@ def test_super_ptq_recipe_assignments():
 def test_super_pretraining_recipe_assignments():
     r = recipes.get("nemotron3_super_nvfp4_training")
     pattern = "MEM*EMEM" * 5  # 40 layers: the last ceil(6) are high precision
-    spec = r.linear("layers_0/mixer/in_proj", pattern)
+    spec = r.linear("layers_0/mixer/in_proj_x", pattern)
     assert (spec.weight.fmt, spec.input.fmt, spec.grad.fmt, spec.grad.rounding, spec.rht) == \
         ("nvfp4_2d", "nvfp4", "nvfp4", "stochastic", True)
     assert _fmt(r, "layers_0/mixer/out_proj", pattern) == "mxfp8"
     assert r.linear("layers_3/mixer/q_proj", pattern) is None
     assert r.linear("layers_1/mixer/fc2_latent_proj", pattern) is None
-    assert [i for i in range(40) if r.linear(f"layers_{i}/mixer/in_proj", pattern) is None] == list(range(34, 40))
+    assert [i for i in range(40) if r.linear(f"layers_{i}/mixer/in_proj_x", pattern) is None] == list(range(34, 40))
 
 
 def test_fp8_training_recipe_is_hybrid_current_scaling():

@@ -20,7 +20,7 @@ from nemojax.infer.extend import decode_step, prefill
 from nemojax.infer.load import model_config_from_dict
 from nemojax.nn.linear import Linear
 from nemojax.quant import fake
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
+from nemojax.quant.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.train.optim import OptimizerConfig, make_optimizer
 from nemojax.train.step import init_state, lm_loss, make_train_step
 
@@ -42,7 +42,7 @@ def moe_model() -> nemojax.Model:
 
 
 def _linear_paths(params) -> list[tuple[str, ...]]:
-    return [p[:-1] for p in flatten_dict(params) if p[-1] == "kernel" and p[-2] not in ("gate", "conv1d")]
+    return [p[:-1] for p in flatten_dict(params) if p[-1] == "kernel" and p[-2] not in NOT_LINEAR]
 
 
 def test_apply_adds_only_state_and_strip_inverts(model):
@@ -121,8 +121,12 @@ def test_calibrate_max_matches_intercepted_activations(model):
             assert (*path, "kernel_input_amax") not in flat
             continue
         np.testing.assert_allclose(float(flat[(*path, "kernel_input_amax")]), value, rtol=1e-6)
+        # the Mamba in_proj parts share one weight amax: the max over the checkpoint's fused in_proj
+        parts = [p for p in flat if p[-1] == "kernel" and p[:-2] == path[:-1] and p[-2].startswith("in_proj_")]
+        weights = parts if path[-1].startswith("in_proj_") else [(*path, "kernel")]
+        assert len(weights) == (5 if path[-1].startswith("in_proj_") else 1)
         np.testing.assert_allclose(float(flat[(*path, "kernel_amax")]),
-                                   float(jnp.max(jnp.abs(flat[(*path, "kernel")]))), rtol=0)
+                                   max(float(jnp.max(jnp.abs(flat[w]))) for w in weights), rtol=0)
     # the KV cache amaxes: max |k|, |v| of the attention layer (k = x W_k, no RoPE in NemotronH)
     k_seen = []
 
@@ -141,7 +145,7 @@ def test_calibrate_max_matches_intercepted_activations(model):
 def test_calibrated_amax_is_used(model):
     q = quant.calibrate(quant.apply(model, "nvfp4"), [TOKENS])
     flat = dict(flatten_dict(q.params))
-    path = ("layers_0", "mixer", "in_proj", "kernel_input_amax")
+    path = ("layers_0", "mixer", "in_proj_x", "kernel_input_amax")
     flat[path] = flat[path] * 0.25  # clips the layer's inputs
     clipped = nemojax.Model(q.config, unflatten_dict(flat))
     assert float(jnp.max(jnp.abs(clipped(TOKENS) - q(TOKENS)))) > 1e-3
@@ -191,7 +195,7 @@ def test_grad_jit_vmap_and_frozen_state(model):
     for path, g in flatten_dict(grads).items():
         if is_state(path[-1]):
             assert float(jnp.max(jnp.abs(g))) == 0.0, path
-    assert float(jnp.max(jnp.abs(grads["layers_0"]["mixer"]["in_proj"]["kernel"]))) > 0
+    assert float(jnp.max(jnp.abs(grads["layers_0"]["mixer"]["in_proj_x"]["kernel"]))) > 0
     # vmap over sequences equals the batched forward
     per_seq = jax.vmap(lambda t: q(t[None])[0])(TOKENS)
     np.testing.assert_allclose(np.asarray(per_seq), np.asarray(q(TOKENS)), rtol=1e-5, atol=1e-5)

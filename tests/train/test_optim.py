@@ -122,7 +122,7 @@ def test_weight_decay_mask_on_a_real_model():
     assert mask["layers_1"]["mixer"]["experts"]["up_proj"] and mask["layers_1"]["mixer"]["experts"]["down_proj"]
     assert mask["layers_1"]["mixer"]["gate"]["kernel"] and mask["layers_3"]["mixer"]["q_proj"]["kernel"]
     assert not mask["layers_1"]["mixer"]["gate"]["e_score_correction_bias"]
-    assert not mask["layers_0"]["mixer"]["conv1d"]["bias"] and not mask["norm_f"]["scale"]
+    assert not mask["layers_0"]["mixer"]["conv1d_x"]["bias"] and not mask["norm_f"]["scale"]
     assert optim.NO_DECAY == frozenset(NOT_DECAYED)
 
 
