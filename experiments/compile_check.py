@@ -137,11 +137,18 @@ def cost_flops(compiled: Any) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+# op_name of the Mamba mixer's ops: its projections, convs and gated norm, dt_bias / A_log and the SSD einsums.
+MAMBA_OPS = re.compile(r"/mixer/(?:in_proj|conv1d|out_proj|norm)|/(?:A_log|dt_bias)|bg[a-z]*,[a-z]*->")
+
+
 def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
-    """Per collective kind in the compiled (per-device) HLO: how many ops, the GiB of their results, and the GiB
-    of those that come from `split` / `concatenate` ops (in this model: the fused Mamba in_proj output cut across
-    tensor shards, and its transpose in the backward pass)."""
-    stats = {op: {"ops": 0, "gib": 0.0, "split_concat_gib": 0.0} for op in COLLECTIVES}
+    """Per collective kind in the compiled (per-device) HLO: how many ops, the GiB of their results, the GiB of
+    those that come from `split` / `concatenate` ops (a fused projection output cut across tensor shards, as the
+    Mamba in_proj was before it was held per part, and its transpose in the backward pass), and the ops / GiB of
+    those whose op_name (the jax ops they were made from, fused ops listing several) names a Mamba mixer op
+    (`MAMBA_OPS`): with the mixer sharded by heads these should be only the all-reduces of its contractions."""
+    stats = {op: {"ops": 0, "gib": 0.0, "split_concat_gib": 0.0, "mamba_ops": 0, "mamba_gib": 0.0}
+             for op in COLLECTIVES}
     pattern = re.compile(rf"= (.*?) ({'|'.join(COLLECTIVES)})(?:-start)?\(")
     for line in hlo_text.splitlines():
         match = pattern.search(line)
@@ -156,6 +163,9 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
         entry["gib"] += gib
         if source.startswith(("split", "concatenate")):
             entry["split_concat_gib"] += gib
+        if op_name and MAMBA_OPS.search(op_name[1]):
+            entry["mamba_ops"] += 1
+            entry["mamba_gib"] += gib
     return stats
 
 
@@ -223,8 +233,10 @@ def print_result(r: dict[str, Any]) -> None:
     split = sum(c["split_concat_gib"] for c in coll.values())
     print("  collectives (ops / GiB of results): " + ", ".join(f"{k} {v['ops']} / {v['gib']:.1f}"
                                                                for k, v in coll.items()))
-    print(f"  of which from split/concatenate (Mamba in_proj resharding): {split:.1f} of {total:.1f} GiB"
+    print(f"  of which from split/concatenate (a fused projection cut across shards): {split:.1f} of {total:.1f} GiB"
           f" ({split / total if total else 0.0:.0%})")
+    print("  of which from Mamba mixer ops (ops / GiB): " + ", ".join(
+        f"{k} {v['mamba_ops']} / {v['mamba_gib']:.1f}" for k, v in coll.items() if v["mamba_ops"]))
     print(f"  note: {CPU_MEMORY_NOTE}")
 
 
