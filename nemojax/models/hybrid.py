@@ -6,9 +6,9 @@
 
 plus the optional MTP head, which reads the final hidden state and the next token's embedding.
 
-With `config.scan_layers` the stack runs as a scan over the pattern's repeating period (`nemojax.models.scan`):
-the layers before and after the scanned run stay unrolled (`layers_{i}`), the run's params are stacked under
-`layers_scan/slot_{j}`. Decoding with caches (`extend`) uses the unrolled layout only.
+With `config.scan_layers` the pattern's repeated runs of layers (nested where the pattern repeats at two scales)
+run as scans (`nemojax.models.scan`): layers outside every run stay unrolled (`layers_{i}`), a run's params are
+stacked under `layers_scan_{i}`. Decoding with caches (`extend`) uses the unrolled layout only.
 """
 
 from __future__ import annotations
@@ -35,26 +35,43 @@ def block_class(config: ModelConfig, in_scan: bool = False) -> type[nn.Module]:
     return nn.remat(Block, policy=policy, prevent_cse=not in_scan)
 
 
-class Period(nn.Module):
-    """One scan step: the blocks of one period of the pattern in order, h: [b, L, hidden] -> (h, None)."""
+class Segments(nn.Module):
+    """One scan step: a run's body in order (layers `slot_{j}`, nested runs `scan_{j}`), h: [b, L, hidden] ->
+    (h, None)."""
 
     config: ModelConfig
-    kinds: str
+    body: tuple
 
     @nn.compact
     def __call__(self, h: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
         block = block_class(self.config, in_scan=True)
-        for j, kind in enumerate(self.kinds):
-            h = block(self.config, kind, name=scan.slot_name(j))(h, None, None, segment_ids)
+        position = 0
+        for segment in self.body:
+            name = scan.inner_name(segment, position)
+            if isinstance(segment, str):
+                h = block(self.config, segment, name=name)(h, None, None, segment_ids)
+            else:
+                h, _ = scanned_run(self.config, segment, nested=True, name=name)(h, segment_ids)
+            position += len(scan.pattern_of(segment))
         return h, None
 
 
-def scanned_run(config: ModelConfig, plan: scan.ScanPlan) -> nn.Module:
-    """`plan.repeats` scan steps of `Period`: every variable collection (params, sown router statistics, quant
-    calibration) stacked on a leading axis whose logical name is `layers`; segment ids broadcast."""
-    return nn.scan(Period, variable_axes={True: 0}, split_rngs={"params": True, "quant": True},
-                   in_axes=(nn.broadcast,), length=plan.repeats,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(config, plan.period)
+def scanned_run(config: ModelConfig, run: scan.Run, nested: bool = False, name: str | None = None) -> nn.Module:
+    """`run.repeats` scan steps of its body: every variable collection (params, sown router statistics, quant
+    calibration) stacked on a leading axis, logically `layers` for a top-level run and unnamed (None: replicated
+    too; flax refuses a logical name twice in one array) for a run nested in another; segment ids broadcast."""
+    return nn.scan(Segments, variable_axes={True: 0}, split_rngs={"params": True, "quant": True},
+                   in_axes=(nn.broadcast,), length=run.repeats,
+                   metadata_params={nn.PARTITION_NAME: None if nested else "layers"})(config, run.body, name=name)
+
+
+def _starts(segments: tuple) -> list[tuple[int, scan.Segment]]:
+    """(first layer index, segment) of each top-level segment of a plan."""
+    out, position = [], 0
+    for segment in segments:
+        out.append((position, segment))
+        position += len(scan.pattern_of(segment))
+    return out
 
 
 class NemotronH(nn.Module):
@@ -71,9 +88,10 @@ class NemotronH(nn.Module):
                                                         ("vocab", "embed")))
         block = block_class(cfg)
         if cfg.scan_layers:
-            plan = scan.plan(cfg.pattern)
-            self.layers = {i: block(cfg, cfg.pattern[i]) for i in plan.unrolled}  # named layers_{i}
-            self.layers_scan = scanned_run(cfg, plan)
+            starts = _starts(scan.plan(cfg.pattern))
+            # dict attributes name their modules layers_{i} and layers_scan_{i}
+            self.layers = {i: block(cfg, seg) for i, seg in starts if isinstance(seg, str)}
+            self.layers_scan = {i: scanned_run(cfg, seg) for i, seg in starts if not isinstance(seg, str)}
         else:
             self.layers = [block(cfg, kind) for kind in cfg.pattern]
         self.norm_f = RMSNorm(cfg.norm_eps, dtype, param_dtype)
@@ -93,12 +111,11 @@ class NemotronH(nn.Module):
             for layer in self.layers:
                 h = layer(h, None, None, segment_ids)
             return self.norm_f(h)
-        plan = scan.plan(self.config.pattern)
-        for i in plan.prefix:
-            h = self.layers[i](h, None, None, segment_ids)
-        h, _ = self.layers_scan(h, segment_ids)
-        for i in plan.suffix:
-            h = self.layers[i](h, None, None, segment_ids)
+        for i, segment in _starts(scan.plan(self.config.pattern)):
+            if isinstance(segment, str):
+                h = self.layers[i](h, None, None, segment_ids)
+            else:
+                h, _ = self.layers_scan[i](h, segment_ids)
         return self.norm_f(h)
 
     def extend(self, tokens: jax.Array, states: tuple, step: Extend) -> tuple[jax.Array, tuple]:

@@ -1,5 +1,5 @@
-"""Scanned layer stacks (config.scan_layers): the period found in a pattern, the exact params round trip, and logits
-and gradients equal to the unrolled stack's (dense, remat, MoE + MTP, packed documents)."""
+"""Scanned layer stacks (config.scan_layers): the plan found in a pattern, the exact params round trip, and logits
+and gradients equal to the unrolled stack's (dense, remat, MoE + MTP, packed documents, nested runs)."""
 
 from __future__ import annotations
 
@@ -14,29 +14,28 @@ from nemojax.config import ModelConfig
 from nemojax.model import Model, forward, forward_with_mtp, logical_axes
 from nemojax.models import scan
 from nemojax.models.hybrid import NemotronH
+from nemojax.models.scan import Run
 from nemojax.nn.state import Extend
 from nemojax.train import moe_balance
 
 H8B = presets.get("nemotron-h-8b").pattern
-# Prefix "M", three scan steps of "-M*" (Mamba, MLP and attention in one step), suffix "-M".
-DENSE = presets.get("nemotron-h-8b-tiny", pattern="M-M*-M*-M*-M")
-# Prefix "M", two scan steps of "EM*" (latent MoE with sown router statistics), suffix "EMM"; MTP head "*E".
-MOE_MTP = presets.get("nemotron-3-super-120b-a12b-tiny", pattern="MEM*EM*EMM")
+# "M", "-", then 2 scan steps of ["*", 2 scan steps of "M"] (a nested run), then "-".
+DENSE = presets.get("nemotron-h-8b-tiny", pattern="M-*MM*MM-")
+# "M", then 2 scan steps of ["*", 2 scan steps of "EM"] (latent MoE inside the nested run), then "E"; MTP "*E".
+MOE_MTP = presets.get("nemotron-3-super-120b-a12b-tiny", pattern="M*EMEM*EMEME")
 
 
 def test_find_plan_hand_cases() -> None:
-    """The plan leaves the fewest blocks to compile; hand-checked on three patterns."""
-    # Nemotron-H-8B: 4 x "M-M-M-M*-M-" (44 layers, 11 blocks) then an unrolled "M-M-M-M-": 19 blocks instead of 52.
+    """The plan with the least compile work; hand-checked on the 8B pattern, the tiny twins' and the test ones."""
+    # Nemotron-H-8B = "M" + "-M" x 3 + ("*" + "-M" x 5) x 4 + "-": XLA compiles 7 blocks (3 Mamba) instead of 52.
     p = scan.find_plan(H8B)
-    assert (p.start, p.period, p.repeats) == (0, "M-M-M-M*-M-", 4)
-    assert p.period * 4 + "M-M-M-M-" == H8B
-    assert (list(p.prefix), list(p.suffix), p.compiled_blocks) == ([], list(range(44, 52)), 19)
-    # Only "MM" repeats in the tiny twins' "M-M*-MM-": layers 5 and 6, 7 blocks instead of 8.
-    p = scan.find_plan("M-M*-MM-")
-    assert (p.start, p.period, p.repeats, p.compiled_blocks) == (5, "M", 2, 7)
-    p = scan.find_plan(DENSE.pattern)
-    assert (p.start, p.period, p.repeats, p.unrolled) == (1, "-M*", 3, (0, 10, 11))
-    assert [p.layer(r, 2) for r in range(3)] == [3, 6, 9]
+    assert p == ("M", Run(("-", "M"), 3), Run(("*", Run(("-", "M"), 5)), 4), "-")
+    assert "M" + "-M" * 3 + ("*" + "-M" * 5) * 4 + "-" == H8B == "".join(scan.pattern_of(s) for s in p)
+    assert scan.compiled_blocks(p) == "M-M*-M-"
+    # Only "MM" repeats in the tiny twins' "M-M*-MM-".
+    assert scan.find_plan("M-M*-MM-") == ("M", "-", "M", "*", "-", Run(("M",), 2), "-")
+    assert scan.find_plan(DENSE.pattern) == ("M", "-", Run(("*", Run(("M",), 2)), 2), "-")
+    assert scan.find_plan(MOE_MTP.pattern) == ("M", Run(("*", Run(("E", "M"), 2)), 2), "E")
     assert scan.find_plan("ME*-") is None
     with pytest.raises(ValueError, match="scan_layers=True is invalid for pattern='ME\\*-'"):
         scan.plan("ME*-")
@@ -45,15 +44,27 @@ def test_find_plan_hand_cases() -> None:
 @pytest.mark.parametrize("config", [DENSE, MOE_MTP], ids=["dense", "moe_mtp"])
 def test_round_trip_is_exact_and_matches_the_scanned_module(config: ModelConfig) -> None:
     """unrolled -> scanned -> unrolled gives back every leaf bit for bit; the scanned tree has the shapes the scanned
-    module initialises (leading axis = repeats) and its logical axes lead with the unsharded `layers` axis."""
+    module initialises (one leading axis per level of runs); a top-level run's axis is logically `layers`, a nested
+    run's unnamed."""
     params = Model.init(config, 0).params
     scanned = scan.to_scanned(config.pattern, params)
-    p = scan.plan(config.pattern)
-    assert set(scanned) == {k for k in params if k not in {f"layers_{p.layer(r, j)}" for r in range(p.repeats)
-                                                          for j in range(len(p.period))}} | {scan.SCAN_KEY}
-    for r in range(p.repeats):  # slot j of repeat r is layer start + r * P + j
-        np.testing.assert_array_equal(scanned["layers_scan"]["slot_1"]["norm"]["scale"][r],
-                                      params[f"layers_{p.layer(r, 1)}"]["norm"]["scale"])
+    # Both test patterns: layers 1-10 (DENSE: 2-7) are one run whose body is ["*", nested run of 2].
+    first = 1 if config is MOE_MTP else 2
+    run = scanned[f"layers_scan_{first}"]
+    assert {k for k in scanned if k.startswith("layers")} == {"layers_0", f"layers_scan_{first}",
+                                                              f"layers_{len(config.pattern) - 1}"} | (
+        {"layers_1"} if config is DENSE else set())
+    size = 3 if config is DENSE else 5  # one repeat of the outer run's body
+    for r in range(2):  # slot_0 of repeat r is the attention layer first + r * size
+        np.testing.assert_array_equal(run["slot_0"]["norm"]["scale"][r],
+                                      params[f"layers_{first + r * size}"]["norm"]["scale"])
+    # scan_1 / slot_0 at (r, q) is layer first + r * size + 1 + q * (size - 1) / 2
+    inner = run["scan_1"]["slot_0"]["norm"]["scale"]
+    assert inner.shape == (2, 2, config.hidden_size)
+    for r in range(2):
+        for q in range(2):
+            np.testing.assert_array_equal(
+                inner[r, q], params[f"layers_{first + r * size + 1 + q * (size - 1) // 2}"]["norm"]["scale"])
     back = scan.to_unrolled(config.pattern, scanned)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
@@ -62,25 +73,23 @@ def test_round_trip_is_exact_and_matches_the_scanned_module(config: ModelConfig)
     scan_cfg = config.replace(scan_layers=True)
     shapes = jax.eval_shape(lambda: Model.init(scan_cfg, 0).params)
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, scanned)
-    axes = logical_axes(scan_cfg)
-    specs = jax.tree.leaves(axes[scan.SCAN_KEY], is_leaf=lambda x: isinstance(x, PartitionSpec))
-    unrolled_specs = jax.tree.leaves(logical_axes(config)[f"layers_{p.start}"],
-                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
-    assert specs and all(s[0] == "layers" for s in specs)
-    assert [tuple(s[1:]) for s in jax.tree.leaves(axes[scan.SCAN_KEY]["slot_0"],
-                                                  is_leaf=lambda x: isinstance(x, PartitionSpec))] == \
-        [tuple(s) for s in unrolled_specs]
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    axes, unrolled_axes = logical_axes(scan_cfg)[f"layers_scan_{first}"], logical_axes(config)
+    for specs, layer, depth in ((axes["slot_0"], first, 1), (axes["scan_1"]["slot_0"], first + 1, 2)):
+        ref = jax.tree.leaves(unrolled_axes[f"layers_{layer}"], is_leaf=is_spec)
+        got = jax.tree.leaves(specs, is_leaf=is_spec)
+        assert [tuple(s) for s in got] == [("layers", None)[:depth] + tuple(s) for s in ref]
 
 
 def test_wrong_layout_is_a_named_error() -> None:
     params = Model.init(DENSE, 0).params
-    with pytest.raises(ValueError, match="not in the scanned layout"):
+    with pytest.raises(ValueError, match="not in the scanned layout: layers_scan_2 is missing"):
         scan.to_unrolled(DENSE.pattern, params)
     scanned = scan.to_scanned(DENSE.pattern, params)
     with pytest.raises(ValueError, match="not in the unrolled layout"):
         scan.to_scanned(DENSE.pattern, scanned)
-    truncated = {**scanned, "layers_scan": jax.tree.map(lambda x: x[:2], scanned["layers_scan"])}
-    with pytest.raises(ValueError, match="leading layers axis of 3"):
+    truncated = {**scanned, "layers_scan_2": jax.tree.map(lambda x: x[:1], scanned["layers_scan_2"])}
+    with pytest.raises(ValueError, match="layers_scan_2 leaves must have a leading layers axis of 2"):
         scan.to_unrolled(DENSE.pattern, truncated)
 
 
@@ -132,7 +141,7 @@ def test_scanned_logits_and_grads_equal_unrolled(config: ModelConfig, packed: bo
         scale = float(jnp.max(jnp.abs(g))) + 1e-6
         np.testing.assert_allclose(np.asarray(g_s) / scale, np.asarray(g) / scale, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
-    trained = [g for path, g in jax.tree_util.tree_leaves_with_path(grads_s[scan.SCAN_KEY])
+    trained = [g for path, g in jax.tree_util.tree_leaves_with_path(grads_s)
                if "e_score_correction_bias" not in jax.tree_util.keystr(path)]  # moved by the balancer, not by grads
     assert min(float(jnp.max(jnp.abs(g))) for g in trained) > 0
     if packed:  # the segment ids reach the scanned layers: without them the logits differ
@@ -158,14 +167,13 @@ def test_moe_router_statistics_are_stacked_per_layer() -> None:
 
     inter, inter_s = stats(params, scanned)
     loads, loads_s = moe_balance.expert_loads(inter), moe_balance.expert_loads(inter_s)
-    p = scan.plan(config.pattern)
-    slot = p.period.index("E")
-    stacked = loads_s[(scan.SCAN_KEY, scan.slot_name(slot), "mixer", "gate")]
-    assert stacked.shape == (p.repeats, config.moe.num_experts)
-    for r in range(p.repeats):
-        np.testing.assert_array_equal(np.asarray(stacked[r]), np.asarray(loads[(f"layers_{p.layer(r, slot)}",
-                                                                                 "mixer", "gate")]))
-    assert len(loads) == 3 and len(loads_s) == 2  # layer 7 is in the suffix
+    # MoE layers 2, 4 (repeat 0 of the outer run) and 7, 9 (repeat 1): one [2, 2, E] stack; layer 11 unrolled
+    stacked = loads_s[("layers_scan_1", "scan_1", "slot_0", "mixer", "gate")]
+    assert stacked.shape == (2, 2, config.moe.num_experts)
+    for (r, q), layer in {(0, 0): 2, (0, 1): 4, (1, 0): 7, (1, 1): 9}.items():
+        np.testing.assert_array_equal(np.asarray(stacked[r, q]), np.asarray(loads[(f"layers_{layer}", "mixer",
+                                                                                    "gate")]))
+    assert len(loads) == 5 and len(loads_s) == 2
     np.testing.assert_allclose(float(moe_balance.load_balancing_loss(inter_s)),
                                float(moe_balance.load_balancing_loss(inter)), rtol=1e-6)
     updated = moe_balance.update_correction_bias(params, loads, 0.5)
@@ -173,8 +181,8 @@ def test_moe_router_statistics_are_stacked_per_layer() -> None:
     for a, b in zip(jax.tree.leaves(updated_s), jax.tree.leaves(scan.to_scanned(config.pattern, updated)),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(updated["layers_4"]["mixer"]["gate"]["e_score_correction_bias"]),
-                              np.asarray(params["layers_4"]["mixer"]["gate"]["e_score_correction_bias"]))
+    assert not np.array_equal(np.asarray(updated["layers_9"]["mixer"]["gate"]["e_score_correction_bias"]),
+                              np.asarray(params["layers_9"]["mixer"]["gate"]["e_score_correction_bias"]))
 
 
 def test_decode_refuses_the_scanned_layout() -> None:
@@ -182,5 +190,5 @@ def test_decode_refuses_the_scanned_layout() -> None:
     params = scan.to_scanned(DENSE.pattern, Model.init(DENSE, 0).params)
     step = Extend(start=jnp.zeros((1,), jnp.int32), commit=jnp.ones((1,), jnp.int32), fresh=True)
     with pytest.raises(ValueError, match="decoding with caches runs the unrolled one"):
-        NemotronH(scan_cfg).apply({"params": params}, jnp.zeros((1, 1), jnp.int32), (None,) * 12, step,
+        NemotronH(scan_cfg).apply({"params": params}, jnp.zeros((1, 1), jnp.int32), (None,) * 9, step,
                                   method=NemotronH.extend)
