@@ -1,7 +1,7 @@
 """The Model value: `Model(config, params)`.
 
 `config` is a frozen `ModelConfig`; `params` is a plain nested dict of arrays named like the checkpoint
-(`layers_3/mixer/in_proj/kernel` for `backbone.layers.3.mixer.in_proj.weight`). `Model` is a pytree whose only
+(`layers_3/mixer/out_proj/kernel` for `backbone.layers.3.mixer.out_proj.weight`). `Model` is a pytree whose only
 leaves are the params, so it passes through `jax.jit`, `jax.tree.map`, Orbax and sharding untouched, and every
 method of the papers is a function from one `Model` to another.
 """
