@@ -51,5 +51,6 @@ def get_config() -> ml_collections.ConfigDict:
         "log_every": 10, "eval_every": 1000, "eval_batches": 16, "checkpoint_every": 1000, "keep_checkpoints": 3,
         "peak_flops_per_device": 0.0,
         "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)
+        "compilation_cache_dir": "",  # jax's persistent XLA cache ("" off): a later run loads the compiled step
     })
     return c
