@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--pairs", default=None,
+                        help="scan:attention pairs to run, e.g. xla:xla,pallas:cudnn (default: every pair; the "
+                             "first is the reference)")
     parser.add_argument("--out", default="runs/device_model.jsonl")
     args = parser.parse_args()
     out = Path(args.out)
@@ -120,6 +123,8 @@ def main() -> None:
     gpu = jax.default_backend() == "gpu"
     attentions = ("xla", "cudnn") if gpu else ("xla", "pallas")
     pairs = [("xla", "xla")] + [(s, a) for s in ("xla", "pallas") for a in attentions if (s, a) != ("xla", "xla")]
+    if args.pairs:
+        pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
 
     log(f"init {name} ({nemojax.param_count(config) / 1e9:.2f}B params)")
     params32 = nemojax.Model.init(config, 0).params
@@ -130,7 +135,7 @@ def main() -> None:
     del params16
     if not args.skip_train:
         log("training gradient")
-        train_gradient(config, params32, tokens, [("xla", "xla"), ("pallas", attentions[1])], args.repeats, emit)
+        train_gradient(config, params32, tokens, [pairs[0], pairs[-1]], args.repeats, emit)
     log("done")
 
 

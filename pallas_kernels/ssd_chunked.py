@@ -21,7 +21,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import dispatch
 
@@ -36,9 +38,27 @@ def _dot(dot_dtype):
     return functools.partial(jax.lax.dot_general, preferred_element_type=f32, precision=precision)
 
 
-def _chunk_state_kernel(x_ref, B_ref, w_ref, s_ref, *, dot_dtype):
+def load_cols(ref, cols: int) -> jax.Array:
+    """ref[...] with the columns (last dim) at and past `cols` read as 0. Triton does not mask a block that
+    overhangs its array (a [Q, 128] block over P = 80 reaches into the next head), so those loads are masked."""
+    if ref.shape[-1] == cols:
+        return ref[...]
+    mask = jax.lax.broadcasted_iota(jnp.int32, ref.shape, len(ref.shape) - 1) < cols
+    return pltriton.load(ref, mask=mask, other=0)
+
+
+def store_cols(ref, value: jax.Array, cols: int) -> None:
+    """ref[...] = value for the columns (last dim) below `cols` only (see `load_cols`)."""
+    if ref.shape[-1] == cols:
+        ref[...] = value
+        return
+    mask = jax.lax.broadcasted_iota(jnp.int32, ref.shape, len(ref.shape) - 1) < cols
+    pltriton.store(ref, value, mask=mask)
+
+
+def _chunk_state_kernel(x_ref, B_ref, w_ref, s_ref, *, P: int, dot_dtype):
     # x [Q, Pb] (one head, one chunk), B [Q, Nb] (its group), w [Q, 1] end-state weights -> s [Pb, Nb]
-    xw = x_ref[...].astype(f32) * w_ref[...]
+    xw = load_cols(x_ref, P).astype(f32) * w_ref[...]
     s_ref[...] = _dot(dot_dtype)(xw.astype(dot_dtype), B_ref[...].astype(dot_dtype), _TN)
 
 
@@ -52,7 +72,7 @@ def _state_passing_kernel(s_ref, decay_ref, s0_ref, enter_ref, final_ref, *, nc:
 
 
 def _chunk_scan_kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, dt_ref, k_row_ref, k_col_ref, enter_ref, y_ref, *,
-                       heads: int, dot_dtype):
+                       heads: int, P: int, dot_dtype):
     # x / y [Q, hb, Pb]; B / C [Q, Nb]; per head c and dt as rows [hb, 1, Q], c as a column [hb, Q, 1]; the reset
     # counts k as a row [1, Q] and a column [Q, 1]; enter [hb, Pb, Nb]
     dot = _dot(dot_dtype)
@@ -67,9 +87,10 @@ def _chunk_scan_kernel(x_ref, B_ref, C_ref, c_row_ref, c_col_ref, dt_ref, k_row_
     for h in range(heads):
         c_col = c_col_ref[h]
         seg = jnp.exp(jnp.where(visible, c_col - c_row_ref[h], -jnp.inf))  # exp(c_l - c_s)
-        y = dot((CB * seg * dt_ref[h]).astype(dot_dtype), x_ref[:, h, :].astype(dot_dtype), _NN)
+        x_c = load_cols(x_ref.at[:, np.int32(h), :], P).astype(dot_dtype)
+        y = dot((CB * seg * dt_ref[h]).astype(dot_dtype), x_c, _NN)
         y += dot(C_c, enter_ref[h].astype(dot_dtype), _NT) * jnp.where(fresh, jnp.exp(c_col), 0.0)
-        y_ref[:, h, :] = y.astype(y_ref.dtype)
+        store_cols(y_ref.at[:, np.int32(h), :], y.astype(y_ref.dtype), P)
 
 
 def shared_bytes_bound(Q: int, Pb: int, Nb: int, itemsize: int) -> int:
@@ -101,20 +122,21 @@ def chunked_scan(xp: jax.Array, Bp: jax.Array, Cp: jax.Array, c: jax.Array, w: j
                  decay: jax.Array, k: jax.Array, s0: jax.Array, *, Q: int, P: int, block_heads: int, dot_dtype,
                  interpret: bool, num_warps: int, backend: str | None) -> tuple[jax.Array, jax.Array]:
     """The three kernels on prepared inputs: xp [b, Lp, H, P], Bp / Cp [b, Lp, G, Nb], c / w / dt [b, H, Lp]
-    float32, decay [b, H, nc], k [b, Lp], s0 [b, H, P, Nb] float32 -> (y [b, Lp, H, P] f32, final [b, H, P, Nb])."""
+    float32 (dt: the input weight of the quadratic form), decay [b, H, nc], k [b, Lp], s0 [b, H, Pb, Nb] float32
+    (P padded to the power of two Pb) -> (y [b, Lp, H, P] f32, final [b, H, Pb, Nb])."""
     b, Lp, H, _ = xp.shape
     G, Nb = Bp.shape[2], Bp.shape[3]
     R, nc = H // G, Lp // Q
     Pb = max(16, pl.next_power_of_2(P))  # power-of-two tiles; a block past P only reaches outputs never stored
     hb = _pow2_divisor(R, block_heads)
-    bp = _pow2_divisor(P, 32)
+    bp = min(Pb, 32)
     params = None if interpret else dispatch.compiler_params(backend, num_warps=num_warps)
     rows = lambda t: t.reshape(b, H, nc, 1, Q)  # noqa: E731
     cols = lambda t: t.reshape(b, H, nc, Q, 1)  # noqa: E731
 
     states = pl.pallas_call(
-        functools.partial(_chunk_state_kernel, dot_dtype=dot_dtype),
-        out_shape=jax.ShapeDtypeStruct((b, nc, H, P, Nb), f32),
+        functools.partial(_chunk_state_kernel, P=P, dot_dtype=dot_dtype),
+        out_shape=jax.ShapeDtypeStruct((b, nc, H, Pb, Nb), f32),
         grid=(b, nc, H),
         in_specs=[pl.BlockSpec((None, Q, None, Pb), lambda i, c, h: (i, c, h, 0)),
                   pl.BlockSpec((None, Q, None, Nb), lambda i, c, h: (i, c, h // R, 0)),
@@ -126,7 +148,7 @@ def chunked_scan(xp: jax.Array, Bp: jax.Array, Cp: jax.Array, c: jax.Array, w: j
     entering, final = pl.pallas_call(
         functools.partial(_state_passing_kernel, nc=nc),
         out_shape=(jax.ShapeDtypeStruct(states.shape, f32), jax.ShapeDtypeStruct(s0.shape, f32)),
-        grid=(b, H, P // bp),
+        grid=(b, H, Pb // bp),
         in_specs=[pl.BlockSpec((None, nc, None, bp, Nb), lambda i, h, j: (i, 0, h, j, 0)),
                   pl.BlockSpec((None, None, nc, 1, 1), lambda i, h, j: (i, h, 0, 0, 0)),
                   pl.BlockSpec((None, None, bp, Nb), lambda i, h, j: (i, h, j, 0))],
@@ -138,7 +160,7 @@ def chunked_scan(xp: jax.Array, Bp: jax.Array, Cp: jax.Array, c: jax.Array, w: j
 
     head_block = lambda j: (j * hb) // R  # noqa: E731 -- the group of head block j (hb divides R)
     y = pl.pallas_call(
-        functools.partial(_chunk_scan_kernel, heads=hb, dot_dtype=dot_dtype),
+        functools.partial(_chunk_scan_kernel, heads=hb, P=P, dot_dtype=dot_dtype),
         out_shape=jax.ShapeDtypeStruct((b, Lp, H, P), f32),
         grid=(b, nc, H // hb),
         in_specs=[pl.BlockSpec((None, Q, hb, Pb), lambda i, c, j: (i, c, j, 0)),

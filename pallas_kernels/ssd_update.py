@@ -22,11 +22,11 @@ Layout: the step is bound by streaming the state once (read + write, 8 bytes per
 (b, H, P / bp) and each program owns one [bp, N] slab of one head's state (bp a power of two, default 32: 16 KB
 of f32 at N = 128, few registers per thread, and b * H * P / bp programs to keep every SM's loads in flight).
 The head's B/C rows are read straight from their group (the index map sends head h to group h // (H / G), so B/C
-are never repeated in memory) and dt, A, D arrive as one scalar per program. Any H, G (G | H) and P: the P and N
-blocks are powers of two (Triton's tensor sizes) and a block that overhangs the array (P = 80 in Nemotron Nano 2
-with bp = 32 or 64) reads unspecified values past the end, which only ever reach masked-off outputs, except along
-N, the reduction of y, where the kernel zeroes them itself. No padding (a pad would copy the state and lose the
-in-place update).
+are never repeated in memory) and dt, A, D arrive as one scalar per program. Any H, G (G | H) and P: bp is a
+power of two that divides P (Nemotron Nano 2's P = 80 gets 16), since Triton does not mask a block that
+overhangs its array and the rows past a head's P are the next head's (an H200 run with bp = 32 at P = 80 wrote
+over them). N is padded to a power of two in the block only, with masked state loads and stores and the lanes past
+N kept out of y's sum. No padding in memory (a pad would copy the state and lose the in-place update).
 
 Depends on JAX alone.
 """
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
+from pallas_kernels.ssd_chunked import load_cols, store_cols
 
 f32 = jnp.float32
 
@@ -72,11 +73,14 @@ def ssd_update_reference(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.A
 
 
 def p_block(P: int, block_p: int) -> int:
-    """The rows of a head's state per program: `block_p` (a power of two), or the smallest power of two >= P when
-    that is smaller (one block per head)."""
+    """The rows of a head's state per program: the largest power of two <= `block_p` that divides P (P = 80 gets
+    16). Triton does not mask a block that overhangs its array, and here the rows past P are the next head's."""
     if block_p <= 0 or block_p & (block_p - 1):
         raise ValueError(f"block_p={block_p}; allowed: a positive power of two")
-    return min(block_p, pl.next_power_of_2(P))
+    bp = 1
+    while P % (2 * bp) == 0 and 2 * bp <= block_p:
+        bp *= 2
+    return bp
 
 
 def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref, *, N: int):
@@ -87,8 +91,8 @@ def _kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_sta
     x = x_ref[...].astype(f32)
     Bv = B_ref[...].astype(f32)
     Cv = C_ref[...].astype(f32)
-    S = state_ref[...] * decay + (x * dt)[:, None] * Bv[None, :]
-    new_state_ref[...] = S
+    S = load_cols(state_ref, N) * decay + (x * dt)[:, None] * Bv[None, :]
+    store_cols(new_state_ref, S, N)  # a block past N would reach into the next row: masked
     SC = S * Cv[None, :]
     if SC.shape[1] != N:  # the block overhangs N: keep the lanes past it (unspecified, maybe NaN) out of the sum
         SC = jnp.where(jax.lax.broadcasted_iota(jnp.int32, SC.shape, 1) < N, SC, 0.0)
