@@ -151,7 +151,6 @@ def _grads(scan: Callable, w_y: jax.Array) -> Callable:
 SSD_SCAN_SWEEP = [
     ("fused hb1 w8", dict(algorithm="fused", block_heads=1, num_warps=8)),
     ("fused hb2 w8", dict(algorithm="fused", block_heads=2, num_warps=8)),
-    ("fused hb1 w8 stages1", dict(algorithm="fused", block_heads=1, num_warps=8, num_stages=1)),
     ("chunked hb2 w8", dict(algorithm="chunked", block_heads=2, num_warps=8)),
 ]
 
