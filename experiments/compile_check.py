@@ -17,7 +17,8 @@ Reported per mesh: lower and compile seconds, the compiled memory analysis per d
 aliased bytes; the step donates its state, so the aliased bytes are the state that is updated in place), the
 cost analysis FLOPs of one device's program against the model FLOPs of `nemojax.train.flops` (remat recompute
 included in XLA's count, not in the model's), and the collectives of the compiled program (ops and GiB of their
-results per kind, and the part that comes from split / concatenate ops). Written to runs/compile_check.json.
+results per kind, the part that comes from split / concatenate ops, and the part made from Mamba mixer ops).
+Written to runs/compile_check.json.
 
 Read the memory figures as an upper bound, not as a GPU/TPU estimate: XLA's CPU pipeline upcasts most bfloat16
 work to float32, and its rematerialisation does not lower the peak (the step compiles to the same temporaries with
