@@ -87,13 +87,14 @@ def test_tpu_simulator():
     assert _rel(y, y_seq) < 5e-6 and _rel(final, final_seq) < 5e-6
 
 
-def test_gpu_chunk_is_capped():
-    """A model chunk of 256 (Nemotron 3 Nano 4B) runs the GPU algorithm at a chunk of 128 at most
-    (`ssd_chunked.gpu_chunk`): the same sum blocked differently, so the same result as the recurrence (float32,
-    with resets crossing the kernel's chunks)."""
+@pytest.mark.parametrize("layout", ["gpu", "gpu-fused"])
+def test_gpu_chunk_is_capped(layout):
+    """A model chunk of 256 (Nemotron 3 Nano 4B) runs the GPU kernels at a chunk of 128 at most
+    (`ssd_chunked.gpu_chunk`, `ssd_scan.fused_launch`): the same sum blocked differently, so the same result as the
+    recurrence (float32, with resets crossing the kernel's chunks)."""
     x, dt, A, B, C, s0 = _inputs(1, 300, 2, 16, 1, 16, seed=9)
     reset = jnp.zeros((1, 300), bool).at[0, [100, 130, 256]].set(True)
-    y, final = _kernel(256, 1, "gpu")(x, dt, A, B, C, initial_state=s0, reset=reset)
+    y, final = _kernel(256, 1, layout)(x, dt, A, B, C, initial_state=s0, reset=reset)
     y_seq, final_seq = ssd_sequential(x, dt, A, B, C, initial_state=s0, reset=reset)
     assert _rel(y, y_seq) < 5e-6 and _rel(final, final_seq) < 5e-6
 
@@ -108,10 +109,12 @@ def test_bfloat16_operands():
     assert _rel(final, final_seq) < 2e-2
 
 
-def test_gradients_equal_the_xla_chunked_ssd():
-    """The custom_vjp backward (vjp of the pure-JAX reference) equals autodiff through nemojax's chunked SSD for
-    every input, initial state included (float32, 1e-5 relative)."""
-    x, dt, A, B, C, s0 = _inputs(1, 21, 4, 8, 2, 8, seed=3)
+@pytest.mark.parametrize("layout", ["gpu-fused", "gpu", "tpu"])
+def test_gradients_equal_the_xla_chunked_ssd(layout):
+    """The backward (three more runs of the kernels on reversed / transposed inputs) equals autodiff through
+    nemojax's chunked SSD for every input, initial state included, with P and N not powers of two and 2 heads per
+    group (float32, 1e-5 relative; dA, a sum over every token, 2e-5)."""
+    x, dt, A, B, C, s0 = _inputs(2, 37, 4, 12, 2, 5, seed=3)
     w_y = jax.random.normal(jax.random.key(7), x.shape)
     w_s = jax.random.normal(jax.random.key(8), s0.shape)
 
@@ -121,13 +124,14 @@ def test_gradients_equal_the_xla_chunked_ssd():
             return jnp.sum(y * w_y) + jnp.sum(final * w_s)
         return f
 
-    kernel = lambda x, dt, A, B, C, s0: ssd_scan(x, dt, A, B, C, chunk_size=8, initial_state=s0,  # noqa: E731
-                                                 interpret=True)
-    xla = lambda x, dt, A, B, C, s0: ssd_chunked(x, dt, A, B, C, chunk_size=8, initial_state=s0)  # noqa: E731
-    g_kernel = jax.jit(jax.grad(loss(kernel), argnums=range(6)))(x, dt, A, B, C, s0)
-    g_xla = jax.grad(loss(xla), argnums=range(6))(x, dt, A, B, C, s0)
+    backend, algorithm = LAYOUTS[layout]
+    kernel = functools.partial(ssd_scan, chunk_size=16, interpret=True, backend=backend, algorithm=algorithm)
+    g_kernel = jax.jit(jax.grad(loss(lambda *a: kernel(*a[:5], initial_state=a[5])), argnums=range(6)))(
+        x, dt, A, B, C, s0)
+    xla = lambda x, dt, A, B, C, s0: ssd_chunked(x, dt, A, B, C, chunk_size=16, initial_state=s0)  # noqa: E731
+    g_xla = jax.jit(jax.grad(loss(xla), argnums=range(6)))(x, dt, A, B, C, s0)
     for name, a, b in zip("x dt A B C s0".split(), g_kernel, g_xla, strict=True):
-        assert _rel(a, b) < 1e-5, name
+        assert _rel(a, b) < (2e-5 if name == "A" else 1e-5), name
 
 
 def _resets(b: int, L: int) -> jax.Array:
@@ -157,10 +161,11 @@ def test_resets_equal_the_recurrence(layout):
 
 
 def test_reset_gradients_equal_the_xla_chunked_ssd():
-    """With resets, the kernel's backward (the reference's vjp) equals autodiff through the XLA chunked SSD, whose
-    resets are -inf log-decays: two different formulations, one gradient (float32, 1e-5)."""
-    x, dt, A, B, C, s0 = _inputs(1, 45, 4, 8, 2, 8, seed=6)
-    reset = _resets(1, 45)
+    """With resets (one at token 0, dropping the initial state), the kernels' backward equals autodiff through the
+    XLA chunked SSD, whose resets are -inf log-decays: two different formulations, one gradient (float32, 1e-5;
+    dA 2e-5)."""
+    x, dt, A, B, C, s0 = _inputs(2, 45, 4, 8, 2, 8, seed=6)
+    reset = _resets(2, 45).at[1, 0].set(True)
     w_y = jax.random.normal(jax.random.key(7), x.shape)
 
     def loss(fn):
@@ -173,7 +178,7 @@ def test_reset_gradients_equal_the_xla_chunked_ssd():
     g_kernel = jax.jit(jax.grad(loss(kernel), argnums=range(6)))(x, dt, A, B, C, s0)
     g_xla = jax.jit(jax.grad(loss(xla), argnums=range(6)))(x, dt, A, B, C, s0)
     for name, a, b in zip("x dt A B C s0".split(), g_kernel, g_xla, strict=True):
-        assert _rel(a, b) < 1e-5, name
+        assert _rel(a, b) < (2e-5 if name == "A" else 1e-5), name
 
 
 def test_bad_input_is_named():
