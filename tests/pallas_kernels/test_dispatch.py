@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +31,40 @@ def test_resolve(monkeypatch):
         dispatch.resolve("conv", "xla")
     with pytest.raises(ValueError, match="mamba.decode_impl"):
         nemojax.presets.get("nemotron-h-8b-tiny", mamba={"decode_impl": "cuda"})
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
+
+
+def _baseline_impl(baseline: str) -> str:
+    return "cudnn" if "cudnn" in baseline else "xla" if "xla" in baseline.lower() else baseline
+
+
+def _recorded_times() -> dict[tuple[str, str, str], dict[str, float]]:
+    """(op, backend, shape) -> {implementation: ms} from every recorded bench JSON: each row times its kernel
+    (`impl`, "pallas" in older files) against a baseline on the same inputs."""
+    times: dict[tuple[str, str, str], dict[str, float]] = {}
+    for path in RESULTS.glob("*.json"):
+        run = json.loads(path.read_text())
+        for r in run["rows"]:
+            if "error" in r or r.get("quick"):
+                continue
+            entry = times.setdefault((r["op"], run["backend"], r["shape"]), {})
+            entry[r.get("impl", "pallas")] = r["kernel_ms"]
+            entry[_baseline_impl(r["baseline"])] = r["ref_ms"]
+    return times
+
+
+def test_validated_entries_rest_on_recorded_runs():
+    """Every "auto" choice in dispatch.VALIDATED was measured on that backend in a committed run, and beat XLA at
+    every shape measured there."""
+    times = _recorded_times()
+    for op, choices in dispatch.VALIDATED.items():
+        for backend, impl in choices.items():
+            measured = [t for (o, bk, _), t in times.items() if o == op and bk == backend and impl in t and "xla" in t]
+            assert measured, f"{op} on {backend}: no recorded run times {impl!r} against XLA"
+            for t in measured:
+                assert t[impl] < t["xla"], (op, backend, t)
 
 
 def test_attention_auto_picks_per_case(monkeypatch):
