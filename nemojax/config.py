@@ -126,11 +126,17 @@ class AttentionConfig:
     # causal self-attention without a cache (training, fresh prefill): "xla" (nemojax.nn.attention), "pallas"
     # (JAX's own Pallas flash attention, pallas_kernels.attention), "cudnn" or "auto"
     impl: str = "auto"
+    # one decode step over the KV cache: "xla" (nemojax.nn.attention.cached_attention, reads the whole cache with a
+    # mask), "pallas" (JAX's split-K decode kernel reading only the filled part, pallas_kernels.decode_attention;
+    # bf16/f16 caches whose length is a multiple of 16, else XLA) or "auto"
+    decode_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("attention.", self, ("num_heads", "num_kv_heads", "head_dim"))
         if self.impl not in ATTENTION_IMPLS:
             _fail("attention.impl", self.impl, f"must be one of {ATTENTION_IMPLS}")
+        if self.decode_impl not in KERNEL_IMPLS:
+            _fail("attention.decode_impl", self.decode_impl, f"must be one of {KERNEL_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             _fail("attention.num_heads", self.num_heads,
                   f"must be divisible by attention.num_kv_heads={self.num_kv_heads}")

@@ -30,6 +30,7 @@ VALIDATED: dict[str, dict[str, str]] = {
     # prefill with the same top-1 tokens as XLA to 98.6% in bf16 (h200-2026-12-04-run1-model.jsonl)
     "attention": {"gpu": "cudnn"},
     "attention_packed": {},  # attention over packed documents (segment ids), which cuDNN's path here does not take
+    "decode_attention": {},  # one decode step over the KV cache (pallas_kernels.decode_attention)
 }
 
 

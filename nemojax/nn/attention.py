@@ -13,6 +13,7 @@ from nemojax.nn.segments import document_positions
 from nemojax.nn.state import Extend, KVCache
 from nemojax.quant import fake
 from pallas_kernels import attention as pallas_attention
+from pallas_kernels import decode_attention as pallas_decode
 from pallas_kernels import dispatch
 
 f32 = jnp.float32
@@ -204,9 +205,14 @@ class Attention(nn.Module):
             out = self_attention(q, k, v, scale, a.impl, segment_ids)
         else:
             # A fresh prefill attends within the new tokens (no O(T * max_len) score matrix), so it can take the
-            # fused kernel; later chunks and decode steps read the cache (before writing it) and stay on XLA.
+            # fused kernel; a decode step can take the split-K decode kernel, which reads only the filled part of
+            # the cache; later chunks read the cache on XLA. All read the cache before writing it.
             if step.fresh:
                 out = self_attention(q, k, v, scale, a.impl)
+            elif T == 1 and dispatch.resolve("decode_attention", a.decode_impl) == "pallas" and \
+                    pallas_decode.supports(cache.k):
+                out = pallas_decode.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, step.start,
+                                                     scale=scale, interpret=dispatch.interpret())[:, None]
             else:
                 out = cached_attention(q, k, v, cache, step.start, scale)
             cache = write_kv(cache, k, v, step.start)

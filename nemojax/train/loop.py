@@ -147,7 +147,7 @@ def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[s
     # field existed still resume).
     for runtime in ("dtype", "remat", "matmul_impl", "scan_layers"):
         model.pop(runtime)
-    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl",))):
+    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl", "decode_impl"))):
         for field in fields if model.get(sub) else ():
             model[sub].pop(field)
     fingerprint = {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}

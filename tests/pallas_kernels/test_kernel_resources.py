@@ -116,3 +116,14 @@ def test_decode_update_fits_sm90(mixer):
             S((b, G, N), jnp.bfloat16), S((b, G, N), jnp.bfloat16), S((H,), jnp.float32))
     [k] = _resources(functools.partial(ssd_update, backend="gpu"), *args)
     assert k.shared_bytes <= SM90.max_shared_bytes_per_block
+
+
+def test_decode_attention_fits_sm90():
+    """The split-K decode kernel at the presets' attention (GQA 32 / 8 heads, head_dim 128) over a 4096 cache."""
+    from pallas_kernels.decode_attention import decode_attention
+
+    b, Hq, Hkv, d, L = 8, 32, 8, 128, 4096
+    args = (S((b, Hq, d), jnp.bfloat16), S((b, Hkv, d), jnp.bfloat16), S((b, Hkv, d), jnp.bfloat16),
+            S((b, Hkv, L, d), jnp.bfloat16), S((b, Hkv, L, d), jnp.bfloat16), S((b,), jnp.int32))
+    kernels = _resources(functools.partial(decode_attention, scale=d ** -0.5), *args)
+    assert kernels and all(k.shared_bytes <= SM90.max_shared_bytes_per_block for k in kernels), kernels
