@@ -230,9 +230,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
-    # Run the layer stack as a scan over the pattern's repeating period (nemojax.models.scan): XLA compiles one
-    # period instead of every layer. The module's params are then in the scanned layout (stacked on a leading
-    # `layers` axis); nemojax.models.scan converts to and from the checkpoint-named unrolled layout.
+    # Run the pattern's repeated runs of layers as scans (nemojax.models.scan): XLA compiles each run's body once
+    # instead of every layer. The module's params are then in the scanned layout (stacked on leading `layers`
+    # axes); nemojax.models.scan converts to and from the checkpoint-named unrolled layout.
     scan_layers: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
