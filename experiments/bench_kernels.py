@@ -3,7 +3,8 @@ device's peak, and the kernel's error against the reference on the same inputs.
 
     .venv/bin/python experiments/bench_kernels.py            # GPU: the shapes below, sized for < 6 min on an H200
     .venv/bin/python experiments/bench_kernels.py --quick    # tiny shapes, any backend (interpreted on CPU)
-    options: --repeats N  --only ssd_scan,ssd_update,fp8_matmul,nvfp4_matmul,attention  --out PATH
+    options: --repeats N  --only ssd_scan,ssd_update,fp8_matmul,nvfp4_matmul,attention,decode_attention  --sweep
+             --out PATH
 
 What is compared (each pair on the same inputs, compiled ahead of time, the compile excluded; time = median of
 `--repeats` runs after one warm-up, the two sides interleaved):
@@ -20,7 +21,10 @@ What is compared (each pair on the same inputs, compiled ahead of time, the comp
   nvfp4_matmul  W4A16 (packed E2M1 + E4M3 block scales) vs a bfloat16 jnp.dot with bf16 weights: a decode-sized
                 M (weight-bandwidth bound: GB/s of the weight bytes) and a prefill-sized M (TFLOP/s).
   attention     pallas_kernels.attention.flash_attention (JAX's Pallas flash attention) vs
-                jax.nn.dot_product_attention (XLA, and cuDNN on GPU), causal GQA (32 query / 8 KV heads, d 128).
+                jax.nn.dot_product_attention (XLA, and cuDNN on GPU), causal GQA (32 query / 8 KV heads, d 128);
+                and over packed documents vs nemojax's XLA segment mask.
+  decode_attention  pallas_kernels.decode_attention (split-K, reads the filled cache only) vs the XLA cached
+                attention, one decode step over a 32k cache filled to 4k and to 32k.
 
 Peaks come from a table by device kind (H100/H200 SXM dense bf16 989 TFLOP/s, FP8 1979, HBM 3.35 / 4.8 TB/s);
 unknown devices print no peak. Results print as a table and go to runs/bench_kernels.json (or --out).
@@ -41,18 +45,21 @@ import jax.numpy as jnp
 import numpy as np
 
 import nemojax
-from nemojax.nn.attention import causal_attention
+from nemojax.nn.attention import cached_attention, causal_attention
 from nemojax.nn.ssd import ssd_chunked
+from nemojax.nn.state import KVCache
 from nemojax.quant.qarray import dequantize, pack_fp4, quantize
 from pallas_kernels import dispatch
 from pallas_kernels.attention import flash_attention
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.quant_matmul import DECODE_M, fp8_matmul, nvfp4_default_config, nvfp4_matmul
 from pallas_kernels.ssd_scan import ssd_scan
 from pallas_kernels.ssd_update import ssd_update, ssd_update_reference
 
 # device kind (substring) -> (bf16 TFLOP/s, fp8 TFLOP/s, HBM TB/s), dense, SXM parts
 PEAKS = {"H200": (989.0, 1979.0, 4.8), "H100": (989.0, 1979.0, 3.35), "A100": (312.0, None, 2.0)}
-OPS = ("ssd_scan", "ssd_update", "fp8_matmul", "nvfp4_matmul", "attention")  # attention includes attention_packed
+# attention includes attention_packed
+OPS = ("ssd_scan", "ssd_update", "fp8_matmul", "nvfp4_matmul", "attention", "decode_attention")
 
 
 def peaks() -> tuple[float | None, float | None, float | None]:
@@ -347,6 +354,37 @@ def bench_attention(quick: bool, interpret: bool, repeats: int, peak_bf16: float
     return out
 
 
+def _xla_decode(q, k, v, cache_k, cache_v, lengths, *, scale: float):
+    return cached_attention(q[:, None], k[:, None], v[:, None], KVCache(cache_k, cache_v), lengths, scale)[:, 0]
+
+
+def bench_decode_attention(quick: bool, interpret: bool, repeats: int, peak_bw: float | None,
+                           sweep: bool = False) -> list[dict]:
+    """One decode step's attention (GQA 32 / 8, d 128, batch 8) over a 32k cache filled to 4k and to 32k: the
+    split-K kernel reads only the filled part; the XLA cached attention reads the whole cache. GB/s of the filled
+    K and V bytes."""
+    del sweep
+    cases = [(2, 4, 2, 32, 64, (40, 64))] if quick else [(8, 32, 8, 128, 32768, (4096, 32768))]
+    out = []
+    for b, Hq, Hkv, d, S, fills in cases:
+        ks = jax.random.split(jax.random.key(5), 5)
+        q = jax.random.normal(ks[0], (b, Hq, d), jnp.bfloat16)
+        k, v = (jax.random.normal(key, (b, Hkv, d), jnp.bfloat16) for key in ks[1:3])
+        cache = KVCache(*(jax.random.normal(key, (b, Hkv, S, d), jnp.bfloat16) for key in ks[3:5]))
+        kernel = compiled(functools.partial(decode_attention, scale=d ** -0.5, interpret=interpret), q, k, v,
+                          cache.k, cache.v, jnp.zeros((b,), jnp.int32))
+        ref = compiled(functools.partial(_xla_decode, scale=d ** -0.5), q, k, v, cache.k, cache.v,
+                       jnp.zeros((b,), jnp.int32))
+        for fill in fills:
+            args = (q, k, v, cache.k, cache.v, jnp.full((b,), fill - 1, jnp.int32))
+            err = rel_err(kernel(*args), ref(*args))
+            t_k, t_r = time_pair(kernel, args, ref, args, repeats)
+            out.append(row("decode_attention", f"b{b} Hq{Hq} Hkv{Hkv} d{d} cache {S} filled {fill}", t_k, t_r, err,
+                           2 * b * Hkv * fill * d * 2, "GB/s", None if peak_bw is None else 1e3 * peak_bw,
+                           "nemojax cached_attention (XLA, whole cache)"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run; interpreted on CPU)")
@@ -373,6 +411,7 @@ def main() -> None:
         "nvfp4_matmul": lambda: bench_nvfp4(args.quick, interpret, repeats, (peak_bf16, peak_fp8, peak_bw),
                                             args.sweep),
         "attention": lambda: bench_attention(args.quick, interpret, repeats, peak_bf16, args.sweep),
+        "decode_attention": lambda: bench_decode_attention(args.quick, interpret, repeats, peak_bw, args.sweep),
     }
     rows: list[dict] = []
     path = Path(args.out)
