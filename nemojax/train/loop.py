@@ -239,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         writer.close()
     history = read_metrics(workdir)
     summary = {
-        "workdir": str(workdir), "steps": int(state.step), "params": as_model(mcfg, state.params).num_params,
+        "workdir": str(workdir), "steps": int(state.step), "params": Model(mcfg, state.params).num_params,
         "train_loss": next((m["loss"] for m in reversed(history) if m["split"] == "train"), None),
         "validation_loss": next((m["loss"] for m in reversed(history) if m["split"] == "validation"), None),
     }
