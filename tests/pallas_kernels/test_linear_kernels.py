@@ -21,7 +21,7 @@ from nemojax.quant.qarray import quantize
 from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 260)
-N_QUANTIZED = 4  # quantized linears of the tiny model: Mamba in/out_proj, MLP up/down_proj (lm_head stays)
+N_QUANTIZED = 8  # quantized linears of the tiny model: Mamba in_proj_{z,x,B,C,dt} and out_proj, MLP up/down_proj
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_calibrated_state_is_used_by_the_kernels(model):
     """Static amaxes and static NVFP4 block scales, set by hand: the kernel path reads the same state."""
     t = dict(static=True, ste="clipped")
     recipe = QuantRecipe("calibrated", rules=(("lm_head", None),
-                                              ("*_proj", LinearQuant(weight=TensorQuant("nvfp4", block_scales="static",
+                                              ("*_proj*", LinearQuant(weight=TensorQuant("nvfp4", block_scales="static",
                                                                                         **t),
                                                                      input=TensorQuant("fp8_e4m3", **t)))))
     q = quant.apply(model, recipe)
