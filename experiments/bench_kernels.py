@@ -103,6 +103,20 @@ def row(op: str, shape: str, t_kernel: float, t_ref: float, err: float, work: fl
                 of_peak=None if peak is None else rate / peak, rel_err=err, baseline=baseline)
 
 
+def try_config(op: str, label: str, fn: Callable, args: Args, out: list[dict],
+               donate: tuple[int, ...] = ()) -> tuple[Callable, object] | None:
+    """(compiled fn, its outputs), or None with an error row appended to `out`: a config that does not compile is
+    a result of a sweep, not its end. Args given as a function are rebuilt for each call (donated buffers)."""
+    make = args if callable(args) else lambda: args
+    try:
+        kernel = compiled(fn, *make(), donate=donate)
+        return kernel, kernel(*make())
+    except Exception as e:
+        out.append(dict(op=op, shape=label, error=f"{type(e).__name__}: {e}"[:400]))
+        print(f"  {op} {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
 # ------------------------------------------------------------------------------------------------- the ops
 
 
@@ -126,14 +140,10 @@ def bench_ssd_scan(quick: bool, interpret: bool, repeats: int, peak_bf16: float 
         nc = -(-L // Q)
         flops = 2 * b * nc * (G * Q * Q * N + H * (Q * Q * P + 2 * Q * P * N))
         for label, launch in SSD_SCAN_SWEEP if sweep else SSD_SCAN_SWEEP[:1]:
-            try:
-                kernel = compiled(functools.partial(ssd_scan, **{"chunk_size": Q, "interpret": interpret, **launch}),
-                                  *args)
-                y, s = kernel(*args)
-            except Exception as e:  # a config that does not compile is a result of the sweep, not its end
-                out.append(dict(op="ssd_scan", shape=f"{name} L{L} {label}", error=f"{type(e).__name__}: {e}"[:400]))
-                print(f"  ssd_scan {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            fn = functools.partial(ssd_scan, **{"chunk_size": Q, "interpret": interpret, **launch})
+            if (tried := try_config("ssd_scan", f"{name} L{L} {label}", fn, args, out)) is None:
                 continue
+            kernel, (y, s) = tried
             err = max(rel_err(y, y_ref), rel_err(s, s_ref))
             t_k, t_r = time_pair(kernel, args, ref, args, repeats)
             out.append(row("ssd_scan", f"{name} b{b} L{L} H{H} P{P} G{G} N{N} Q{Q} {label}", t_k, t_r, err, flops,
@@ -195,13 +205,10 @@ def bench_ssd_update(quick: bool, interpret: bool, repeats: int, peak_bw: float 
         nbytes = 2 * b * H * P * N * 4 + sum(t.nbytes for t in small) + b * H * P * 4
         for cfg in configs:
             tag = "".join(f" {k}={v}" for k, v in cfg.items()) or " defaults"
-            try:
-                kernel = compiled(functools.partial(ssd_update, interpret=interpret, **cfg), *fresh(), donate=(0,))
-                y, s = kernel(*fresh())
-            except Exception as e:  # a config that does not compile is a result of the sweep, not its end
-                out.append(dict(op="ssd_update", shape=f"{name} b{b}{tag}", error=f"{type(e).__name__}: {e}"[:400]))
-                print(f"  ssd_update {name} b{b}{tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            fn = functools.partial(ssd_update, interpret=interpret, **cfg)
+            if (tried := try_config("ssd_update", f"{name} b{b}{tag}", fn, fresh, out, donate=(0,))) is None:
                 continue
+            kernel, (y, s) = tried
             err = max(rel_err(y, y_ref), rel_err(s, s_ref))
             t_k, t_r = time_pair(kernel, fresh, ref, fresh, repeats)
             out.append(row("ssd_update", f"{name} b{b} H{H} P{P} G{G} N{N}{tag}", t_k, t_r, err, nbytes, "GB/s",
@@ -245,13 +252,12 @@ def bench_fp8(quick: bool, interpret: bool, repeats: int, peak_fp8: float | None
         for cfg in variants:
             args = codes_nk if cfg.get("b_layout") == "nk" else codes
             tag = " ".join(f"{k}={v}" for k, v in cfg.items())
-            try:
-                fn = compiled(functools.partial(fp8_matmul, interpret=interpret, **cfg), *args)
-                err = rel_err(fn(*args), exact)
-            except Exception as e:  # a config that does not compile is a result of the sweep, not its end
-                out.append(dict(op="fp8_matmul", shape=f"{shape} {tag}", error=f"{type(e).__name__}: {e}"[:400]))
-                print(f"  fp8_matmul {shape} {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            tried = try_config("fp8_matmul", f"{shape} {tag}", functools.partial(fp8_matmul, interpret=interpret,
+                                                                                 **cfg), args, out)
+            if tried is None:
                 continue
+            fn, y = tried
+            err = rel_err(y, exact)
             t_v, t_bf16 = time_pair(fn, args, bf16, (a, b), repeats)
             out.append(row("fp8_matmul", f"{shape} {tag}", t_v, t_bf16, err, flops, "TFLOP/s", peak_fp8,
                            "bf16 jnp.dot"))
@@ -295,14 +301,13 @@ def bench_nvfp4(quick: bool, interpret: bool, repeats: int, peaks_: tuple, sweep
             full = {**nvfp4_default_config(M, x.dtype), "decode": "e4m3", **cfg}
             tag = ("defaults" if not cfg else "cfg") + \
                 " bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages} {decode}".format(**full)
-            try:
-                kernel = compiled(functools.partial(nvfp4_matmul, interpret=interpret, **cfg), x, packed, scale, g)
-                err = rel_err(kernel(x, packed, scale, g), y_bf16)
-            except Exception as e:  # a config that does not compile is a result of the sweep, not its end
-                out.append(dict(op="nvfp4_matmul", shape=f"M{M} K{K} N{N} {tag}",
-                                error=f"{type(e).__name__}: {e}"[:400]))
-                print(f"  nvfp4_matmul M{M} {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            tried = try_config("nvfp4_matmul", f"M{M} K{K} N{N} {tag}",
+                               functools.partial(nvfp4_matmul, interpret=interpret, **cfg),
+                               (x, packed, scale, g), out)
+            if tried is None:
                 continue
+            kernel, y = tried
+            err = rel_err(y, y_bf16)
             t_k, t_r = time_pair(kernel, (x, packed, scale, g), bf16, (x, w_bf16), repeats)
             out.append(row("nvfp4_matmul", f"M{M} K{K} N{N} {tag}", t_k, t_r, err, work, unit, peak,
                            "bf16 dot, bf16 W"))

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import nemojax
-from nemojax.infer.cache import init_cache
-from nemojax.infer.extend import decode_step, prefill
 from nemojax.nn import attention
 from nemojax.nn.attention import cached_attention
 from nemojax.nn.state import KVCache
 from pallas_kernels.decode_attention import decode_attention, supports
+from tests.decoding import prefill_then_decode
 
 
 def _inputs(b=3, Hq=8, Hkv=2, d=32, S=256, seed=0):
@@ -78,16 +77,8 @@ def test_model_decode_steps_take_the_kernel(monkeypatch):
     kernel = attention.pallas_decode.decode_attention
     monkeypatch.setattr(attention.pallas_decode, "decode_attention",
                         lambda *a, **k: traced.append(1) or kernel(*a, **k))
-    runs = {}
-    for impl in ("xla", "pallas"):
-        cfg = config.replace(attention={"decode_impl": impl})
-        cache = init_cache(cfg, batch=2, max_len=32)
-        logits, cache = prefill(cfg, model.params, tokens[:, :8], jnp.array([8, 5]), cache)
-        out = [logits]
-        for t in range(8, 11):
-            logits, cache = decode_step(cfg, model.params, tokens[:, t], cache)
-            out.append(logits)
-        runs[impl] = np.stack([np.asarray(o, np.float32) for o in out])
+    runs = {impl: prefill_then_decode(config.replace(attention={"decode_impl": impl}), model.params, tokens, (8, 5),
+                                      steps=3, max_len=32)[0] for impl in ("xla", "pallas")}
     np.testing.assert_allclose(runs["pallas"], runs["xla"], rtol=3e-2, atol=3e-2)
     assert traced
     with pytest.raises(ValueError, match="attention.decode_impl"):

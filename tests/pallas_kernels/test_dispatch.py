@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import nemojax
-from nemojax.infer.cache import init_cache
-from nemojax.infer.extend import decode_step, prefill
 from nemojax.nn import mamba2
 from pallas_kernels import dispatch
+from tests.decoding import prefill_then_decode
 
 
 def test_resolve(monkeypatch):
@@ -93,16 +92,8 @@ def test_pallas_decode_step_equals_xla(dtype, monkeypatch):
     traced = []
     kernel = mamba2.ssd_update
     monkeypatch.setattr(mamba2, "ssd_update", lambda *a, **k: traced.append(1) or kernel(*a, **k))
-    runs = {}
-    for impl in ("xla", "pallas"):
-        cfg = config.replace(mamba={"decode_impl": impl})
-        cache = init_cache(cfg, batch=2, max_len=16)
-        logits, cache = prefill(cfg, model.params, tokens[:, :8], jnp.array([8, 5]), cache)
-        out = [logits]
-        for t in range(8, 11):
-            logits, cache = decode_step(cfg, model.params, tokens[:, t], cache)
-            out.append(logits)
-        runs[impl] = (np.stack([np.asarray(o) for o in out]), cache)
+    runs = {impl: prefill_then_decode(config.replace(mamba={"decode_impl": impl}), model.params, tokens, (8, 5),
+                                      steps=3, max_len=16) for impl in ("xla", "pallas")}
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(runs["pallas"][0], runs["xla"][0], rtol=tol, atol=tol)
     for a, b in zip(jax.tree.leaves(runs["pallas"][1]), jax.tree.leaves(runs["xla"][1]), strict=True):
