@@ -74,7 +74,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one subprocess per worker, whatever the test order
 def sharded() -> dict:
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -84,7 +84,7 @@ def sharded() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.xdist_group("subprocess")
+@pytest.mark.xdist_group("mamba_sharding")  # one worker, one subprocess for both tests
 def test_tensor_sharded_mixer_has_no_resharding_collectives(sharded):
     """Tensor 2 (divides H and G): only all-reduces, none of them from a split or concatenate; no all-to-all,
     collective-permute or all-gather (the fused [z | x | B | C | dt] layout cut across shards needed those)."""
@@ -98,7 +98,7 @@ def test_tensor_sharded_mixer_has_no_resharding_collectives(sharded):
     assert any("out_proj/dot_general" in name for _, name in run["ops"])
 
 
-@pytest.mark.xdist_group("subprocess")
+@pytest.mark.xdist_group("mamba_sharding")  # one worker, one subprocess for both tests
 def test_sharded_mixer_equals_one_device(sharded):
     """Loss, param gradients and input gradient equal the one-device ones, on tensor 2 and on tensor 4, where
     G = 2 does not divide: B and C (and their convs) are replicated, z, x and dt still shard by heads."""

@@ -118,8 +118,8 @@ def test_compilation_cache_dir_stores_and_reuses_the_step(tmp_path):
     """With train.compilation_cache_dir the compiled step lands in the directory, and a second build of the same
     step (in-memory caches cleared, as in a new process) loads it from there: jax reports a persistent-cache hit."""
     cache = tmp_path / "xla_cache"
-    config = _config(f"model.overrides.pattern={NESTED}", "model.overrides.scan_layers=True",
-                     f"train.compilation_cache_dir={cache}")
+    # the cache does not care how the stack is laid out: the cheapest step to compile (suite time)
+    config = _config("model.overrides.pattern=M-", f"train.compilation_cache_dir={cache}")
     hits = []
 
     def listen(event: str, **kwargs) -> None:
