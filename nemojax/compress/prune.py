@@ -215,8 +215,9 @@ def _slice_mlp(layer: dict, k_F: np.ndarray, prefix: str = "mixer") -> None:
 
 
 def _slice_mamba(layer: dict, k_heads: np.ndarray, k_P: np.ndarray, cfg: ModelConfig) -> None:
-    """spec 4.3: k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel() for z, x, the x conv, the norm and
-    out_proj's input; B/C (projections and convs) kept; dt and the per-head params by head."""
+    """Group-aware SSM pruning (Minitron-SSM, arXiv:2504.11409): the kept channels
+    k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel() for z, x, the x conv, the norm and out_proj's input;
+    B/C (projections and convs) kept whole; dt and the per-head params by head."""
     m = cfg.mamba
     k_inner = (k_heads[:, None] * m.head_dim + k_P[None, :]).ravel()
     for part, keep in (("z", k_inner), ("x", k_inner), ("dt", k_heads)):

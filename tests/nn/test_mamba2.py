@@ -176,8 +176,8 @@ def test_mixer_limit_above_all_dt_is_a_no_op() -> None:
                                   np.asarray(jax.jit(Mamba2Mixer(free).apply)({"params": params}, u)))
 
 
-def test_mixer_param_shapes_follow_spec() -> None:
-    """Params are named like the checkpoint with spec 1.5 shapes ([in, out] kernels, conv kernel [K, conv_dim]),
+def test_mixer_param_shapes_follow_the_checkpoint() -> None:
+    """Params are named like the checkpoint with its shapes transposed ([in, out] kernels, conv kernel [K, conv_dim]),
     in_proj and conv1d split into their parts (z, x, B, C, dt; x, B, C) in the checkpoint's order."""
     cfg = _config()
     m = cfg.mamba
