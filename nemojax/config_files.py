@@ -1,5 +1,10 @@
 """Experiment config files: Python files with a `get_config()` returning an ml_collections ConfigDict, plus dotted
-command-line overrides (`--config.train.steps=200`)."""
+command-line overrides (`--config.train.steps=200`).
+
+A config is named by a path ("configs/tiny.py", "runs/x/my.py") or by the bare name of a shipped config ("tiny",
+"tiny.py"). `resolve` looks in the working directory first, then in the configs shipped with the package (the
+repository's top-level configs/, which a wheel installs as `nemojax/configs/`), so `nemojax train --config tiny`
+works from any directory after a plain `pip install`."""
 
 from __future__ import annotations
 
@@ -10,12 +15,35 @@ from pathlib import Path
 import ml_collections
 
 
+def packaged_dir() -> Path:
+    """The shipped configs: `nemojax/configs/` in an installed wheel, else the source checkout's `configs/`."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def resolve(name: str | Path) -> Path:
+    """The config file that `name` means: `name` (or `name`.py) relative to the working directory if it exists,
+    else the shipped config of that name, with a leading "configs/" dropped ("configs/tiny.py", "tiny.py" and
+    "tiny" all find the shipped tiny.py). Raises ValueError naming every place it looked."""
+    path = Path(name)
+    suffixes = [""] if path.suffix == ".py" else ["", ".py"]
+    tried = [Path(f"{path}{suffix}") for suffix in suffixes]
+    if not path.is_absolute():
+        relative = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+        tried += [packaged_dir() / f"{relative}{suffix}" for suffix in suffixes]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c if c.is_absolute() else Path.cwd() / c) for c in tried)
+    raise ValueError(f"--config {name} does not exist: looked for {looked}")
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Runs `get_config()` of the file at `path`, then applies `key.path=value` overrides (values parsed as
-    Python literals when they are one, else kept as strings; the field's existing type must accept them)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"--config {path} does not exist")
+    """Runs `get_config()` of the config file `path` names (see `resolve`), then applies `key.path=value`
+    overrides (values parsed as Python literals when they are one, else kept as strings; the field's existing type
+    must accept them)."""
+    path = resolve(path)
     spec = importlib.util.spec_from_file_location(f"nemojax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

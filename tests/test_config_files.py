@@ -128,3 +128,36 @@ def test_loading_twice_gives_independent_configs():
     a = config_files.load(TINY, ["train.steps=3"])
     b = config_files.load(TINY)
     assert a.train.steps == 3 and b.train.steps == 20
+
+
+def test_shipped_configs_are_the_checkouts_configs_folder():
+    assert config_files.packaged_dir() == ROOT / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny.py", "configs/tiny.py", "configs/tiny"])
+def test_names_resolve_to_the_shipped_config_outside_a_checkout(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert config_files.resolve(name) == TINY
+    assert config_files.load(name).model.preset == "nemotron-h-8b-tiny"
+
+
+def test_working_directory_wins_over_the_shipped_config(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text(
+        "import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({'mine': 1})\n")
+    monkeypatch.chdir(tmp_path)
+    assert config_files.resolve("configs/tiny.py") == Path("configs/tiny.py")
+    assert config_files.load("configs/tiny").mine == 1
+    assert config_files.load("tiny").model.preset == "nemotron-h-8b-tiny"  # ./tiny.py does not exist: shipped one
+
+
+def test_unknown_name_lists_every_place_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="does not exist") as error:
+        config_files.resolve("configs/nope")
+    message = str(error.value)
+    for looked in [tmp_path / "configs" / "nope", tmp_path / "configs" / "nope.py", ROOT / "configs" / "nope",
+                   ROOT / "configs" / "nope.py"]:
+        assert str(looked) in message
+    with pytest.raises(ValueError, match="does not exist"):
+        config_files.resolve(tmp_path / "nope.py")  # an absolute path is only looked for where it points
