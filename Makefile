@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench notebooks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_forward.py
+
+# re-executes the notebooks at their documented scale and writes the paired .ipynb with their outputs
+notebooks: $(STAMP)
+	$(PY) notebooks/execute.py notebooks/minitron.py notebooks/nvfp4_qad.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

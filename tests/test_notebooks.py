@@ -1,4 +1,5 @@
-"""The notebooks: each paired .ipynb matches its jupytext .py, and each notebook executes at test scale.
+"""The notebooks: each paired .ipynb matches its jupytext .py and holds the outputs of a run at the documented
+scale (`make notebooks`), and each notebook executes at test scale.
 
 Notebooks read NEMOJAX_NOTEBOOK_QUICK=1 (tiny scale) and NEMOJAX_NOTEBOOK_OUT (where they write); they run as
 plain Python scripts in a subprocess, so a failing assert in a notebook's closing cell fails the test.
@@ -26,9 +27,31 @@ def test_ipynb_is_paired_with_py(name):
     ipynb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
     assert _cells(ipynb) == _cells(py), f"notebooks/{name}.ipynb is stale: run jupytext --sync notebooks/{name}.py"
     assert any(kind == "markdown" for kind, _ in _cells(py)) and any(kind == "code" for kind, _ in _cells(py))
-    for cell in ipynb.cells:
-        if cell.cell_type == "code":
-            assert not cell.get("outputs") and cell.get("execution_count") is None, "commit the .ipynb without outputs"
+    code = [cell for cell in ipynb.cells if cell.cell_type == "code"]
+    assert [cell.get("execution_count") for cell in code] == list(range(1, len(code) + 1)), \
+        f"notebooks/{name}.ipynb is not executed: run `make notebooks` and commit it"
+    text = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
+    assert "QUICK=False" in text, f"notebooks/{name}.ipynb holds a test-scale run: run `make notebooks`"
+    assert any("image/png" in o.get("data", {}) for cell in code for o in cell.outputs), "no figure in the outputs"
+
+
+def test_execute_records_prints_figures_and_the_last_value(tmp_path):
+    """notebooks/execute.py (`make notebooks`): a cell's print is a stream output, its open figure a PNG, its
+    final expression an execute_result, in the written .ipynb."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute", NOTEBOOKS / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
+    py = tmp_path / "toy.py"
+    py.write_text("# %% [markdown]\n# toy\n\n# %%\nimport matplotlib.pyplot as plt\nx = 3\nprint('x is', x)\n"
+                  "plt.plot([1, 2], [3, 4])\nx * 2\n\n# %%\ny = x + 1\n")
+    notebook = jupytext.read(execute.execute(py))
+    first, second = (cell for cell in notebook.cells if cell.cell_type == "code")
+    assert [o.output_type for o in first.outputs] == ["stream", "display_data", "execute_result"]
+    assert first.outputs[0].text == "x is 3\n" and first.outputs[2].data["text/plain"] == "6"
+    assert first.outputs[1].data["image/png"].startswith("iVBOR")  # base64 of the PNG signature
+    assert (first.execution_count, second.execution_count, second.outputs) == (1, 2, [])
 
 
 def _run_quick(name: str, tmp_path: Path) -> None:
