@@ -1,4 +1,4 @@
-"""Tests for nemojax.presets: published sizes (spec/arch.md 2.4, 4.3), tiny twins, get()/names()."""
+"""Tests for nemojax.presets: published patterns and exact parameter totals, sources, tiny twins, get()/names()."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 from nemojax import presets
 from nemojax.config import ModelConfig
 
-# Spec 4.3: (tensors, parameters), embeddings + lm_head included, per-expert tensors counted one each.
+# (tensors, parameters) counted from the checkpoint layout of each published config, embeddings + lm_head included,
+# per-expert tensors counted one each. The Super row is exactly the count of Megatron-Bridge's verification card
+# for the BF16 checkpoint ([MB-card] in nemojax.presets), which checks the whole layout end to end.
 TABLE_4_3: dict[str, tuple[int, int]] = {
     "nemotron-h-4b": (311, 4_489_223_040),
     "nemotron-h-8b": (311, 8_100_852_736),
@@ -19,9 +21,9 @@ TABLE_4_3: dict[str, tuple[int, int]] = {
     "nemotron-3-nano-30b-a3b": (6_243, 31_577_940_288),
     "nemotron-3-super-120b-a12b": (42_683, 123_611_033_088),
 }
-SUPER_MTP_PARAMS = 2_942_325_248  # spec 4.3 / 4.4
+SUPER_MTP_PARAMS = 2_942_325_248  # the MTP part of the Super row
 
-# Spec 2.4: layer counts (L, M, *, -, E) and 0-based attention indices.
+# The published patterns: layer counts (L, M, *, -, E) and 0-based attention indices.
 TABLE_2_4: dict[str, tuple[tuple[int, int, int, int, int], list[int]]] = {
     "nemotron-h-4b": ((52, 24, 4, 24, 0), [7, 18, 29, 40]),
     "nemotron-h-8b": ((52, 24, 4, 24, 0), [7, 18, 29, 40]),
@@ -39,7 +41,7 @@ TINY_NAMES = [name + "-tiny" for name in FULL_NAMES]
 
 
 def _layer_shapes(cfg: ModelConfig, kind: str) -> list[tuple[int, ...]]:
-    """Checkpoint tensor shapes of one block (pre-norm + mixer) of `kind`, from spec 1.5, 2.1, 2.2 and 3.4."""
+    """Checkpoint tensor shapes of one block (pre-norm + mixer) of `kind`, as the Hub checkpoints store them."""
     h = cfg.hidden_size
     shapes: list[tuple[int, ...]] = [(h,)]  # norm.weight
     if kind == "M":
@@ -75,7 +77,8 @@ def _layer_shapes(cfg: ModelConfig, kind: str) -> list[tuple[int, ...]]:
 
 
 def _mtp_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
-    """MTP tensors of spec 3.5: per depth enorm, hnorm, eh_proj, its blocks, and final_layernorm."""
+    """MTP tensors (Megatron-Bridge names, docs/numerics.md 9): per depth enorm, hnorm, eh_proj, its blocks, and
+    final_layernorm."""
     if cfg.mtp is None:
         return []
     h = cfg.hidden_size
@@ -89,7 +92,7 @@ def _mtp_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
 
 
 def _all_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
-    """Every checkpoint tensor of spec 4.1: embeddings, layers, norm_f, lm_head (untied), MTP."""
+    """Every checkpoint tensor (docs/numerics.md 10): embeddings, layers, norm_f, lm_head (untied), MTP."""
     v, h = cfg.vocab_size, cfg.hidden_size
     shapes: list[tuple[int, ...]] = [(v, h), (h,), (v, h)]
     for kind in cfg.pattern:
@@ -154,7 +157,7 @@ def test_preset_survives_hf_round_trip(name: str) -> None:
 
 
 def _q_width_differs(cfg: ModelConfig) -> bool:
-    """Whether attention's q width n_heads * head_dim differs from hidden (spec 6.12)."""
+    """Whether attention's q width n_heads * head_dim differs from hidden (docs/numerics.md 6)."""
     assert cfg.attention is not None
     return cfg.attention.num_heads * cfg.attention.head_dim != cfg.hidden_size
 
@@ -203,3 +206,11 @@ def test_unknown_name_raises_value_error() -> None:
     with pytest.raises(ValueError, match="nemotron-h-9b") as info:
         presets.get("nemotron-h-9b")
     assert "nemotron-h-8b" in str(info.value)  # lists the known names
+
+
+def test_every_published_preset_cites_its_model_card_and_paper() -> None:
+    assert list(presets.SOURCES) == FULL_NAMES
+    for name, source in presets.SOURCES.items():
+        card, paper = source.split("; ")
+        assert card.startswith("https://huggingface.co/nvidia/"), name
+        assert paper.startswith("arXiv ") and len(paper.split()[1]) == 10, name
