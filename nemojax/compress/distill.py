@@ -1,29 +1,32 @@
-"""Knowledge distillation of a student Model from a teacher Model on the shared trainer (spec/compress.md 5, 7.2).
+"""Knowledge distillation of a student Model from a teacher Model on the shared trainer (Minitron, arXiv 2407.14679).
+
+The losses follow ModelOpt's distillation plugin ("ModelOpt" below: NVIDIA/Model-Optimizer@a2fbac7:
+modelopt/torch/distill/plugins/megatron.py, and modelopt/torch/distill/losses.py for the Hinton loss).
 
     small, history = distill(small, teacher=model, data=DataConfig(...), steps=1000)
-    teacher = teacher_correction(model, data=DataConfig(...), steps=200)     # spec 5.2, before distill
+    teacher = teacher_correction(model, data=DataConfig(...), steps=200)     # arXiv 2408.11796, before distill
 
 The loss is an ordinary `LossFn` (see `nemojax.train.step`) over params {"student": ..., "maps": ...}; the teacher
 runs inside it under `stop_gradient`. With logits s, t [B, L, V], loss mask m [B, L] and N = sum m:
 
-    logit KL (spec 5.1 `LogitsKLLoss`, forward KL, the teacher is the target):
+    logit KL (ModelOpt `LogitsKLLoss`, forward KL, the teacher is the target):
         p_t = softmax(t / T), log p_s = log_softmax(s / T)
         kl[b, l] = sum_v p_t (log p_t - log p_s)
-        KL = c_T * sum_{b,l} m kl / N,   c_T = T^2 (Hinton's scaling, spec 5.1 `LogitsDistillationLoss`)
+        KL = c_T * sum_{b,l} m kl / N,   c_T = T^2 (Hinton's scaling, ModelOpt `LogitsDistillationLoss`)
              or 1 with `scale_by_temperature=False` (Megatron's `LogitsKLLoss` has no T^2)
-    top-K KL (spec 5.1 `TopKLogitsKLLoss`, top_k = K > 0): K_ids = the teacher's top-K vocabulary ids per token;
+    top-K KL (ModelOpt `TopKLogitsKLLoss`, top_k = K > 0): K_ids = the teacher's top-K vocabulary ids per token;
         both logits are gathered at K_ids and the log-softmax is renormalised over those K entries, then the KL
         above (same T and c_T).
-    LM (lm_weight; spec 5.2: the papers use 0, logit-only KD):
+    LM (lm_weight; arXiv 2408.11796 uses 0, logit-only KD):
         CE = sum m * (-log softmax(s)[target]) / N       (`nemojax.train.losses.cross_entropy`)
-    intermediate (spec 5.1 hidden-state losses) for each pair (i, j) of `intermediate`, with h_s = output of
+    intermediate (ModelOpt's hidden-state losses) for each pair (i, j) of `intermediate`, with h_s = output of
         student block i [B, L, H_s] and h_t = output of teacher block j [B, L, H_t] (the residual stream after the
         block), Proj(x) = x W + b ONE learned Linear(H_s -> H_t) shared by all pairs, the identity when
-        H_s == H_t (spec 5.1):
+        H_s == H_t (as in ModelOpt):
         cosine: per token 1 - cos(Proj(h_s), h_t);   mse: per token mean_f (Proj(h_s) - h_t)^2
         each reduced as sum m * . / N; I = mean over the pairs.
     total = kl_weight * KL + lm_weight * CE + intermediate_weight * I        (a static balancer; Puzzle's GKD,
-        spec 5.2, is kl_weight = intermediate_weight = 1 with cosine)
+        arXiv 2411.19146, is kl_weight = intermediate_weight = 1 with cosine)
 
 Metrics: "kl", "lm_nll", "intermediate" (+ "intermediate_{i}_{j}" per pair) and "total"; the trainer adds "loss"
 and "grad_norm".
@@ -56,14 +59,14 @@ Batch = dict[str, jax.Array]
 f32 = jnp.float32
 
 INTERMEDIATE_LOSSES = ("cosine", "mse")
-# spec 5.3: LR 1e-4 -> 1e-5, cosine, short warmup (ModelOpt's recommended recipe, scaled to a short run).
+# LR 1e-4 -> 1e-5, cosine, short warmup: ModelOpt's recommended recipe (examples/pruning/README.md), scaled down.
 DEFAULT_OPTIMIZER = OptimizerConfig(lr=1e-4, total_steps=1000, warmup_steps=50, schedule="cosine",
                                     min_lr_ratio=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Knobs of `distillation_loss` and `distill` (spec 5.1's Megatron `DistillationConfig`, 7.2).
+    """Knobs of `distillation_loss` and `distill` (ModelOpt's Megatron `DistillationConfig`).
 
     kl_weight: weight of the logit KL (>= 0). temperature: T > 0. scale_by_temperature: multiply the KL by T^2
     (Hinton) or not (Megatron). top_k: 0 for the full-vocabulary KL, K > 0 for the KL over the teacher's top-K
@@ -132,7 +135,7 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def kl_per_token(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0,
                  top_k: int = 0) -> jax.Array:
-    """Forward KL(p_t || p_s) per token (spec 5.1), without the T^2 factor.
+    """Forward KL(p_t || p_s) per token (ModelOpt `LogitsKLLoss`), without the T^2 factor.
 
     student_logits, teacher_logits: [B, L, V] -> [B, L] float32. top_k > 0: both logits restricted to the
     teacher's top-K ids and the log-softmax renormalised over those K.
@@ -164,7 +167,7 @@ def project(maps: Params, h: jax.Array) -> jax.Array:
 
 
 def kd_hidden(h_student: jax.Array, h_teacher: jax.Array, mask: jax.Array, kind: str = "cosine") -> jax.Array:
-    """Hidden-state loss of an already projected student state (spec 5.1). h_*: [B, L, H_t], mask: [B, L].
+    """Hidden-state loss of an already projected student state (as ModelOpt). h_*: [B, L, H_t], mask: [B, L].
 
     cosine: masked mean of 1 - cos(h_s, h_t) per token; mse: masked mean of mean_f (h_s - h_t)^2.
     """
@@ -183,7 +186,7 @@ def kd_hidden(h_student: jax.Array, h_teacher: jax.Array, mask: jax.Array, kind:
 
 
 def init_maps(student_config: ModelConfig, teacher_config: ModelConfig, dcfg: DistillConfig) -> Params:
-    """The learned map's params: {} without intermediate pairs or when the hidden sizes match (identity, spec 5.1),
+    """The learned map's params: {} without intermediate pairs or when the hidden sizes match (identity, as ModelOpt),
     else {"kernel": [H_s, H_t], "bias": [H_t]} float32, initialised to the truncated identity eye(H_s, H_t) and 0
     (a width-pruned student's hidden channels start as a subset of the teacher's)."""
     H_s, H_t = student_config.hidden_size, teacher_config.hidden_size
@@ -358,10 +361,10 @@ def finetune(model: Model, data: Any, steps: int, *, optimizer: OptimizerConfig 
 def teacher_correction(teacher: Model, data: Any, steps: int, *, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
                        batch_size: int = 8, seq_len: int = 256, seed: int = 0, progress: bool = False,
                        return_history: bool = False) -> Model | tuple[Model, list[dict[str, float]]]:
-    """Teacher correction (spec 5.2): fine-tune the unpruned teacher with the LM loss on the distillation data.
+    """Teacher correction (arXiv 2408.11796): fine-tune the unpruned teacher with the LM loss on the distillation data.
 
     data: as for `distill`. Returns the corrected teacher (and the per-step metrics with return_history=True).
-    Prune the original teacher, distill from the corrected one (spec 5.2).
+    Prune the original teacher, distill from the corrected one (arXiv 2408.11796).
     """
     corrected, history = finetune(teacher, data, steps, optimizer=optimizer, batch_size=batch_size,
                                   seq_len=seq_len, seed=seed, progress=progress, desc="teacher_correction")

@@ -1,11 +1,12 @@
-"""Minitron width and depth pruning of a NemotronH `Model`, with group-aware Mamba-2 slicing (spec/compress.md
-sections 2-4).
+"""Minitron width and depth pruning of a NemotronH `Model`, with group-aware Mamba-2 slicing (Minitron,
+arXiv 2407.14679 and 2408.11796; Minitron-SSM, arXiv 2504.11409). The slicing rules are those of ModelOpt's
+Minitron plugin ("ModelOpt" below: NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch/prune/plugins/mcore_minitron.py).
 
     small = prune(model, scores, hidden=48, ffn=96, heads=2, mamba_heads=4, mamba_head_dim=8, layers=6)
 
 `prune` is a pure transform: it returns a new `Model` (a new, validated config and sliced params) and never
 edits its input. Every axis keeps the `target` highest-scoring indices and puts them back in ascending order,
-so the kept channels stay in their original order (spec 2.1: equal to ModelOpt's importance-ordered slicing
+so the kept channels stay in their original order (equal to ModelOpt's importance-ordered slicing
 up to a permutation). Ties go to the lower index.
 
 `scores` maps a name to a numpy-convertible vector (higher = more important); the keys read are
@@ -16,7 +17,7 @@ up to a permutation). Ties go to the lower index.
     "layers_{i}/mamba_heads"   [H]                     Mamba layer i, heads (ranked within their SSM group)
     "layers_{i}/mamba_channels" [P]                    Mamba layer i, head channels (the same P' kept in every head)
     "layers_{i}/mamba_x"       [H, P]   optional       per-channel map; when present and channels are pruned too,
-                                                       heads are scored on the kept channels only (spec 4.2)
+                                                       heads are scored on the kept channels only (Minitron-SSM)
     "layers_{i}/shared_mlp"    [shared_intermediate_size]  MoE layer i, shared-expert hidden units
     "layers_{i}/experts"       [E]                     MoE layer i, routed experts
     "layers_{i}/expert_ffn"    [E, F]                  MoE layer i, each expert's hidden units
@@ -27,16 +28,16 @@ is read only for an axis that actually shrinks; a missing one raises a ValueErro
 are those of the input model (width pruning happens before the depth renumbering).
 
 Decisions:
-  * Attention heads are pruned group-aware (spec 2.1, ModelOpt): the query heads of each KV group are ranked
+  * Attention heads are pruned group-aware (as ModelOpt): the query heads of each KV group are ranked
     within the group and the top heads/num_kv_heads of every group are kept, so each kept query head keeps
     reading the same K/V head. num_kv_heads and head_dim never change (KV-group pruning is not offered).
-  * Mamba heads are kept per SSM group (spec 4.2): the top mamba_heads/n_groups of each group, so every head
+  * Mamba heads are kept per SSM group (arXiv 2504.11409): the top mamba_heads/n_groups of each group, so every head
     keeps its B/C group; n_groups and state_size never change. mamba_head_dim keeps the same channels in every
     head. The gated norm keeps n_groups groups, each now (mamba_heads/G) * mamba_head_dim wide.
-    `group_aware=False` is the ablation baseline (Minitron-SSM's point, spec 4.2 step 2 / 4.4): the top
+    `group_aware=False` is the ablation baseline (Minitron-SSM's point, arXiv 2504.11409): the top
     mamba_heads heads are ranked globally, ignoring groups, and kept in ascending order; the config still has
     n_groups groups of mamba_heads/G heads, so the kept heads are re-packed contiguously into the groups and a
-    head whose group lost more (or fewer) heads than others ends up reading another group's B/C. The spec gives
+    head whose group lost more (or fewer) heads than others ends up reading another group's B/C. The paper gives
     no exact recipe for the paper's unconstrained baseline; this is what slicing by a global ranking yields when
     the group structure is ignored (forcing each group to k/G by rank order instead would just reproduce the
     group-aware keep). When the global top-k happens to be balanced over the groups both modes agree.
@@ -260,7 +261,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, ffn: int | No
     mamba.head_dim; experts: new moe.num_experts; expert_ffn: new moe.intermediate_size; shared_ffn: new
     moe.shared_intermediate_size (one shared expert only; scored by "layers_{i}/shared_mlp"); layers: number of
     layers to keep (by "layer/block"); drop_layers: explicit layer indices to drop (exclusive with `layers`).
-    group_aware: rank Mamba heads within their SSM group (True, spec 4.2) or globally, re-packing the kept heads
+    group_aware: rank Mamba heads within their SSM group (True, Minitron-SSM) or globally, re-packing the kept heads
     into the groups (False, the ablation baseline; see the module docstring).
     Raises ValueError for a target that breaks a constraint, naming it and the allowed values.
     """
@@ -373,7 +374,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, ffn: int | No
             if mamba_heads == m.num_heads:
                 k_heads = np.arange(m.num_heads)
             else:
-                # spec 4.2: with the per-channel map S_x [H, P] at hand, heads are scored on the kept channels only
+                # Minitron-SSM: with the per-channel map S_x [H, P] at hand, heads are scored on the kept channels only
                 s_x = read.optional(f"{name}/mamba_x", (m.num_heads, m.head_dim))
                 head_score = (np.sqrt(np.sum(np.square(s_x[:, k_P]), axis=1)) if s_x is not None
                               and mamba_head_dim < m.head_dim else read(f"{name}/mamba_heads", (m.num_heads,)))

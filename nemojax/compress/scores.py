@@ -1,6 +1,6 @@
 """`Scores`: the frozen result of `nemojax.compress.importance`, a name -> float32 numpy array map.
 
-Keys (spec/compress.md 1.2, 3, 4.2; see `importance` for the exact definitions):
+Keys (see `importance` for the exact definitions and their sources):
 
     hidden                    [hidden_size]
     layers_{i}/heads          [num_heads]               attention layer i

@@ -1,5 +1,6 @@
 """Architecture search over prune targets under a parameter or memory budget: Minitron / Minitron-SSM / MiniPuzzle
-(spec/compress.md 2.5, 4.4, 6.1, 8.2).
+(arXiv 2407.14679, 2504.11409, 2504.03624; the grid and the ranking follow ModelOpt's Minitron search,
+NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch/prune/plugins/mcore_minitron.py, "ModelOpt" below).
 
     cands = enumerate_candidates(model, budget_params=4e9, scores=scores)          # analytic, nothing sliced
     small, report = search(model, scores, budget_params=4e9, top=3, data=..., trial_steps=200)
@@ -19,14 +20,14 @@ The recipe of the papers in three steps:
    `slack` under it; the papers keep candidates near the budget), then ranked (below).
 2. `search` prunes the top `top` candidates with `prune(model, scores, **candidate.targets)`.
 3. ... and runs `trial(student, teacher=model, data, steps)` on each: lightweight retraining to stabilise the
-   ranking (spec 2.5, best practice #9), by default a short `distill` scored by the held-out KL to the parent
+   ranking (arXiv 2407.14679, best practice #9), by default a short `distill` scored by the held-out KL to the parent
    (or, without held-out data, the mean KL of the last quarter of the run). The lowest loss wins.
 
-Default grid (spec 2.5 / ModelOpt: choices are multiples of a divisor; keep >= ~60% of a width, >= ~80% depth):
+Default grid (ModelOpt: choices are multiples of a divisor; keep >= ~60% of a width, >= ~80% depth):
     hidden, ffn, expert_ffn   fractions (1, 7/8, 3/4, 5/8) of the parent size, rounded to the nearest multiple of
                               256 / 64 / 8 for sizes >= 2048 / >= 512 / smaller
-    mamba_heads               the same fractions, rounded to a multiple of mamba.n_groups (group-aware, spec 4)
-    mamba_head_dim            (1, 3/4), a multiple of 8 (2 for head_dim < 64): heads beat channels (spec 4.4)
+    mamba_heads               the same fractions, rounded to a multiple of mamba.n_groups (group-aware, Minitron-SSM)
+    mamba_head_dim            (1, 3/4), a multiple of 8 (2 for head_dim < 64): heads beat channels (arXiv 2504.11409)
     experts                   (1, 7/8, 3/4), a multiple of moe.n_group, at least what `prune` allows
     layers                    (1, 9/10, 8/10) of num_layers, only when `scores` has "layer/block": which layers go
                               decides the new pattern and so the cost
@@ -37,9 +38,9 @@ Default grid (spec 2.5 / ModelOpt: choices are multiples of a divisor; keep >= ~
 
 Ranking heuristic (documented, deterministic): by the primary cost's fraction of its budget, in buckets of 1%,
 descending (closest to the budget first, as ModelOpt sorts by the constraint metric); within a bucket, more layers
-first (width beats depth at this scale, spec 2.5), then larger mamba_head_dim (pruning heads beats channels, spec
-4.4), then larger hidden, then the exact cost, then the targets. The primary budget is `budget_params` when given,
-else `budget_bytes`; the other one is a hard cap only.
+first (width beats depth at this scale, arXiv 2407.14679), then larger mamba_head_dim (pruning heads beats
+channels, arXiv 2504.11409), then larger hidden, then the exact cost, then the targets. The primary budget is
+`budget_params` when given, else `budget_bytes`; the other one is a hard cap only.
 """
 
 from __future__ import annotations
