@@ -1,7 +1,7 @@
 # Nemotron-H-8B pretraining at its published shape: the full "nemotron-h-8b" preset (52 layers, hidden 4096,
 # 24 Mamba-2 / 4 attention / 24 relu2-MLP layers, vocab 131072, about 8.1B parameters), bfloat16 compute over
 # float32 master weights and float32 AdamW state, full per-layer rematerialisation, 8192-token sequences. This is a
-# pod job, not a laptop one:
+# pod job, not a laptop one (the suite checks that this command parses and builds its config, and does not run it):
 #
 #   nemojax train --config configs/nemotron_h_8b.py --workdir gs://bucket/runs/nemotron-h-8b \
 #       --config.data.paths="('/data/corpus/',)" --config.data.tokenizer=/path/to/nemotron/tokenizer.json
@@ -12,10 +12,10 @@
 # kind/paths are placeholders for a real pretraining corpus (jsonl shards).
 #
 # Layout: mesh {"data": 1, "fsdp": -1, "tensor": 1}: every device on fsdp (ZeRO-3: params, grads and AdamW state
-# sharded, the batch split over fsdp), the usual layout for a model of this size. Tensor parallelism is left at 1
-# for now: with a tensor axis the fused Mamba in_proj output is split across shard boundaries, which costs
-# collective-permutes / all-to-alls in every Mamba layer (about 40% of the step's collective bytes at fsdp 4 x
-# tensor 2, see experiments/compile_check.py); use "tensor": 2 inside a node once that layout is tensor-friendly.
+# sharded, the batch split over fsdp), the usual layout for a model of this size. Tensor parallelism is left at 1,
+# as ZeRO-3 alone fits this size; "tensor": 2 inside a node splits every Mamba projection part by heads or groups
+# (the mixer holds in_proj and conv1d one param per part, so no collective reshards around the split; measure
+# with experiments/compile_check.py before changing it).
 # Memory per device on 64 accelerators: f32 masters + mu + nu are 12 bytes/param (97 GB in all, 1.5 GB per device;
 # 11.3 GiB per device on the 8-device compile check), plus the f32 grads; activations with remat "full" keep one
 # [L, 4096] bf16 residual per layer and sequence (64 MB, 3.4 GB per sequence over 52 layers) plus one layer's
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
         "z_loss": 1e-4, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0, "document_mask": False,
         "log_every": 10, "eval_every": 1000, "eval_batches": 16, "checkpoint_every": 1000, "keep_checkpoints": 3,
         "peak_flops_per_device": 0.0,
-        "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.recipes)
+        "low_precision": "",  # a quantized-training recipe: "fp8_training" or "nvfp4_training" (nemojax.quant.named_recipes)
         "compilation_cache_dir": "",  # jax's persistent XLA cache ("" off): a later run loads the compiled step
     })
     return c

@@ -5,11 +5,14 @@
 #
 #   nemojax quantize --config configs/nvfp4_qad.py --teacher runs/demo --workdir runs/nvfp4
 #   nemojax qad --config configs/nvfp4_qad.py --workdir runs/nvfp4
-#   nemojax generate --checkpoint runs/nvfp4/qad --tokenizer byte --prompt "def main("   (loads the dequantized
-#                                                                                       weights)
+#   nemojax generate --checkpoint runs/nvfp4/qad --tokenizer byte --prompt "def main("
+#
+# generate (like nemojax.load_hf) reads the quantized checkpoint as a fake-quantized model: the dequantized weights,
+# with the activations quantized as in QAD. `make demo` runs the same stage into runs/demo/nvfp4 and draws
+# runs/demo/nvfp4/quantization.png.
 #
 # Other recipes: --config.recipe=fp8 (W8A8 + FP8 KV cache), nvfp4_w4a16, mxfp8, nemotron3_nano_nvfp4, ... (see
-# nemojax.quant.recipes). The checkpoints in runs/nvfp4/ptq and runs/nvfp4/qad use NVIDIA's ModelOpt layout
+# nemojax.quant.named_recipes). The checkpoints in runs/nvfp4/ptq and runs/nvfp4/qad use NVIDIA's ModelOpt layout
 # (packed uint8 weights, E4M3 weight_scale, FP32 weight_scale_2 and input_scale, hf_quant_config.json).
 # Measured on the demo teacher: see README ("Quantization").
 import ml_collections
@@ -18,7 +21,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.teacher = "runs/demo"  # a training workdir or a Hugging Face checkpoint folder (overridden by --teacher)
-    c.recipe = "nvfp4"  # a nemojax.quant.recipes name
+    c.recipe = "nvfp4"  # a nemojax.quant.named_recipes name
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})  # the teacher's data
     c.calibration = ml_collections.ConfigDict({
         "num_sequences": 32, "seq_len": 256, "batch_size": 8, "seed": 1, "method": "max",

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import nemojax
+from nemojax.lowp.qarray import dequantize, pack_fp4, quantize
 from nemojax.nn.attention import cached_attention, causal_attention
 from nemojax.nn.ssd import ssd_chunked
 from nemojax.nn.state import KVCache
-from nemojax.quant.qarray import dequantize, pack_fp4, quantize
 from pallas_kernels import dispatch
 from pallas_kernels.attention import flash_attention
 from pallas_kernels.decode_attention import decode_attention

@@ -8,9 +8,9 @@ What it runs: the library's trainer (`nemojax train`, one subprocess per arm, wo
 configs/small_hybrid.py with its demo settings (AdamW 2e-3, WSD schedule, z-loss, seed 0, the same batches in the
 same order) and float32 master params, changing only
   - bf16:  `model.overrides.dtype=bfloat16` (activations and GEMMs in bfloat16 compute, float32 params);
-  - fp8:   the same, plus `train.low_precision=fp8_training` (nemojax.quant.recipes.fp8_training): the fprop, dgrad
+  - fp8:   the same, plus `train.low_precision=fp8_training` (nemojax.quant.named_recipes.fp8_training): the fprop, dgrad
            and wgrad GEMMs of every linear layer on E4M3 weights/activations and E5M2 gradients with per-tensor
-           current scaling, emulated as quantize -> dequantize -> float32 dot (nemojax.quant.training); the first
+           current scaling, emulated as quantize -> dequantize -> float32 dot (nemojax.lowp.matmul); the first
            and the last layer of the pattern and lm_head stay in bfloat16;
   - nvfp4 (only with --nvfp4, reported separately): `train.low_precision=nvfp4_training` (16x16 weight blocks, 1x16
            activations/gradients, stochastic rounding of gradients, RHT on the wgrad inputs, last 15% of layers and
@@ -26,7 +26,7 @@ Acceptance criteria, fixed before the first run (FP8 vs bf16; "gap" = (loss_fp8 
   (2) training loss: the mean |gap| of the smoothed curves over the last half of the steps <= 2%, smoothing =
       a trailing moving average over max(5, steps // 12) steps (20 at the demo's 240).
 Both must hold for the verdict "tracks". The NVFP4 arm, when run, is measured the same way against bf16 and
-against FP8; the paper's figure (spec/quant.md 4.2: relative loss error vs FP8 under ~1.5%) is printed beside it
+against FP8; the paper's figure (arXiv 2509.25149: relative loss error vs FP8 under ~1.5%) is printed beside it
 but is not part of the verdict.
 
 Timing: wall time of each arm's process (start-up, compilation, training, validation, the final checkpoint); the

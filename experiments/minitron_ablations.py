@@ -12,7 +12,8 @@ parameters). Every trained arm sees the same training batches (same seed, batch 
 with the same AdamW schedule; every model is scored on the same validation batches (the pipeline's validation
 split and seed: token-weighted mean next-token NLL, nats/byte).
 
-Claims (spec/compress.md 3, 4.4, 5.2, 1.2) and the arms compared:
+Claims (arXiv 2408.11796 depth pruning and teacher correction; arXiv 2504.11409 group-aware heads; arXiv
+2407.14679 importance aggregation) and the arms compared:
 
 (a) prune + distill beats training the same architecture from random init on the same tokens:
     width-pruned + logit KD  vs  random init of the pruned config + LM loss.
@@ -54,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from nemojax import config_files  # noqa: E402
 from nemojax import data as data_lib  # noqa: E402
-from nemojax.compress import pipeline  # noqa: E402
+from nemojax.compress import minitron  # noqa: E402
 from nemojax.compress.distill import distill, teacher_correction  # noqa: E402
 from nemojax.compress.importance import AGGS, importance  # noqa: E402
 from nemojax.compress.prune import prune  # noqa: E402
@@ -122,11 +123,11 @@ def load_teacher(path: Path, quick: bool) -> tuple[Model, str]:
 
 
 class Validator:
-    """pipeline.validation_loss on batches read once, with one compiled eval step per model config."""
+    """minitron.validation_loss on batches read once, with one compiled eval step per model config."""
 
     def __init__(self, config) -> None:
         e = config.eval
-        stream = data_lib.make_dataset(pipeline.data_config(config), "validation", seq_len=e.seq_len,
+        stream = data_lib.make_dataset(minitron.data_config(config), "validation", seq_len=e.seq_len,
                                        batch_size=e.batch_size, seed=e.seed)
         self.batches = [{k: np.asarray(v) for k, v in batch.items()}
                         for _, batch in zip(range(e.batches), stream, strict=False)]
@@ -150,7 +151,7 @@ class Validator:
 
 
 def width_targets(config) -> dict[str, Any]:
-    return pipeline.prune_targets(config)
+    return minitron.prune_targets(config)
 
 
 def depth_match(teacher: Model, scores, params_goal: int) -> tuple[Model, int]:
@@ -287,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     s = settings(args.quick, args.steps, args.seeds)
     config = compress_config(s)
-    dcfg = pipeline.data_config(config)
-    dist_cfg = pipeline.distill_config(config)
+    dcfg = minitron.data_config(config)
+    dist_cfg = minitron.distill_config(config)
 
     teacher, note = load_teacher(Path(args.teacher), args.quick)
     validate = Validator(config)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         cal.calibration.seed = int(config.calibration.seed) + seed
         for agg in AGGS:
             t0 = time.perf_counter()
-            scores = importance(teacher, pipeline.calibration_batches(cal), agg=agg, layer_metrics=("block",))
+            scores = importance(teacher, minitron.calibration_batches(cal), agg=agg, layer_metrics=("block",))
             if agg == PAPER_AGG and seed == 0:
                 paper_scores = scores
             agg_losses[agg].append(validate(prune(teacher, scores, **targets)))

@@ -1,6 +1,6 @@
 """Agreement of nemojax.quant.quantize (NVFP4) with the numpy TE-order oracle and the ModelOpt formula.
 
-For each tensor category (nemojax.quant.reference.CATEGORIES) a [rows, 1024] tensor of ~1M elements is quantized by
+For each tensor category (nemojax.lowp.reference.CATEGORIES) a [rows, 1024] tensor of ~1M elements is quantized by
 the JAX quantizer ("nvfp4" 1x16 and "nvfp4_2d" 16x16) and by the slow numpy oracles; the script prints the element
 code, block scale and dequantized-value mismatch rates and writes runs/nvfp4_reference_agreement/results.json.
 
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax.quant import reference as R
-from nemojax.quant.qarray import quantize
+from nemojax.lowp import reference as R
+from nemojax.lowp.qarray import quantize
 
 
 def jax_vs_te(x: np.ndarray, fmt: str) -> dict[str, float]:

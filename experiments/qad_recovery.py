@@ -1,4 +1,4 @@
-"""QAD recovery at laptop scale (arXiv 2601.20088, spec/quant.md 3): bf16 vs 4-bit PTQ vs QAT vs QAD after
+"""QAD recovery at laptop scale (arXiv 2601.20088): bf16 vs 4-bit PTQ vs QAT vs QAD after
 post-training, plus QAD with deliberately poor data, for NVFP4 (the paper's format) and a harsher 4-bit setting
 (MXFP4 everywhere, lm_head included) whose PTQ gap is large enough to measure recovery. Which claims hold?
 
@@ -136,9 +136,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 from nemojax import config_files, quant  # noqa: E402
 from nemojax import data as data_lib  # noqa: E402
 from nemojax.compress.distill import finetune  # noqa: E402
+from nemojax.lowp.recipe import QuantRecipe  # noqa: E402
 from nemojax.model import Model, forward  # noqa: E402
-from nemojax.quant import recipes as quant_recipes  # noqa: E402
-from nemojax.quant.recipe import QuantRecipe  # noqa: E402
+from nemojax.quant import named_recipes as quant_recipes  # noqa: E402
 from nemojax.train.loop import model_config  # noqa: E402
 from nemojax.train.optim import OptimizerConfig  # noqa: E402
 

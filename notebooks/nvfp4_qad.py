@@ -25,7 +25,7 @@
 #
 # 1. **The formats drawn**: what E2M1, E4M3, E5M2 and E8M0 can represent; NVFP4's two-level scaling on one block;
 #    the quantization error of a block as a function of its amax relative to the tensor amax (the E4M3-subnormal
-#    region and the flush-to-zero cliff of spec/quant.md 1.5) for NVFP4, MXFP4, MXFP8 and per-tensor FP8; 1D
+#    region and the flush-to-zero cliff of docs/formats.md 4) for NVFP4, MXFP4, MXFP8 and per-tensor FP8; 1D
 #    against 2D (16x16) NVFP4 blocks.
 # 2. **PTQ against QAD** on a tiny hybrid (`configs/tiny.py`: Mamba-2, attention and MLP, byte tokenizer, trained
 #    briefly on the Python standard library): NVFP4 PTQ with max calibration, then QAD, and next-token QAT for
@@ -48,8 +48,8 @@ import numpy as np
 import nemojax
 from nemojax import config_files, data, quant
 from nemojax.compress.distill import kl_per_token
+from nemojax.lowp import formats
 from nemojax.model import Model
-from nemojax.quant import formats
 from nemojax.train.loop import train
 from nemojax.train.losses import cross_entropy
 from nemojax.train.optim import OptimizerConfig
@@ -75,7 +75,7 @@ print(f"QUICK={QUICK}  scale={SCALE}  out={OUT}")
 # ## 1. The element and scale types
 #
 # Every value a type can hold, read off its bit patterns with `ml_dtypes` (not from the library's tables, so the
-# comparison with `nemojax.quant.formats` below is a real check):
+# comparison with `nemojax.lowp.formats` below is a real check):
 #
 # | type | role | positive finite values |
 # |---|---|---|
@@ -141,7 +141,7 @@ plt.show()
 # %% [markdown]
 # ## 2. NVFP4's two-level scaling on one block
 #
-# `quant.quantize(x, "nvfp4")` follows TransformerEngine's order of operations (spec 1.5): the per-tensor FP32
+# `quant.quantize(x, "nvfp4")` follows TransformerEngine's order of operations (docs/formats.md 4): the per-tensor FP32
 # encode scale S_enc = 2688 / A (A = max|x| over the tensor, 2688 = 448 · 6), then for each block of 16 the E4M3
 # decode scale d_b = e4m3(a_b · S_enc / 6), so the block maximum maps to about 6; the elements are
 # q = e2m1(x / (d_b · S_dec)) and x̂ = q · d_b · S_dec. Below: a [4, 64] tensor whose rows differ in scale by
@@ -437,8 +437,8 @@ plt.show()
 # %% [markdown]
 # ## 8. Does the story hold?
 #
-# The formats are the documented grids, the NVFP4 error bound and flush-to-zero threshold are where spec/quant.md
-# 1.5 puts them, 2D blocks give transpose-consistent but coarser weights, quantizing costs held-out loss, and QAD
+# The formats are the documented grids, the NVFP4 error bound and flush-to-zero threshold are where docs/formats.md
+# 4 puts them, 2D blocks give transpose-consistent but coarser weights, quantizing costs held-out loss, and QAD
 # brings the NVFP4 model closer to the teacher than PTQ does (and, at full scale, closer than QAT, whose objective
 # is the labels, not the teacher). QAD's held-out *loss* is reported, not asserted: the objective is the teacher's
 # distribution, and at test scale the teacher itself is barely trained.
@@ -456,7 +456,7 @@ results = {
 }
 (OUT / "results.json").write_text(json.dumps(results, indent=1))
 
-# The value grids are the documented ones (spec 1.1) and the library's table agrees.
+# The value grids are the documented ones (docs/formats.md 1) and the library's table agrees.
 assert GRIDS["E2M1"]["values"].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0] == list(formats.E2M1_GRID)
 assert e4m3.max() == formats.E4M3_MAX == 448 and e4m3.min() == 2.0**-9 and e4m3.size == 126
 assert e5m2.max() == formats.E5M2_MAX == 57344 and e5m2.min() == 2.0**-16
@@ -464,7 +464,7 @@ assert e8m0.min() == 2.0**-127 and e8m0.max() == 2.0**127 and e8m0.size == 255
 # quantize puts a block holding the grid on exactly those codes.
 grid_block = jnp.asarray(np.concatenate([grid, -grid]), jnp.float32)
 assert np.array_equal(np.asarray(quant.quantize(grid_block, "nvfp4").data).astype(np.float32), np.asarray(grid_block))
-# NVFP4 error bound while d_b is a normal E4M3 value (spec 1.5: |x - x̂| <= d_b S_dec <= 0.1771 a_b).
+# NVFP4 error bound while d_b is a normal E4M3 value (docs/formats.md 4: |x - x̂| <= d_b S_dec <= 0.1771 a_b).
 normal_rows = np.repeat(ratios >= subnormal_edge, R)
 nv_err = err["nvfp4"].reshape(-1)
 assert nv_err[normal_rows].max() <= 0.1771, nv_err[normal_rows].max()

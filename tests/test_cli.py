@@ -24,7 +24,7 @@ def test_forward_runs_a_forward_pass(capsys):
 
 
 def test_params_lists_published_totals(capsys):
-    """`nemojax params` prints the spec's totals (spec/arch.md 4.3)."""
+    """`nemojax params` prints the published totals (the same numbers tests/test_presets.py derives)."""
     cli.main(["params", "--preset", "nemotron-h-8b", "--preset", "nemotron-nano-12b-v2"])
     out = capsys.readouterr().out
     assert re.search(r"nemotron-h-8b\s+8,100,852,736", out)
@@ -255,7 +255,7 @@ def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
     scores.npz; `nemojax distill` saves the distilled student and logs metrics."""
     import nemojax
     from nemojax import compress
-    from nemojax.compress import pipeline
+    from nemojax.compress import minitron
 
     teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
     teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
@@ -289,7 +289,7 @@ def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
                                                 distilled.params, pruned.params)))
     before, after = (float(x) for x in re.search(r"validation loss ([0-9.]+) -> ([0-9.]+)", out).groups())
     assert before == pytest.approx(losses[1], abs=1e-3)
-    assert after == pytest.approx(pipeline.validation_loss(
+    assert after == pytest.approx(minitron.validation_loss(
         distilled, config_files.load(cli.COMPRESS_CONFIG, [a[len("--config."):] for a in COMPRESS[2:]])),
         abs=1e-3)
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

@@ -9,9 +9,9 @@ Example::
 """
 
 from nemojax.data.config import KINDS, DataConfig
+from nemojax.data.datasets import build_dataset, make_dataset, mqar_spec, resolve_process, vocab_size
 from nemojax.data.mqar import MQARSpec, masked_accuracy, mqar_answer_mask, mqar_example
 from nemojax.data.packing import ROW_KEYS, RoundRobinIterDataset, document_example, pack_documents
-from nemojax.data.pipeline import build_dataset, make_dataset, mqar_spec, resolve_process, vocab_size
 from nemojax.data.sources import (
     SPLITS,
     FileDocuments,

@@ -20,8 +20,8 @@ from typing import Any
 
 from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
 from nemojax.data.tokenizers import Tokenizer, load_tokenizer
+from nemojax.lowp.recipe import QuantRecipe
 from nemojax.model import Model
-from nemojax.quant.recipe import QuantRecipe
 
 HF_CONFIG = "config.json"
 HF_TOKENIZER = "tokenizer.json"

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn import kernel_linear
-from nemojax.quant import training
-from nemojax.quant.qarray import quantize
-from nemojax.quant.recipe import CALIBRATION, LinearQuant
+from nemojax.lowp import matmul as lowp_matmul
+from nemojax.lowp.qarray import quantize
+from nemojax.lowp.recipe import CALIBRATION, LinearQuant
+from nemojax.nn import pallas_quant_linear
 
 f32 = jnp.float32
 BLOCK = 16  # NVFP4 block length (static block scales are only NVFP4)
@@ -49,7 +49,7 @@ def _blocks(n: int) -> int:
 def quant_state(module: nn.Module, weight: str, spec: LinearQuant, shape: tuple[int, ...], contract: int,
                 axes: Sequence[str | None]) -> dict[str, jax.Array | None]:
     """The frozen quantization state of weight `weight` (`shape`, contraction axis `contract`, logical `axes`)
-    that `spec` asks for, declared as params beside it (see nemojax.quant.recipe): amaxes are scalars, or [E]
+    that `spec` asks for, declared as params beside it (see nemojax.lowp.recipe): amaxes are scalars, or [E]
     for stacked experts (`shape` of rank 3, per-expert amaxes)."""
     lead, lead_axes = shape[:-2], tuple(axes[:-2])
     zeros = nn.initializers.zeros_init()
@@ -102,8 +102,8 @@ def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dic
 
     QAT / QAD (spec.grad None): fake-quantized operands, straight-through backward; when `matmul_impl`
     (config.matmul_impl) resolves to "pallas" and the formats have a kernel, the forward runs the FP8 / NVFP4
-    Pallas matmul with the same amaxes and block scales (nemojax.nn.kernel_linear). Quantized training
-    (spec.grad set): the forward and both backward GEMMs quantized (nemojax.quant.training).
+    Pallas matmul with the same amaxes and block scales (nemojax.nn.pallas_quant_linear). Quantized training
+    (spec.grad set): the forward and both backward GEMMs quantized (nemojax.lowp.matmul).
     """
     input_amax = calibrated(state["input_amax"], lambda: jnp.max(jnp.abs(x)).astype(f32))
     weight_amax = calibrated(state["weight_amax"], lambda: jnp.max(jnp.abs(kernel)).astype(f32))
@@ -111,11 +111,11 @@ def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dic
     if block_scale is not None:  # all zero = not calibrated yet: the scales of the current weight
         current = quantize(kernel.astype(f32), spec.weight.fmt, axis=0, amax=weight_amax).scale.astype(f32)
         block_scale = jnp.where(jnp.any(block_scale > 0), block_scale, current)
-    op = kernel_linear.kernel_op(spec, kernel.shape[0], x.dtype, matmul_impl)
+    op = pallas_quant_linear.kernel_op(spec, kernel.shape[0], x.dtype, matmul_impl)
     if op is not None:
-        return kernel_linear.kernel_matmul(op, x, kernel, spec, input_amax=input_amax, weight_amax=weight_amax,
+        return pallas_quant_linear.kernel_matmul(op, x, kernel, spec, input_amax=input_amax, weight_amax=weight_amax,
                                            weight_block_scale=block_scale)
-    return training.matmul(x, kernel, spec, key=key, input_amax=input_amax, weight_amax=weight_amax,
+    return lowp_matmul.matmul(x, kernel, spec, key=key, input_amax=input_amax, weight_amax=weight_amax,
                            weight_block_scale=block_scale)
 
 

@@ -1,43 +1,50 @@
-"""Low precision: FP8 / NVFP4 / MX formats, fake quantization, PTQ, QAT, QAD and the FP8 / NVFP4 training recipes.
+"""Model -> Model quantization: named recipes, apply, PTQ calibration, QAT / QAD and NVIDIA-layout export.
 
-    q = quant.quantize(x, "nvfp4")                        # QArray: E2M1 codes, E4M3 block scales, FP32 global scale
-    x_hat = q.dequantize()
     student = quant.apply(model, "nvfp4")                  # a Model whose linear layers fake-quantize
     student = quant.calibrate(student, batches)            # PTQ: calibrated amaxes ("max" or "mse")
     student, history = quant.qad(student, model, data, steps=200)
     quant.save_quantized(student, "out/")                  # NVIDIA's (ModelOpt) checkpoint layout
 
-The number formats and recipes depend on JAX alone (the model's layers use them); the transforms over `Model`
-values load lazily, so `nemojax.nn` can import this package without a cycle.
+The number formats themselves (quantize, fake_quant, the quantized matmul, the recipe types) live in
+`nemojax.lowp`, below the model's layers; they are re-exported here so `quant.quantize(x, "nvfp4")` keeps working.
+`quant.recipes` is the catalogue of named recipes (`nemojax.quant.named_recipes`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nemojax.lowp import (
+    FORMATS,
+    DelayedScaling,
+    FP8State,
+    LinearQuant,
+    QArray,
+    QuantRecipe,
+    TensorQuant,
+    block_scale_shape,
+    current_scaling,
+    dequantize,
+    fake_matmul,
+    fake_quant,
+    inverse_rht,
+    pack_fp4,
+    quantize,
+    quantized_matmul,
+    rht,
+    unpack_fp4,
+)
+from nemojax.lowp.matmul import matmul
+from nemojax.quant import named_recipes
+from nemojax.quant import named_recipes as recipes  # the name this catalogue had before; public API
+from nemojax.quant.aware import QADConfig, qad, qat
+from nemojax.quant.calibration import activation_amaxes, calibrate
+from nemojax.quant.export import load_quantized, quant_config, save_quantized
+from nemojax.quant.mse import mse_amax, nvfp4_mse_block_scales
+from nemojax.quant.transform import apply, quantized_layers, strip
 
-from nemojax.quant import recipes
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant
-
-_LAZY = {
-    # numerics (JAX only)
-    "FORMATS": "formats", "QArray": "qarray", "quantize": "qarray", "dequantize": "qarray",
-    "pack_fp4": "qarray", "unpack_fp4": "qarray", "block_scale_shape": "qarray", "fake_quant": "fake",
-    "rht": "hadamard", "inverse_rht": "hadamard", "DelayedScaling": "fp8", "FP8State": "fp8",
-    "current_scaling": "fp8", "mse_amax": "mse", "nvfp4_mse_block_scales": "mse", "matmul": "training",
-    "fake_matmul": "training", "quantized_matmul": "training",
-    # transforms over Model values
-    "apply": "transform", "strip": "transform", "quantized_layers": "transform", "calibrate": "calibration",
-    "activation_amaxes": "calibration", "qad": "aware", "qat": "aware", "QADConfig": "aware",
-    "save_quantized": "export", "load_quantized": "export", "quant_config": "export",
-}
-
-__all__ = ["LinearQuant", "QuantRecipe", "TensorQuant", "recipes", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'nemojax.quant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"nemojax.quant.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "FORMATS", "DelayedScaling", "FP8State", "LinearQuant", "QADConfig", "QArray", "QuantRecipe", "TensorQuant",
+    "activation_amaxes", "apply", "block_scale_shape", "calibrate", "current_scaling", "dequantize", "fake_matmul",
+    "fake_quant", "inverse_rht", "load_quantized", "matmul", "mse_amax", "named_recipes", "nvfp4_mse_block_scales",
+    "pack_fp4", "qad", "qat", "quant_config", "quantize", "quantized_layers", "quantized_matmul", "recipes", "rht",
+    "save_quantized", "strip", "unpack_fp4",
+]

@@ -1,4 +1,4 @@
-"""Calibration math: MSE searches for amax and NVFP4 block scales (spec quant.md 2.3).
+"""Calibration math: MSE searches for amax and NVFP4 block scales (docs/formats.md 6).
 
 - `mse_amax`: the generic ModelOpt MSE calibrator: candidates amax0 * m for m in `multipliers` (default
   linspace(0.25, 4, 10)), keep the one whose quantize-dequantize has the least summed squared error.
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from nemojax.quant.fake import fake_quant
-from nemojax.quant.formats import FLT_MAX, cast_e2m1, check_format
-from nemojax.quant.qarray import _blockify, _check_inputs, _finite_abs, _lead, _scale_to_public, nvfp4_global_scales
+from nemojax.lowp.fake import fake_quant
+from nemojax.lowp.formats import FLT_MAX, cast_e2m1, check_format
+from nemojax.lowp.qarray import _blockify, _check_inputs, _finite_abs, _lead, _scale_to_public, nvfp4_global_scales
 
 DEFAULT_MULTIPLIERS = tuple(float(m) for m in np.linspace(0.25, 4.0, 10, dtype=np.float32))
 

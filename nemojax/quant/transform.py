@@ -3,7 +3,7 @@
 The returned model has the same weights; its config carries the recipe, so every linear layer the recipe names
 fake-quantizes its operands in the forward pass (straight-through gradients), and its params gain the frozen
 quantization state the recipe asks for (calibrated amaxes, static block scales; zero = not calibrated yet, see
-`nemojax.quant.recipe`). `calibrate` fills that state in.
+`nemojax.lowp.recipe`). `calibrate` fills that state in.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from nemojax.lowp.recipe import NOT_LINEAR, QuantRecipe, is_state
 from nemojax.model import Model, abstract_params
-from nemojax.quant import recipes
-from nemojax.quant.recipe import NOT_LINEAR, QuantRecipe, is_state
+from nemojax.quant import named_recipes
 
 
 def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:
@@ -25,7 +25,7 @@ def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:
     Weights are shared with the input. Quantization state that both the old and the new recipe keep (same
     name and shape) carries over; new state starts uncalibrated (zero).
     """
-    recipe = recipes.get(recipe, **overrides)
+    recipe = named_recipes.get(recipe, **overrides)
     config = model.config.replace(quant=recipe)
     old = flatten_dict(model.params)
     params = {}

@@ -33,7 +33,7 @@ from nemojax import data, presets
 from nemojax.config import ModelConfig
 from nemojax.model import Model, abstract_params
 from nemojax.models import scan
-from nemojax.quant import recipes
+from nemojax.quant import named_recipes as recipes
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints
 from nemojax.train.flops import train_flops_per_token
@@ -224,7 +224,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                     writer.write(done, "train", metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                 if done % t.eval_every == 0 or done == t.steps:
-                    writer.write(done, "validation", evaluate(run, state.params, config))
+                    validation = evaluate(run, state.params, config)
+                    writer.write(done, "validation", validation)
+                    if jax.process_index() == 0:  # printed above the progress bar, which would hide it
+                        tqdm.write(f"step {done}: validation loss {validation['loss']:.4f}")
                     last_time, last_step = time.perf_counter(), done  # tokens/s counts training steps only
                 if done % t.checkpoint_every == 0 or done == end:
                     checkpoints.save(done, state, batches)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nemojax.quant.recipe import is_state
+from nemojax.lowp.recipe import is_state
 
 # Params that are not decayed: norm scales, biases, and the SSM's per-head A_log, D and dt_bias (and the router's
 # correction bias, which is never trained by gradients at all).

@@ -1,4 +1,4 @@
-"""Quantized models on the Pallas matmul kernels (nemojax/nn/kernel_linear.py) against the fake-quantized path.
+"""Quantized models on the Pallas matmul kernels (nemojax/nn/pallas_quant_linear.py) against the fake-quantized path.
 
 `config.matmul_impl="pallas"` runs every covered quantized Linear through fp8_matmul / nvfp4_matmul (interpret
 mode on CPU); "xla" runs the fake path. Logits and gradients must agree; uncovered layers must fall back.
@@ -16,9 +16,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import nemojax
 from nemojax import quant
+from nemojax.lowp.qarray import quantize
+from nemojax.lowp.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.nn.linear import Linear
-from nemojax.quant.qarray import quantize
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 260)
 N_QUANTIZED = 8  # quantized linears of the tiny model: Mamba in_proj_{z,x,B,C,dt} and out_proj, MLP up/down_proj
@@ -132,7 +132,7 @@ def test_calibrated_state_is_used_by_the_kernels(model):
 
 def test_uncovered_layers_fall_back(model):
     # K = 48 is not a multiple of 32: NVFP4 falls back to the fake path, bit-identical to "xla"
-    nv = quant.recipes.nvfp4_w4a16().default
+    nv = quant.named_recipes.nvfp4_w4a16().default
     config = model.config.replace(quant=QuantRecipe("w4", default=nv), matmul_impl="pallas")
     x = jax.random.normal(jax.random.key(2), (2, 3, 48))
 
@@ -158,13 +158,13 @@ def test_native_fp4_path_for_w4a4(model, monkeypatch):
     """On hardware with block-scaled FP4 MMAs (forced here: has_native_fp4 -> True) a W4A4 NVFP4 layer runs
     nvfp4_block_scaled_matmul on both operands' codes, not the W4A16 kernel; off GPU that function computes its
     documented formula, so this checks the operand layouts and the global-scale epilogue against the fake path."""
-    from nemojax.nn import kernel_linear
+    from nemojax.nn import pallas_quant_linear
     from pallas_kernels import quant_matmul
 
     calls = []
-    native = kernel_linear.nvfp4_block_scaled_matmul
+    native = pallas_quant_linear.nvfp4_block_scaled_matmul
     monkeypatch.setattr(quant_matmul, "has_native_fp4", lambda device=None: True)
-    monkeypatch.setattr(kernel_linear, "nvfp4_block_scaled_matmul", lambda *a, **k: calls.append(1) or native(*a, **k))
+    monkeypatch.setattr(pallas_quant_linear, "nvfp4_block_scaled_matmul", lambda *a, **k: calls.append(1) or native(*a, **k))
     # the model's jitted forward caches traces by config: drop them before (an earlier test traced this config on
     # the W4A16 path) and after (so later tests do not reuse a trace made under the patch)
     jax.clear_caches()

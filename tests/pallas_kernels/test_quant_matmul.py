@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant.qarray import pack_fp4, quantize
+from nemojax.lowp.qarray import pack_fp4, quantize
 from pallas_kernels.quant_matmul import (
     DECODE_M,
     FP8_IMPLS,
@@ -92,7 +92,7 @@ def test_e2m1_decode_all_codes():
     codes = jnp.arange(16, dtype=jnp.uint8)
     table = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
     ml = jax.lax.bitcast_convert_type(codes.astype(jnp.uint4), jnp.float4_e2m1fn).astype(jnp.float32)
-    np.testing.assert_array_equal(np.asarray(ml), table)  # the spec table is ml_dtypes' table
+    np.testing.assert_array_equal(np.asarray(ml), table)  # the documented table (docs/formats.md 1) is ml_dtypes'
     got = _e2m1_decode(codes)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), table)
@@ -204,7 +204,7 @@ def test_nvfp4_matmul_k_loop(M, K, N, bk):
 
 def test_nvfp4_block_scaled_matmul_equals_dequantized_product():
     """W4A4 (both operands NVFP4, [M, K] and [N, K]) = dequant(x) @ dequant(W).T in f32; bad operands are named."""
-    from nemojax.quant.qarray import dequantize
+    from nemojax.lowp.qarray import dequantize
     from pallas_kernels.quant_matmul import nvfp4_block_scaled_matmul
 
     x = jnp.asarray(_rng(3).standard_normal((9, 96)), jnp.float32)

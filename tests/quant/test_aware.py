@@ -12,7 +12,7 @@ import nemojax
 from nemojax import quant
 from nemojax.compress.distill import distillation_loss, finetune, kd_logits
 from nemojax.data import DataConfig, make_dataset
-from nemojax.quant.recipe import is_state
+from nemojax.lowp.recipe import is_state
 from nemojax.train.optim import OptimizerConfig
 from nemojax.train.step import lm_loss
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig
 from nemojax.interop.nemotron_h_names import rule_for
+from nemojax.lowp.qarray import quantize
+from nemojax.lowp.recipe import is_state
 from nemojax.model import Model, abstract_params
-from nemojax.quant import export, recipes
-from nemojax.quant.qarray import quantize
-from nemojax.quant.recipe import is_state
+from nemojax.quant import export, named_recipes
 
 CONFIG = ModelConfig(
     vocab_size=96, hidden_size=64, pattern="M*E-",
@@ -31,7 +31,7 @@ TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
 
 
 def _calibrated(recipe, seed: int = 0) -> Model:
-    return _calibrated_cached(recipes.get(recipe), seed)
+    return _calibrated_cached(named_recipes.get(recipe), seed)
 
 
 @functools.cache
@@ -108,7 +108,7 @@ def test_nvfp4_hand_computed_oracle():
     layer = export._Module((export._Linear("layers_0/mixer/in_proj_x", path, rule,
                                            ("backbone.layers.0.mixer.in_proj",)),))
     flat = {path: jnp.asarray(W.T), ("layers_0", "mixer", "in_proj_x", "kernel_input_amax"): jnp.float32(5376.0)}
-    out = export._export_linear(layer, recipes.nvfp4().default, flat, jnp.float32)
+    out = export._export_linear(layer, named_recipes.nvfp4().default, flat, jnp.float32)
     m = "backbone.layers.0.mixer.in_proj"
     expected = np.zeros((2, 16), np.uint8)
     expected[0, :2] = [0xD7, 0x21]      # (6, -3) -> 0x7 | 0xD << 4 ; (0.5, 1) -> 0x1 | 0x2 << 4
@@ -125,7 +125,7 @@ def test_nvfp4_hand_computed_oracle():
 
 
 def test_fp8_and_kv_scales_are_amax_over_448():
-    model = _calibrated(recipes.fp8())
+    model = _calibrated(named_recipes.fp8())
     tensors = export.quantized_state_dict(model)
     flat = flatten_dict(model.params)
     m = "backbone.layers.0.mixer.in_proj"
@@ -146,7 +146,7 @@ def test_fp8_and_kv_scales_are_amax_over_448():
 
 
 def test_mixed_precision_configs_name_what_loaders_read(tmp_path):
-    model = _calibrated(recipes.nemotron3_super_nvfp4())
+    model = _calibrated(named_recipes.nemotron3_super_nvfp4())
     export.save_quantized(model, tmp_path / "ckpt", dtype="bfloat16")
     q = json.loads((tmp_path / "ckpt" / "hf_quant_config.json").read_text())
     assert set(q) == {"producer", "quantization"} and q["producer"]["name"] == "nemojax"
@@ -186,7 +186,7 @@ def test_mixed_precision_configs_name_what_loaders_read(tmp_path):
 
 
 def test_single_format_config():
-    q = export.quant_config(_calibrated(recipes.nvfp4()))["quantization"]
+    q = export.quant_config(_calibrated(named_recipes.nvfp4()))["quantization"]
     assert q["quant_algo"] == "NVFP4" and q["group_size"] == 16 and q["kv_cache_quant_algo"] is None
     assert "quantized_layers" not in q and "lm_head" in q["exclude_modules"]
     qc = export.hf_quantization_config({"producer": {"name": "x", "version": "0"}, "quantization": q})
@@ -199,7 +199,7 @@ def test_single_format_config():
 
 @pytest.mark.parametrize("recipe", ["nemotron3_super_nvfp4", "nvfp4_w4a16", "fp8"])
 def test_export_import_export_is_byte_identical(tmp_path, recipe):
-    model = _calibrated(recipes.get(recipe))
+    model = _calibrated(named_recipes.get(recipe))
     export.save_quantized(model, tmp_path / "a")
     loaded = export.load_quantized(tmp_path / "a")
     export.save_quantized(loaded, tmp_path / "b")
@@ -231,7 +231,7 @@ def test_export_import_export_is_byte_identical(tmp_path, recipe):
 def test_imported_logits_equal_fake_quantized_source(tmp_path):
     """The Super recipe covers NVFP4 experts with static block scales, FP8 Mamba / MLP / shared experts, BF16
     attention and the FP8 KV cache."""
-    model = _calibrated(recipes.nemotron3_super_nvfp4())
+    model = _calibrated(named_recipes.nemotron3_super_nvfp4())
     export.save_quantized(model, tmp_path / "ckpt")
     loaded = export.load_quantized(tmp_path / "ckpt")
     want, got = np.asarray(model(TOKENS)), np.asarray(loaded(TOKENS))
@@ -242,7 +242,7 @@ def test_imported_logits_equal_fake_quantized_source(tmp_path):
 def test_sharded_and_config_json_only(tmp_path):
     """A sharded save (index + shards) loads the same; without hf_quant_config.json the loader falls back to
     config.json's compressed-tensors style quantization_config."""
-    model = _calibrated(recipes.nemotron3_super_nvfp4())
+    model = _calibrated(named_recipes.nemotron3_super_nvfp4())
     export.save_quantized(model, tmp_path / "one")
     export.save_quantized(model, tmp_path / "sharded", max_shard_bytes=20_000)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
@@ -257,7 +257,7 @@ def test_sharded_and_config_json_only(tmp_path):
 def test_mxfp8_round_trip_values(tmp_path):
     """MXFP8: FP8 codes + E8M0 scales (uint8). The import dequantizes to the same values; a re-export may pick a
     smaller E8M0 scale for a block whose max rounded down to 224 * 2^k, so compare dequantized values."""
-    model = _calibrated(recipes.mxfp8())
+    model = _calibrated(named_recipes.mxfp8())
     export.save_quantized(model, tmp_path / "a")
     t = _files(tmp_path / "a")
     m = "backbone.layers.0.mixer.in_proj"
@@ -285,10 +285,10 @@ def test_amax_for_scale_inverts_decode_scale():
 
 def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="mxfp4"):
-        export.quant_config(_calibrated(recipes.mxfp4()))
+        export.quant_config(_calibrated(named_recipes.mxfp4()))
     with pytest.raises(ValueError, match="dynamic per-tensor amax"):
-        export.quant_config(_calibrated(recipes.fp8_training()))
-    model = _calibrated(recipes.nvfp4())
+        export.quant_config(_calibrated(named_recipes.fp8_training()))
+    model = _calibrated(named_recipes.nvfp4())
     flat = flatten_dict(model.params)
     flat[("layers_0", "mixer", "in_proj_x", "kernel_input_amax")] = jnp.float32(0.0)
     with pytest.raises(ValueError, match="layers_0/mixer/in_proj.*calibrate"):
@@ -299,7 +299,7 @@ def test_refusals_name_the_problem():
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    export.save_quantized(_calibrated(recipes.nvfp4()), target)
+    export.save_quantized(_calibrated(named_recipes.nvfp4()), target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls = []
     real = export._write_safetensors
@@ -311,11 +311,11 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "_write_safetensors", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.save_quantized(_calibrated(recipes.fp8(), seed=1), target)
+        export.save_quantized(_calibrated(named_recipes.fp8(), seed=1), target)
     assert calls
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
     monkeypatch.undo()
     with pytest.raises(ValueError, match="mxfp4"):  # a bad recipe fails before touching anything
-        export.save_quantized(_calibrated(recipes.mxfp4()), target)
+        export.save_quantized(_calibrated(named_recipes.mxfp4()), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -1,4 +1,4 @@
-"""MSE calibration (spec quant.md 2.3): generic amax search and the NVFP4 126-candidate block-scale sweep."""
+"""MSE calibration (docs/formats.md 6): generic amax search and the NVFP4 126-candidate block-scale sweep."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant import reference as R
+from nemojax.lowp import reference as R
+from nemojax.lowp.qarray import quantize
 from nemojax.quant.mse import e4m3_positive_values, mse_amax, nvfp4_mse_block_scales
-from nemojax.quant.qarray import quantize
 
 
 def test_e4m3_candidates():

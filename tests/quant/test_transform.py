@@ -18,9 +18,9 @@ from nemojax import quant
 from nemojax.infer.cache import init_cache
 from nemojax.infer.extend import decode_step, prefill
 from nemojax.infer.load import model_config_from_dict
+from nemojax.lowp import fake
+from nemojax.lowp.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.nn.linear import Linear
-from nemojax.quant import fake
-from nemojax.quant.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.train.optim import OptimizerConfig, make_optimizer
 from nemojax.train.step import init_state, lm_loss, make_train_step
 

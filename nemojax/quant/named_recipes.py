@@ -1,4 +1,4 @@
-"""Named recipes: NVIDIA's published precision assignments (spec/quant.md 2.2, 4.1-4.3).
+"""Named recipes: NVIDIA's published precision assignments (docs/formats.md 2, 5, 6).
 
     quant.recipes.get("nvfp4")                          # ModelOpt NVFP4_DEFAULT_CFG: W4A4 every linear but lm_head
     quant.recipes.get("fp8_training", keep_first_layers=1)
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant
+from nemojax.lowp.recipe import LinearQuant, QuantRecipe, TensorQuant
 
 ATTENTION = "*mixer/[qkvo]_proj"
 LATENT = "*latent_proj"

@@ -1,4 +1,4 @@
-"""Quantization recipes: which linear layers get which low-precision format (spec/quant.md 2.2, 4.1-4.3).
+"""Quantization recipes: which linear layers get which low-precision format (docs/formats.md 5, 6).
 
 A `QuantRecipe` is static data carried by `ModelConfig.quant`. Every linear layer asks it for its `LinearQuant`
 with its module path (`layers_3/mixer/in_proj_x`, `layers_1/mixer/experts/up_proj`, `mtp/layers_0/mixer/q_proj`,
@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from nemojax.quant.formats import FORMATS
+from nemojax.lowp.formats import FORMATS
 
 STE_KINDS = ("pass", "clipped")
 ROUNDINGS = ("rne", "stochastic")
@@ -91,8 +91,8 @@ class LinearQuant:
     """The formats of one linear layer y = x @ W.
 
     weight / input: the forward operands (None: kept in high precision). grad: the format of the output gradient
-    in the backward GEMMs ("quantized training", spec 4.4); None means the backward runs in high precision on the
-    straight-through gradient (QAT / QAD). rht: random Hadamard transform on the inputs of the weight-gradient GEMM
+    in the backward GEMMs ("quantized training", docs/formats.md 5); None means the backward runs in high precision on
+    the straight-through gradient (QAT / QAD). rht: random Hadamard transform on the inputs of the weight-gradient GEMM
     (NVFP4 training).
     """
 

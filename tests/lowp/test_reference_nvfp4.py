@@ -1,6 +1,6 @@
-"""Bit-exact agreement of `quantize` with a numpy reference of TE's NVFP4 order (spec quant.md 1.5; invariant 11).
+"""Bit-exact agreement of `quantize` with a numpy reference of TE's NVFP4 order (docs/formats.md 4).
 
-The oracle (nemojax.quant.reference.nvfp4_te) mirrors TransformerEngine's reference_nvfp4.py in float32 numpy, with
+The oracle (nemojax.lowp.reference.nvfp4_te) mirrors TransformerEngine's reference_nvfp4.py in float32 numpy, with
 E2M1 rounding from TE's threshold table and the E4M3 cast from ml_dtypes. Acceptance: elements identical except
 ties that may differ by one step; for the TE order the measured mismatch rate is 0, and the test asserts it. The
 ModelOpt formula (same algebra, other float order) must give block scales within 1 E4M3 ulp; its element mismatch
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant import reference as R
-from nemojax.quant.qarray import quantize
+from nemojax.lowp import reference as R
+from nemojax.lowp.qarray import quantize
 
 SHAPE = (64, 256)
 

@@ -6,7 +6,7 @@ checkpoint and a workdir in; NVIDIA-layout quantized checkpoints out.
     summary = qad_job(config, teacher, "runs/nvfp4")
         -> runs/nvfp4/qad/, runs/nvfp4/metrics.jsonl (+ TensorBoard), runs/nvfp4/qad.json
 
-Validation losses are `nemojax.compress.pipeline.validation_loss` (config.eval), the same batches for every model.
+Validation losses are `nemojax.compress.minitron.validation_loss` (config.eval), the same batches for every model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from nemojax.compress.pipeline import calibration_batches, data_config, validation_loss
+from nemojax.compress.minitron import calibration_batches, data_config, validation_loss
 from nemojax.model import Model
 from nemojax.quant.aware import QAD_OPTIMIZER, QADConfig, qad
 from nemojax.quant.calibration import calibrate
@@ -37,7 +37,7 @@ def weight_bytes(model: Model) -> int:
     (NVFP4 4.5 bits, FP8 8 bits, MXFP8 8.25 bits per element), bfloat16 for everything else."""
     from flax.traverse_util import flatten_dict
 
-    from nemojax.quant.recipe import NOT_LINEAR
+    from nemojax.lowp.recipe import NOT_LINEAR
 
     bits = {"nvfp4": 4.5, "nvfp4_2d": 4.5, "fp8_e4m3": 8.0, "fp8_e5m2": 8.0, "mxfp8": 8.25, "mxfp4": 4.25}
     recipe, total = model.config.quant, 0.0

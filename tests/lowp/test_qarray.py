@@ -1,4 +1,4 @@
-"""quantize / dequantize / packing (spec quant.md 1.2-1.6; invariants 3, 5-10, 12, 13)."""
+"""quantize / dequantize / packing (docs/formats.md 1-4)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemojax.quant import reference as R
-from nemojax.quant.formats import FORMATS, e8m0_to_code
-from nemojax.quant.qarray import QArray, dequantize, expand_block_scale, pack_fp4, quantize, unpack_fp4
+from nemojax.lowp import reference as R
+from nemojax.lowp.formats import FORMATS, e8m0_to_code
+from nemojax.lowp.qarray import QArray, dequantize, expand_block_scale, pack_fp4, quantize, unpack_fp4
 
 
 def _x(shape, seed=0, scale=1.0):
@@ -52,7 +52,7 @@ def test_pack_matches_bitcast():
     assert bool(jnp.all(unpack_fp4(p) == codes))
 
 
-# ------------------------------------------------------------------------------------ NVFP4 invariants 5-10, 12
+# --------------------------------------- NVFP4 scales, error bound, idempotence, exactness, symmetry, 2D blocks
 
 
 def _np(a):
@@ -104,7 +104,7 @@ def test_nvfp4_error_bound(seed, fmt):
     step = d * float(q.global_scale)
     xh = _np(q.dequantize())
     err = np.abs(x - xh)
-    normal = d >= 2.0**-6  # E4M3-subnormal block scales round too coarsely for the bound (spec 1.5)
+    normal = d >= 2.0**-6  # E4M3-subnormal block scales round too coarsely for the bound (docs/formats.md 4)
     assert np.all((err <= step * (1 + 1e-6))[normal])
     assert np.all(xh[d == 0] == 0)  # flushed blocks dequantize to zero
     # with a normal-range scale the step is at most (17/16) a_b / 6, so |x - x_hat| <= 0.1771 a_b
@@ -189,7 +189,7 @@ def test_2d_transpose_equality_and_1d_differs():
     np.testing.assert_array_equal(_np(quantize(jnp.asarray(w), "nvfp4", axis=0).dequantize()), c.T)
 
 
-# ---------------------------------------------------------------------------------------------- invariant 13
+# ----------------------------------------------------------------------------------------------- FP4 packing
 
 
 @settings(max_examples=20, deadline=None)
@@ -304,7 +304,7 @@ def test_validation_errors():
         quantize(x, "nvfp4", amax=jnp.ones((5,)))
 
 
-# ---------------------------------------------------------------------------------------------- invariant 17
+# -------------------------------------------------------------------------------------------- GEMM emulation
 
 
 @pytest.mark.parametrize("fa,fb", [("nvfp4", "nvfp4_2d"), ("mxfp8", "mxfp8"), ("fp8_e4m3", "fp8_e4m3")])

@@ -1,4 +1,4 @@
-"""Fake quantization with straight-through gradients (spec quant.md 2.1).
+"""Fake quantization with straight-through gradients (docs/formats.md 6).
 
 fake_quant(x) = dequantize(quantize(x)) computed in f32 and returned in x's dtype; the forward numerics equal the
 real low-precision path. The backward is a straight-through estimator:
@@ -17,8 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.formats import check_format
-from nemojax.quant.qarray import _lead, quantize
+from nemojax.lowp.formats import check_format
+from nemojax.lowp.qarray import _lead, quantize
 
 STES = ("pass", "clipped")
 

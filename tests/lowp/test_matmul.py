@@ -1,4 +1,4 @@
-"""Quantized-training GEMMs (spec/quant.md 4.4, section 6 items 14-17): forward, dgrad and wgrad against oracles
+"""Quantized-training GEMMs (docs/formats.md 4-5): forward, dgrad and wgrad against oracles
 composed by hand from `quantize(...).dequantize()`, the RHT's effect on the weight gradient, stochastic-rounding
 unbiasedness, a tiny network that learns, and jit / vmap over stacked experts."""
 
@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant import recipes
-from nemojax.quant.fake import fake_quant
-from nemojax.quant.formats import e2m1_neighbours
-from nemojax.quant.qarray import expand_block_scale, quantize
-from nemojax.quant.recipe import LinearQuant, TensorQuant
-from nemojax.quant.training import fake_matmul, matmul, quantized_matmul
+from nemojax.lowp.fake import fake_quant
+from nemojax.lowp.formats import e2m1_neighbours
+from nemojax.lowp.matmul import fake_matmul, matmul, quantized_matmul
+from nemojax.lowp.qarray import expand_block_scale, quantize
+from nemojax.lowp.recipe import LinearQuant, TensorQuant
+from nemojax.quant import named_recipes
 
-FP8 = recipes.fp8_training().default  # E4M3 x and W, E5M2 grads, per-tensor current scaling
-NVFP4 = recipes.nvfp4_training().default  # 1x16 x, 16x16 W, 1x16 SR grads, RHT on wgrad
+FP8 = named_recipes.fp8_training().default  # E4M3 x and W, E5M2 grads, per-tensor current scaling
+NVFP4 = named_recipes.nvfp4_training().default  # 1x16 x, 16x16 W, 1x16 SR grads, RHT on wgrad
 MXFP8 = LinearQuant(weight=TensorQuant("mxfp8"), input=TensorQuant("mxfp8"), grad=TensorQuant("mxfp8"))
 NVFP4_1D = LinearQuant(weight=TensorQuant("nvfp4"), input=TensorQuant("nvfp4"), grad=TensorQuant("nvfp4"))
 SPECS = {"fp8_hybrid": FP8, "nvfp4": NVFP4, "mxfp8": MXFP8, "nvfp4_1d_weight": NVFP4_1D}
@@ -148,13 +148,13 @@ def test_backward_equals_hand_composed_oracle(name):
     dx_want = _dq(dy2, spec.grad.fmt, -1, key=k_dgrad, **g) @ dqw.T
     np.testing.assert_allclose(dx.reshape(-1, K), dx_want, rtol=1e-5, atol=1e-6 * np.abs(dx_want).max())
     if name == "nvfp4_1d_weight":
-        assert np.abs(dqw - _dq(w, "nvfp4", 0)).max() > 0  # Q(W^T) != Q(W)^T in 1D (spec 1.6)
+        assert np.abs(dqw - _dq(w, "nvfp4", 0)).max() > 0  # Q(W^T) != Q(W)^T in 1D (docs/formats.md 4)
 
     # wgrad: both operands along tokens (zero-padded to a block multiple), RHT first for NVFP4.
     mult = 32 if spec.grad.fmt.startswith("mx") else 16
     xc, dyc = _pad_rows(x2, mult), _pad_rows(dy2, mult)
     if spec.rht:
-        from nemojax.quant.hadamard import rht
+        from nemojax.lowp.hadamard import rht
 
         xc, dyc = np.asarray(rht(jnp.asarray(xc), 0)), np.asarray(rht(jnp.asarray(dyc), 0))
     dw_want = _dq(xc, spec.input.fmt, 0).T @ _dq(dyc, spec.grad.fmt, 0, key=k_wgrad, **g)
@@ -178,10 +178,10 @@ def test_fp8_hybrid_gradients_use_e5m2():
 
 def test_rht_wgrad_is_orthonormal_without_quantization(monkeypatch):
     """With the quantizers replaced by the identity, the RHT'd wgrad is x^T dy (R orthonormal, zero padding)."""
-    from nemojax.quant import training
+    from nemojax.lowp import matmul as lowp_matmul
 
     x, w, dy = _data(3)
-    monkeypatch.setattr(training, "_dq", lambda a, *args, **kw: a.astype(jnp.float32))
+    monkeypatch.setattr(lowp_matmul, "_dq", lambda a, *args, **kw: a.astype(jnp.float32))
     # Not through the jitted _grads: a cached trace would not see the patch.
     _, vjp = jax.vjp(lambda x, w: quantized_matmul(x, w, NVFP4, key=jax.random.key(0)), x, w)
     dx, dw = (np.asarray(a) for a in vjp(dy))
@@ -194,11 +194,11 @@ def test_rht_wgrad_is_orthonormal_without_quantization(monkeypatch):
 
 
 def test_rht_matches_spec_matrix_and_wgrad_differs_only_by_quantization():
-    from nemojax.quant.hadamard import rht
+    from nemojax.lowp.hadamard import rht
 
     x, w, dy = _data(4)
     x2, dy2 = np.asarray(x, np.float64).reshape(-1, K), np.asarray(dy, np.float64).reshape(-1, N)
-    # The library's RHT is the spec's R = D H16 / 4, right-multiplied on groups of 16 along the token axis.
+    # The library's RHT is arXiv 2509.25149's R = D H16 / 4, right-multiplied on groups of 16 along the token axis.
     xp = _pad_rows(x2, 16)
     np.testing.assert_allclose(np.asarray(rht(jnp.asarray(xp, jnp.float32), 0)), _rht_ref(xp), rtol=1e-5, atol=1e-5)
     exact = x2.T @ dy2
@@ -289,11 +289,11 @@ def test_bad_arguments_raise():
 
 def test_matmul_dispatch_and_fake_path_gradients():
     x, w, dy = _data(8)
-    # spec None: the plain product.
+    # no spec: the plain product.
     plain = np.einsum("btk,kn->btn", np.asarray(x, np.float64), np.asarray(w, np.float64))
     np.testing.assert_allclose(np.asarray(matmul(x, w, None)), plain, rtol=1e-5, atol=1e-5)
     # QAT spec: fake-quantized forward, straight-through (high-precision) backward.
-    qat = recipes.nvfp4().default  # static amaxes, clipped STE
+    qat = named_recipes.nvfp4().default  # static amaxes, clipped STE
     ax = jnp.float32(float(jnp.max(jnp.abs(x))) / 2)
     y, vjp = jax.vjp(lambda x, w: matmul(x, w, qat, input_amax=ax), x, w)
     xq = _dq(x, "nvfp4", -1, amax=float(ax))

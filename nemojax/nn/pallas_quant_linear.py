@@ -1,7 +1,7 @@
 """The fake-quantized linear layer on the low-precision Pallas matmul kernels (pallas_kernels.quant_matmul).
 
 `Linear` calls `kernel_op` to ask whether a layer can run a kernel, and `kernel_matmul` to run it; everything else
-keeps the fake path (`nemojax.quant.training.fake_matmul`). Covered, when `spec.grad is None` (PTQ / QAT / QAD),
+keeps the fake path (`nemojax.lowp.matmul.fake_matmul`). Covered, when `spec.grad is None` (PTQ / QAT / QAD),
 round-to-nearest operands, a float32 or bfloat16 compute dtype and `dispatch.resolve(op, config.matmul_impl)`
 == "pallas":
 
@@ -29,10 +29,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.fake import fake_quant
-from nemojax.quant.qarray import pack_fp4, quantize
-from nemojax.quant.recipe import LinearQuant
-from nemojax.quant.training import effective_amax, fake_matmul
+from nemojax.lowp.fake import fake_quant
+from nemojax.lowp.matmul import effective_amax, fake_matmul
+from nemojax.lowp.qarray import pack_fp4, quantize
+from nemojax.lowp.recipe import LinearQuant
 from pallas_kernels import dispatch, quant_matmul
 from pallas_kernels.quant_matmul import fp8_matmul, nvfp4_block_scaled_matmul, nvfp4_matmul
 

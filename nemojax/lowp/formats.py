@@ -1,14 +1,14 @@
-"""Low-precision number formats: the format table and the element/scale casts (spec quant.md 1.1-1.5).
+"""Low-precision number formats: the format table and the element/scale casts (docs/formats.md 1-4).
 
 Everything here is a pure function over arrays (float32 math unless stated). The casts exist because the plain
-`astype` casts are unsafe for quantization (spec 0.2, 2.4, all checked on XLA:CPU):
+`astype` casts are unsafe for quantization (docs/formats.md 1, all checked on XLA:CPU):
 
 - f32 -> float8_e4m3fn does not saturate: |x| > 464 and +-inf become NaN. `cast_e4m3` clips first.
 - f32 -> float8_e5m2 overflows to +-inf. `cast_e5m2` clips to +-57344 first.
 - f32 -> float4_e2m1fn saturates, but NaN becomes -0.0. `cast_e2m1` returns a NaN mask next to the codes so the
   caller can propagate it (the quantizers put NaN in the block scale).
 - f32 -> float8_e8m0fnu rounds to nearest with ties up; MX scales need round-up, so `e8m0_code` builds the exponent
-  from the fp32 bits (NVIDIA rule, spec 1.4).
+  from the fp32 bits (NVIDIA rule, docs/formats.md 3).
 - XLA:CPU flushes fp32 subnormals (inputs and results), so no function here multiplies or divides by a subnormal
   power of two: `mul_pow2` splits 2^k into two normal factors.
 """
@@ -28,7 +28,7 @@ E4M3_MAX = 448.0
 E5M2_MAX = 57344.0
 E2M1_MAX = 6.0
 FLT_MAX = float(np.finfo(np.float32).max)
-# Positive E2M1 grid, index = code & 7 (spec 1.1).
+# Positive E2M1 grid, index = code & 7 (docs/formats.md 1).
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -94,8 +94,8 @@ def cast_e5m2(x: jax.Array) -> jax.Array:
 def cast_e2m1(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """f32 [...] -> (float4_e2m1fn codes [...], bool NaN mask [...]).
 
-    RNE with the tie table of spec 1.1, saturating at +-6. A NaN input gives code +0 and True in the mask; the cast
-    alone would give -0 and lose the NaN, so the caller must route the mask into a NaN scale.
+    RNE with the tie table of docs/formats.md 1, saturating at +-6. A NaN input gives code +0 and True in the mask;
+    the cast alone would give -0 and lose the NaN, so the caller must route the mask into a NaN scale.
     """
     x = jnp.asarray(x, jnp.float32)
     nan = jnp.isnan(x)
@@ -137,7 +137,7 @@ def mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def e8m0_code(amax: jax.Array, elem_max: float) -> jax.Array:
-    """Round-up E8M0 code of the MX block scale 2^ceil(log2(amax/elem_max)) (NVIDIA rule, spec 1.4).
+    """Round-up E8M0 code of the MX block scale 2^ceil(log2(amax/elem_max)) (NVIDIA rule, docs/formats.md 3).
 
     amax: finite f32 >= 0 [...]; returns int32 [...] in [0, 254] (scale = 2^(code-127)). Built from the fp32 bits of
     r = amax/elem_max: the biased exponent e, +1 if the mantissa is non-zero, except e = 254 (saturated); for a
@@ -195,8 +195,8 @@ def stochastic_round_e2m1(v: jax.Array, key: jax.Array) -> jax.Array:
     """Stochastically round scaled values v (f32 [...], |v| <= 6) onto the E2M1 grid; returns f32 grid values [...].
 
     Rounds |v| up to its upper neighbour hi with probability (|v| - lo) / (hi - lo), else down to lo, so E[q] = v
-    (spec 4.2 item 4). Grid values are returned unchanged (probability 0 of moving) and the denominator is guarded
-    where hi == lo so no 0/0 appears (spec 2.4). The same key gives the same result. NaN stays NaN.
+    (docs/formats.md 5). Grid values are returned unchanged (probability 0 of moving) and the denominator is guarded
+    where hi == lo so no 0/0 appears (docs/formats.md 1). The same key gives the same result. NaN stays NaN.
     """
     v = jnp.asarray(v, jnp.float32)
     lo, hi = e2m1_neighbours(v)

@@ -1,4 +1,4 @@
-"""Recipes (nemojax.quant.recipe / recipes): which layer gets which format, validation, serialisation."""
+"""Recipes (nemojax.lowp.recipe / recipes): which layer gets which format, validation, serialisation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from nemojax.quant import recipes
-from nemojax.quant.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
+from nemojax.lowp.recipe import LinearQuant, QuantRecipe, TensorQuant, is_state
+from nemojax.quant import named_recipes
 
 PATTERN = "M-M*-MM-"  # nemotron-h-8b-tiny
 
@@ -18,7 +18,7 @@ def _fmt(recipe: QuantRecipe, path: str, pattern: str = PATTERN) -> str | None:
 
 
 def test_default_nvfp4_quantizes_every_linear_but_lm_head():
-    r = recipes.get("nvfp4")
+    r = named_recipes.get("nvfp4")
     for path in ("layers_0/mixer/in_proj_x", "layers_3/mixer/q_proj", "layers_7/mixer/down_proj",
                  "mtp/layers_0/eh_proj", "layers_1/mixer/experts/up_proj"):
         spec = r.linear(path, PATTERN)
@@ -35,7 +35,7 @@ def test_positional_keeps():
     assert kept == [0, 6, 7]
     assert r.kept_layers("M" * 20) == frozenset({0, 17, 18, 19})
     # Nemotron 3 Nano: attention layers and the layers feeding them
-    nano = recipes.get("nemotron3_nano_nvfp4")
+    nano = named_recipes.get("nemotron3_nano_nvfp4")
     assert nano.kept_layers(PATTERN) == frozenset({2, 3})
     assert nano.kept_layers("MEM*EMEM*E") == frozenset({2, 3, 7, 8})
     # MTP layers are not main layers: positional keeps never touch them
@@ -43,7 +43,7 @@ def test_positional_keeps():
 
 
 def test_super_ptq_recipe_assignments():
-    r = recipes.get("nemotron3_super_nvfp4")
+    r = named_recipes.get("nemotron3_super_nvfp4")
     pattern = "MEM*EMEM"
     routed = r.linear("layers_1/mixer/experts/up_proj", pattern)
     assert routed.weight.fmt == "nvfp4" and routed.weight.block_scales == "static" and routed.input.fmt == "nvfp4"
@@ -57,7 +57,7 @@ def test_super_ptq_recipe_assignments():
 
 
 def test_super_pretraining_recipe_assignments():
-    r = recipes.get("nemotron3_super_nvfp4_training")
+    r = named_recipes.get("nemotron3_super_nvfp4_training")
     pattern = "MEM*EMEM" * 5  # 40 layers: the last ceil(6) are high precision
     spec = r.linear("layers_0/mixer/in_proj_x", pattern)
     assert (spec.weight.fmt, spec.input.fmt, spec.grad.fmt, spec.grad.rounding, spec.rht) == \
@@ -69,16 +69,16 @@ def test_super_pretraining_recipe_assignments():
 
 
 def test_fp8_training_recipe_is_hybrid_current_scaling():
-    r = recipes.get("fp8_training", keep_first_layers=2, keep_last_layers=2)
+    r = named_recipes.get("fp8_training", keep_first_layers=2, keep_last_layers=2)
     spec = r.linear("layers_3/mixer/q_proj", PATTERN)
     assert (spec.weight.fmt, spec.input.fmt, spec.grad.fmt) == ("fp8_e4m3", "fp8_e4m3", "fp8_e5m2")
     assert not (spec.weight.static or spec.input.static)
     assert [i for i in range(8) if r.linear(f"layers_{i}/mixer/x", PATTERN) is None] == [0, 1, 6, 7]
 
 
-@pytest.mark.parametrize("name", recipes.names())
+@pytest.mark.parametrize("name", named_recipes.names())
 def test_json_round_trip(name):
-    r = recipes.get(name)
+    r = named_recipes.get(name)
     assert QuantRecipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
@@ -94,7 +94,7 @@ def test_json_round_trip(name):
     (lambda: QuantRecipe("x", kv_cache=TensorQuant("nvfp4")), "kv_cache.fmt="),
     (lambda: QuantRecipe("x", keep_last_fraction=1.5), "keep_last_fraction="),
     (lambda: QuantRecipe("x", rules=(("lm_head", "bf16"),)), "rules[0]="),
-    (lambda: recipes.get("int4"), "quant recipe 'int4' is unknown"),
+    (lambda: named_recipes.get("int4"), "quant recipe 'int4' is unknown"),
 ])
 def test_bad_recipes_name_the_field(build, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):

@@ -1,4 +1,4 @@
-"""Random Hadamard transform for the NVFP4 wgrad GEMM inputs (spec quant.md 4.2 item 2).
+"""Random Hadamard transform for the NVFP4 wgrad GEMM inputs (arXiv 2509.25149; docs/formats.md 5).
 
 R = D . H16 / 4 with H16 the Sylvester Hadamard matrix and D = diag(RHT_SIGNS), the fixed sign vector TE uses for
 every layer and step. R is orthonormal (R R^T = I), so (X R)(Y R)^T = X Y^T: transforming both operands of a GEMM

@@ -1,4 +1,4 @@
-"""fake_quant and its straight-through gradients (spec quant.md 2.1; invariant 16)."""
+"""fake_quant and its straight-through gradients (docs/formats.md 6)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant.fake import fake_quant
-from nemojax.quant.qarray import quantize
+from nemojax.lowp.fake import fake_quant
+from nemojax.lowp.qarray import quantize
 
 
 def test_forward_equals_qdq_and_pass_gradient_is_identity():

@@ -1,4 +1,4 @@
-"""Per-tensor FP8 current and delayed scaling (spec quant.md 1.2; invariant 18)."""
+"""Per-tensor FP8 current and delayed scaling (docs/formats.md 2)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant import fp8
-from nemojax.quant.qarray import quantize
+from nemojax.lowp import fp8
+from nemojax.lowp.qarray import quantize
 
 
 @pytest.mark.parametrize("fmt,fmax", [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])

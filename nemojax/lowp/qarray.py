@@ -1,11 +1,11 @@
-"""Quantized arrays: `quantize`, `dequantize`, FP4 packing (spec quant.md 1.2, 1.4, 1.5, 1.6).
+"""Quantized arrays: `quantize`, `dequantize`, FP4 packing (docs/formats.md 1-4).
 
 A `QArray` holds the element codes unpacked (same shape as the input), the block or tensor *decode* scales and, for
 NVFP4, the f32 global decode scale, so that x_hat = data * scale (* global_scale) with the scales broadcast back
 over their blocks.
 
 Blocks are contiguous runs of 16 (NVFP4) or 32 (MX) elements along `axis`, the contraction axis of the GEMM the
-tensor feeds. "nvfp4_2d" uses 16x16 tiles over the last two dims (weights, spec 1.6), so its scales have shape
+tensor feeds. "nvfp4_2d" uses 16x16 tiles over the last two dims (weights, docs/formats.md 4), so its scales have shape
 x.shape with both of those dims divided by 16 and Q2D(W^T) == Q2D(W)^T. Dims that do not divide are zero-padded
 internally (zeros never change an amax); outputs have the input's shape.
 
@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.formats import (
+from nemojax.lowp.formats import (
     E4M3_MAX,
     FLT_MAX,
     FormatSpec,
@@ -271,7 +271,7 @@ def quantize(
         data = _unblockify(q, spec, axis, x.shape)
         return QArray(data, _scale_to_public(scale, spec, axis), None, fmt, axis, dtype_name)
 
-    # NVFP4, TE order of operations (spec 1.5 steps 1-7; TE folds 1/6 into the global multiplier).
+    # NVFP4, TE order of operations (docs/formats.md 4; TE folds 1/6 into the global multiplier).
     A = jnp.max(_finite_abs(xf)) if amax is None else amax
     s_enc, s_dec = nvfp4_global_scales(A)
     s_enc_b = _lead(s_enc, xb.ndim)

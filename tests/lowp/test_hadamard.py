@@ -1,4 +1,4 @@
-"""Random Hadamard transform (spec quant.md 4.2 item 2; invariant 14)."""
+"""Random Hadamard transform (arXiv 2509.25149; docs/formats.md 5)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.quant.hadamard import RHT_SIGNS, hadamard_matrix, inverse_rht, rht, rht_matrix
-from nemojax.quant.qarray import quantize
+from nemojax.lowp.hadamard import RHT_SIGNS, hadamard_matrix, inverse_rht, rht, rht_matrix
+from nemojax.lowp.qarray import quantize
 
 
 def test_matrix_is_orthonormal_and_uses_fixed_signs():

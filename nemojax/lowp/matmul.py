@@ -1,4 +1,5 @@
-"""Quantized linear-layer GEMMs: FP8 / MXFP8 / NVFP4 "quantized training" and QAT fake quantization (spec/quant.md 4.4).
+"""Quantized linear-layer GEMMs: FP8 / MXFP8 / NVFP4 "quantized training" and QAT fake quantization
+(docs/formats.md 4-6).
 
 One entry point for a linear layer y = x @ W (our kernels are [in, out] = [K, N]):
 
@@ -24,11 +25,11 @@ One entry point for a linear layer y = x @ W (our kernels are [in, out] = [K, N]
 
 Residuals: the custom_vjp saves the high-precision x and W (not the dequantized operands) and re-quantizes W in the
 backward. Operand quantization is round-to-nearest-even and therefore deterministic, so the backward sees the bit-same
-quantized W as the forward; this keeps the residuals at the size of the unquantized layer (spec 4.4 step 4).
+quantized W as the forward; this keeps the residuals at the size of the unquantized layer.
 
 Calibrated (static) amaxes: `input_amax` / `weight_amax`, when given, replace the current per-tensor amax wherever
-they are > 0 (an amax of 0 means "not calibrated", recipe.py). In quantized training the static input amax also
-scales the wgrad quantization of x when there is no RHT; with the RHT the amax is always that of R x.
+they are > 0 (an amax of 0 means "not calibrated", nemojax.lowp.recipe). In quantized training the static input
+amax also scales the wgrad quantization of x when there is no RHT; with the RHT the amax is always that of R x.
 Gradients with respect to `key` and the amaxes are zero (None cotangents).
 """
 
@@ -40,8 +41,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.formats import check_format
-from nemojax.quant.recipe import LinearQuant, TensorQuant
+from nemojax.lowp.fake import fake_quant
+from nemojax.lowp.formats import check_format
+from nemojax.lowp.hadamard import rht
+from nemojax.lowp.qarray import quantize
+from nemojax.lowp.recipe import LinearQuant, TensorQuant
 
 HIGHEST = jax.lax.Precision.HIGHEST
 RHT_BLOCK = 16
@@ -84,8 +88,6 @@ def effective_amax(x: jax.Array, static: jax.Array | None, fmt: str) -> jax.Arra
 def _dq(x: jax.Array, fmt: str, axis: int, amax: jax.Array | None = None, rounding: str = "rne",
         key: jax.Array | None = None, block_scale: jax.Array | None = None) -> jax.Array:
     """quantize(x, fmt, along `axis`).dequantize() as float32."""
-    from nemojax.quant.qarray import quantize
-
     q = quantize(x.astype(jnp.float32), fmt, axis=axis, amax=amax, block_scale=block_scale, rounding=rounding,
                  key=key)
     return q.dequantize().astype(jnp.float32)
@@ -102,12 +104,6 @@ def _token_multiple(spec: LinearQuant) -> int:
     if spec.rht:
         sizes.append(RHT_BLOCK)
     return math.lcm(*sizes)
-
-
-def _rht(a: jax.Array, axis: int) -> jax.Array:
-    from nemojax.quant.hadamard import rht
-
-    return rht(a, axis)
 
 
 def _split(key: jax.Array | None, n: int) -> tuple[jax.Array | None, ...]:
@@ -136,8 +132,6 @@ def fake_matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: ja
     weight_block_scale: the frozen NVFP4 block scales of W (W's shape with K divided by 16), required exactly
     when `spec.weight.block_scales == "static"`.
     """
-    from nemojax.quant.fake import fake_quant
-
     K, N = _check_ranks(x, w)
     if spec is not None and spec.grad is not None:
         raise ValueError(f"spec.grad={spec.grad.fmt!r}: quantized gradients need quantized_matmul (or matmul)")
@@ -206,7 +200,7 @@ def _qmm_bwd(spec, res, dy):
     dyc = _pad_rows(dy.astype(jnp.float32), mult)
     x_amax = effective_amax(x2, input_amax, spec.input.fmt)
     if spec.rht:
-        xc, dyc, x_amax = _rht(xc, 0), _rht(dyc, 0), None  # amaxes of the transformed operands
+        xc, dyc, x_amax = rht(xc, 0), rht(dyc, 0), None  # amaxes of the transformed operands
     dqx_c = _dq(xc, spec.input.fmt, axis=0, amax=x_amax)
     dqdy_c = _dq(dyc, g.fmt, axis=0, rounding=g.rounding, key=k_wgrad)
     dw = _dot(dqx_c, dqdy_c, "tk,tn->kn").astype(w.dtype)
@@ -249,7 +243,7 @@ def matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: jax.Arr
            weight_block_scale: jax.Array | None = None) -> jax.Array:
     """A linear layer's GEMM under its quantization spec: x: [..., K], w: [K, N] -> y: [..., N] in x's dtype.
 
-    spec None: plain dot; spec.grad None: `fake_matmul` (QAT); else `quantized_matmul` (quantized training,
+    `spec` is None: plain dot; `spec.grad` is None: `fake_matmul` (QAT); else `quantized_matmul` (quantized training,
     where weight_block_scale must be None).
     """
     if spec is None:

@@ -1,4 +1,4 @@
-"""Per-tensor FP8 scaling: current scaling and delayed scaling as a functional state (spec quant.md 1.2).
+"""Per-tensor FP8 scaling: current scaling and delayed scaling as a functional state (docs/formats.md 2).
 
 TE convention: the scale s multiplies to quantize, s = (FP8_MAX / amax) / 2^margin, q = cast(clip(x s, +-FP8_MAX)),
 x_hat = q / s. An amax that is 0 or non-finite keeps the previous scale.
@@ -17,8 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.formats import FLT_MAX, check_format, get_format
-from nemojax.quant.qarray import QArray
+from nemojax.lowp.formats import FLT_MAX, check_format, get_format
+from nemojax.lowp.qarray import QArray
 
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 AMAX_ALGOS = ("max", "most_recent")

@@ -5,9 +5,9 @@ rounding from TE's explicit threshold table (not a dtype cast), the E4M3 cast fr
 E8M0 round-up exponent from the fp32 bits. numpy does not flush subnormals; XLA:CPU does, so results can differ
 only where an fp32 intermediate is subnormal (amax below ~1e-35), which the tests avoid.
 
-- `nvfp4_te`: TransformerEngine's reference_nvfp4.py order (spec 1.5 steps 1-7; 1x16 or 16x16 tiles).
+- `nvfp4_te`: TransformerEngine's reference_nvfp4.py order (docs/formats.md 4, steps 1-6; 1x16 or 16x16 tiles).
 - `nvfp4_modelopt`: ModelOpt's NVFP4QTensor formula (g = A/2688, d_b = e4m3(a_b/(6 g)), zero scales -> 1).
-- `e8m0_code`: NVIDIA round-up E8M0 exponent (spec 1.4).
+- `e8m0_code`: NVIDIA round-up E8M0 exponent (docs/formats.md 3).
 """
 
 from __future__ import annotations
