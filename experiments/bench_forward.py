@@ -12,7 +12,7 @@ What it measures, in one run:
    parameter hybrid config (pattern "M-M*-M-M-M*-M-M-": Mamba-2, attention and relu2-MLP layers) with the SAME
    weights: `Model.init`, exported through `Model.to_hf_state_dict` and loaded into torch with `strict=True`.
    Before timing, every HF Mamba mixer's `time_step_limit` is set to (0, inf), the reference clamp nemojax uses
-   (transformers clamps dt at time_step_min; spec/arch.md 6.1), and the max |logits difference| is reported, so
+   (transformers clamps dt at time_step_min; docs/numerics.md 3), and the max |logits difference| is reported, so
    both sides run the same computation. XLA compile time is measured separately (AOT lower + compile) and is not
    part of the timings. Both frameworks get the same CPUs: `--threads N` pins the process to N cores (XLA's
    thread pool follows the affinity mask) and calls `torch.set_num_threads(N)`; the default N is every core the

@@ -1,4 +1,4 @@
-"""Low-precision matmul kernels (Pallas): per-tensor-scaled FP8 and W4A16 NVFP4 (spec quant.md 1.1, 1.5, 5.4, 5.5).
+"""Low-precision matmul kernels (Pallas): per-tensor-scaled FP8 and W4A16 NVFP4 (docs/formats.md 1, 4).
 
 * `fp8_matmul(a, b, a_scale_inv, b_scale_inv)`: a [M, K] and b [K, N] (or [N, K], `b_layout="nk"`) in
   float8_e4m3fn, per-tensor f32 decode scales. FP8 x FP8 dot with f32 accumulation over K; the epilogue multiplies

@@ -1,6 +1,6 @@
 """Single-token selective state update (Mamba-2 decode step) as a Pallas kernel, plus its pure-JAX reference.
 
-Per batch row and head h (group g = h // (H / G), the repeat-interleave of spec 6.10):
+Per batch row and head h (group g = h // (H / G), the repeat-interleave of docs/numerics.md 1):
 
     S <- exp(dt_h * A_h) * S + dt_h * x_h (outer) B_g        S: [P, N], float32
     y_h = S @ C_g + D_h * x_h

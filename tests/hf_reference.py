@@ -40,7 +40,7 @@ def torch_state_dict(model: nemojax.Model) -> dict[str, torch.Tensor]:
 
 def neutralise_dt_floor(hf_model: NemotronHForCausalLM) -> None:
     """transformers' torch path clamps dt at time_step_min; the reference kernels clamp at time_step_limit
-    = (0, inf) (spec/arch.md 6.1). Put every mixer on the reference behaviour."""
+    = (0, inf) (docs/numerics.md 3). Put every mixer on the reference behaviour."""
     for layer in hf_model.model.layers:
         if hasattr(layer.mixer, "time_step_limit"):
             layer.mixer.time_step_limit = (0.0, math.inf)
@@ -74,7 +74,7 @@ def perturbed(model: nemojax.Model, seed: int = 0, scale: float = 0.05) -> nemoj
         if "A_log" in name:
             x = np.log(rng.uniform(0.5, 8.0, x.shape)).astype(np.float32)
         elif "dt_bias" in name:
-            # down to softplus(-9) ~ 1e-4, below the 1e-3 dt floor of transformers' torch path (spec 6.1)
+            # down to softplus(-9) ~ 1e-4, below the 1e-3 dt floor of transformers' torch path (docs/numerics.md 3)
             x = rng.uniform(-9.0, 1.0, x.shape).astype(np.float32)
         elif "scale" in name or "'D'" in name:
             x = x + 0.2 * noise

@@ -1,4 +1,4 @@
-"""Tests for nemojax.config: validation errors name the field; from_hf reads every spelling of spec/arch.md 6.11;
+"""Tests for nemojax.config: validation errors name the field; from_hf reads every spelling of docs/numerics.md 10;
 to_hf loads in transformers' NemotronHConfig and round-trips."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_zero_rotary_width_raises_value_error() -> None:
 
 
 def test_time_step_limit_is_normalised_to_float_tuple() -> None:
-    """A list limit becomes a hashable float tuple, and the default is the reference (0, inf) (spec 6.1)."""
+    """A list limit becomes a hashable float tuple, and the default is the reference (0, inf) (docs/numerics.md 3)."""
     cfg = MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=[0, 1])
     assert cfg.time_step_limit == (0.0, 1.0) and isinstance(cfg.time_step_limit, tuple)
     assert MAMBA.time_step_limit == (0.0, math.inf)

@@ -105,7 +105,7 @@ BF16_LOGITS_REL_TOL = 4e-2
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bfloat16_forward_close_to_float32(param_dtype: str) -> None:
     """On the Super twin, dtype=bfloat16 (params float32 or bfloat16) stays within BF16_LOGITS_REL_TOL of float32,
-    and really runs in bfloat16 (the error is not zero); the router's params stay float32 (spec 6.6)."""
+    and really runs in bfloat16 (the error is not zero); the router's params stay float32 (docs/numerics.md 8)."""
     model = _model(SUPER)
     tokens = _tokens(3, 24)
     cfg = model.config.replace(dtype="bfloat16", param_dtype=param_dtype)
@@ -134,8 +134,8 @@ def test_param_count_equals_initialised_params(name: str) -> None:
 
 
 def test_param_count_allocates_nothing() -> None:
-    """param_count of full-size Super (123.6 B params: 247 GB in bf16, far beyond this machine) returns the spec 4.3
-    number from shapes alone."""
+    """param_count of full-size Super (123.6 B params: 247 GB in bf16, far beyond this machine) returns the published
+    total (tests/test_presets.py) from shapes alone."""
     assert param_count(presets.get("nemotron-3-super-120b-a12b")) == 123_611_033_088
 
 

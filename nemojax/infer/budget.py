@@ -1,4 +1,5 @@
-"""Nemotron Nano 2's thinking budget (spec E.2) as a per-step state machine for a jitted generation loop.
+"""Nemotron Nano 2's thinking budget as a per-step state machine for a jitted generation loop (model card:
+https://huggingface.co/nvidia/NVIDIA-Nemotron-Nano-9B-v2; arXiv 2508.14444).
 
 The server-side rule of the NIM logits processor: count the tokens generated inside the thinking block; once the
 count reaches the budget N, end the trace at the next newline, or at N + grace tokens if no newline comes (grace

@@ -1,5 +1,5 @@
 """Chat templates: load a checkpoint's Jinja template, render conversations as transformers does, and set the
-reasoning toggle of Nemotron chat models (spec/elastic_hymba_vl.md E.1, E.2).
+reasoning toggle of Nemotron chat models (Llama-Nemotron, arXiv 2505.00949; Nemotron Nano 2, arXiv 2508.14444).
 
     template = load_chat_template("path/to/checkpoint")
     prompt = render_chat(template, [{"role": "user", "content": "2 + 2?"}], thinking=False)
@@ -290,9 +290,9 @@ def chat(model, tokenizer, messages, *, template: str | None = None, thinking: b
       none (or the tokenizer has no folder, like ByteTokenizer), a plain fallback of one "role: content" line per
       message and a final "assistant:" line (FALLBACK_TEMPLATE).
     thinking: the reasoning toggle, True / "on", False / "off", or None (leave the messages alone), written as
-      `thinking_style` says (spec E.1; see `render_chat`).
+      `thinking_style` says (arXiv 2505.00949; see `render_chat`).
     thinking_budget: an int N ends the thinking block after N thinking tokens (plus `grace` while waiting for a
-      newline) by forcing `end` (spec E.2; `thinking_budget_for(tokenizer, N, start=start, end=end, grace=grace)`),
+      newline) by forcing `end` (spelled out: `thinking_budget_for(tokenizer, N, start=start, end=end, grace=grace)`),
       or a ready `ThinkingBudget`. A prompt that already ends inside `start` (the template opened the block)
       counts from its first generated token.
     generate_kwargs: passed to `nemojax.infer.generate.generate` (max_new_tokens, temperature, stop, stream, ...).

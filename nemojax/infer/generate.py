@@ -5,7 +5,7 @@
     out.tokens, out.text, out.finish_reason, out.stats
 
 Prompts of different lengths are right-padded to a shared bucket and prefilled together; each sequence then
-decodes at its own position (per-sequence cache lengths, spec/arch.md 6.7), so nothing about a sequence depends on
+decodes at its own position (per-sequence cache lengths, docs/numerics.md 2), so nothing about a sequence depends on
 its neighbours. Every step runs inside the loop: sampling (greedy, temperature, top-k, top-p, repetition
 penalty), the thinking budget (forcing the end-of-thinking tag), EOS / stop-sequence detection per sequence, and
 the optional streaming callback. The loop ends when every sequence is done or `max_new_tokens` is reached.

@@ -1,4 +1,5 @@
-"""The naming table between nemojax params and NemotronH checkpoint tensors (spec/arch.md 1.5, 2.1, 3.4, 3.5, 4.1).
+"""The naming table between nemojax params and NemotronH checkpoint tensors (docs/numerics.md 10; names as
+NVIDIA-NeMo/Megatron-Bridge@067f987d:src/megatron/bridge/models/nemotronh/nemotron_h_bridge.py maps them).
 
 nemojax params mirror the checkpoint names, so the table is a rename plus a layout change per leaf:
 
@@ -118,7 +119,7 @@ _STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$")
 
 
 def checkpoint_name(name: str) -> str:
-    """Maps the name spellings of spec/arch.md 6.11 onto the Hub spelling used by `rule_for`."""
+    """Maps the name spellings of docs/numerics.md 10 onto the Hub spelling used by `rule_for`."""
     if name.startswith("language_model."):
         name = name[len("language_model."):]
     if name.startswith("model."):

@@ -14,7 +14,7 @@ f32 = jnp.float32
 class RMSNorm(nn.Module):
     """x: [..., D] -> x * rsqrt(mean(x^2) + eps) * scale, in float32, cast back to `dtype`.
 
-    The scale multiplies in float32 before the cast, as NVIDIA's reference does (spec/arch.md 6.13).
+    The scale multiplies in float32 before the cast, as NVIDIA's reference does (docs/numerics.md 7).
     """
 
     eps: float
@@ -35,7 +35,7 @@ class GatedRMSNorm(nn.Module):
     """y, z: [..., I] -> groupwise RMSNorm of y * silu(z), times scale.
 
     The gate is applied first, then each of `n_groups` contiguous groups of I / n_groups channels is normalised
-    on its own (mamba_ssm RMSNormGated(norm_before_gate=False, group_size=I/G); spec/arch.md 1.2 step 8, 6.4).
+    on its own (mamba_ssm RMSNormGated(norm_before_gate=False, group_size=I/G); docs/numerics.md 5).
     """
 
     n_groups: int

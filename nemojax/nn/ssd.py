@@ -1,14 +1,14 @@
 """State-space duality (SSD): the Mamba-2 selective scan, two ways.
 
-Both functions compute, per head h with state S in R^{P x N} (spec/arch.md 1.2 step 7):
+Both functions compute, per head h with state S in R^{P x N} (docs/numerics.md 1):
 
     S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t (outer) B_t
     y_t = S_t @ C_t
 
-with head h reading the B/C of group h // (H / G) (repeat-interleave, spec 6.10). The D skip, the gate and the
-norm belong to the mixer. Everything runs in float32 whatever the input dtype (spec 6.2).
+with head h reading the B/C of group h // (H / G) (repeat-interleave, docs/numerics.md 1). The D skip, the gate and the
+norm belong to the mixer. Everything runs in float32 whatever the input dtype (docs/numerics.md 4).
 
-`ssd_sequential` is the oracle: a `lax.scan` over time. `ssd_chunked` is the chunked algorithm of spec 1.3
+`ssd_sequential` is the oracle: a `lax.scan` over time. `ssd_chunked` is the chunked algorithm of docs/numerics.md 2
 (quadratic attention-like form inside chunks of Q tokens, a scan over chunk states between them), written
 group-aware so B/C are never expanded to H heads. Shapes:
 
@@ -118,7 +118,7 @@ def segsum(a: jax.Array) -> jax.Array:
     """out[..., i, j] = sum_{j < k <= i} a[..., k] for j <= i, and -inf above the diagonal.
 
     Built by masking then summing rather than by subtracting two cumsums: the difference of two large running
-    sums loses the small in-chunk decays to cancellation (spec/arch.md 1.3).
+    sums loses the small in-chunk decays to cancellation (docs/numerics.md 2).
     """
     T = a.shape[-1]
     rows = jnp.broadcast_to(a[..., :, None], (*a.shape, T))  # rows[..., k, j] = a_k
@@ -142,7 +142,7 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     nc = (L + pad) // Q
 
     # Discretise, then pad: on pads dt*A = 0 (decay 1) and X = 0 (no input), so the final state is unchanged
-    # (spec 6.8: padding raw dt would decay the state through softplus(dt_bias)).
+    # (docs/numerics.md 2: padding raw dt would decay the state through softplus(dt_bias)).
     dt = dt.astype(f32)
     X = x.astype(f32) * dt[..., None]
     a = log_decay(dt, A, reset)

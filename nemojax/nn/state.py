@@ -1,4 +1,4 @@
-"""Per-layer inference state, and how a forward extends it (spec/arch.md 1.4).
+"""Per-layer inference state, and how a forward extends it (docs/numerics.md 4).
 
     MambaState  conv [b, K-1, conv_dim]: the last K-1 pre-activation xBC inputs, oldest first (compute dtype);
                 ssm [b, H, P, N] float32. With `Extend.all_steps` both gain an axis T after b: the state after

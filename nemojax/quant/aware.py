@@ -4,8 +4,8 @@
     student, history = quant.qad(student, teacher=model, data=data, steps=200)  # KL to the frozen teacher
     student, history = quant.qat(student, data=data, steps=200)                 # next-token loss instead
 
-QAD (spec/quant.md 3.1): the teacher is the high-precision model, frozen; the student is the same network with
-fake-quantized weights and activations (calibrated amaxes frozen). The loss is the per-token forward KL
+QAD (arXiv 2601.20088; docs/formats.md 6): the teacher is the high-precision model, frozen; the student is the same
+network with fake-quantized weights and activations (calibrated amaxes frozen). The loss is the per-token forward KL
 KL(p_T || p_S) of the next-token distributions at temperature T, times T^2, averaged over the unmasked tokens,
 with no label term by default (`lm_weight` adds one). It is `compress.distill` with those settings, so the
 student learns only through the straight-through estimator of its quantizers.
@@ -21,7 +21,7 @@ from nemojax.compress.distill import DistillConfig, distill, finetune
 from nemojax.model import Model
 from nemojax.train.optim import OptimizerConfig
 
-# NVIDIA's QAD schedule (ModelOpt / Megatron-Bridge: LR 1e-5 -> 1e-6 cosine, ~5% warmup; spec 3.1). Tiny models
+# NVIDIA's QAD schedule (ModelOpt / Megatron-Bridge: LR 1e-5 -> 1e-6 cosine, ~5% warmup; docs/formats.md 6). Tiny models
 # trained for a few hundred steps want a larger LR (the experiments set one).
 QAD_OPTIMIZER = OptimizerConfig(lr=1e-5, total_steps=1000, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
                                 weight_decay=0.0)

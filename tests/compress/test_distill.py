@@ -1,4 +1,4 @@
-"""Distillation (nemojax.compress.distill): numpy oracles of the spec 5.1 losses, teacher correction, and a pruned
+"""Distillation (nemojax.compress.distill): numpy oracles of ModelOpt's losses, teacher correction, and a pruned
 tiny student distilled toward its teacher."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_self_distillation_is_zero(batches):
     dcfg = DistillConfig(lm_weight=0.5, intermediate=((0, 0), (2, 2)), intermediate_loss="mse")
     loss_fn = distillation_loss(teacher.config, teacher.config, teacher.params, dcfg)
     params = {"student": teacher.params, "maps": init_maps(teacher.config, teacher.config, dcfg)}
-    assert params["maps"] == {}  # equal widths: the identity (spec 5.1)
+    assert params["maps"] == {}  # equal widths: the identity (as ModelOpt)
     batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
     grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.key(0)), has_aux=True))
     (loss, aux), grads = grad_fn(params)

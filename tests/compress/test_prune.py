@@ -267,7 +267,8 @@ def test_mamba_heads_are_kept_per_group(dense_model):
 
 
 def test_mamba_heads_scored_on_kept_channels_when_the_map_is_given(dense_model):
-    """spec 4.2: with S_x [H, P], head scores use only the kept channels (here that flips the choice)."""
+    """Minitron-SSM (arXiv 2504.11409): with S_x [H, P], head scores use only the kept channels (here that flips
+    the choice)."""
     s_x = np.zeros((8, 16))
     s_x[0, 8:] = 100.0  # head 0 is big only on channels that get pruned
     s_x[1, :8] = 1.0

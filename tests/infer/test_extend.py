@@ -1,4 +1,4 @@
-"""Cached inference equals the full forward (spec/arch.md 7 (b)): prefill of right-padded prompts of different
+"""Cached inference equals the full forward (docs/numerics.md 2): prefill of right-padded prompts of different
 lengths, then decode steps; a multi-token continuation from a filled cache; and per-step states that roll back."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_weights_are_the_params_model_init_holds(name, weight_dtype):
 
 def test_nano2_9b_at_128k_in_bfloat16_fits_an_a10g():
     """Nemotron Nano 2 9B: 56 layers = 27 Mamba-2 + 4 attention + 25 MLP; Mamba 128 heads x 80, N 128, 8 groups,
-    conv 4; attention 8 KV heads x 128; 8,888,227,328 params (spec/arch.md 4.3). The paper's claim: 128k context
+    conv 4; attention 8 KV heads x 128; 8,888,227,328 params (tests/test_presets.py). The paper's claim: 128k context
     on a 22 GiB A10G in bfloat16."""
     config = presets.get("nemotron-nano-9b-v2")
     assert (config.pattern.count("M"), config.pattern.count("*"), config.pattern.count("-")) == (27, 4, 25)

@@ -41,7 +41,7 @@ def test_load_of_save_is_exact(tmp_path, latent_model):
 
 
 def test_bfloat16_round_trip_keeps_router_in_float32(tmp_path):
-    """A bf16 model saves bf16 tensors except the router (fp32, spec/arch.md 6.6) and reloads exactly."""
+    """A bf16 model saves bf16 tensors except the router (fp32, docs/numerics.md 8) and reloads exactly."""
     config = CASES["latent_moe"].replace(dtype="bfloat16", param_dtype="bfloat16")
     model = perturbed(nemojax.Model.init(config, 0), seed=5)
     nemojax.save_hf(model, tmp_path / "bf16")

@@ -66,7 +66,7 @@ def test_correction_bias_changes_routing_in_both():
 
 def test_dt_floor_is_what_separates_transformers_torch_path():
     """With transformers' time_step_min floor left in place the logits differ; the test above neutralises it
-    on purpose (spec/arch.md 6.1), it is not hiding another difference."""
+    on purpose (docs/numerics.md 3), it is not hiding another difference."""
     from transformers import NemotronHForCausalLM
 
     from tests.hf_reference import hf_config, neutralise_dt_floor, torch_state_dict

@@ -1,5 +1,5 @@
 """Tests for nemojax.nn.attention: GQA causal attention vs numpy with explicit kv-head repeat, causality, no RoPE in
-NemotronH, and apply_rope's rotation properties (spec/arch.md 2.1, 4.5)."""
+NemotronH, and apply_rope's rotation properties (docs/numerics.md 6)."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_cached_attention_rounds_new_entries_as_the_cache_stores_them() -> None:
 
 def test_attention_module_matches_numpy_without_rope() -> None:
     """The NemotronH attention module == numpy q/k/v projections + reference attention + o_proj, and has no
-    positional encoding: swapping tokens 0 and 1 leaves the output at position 4 unchanged (spec 2.1)."""
+    positional encoding: swapping tokens 0 and 1 leaves the output at position 4 unchanged (docs/numerics.md 6)."""
     cfg = ModelConfig(vocab_size=16, hidden_size=20, pattern="*",
                       attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6), initializer_range=0.3)
     x = jax.random.normal(jax.random.key(0), (2, 5, 20))

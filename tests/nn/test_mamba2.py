@@ -1,6 +1,6 @@
 """Tests for nemojax.nn.mamba2 and the gated norm: causal conv vs torch, per-group gated RMSNorm vs numpy, and the
-whole mixer (with and without a time_step_limit clamp) vs a float64 numpy recomputation (spec/arch.md 1.2, 6.1,
-6.4)."""
+whole mixer (with and without a time_step_limit clamp) vs a float64 numpy recomputation (docs/numerics.md
+1, 3, 5)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _np_gated_norm(y, z, scale, G, eps):
 
 
 def test_gated_rmsnorm_is_per_group() -> None:
-    """GatedRMSNorm == numpy per-group reference, and differs from whole-vector RMS when G > 1 (spec 6.4)."""
+    """GatedRMSNorm == numpy per-group reference, and differs from whole-vector RMS when G > 1 (docs/numerics.md 5)."""
     rng = np.random.default_rng(0)
     I, G, eps = 12, 3, 1e-5
     y = rng.standard_normal((2, 5, I)).astype(np.float32) * np.repeat([0.1, 1.0, 10.0], I // G)  # unequal groups
@@ -147,7 +147,7 @@ def _init(cfg: ModelConfig, u: jax.Array):
 @pytest.mark.parametrize("impl", ["chunked", "sequential"])
 def test_mixer_matches_numpy_without_clamp(impl: str) -> None:
     """With the default time_step_limit (0, inf) the mixer equals numpy with NO dt clamp — in particular no floor
-    at time_step_min = 0.001 (spec 6.1) — over L = 19 (> 2 chunks)."""
+    at time_step_min = 0.001 (docs/numerics.md 3) — over L = 19 (> 2 chunks)."""
     cfg = _config(impl=impl)
     u = jax.random.normal(jax.random.key(1), (2, 19, 16))
     params = _init(cfg, u)
@@ -194,4 +194,4 @@ def test_mixer_param_shapes_follow_the_checkpoint() -> None:
         "out_proj": {"kernel": (H * P, 16)},
     }
     a_log = _init(cfg, jnp.zeros((1, 2, 16)))["A_log"]
-    np.testing.assert_allclose(np.asarray(a_log), np.log(np.arange(1, H + 1)), rtol=1e-6)  # spec 1.5 init
+    np.testing.assert_allclose(np.asarray(a_log), np.log(np.arange(1, H + 1)), rtol=1e-6)  # docs/numerics.md 1

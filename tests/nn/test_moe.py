@@ -1,5 +1,5 @@
-"""Tests for nemojax.nn.moe: the router against a numpy re-implementation of spec/arch.md 3.1, hand-derived
-routing cases, dense == ragged == numpy expert loop, and the latent MoE module against numpy (spec 3.2-3.3)."""
+"""Tests for nemojax.nn.moe: the router against a numpy re-implementation of docs/numerics.md 8,
+hand-derived routing cases, dense == ragged == numpy expert loop, and the latent MoE module against numpy."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _np_route(logits, bias, *, top_k, n_group, topk_group, norm_topk_prob, scali
 
 
 def _sorted_by_id(weights, ids):
-    """Rows of (weights, ids) reordered by expert id (top-k order is irrelevant, spec 3.1)."""
+    """Rows of (weights, ids) reordered by expert id (top-k order is irrelevant, docs/numerics.md 8)."""
     weights, ids = np.asarray(weights), np.asarray(ids)
     order = np.argsort(ids, axis=-1)
     return np.take_along_axis(weights, order, -1), np.take_along_axis(ids, order, -1)
@@ -63,7 +63,7 @@ def _sorted_by_id(weights, ids):
     ],
 )
 def test_route_matches_numpy(kw) -> None:
-    """route() picks the same experts with the same weights as the numpy spec 3.1 re-implementation."""
+    """route() picks the same experts with the same weights as the numpy re-implementation of docs/numerics.md 8."""
     rng = np.random.default_rng(0)
     T, E = 64, 16
     logits = rng.standard_normal((T, E)).astype(np.float32) * 2

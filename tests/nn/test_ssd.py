@@ -1,6 +1,6 @@
 """Tests for nemojax.nn.ssd: the chunked SSD equals the sequential scan (values, final state, gradients), a
-hand-derived case, split-sequence continuation, and the repeat-interleave head -> group mapping (spec 1.2-1.3,
-6.8, 6.10)."""
+hand-derived case, split-sequence continuation, and the repeat-interleave head -> group mapping (docs/numerics.md
+1, 2)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _rel(a, ref) -> float:
 
 
 def _numpy_scan(x, dt, A, B, C, S0=None):
-    """Independent float64 loop over time and heads; head h reads group h // (H/G) (spec 1.2 step 7)."""
+    """Independent float64 loop over time and heads; head h reads group h // (H/G) (docs/numerics.md 1)."""
     bsz, L, nh, p = x.shape
     ng, n = B.shape[2], B.shape[3]
     S = np.zeros((bsz, nh, p, n)) if S0 is None else np.asarray(S0, np.float64).copy()
@@ -122,7 +122,7 @@ def test_hand_derived_case(impl: str, chunk: int) -> None:
 @pytest.mark.parametrize("split", [5, 21])
 def test_split_sequence_continues_from_state(split: int) -> None:
     """Running [0, split) then [split, L) from its final state equals running [0, L) at once (split not a multiple
-    of the chunk, spec 6.8)."""
+    of the chunk, docs/numerics.md 2)."""
     L = 3 * Q + 5
     x, dt, A, B, C, S0 = _inputs(L, seed=3)
     y_all, S_all = ssd_chunked(x, dt, A, B, C, chunk_size=Q, initial_state=S0)
@@ -135,7 +135,7 @@ def test_split_sequence_continues_from_state(split: int) -> None:
 @pytest.mark.parametrize("impl", ["chunked", "sequential"])
 def test_group_maps_to_consecutive_heads(impl: str) -> None:
     """Changing B (or C) of group 1 changes exactly heads 2 and 3 (h // (H/G) == 1), i.e. repeat-interleave, not
-    tiling (spec 6.10)."""
+    tiling (docs/numerics.md 1)."""
     x, dt, A, B, C, _ = _inputs(Q + 3, seed=11)
     y, S = ssd(x, dt, A, B, C, chunk_size=Q, impl=impl)
     group1 = {2, 3}
