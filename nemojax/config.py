@@ -5,7 +5,7 @@ MTP head). Its sub-configs hold the fields of one kind of mixer and are `None` w
 that kind. Every field is checked when the config is built; an inconsistent field raises a `ValueError` that
 names it, the value and what is allowed, so nothing downstream ever sees a half-valid config.
 
-`ModelConfig.from_hf(d)` accepts every spelling of a NemotronH `config.json` (spec/arch.md 6.11):
+`ModelConfig.from_hf(d)` accepts every spelling of a NemotronH `config.json` (docs/numerics.md 10):
 `hybrid_override_pattern` or `layers_block_type` (legacy "mamba"/"attention" or new "linear_attention"/
 "full_attention" names), `head_dim` or `attention_head_dim`, the `mamba_*` aliases and `time_step_limit`.
 `to_hf()` writes a dict that transformers' `NemotronHConfig` and NVIDIA's remote code both load.
@@ -16,18 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from nemojax.quant.recipe import QuantRecipe
+from nemojax import families
+from nemojax.lowp.recipe import QuantRecipe
 
-LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
-_HF_LAYER_NAMES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-_HF_NAME_TO_CHAR = {
-    "linear_attention": "M", "mamba": "M",
-    "full_attention": "*", "attention": "*",
-    "mlp": "-",
-    "moe": "E",
-}
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
@@ -62,7 +55,7 @@ class MambaConfig:
     chunk_size: int = 128
     use_conv_bias: bool = True
     proj_bias: bool = False  # in_proj / out_proj bias (HF `use_bias`)
-    # dt is clipped to this range after softplus; (0, inf) is the reference behaviour (spec/arch.md 6.1).
+    # dt is clipped to this range after softplus; (0, inf) is the reference behaviour (docs/numerics.md 3).
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     # Used only to initialise dt_bias for training from scratch.
     time_step_min: float = 0.001
@@ -205,15 +198,17 @@ class MTPConfig:
 
     def __post_init__(self) -> None:
         _require_positive("mtp.", self, ("num_layers",))
-        bad = sorted(set(self.pattern) - set(LAYER_KINDS))
-        if not self.pattern or bad:
-            _fail("mtp.pattern", self.pattern, f"must be a non-empty string over {''.join(LAYER_KINDS)}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            _fail("mtp.pattern", self.pattern, "must be a non-empty string of layer kinds")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A NemotronH-family network. `pattern` has one character per layer: M (Mamba-2), * (attention),
-    - (relu2 MLP), E (MoE)."""
+    - (relu2 MLP), E (MoE). A family that builds on this stack subclasses it, adds its fields and sets `KINDS`
+    (the layer kinds its pattern may use, each registered in `nemojax.families`)."""
+
+    KINDS: ClassVar[str] = "M*-E"
 
     vocab_size: int
     hidden_size: int
@@ -245,19 +240,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require_positive("", self, ("vocab_size", "hidden_size"))
-        bad = sorted(set(self.pattern) - set(LAYER_KINDS))
-        if not self.pattern or bad:
-            _fail("pattern", self.pattern, f"must be a non-empty string over 'M', '*', '-', 'E' (found {bad})")
+        for field, pattern in (("pattern", self.pattern), ("mtp.pattern", self.mtp.pattern if self.mtp else "M")):
+            bad = sorted(set(pattern) - set(self.KINDS)) if isinstance(pattern, str) else [pattern]
+            if not pattern or bad:
+                _fail(field, pattern, f"must be a non-empty string over the kinds {_kind_names(self.KINDS)} "
+                                      f"(found {bad})")
         for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
                            ("mtp", MTPConfig), ("quant", QuantRecipe)):
             value = getattr(self, field)
             if value is not None and not isinstance(value, cls):
                 _fail(field, value, f"must be a {cls.__name__} or None")
         kinds = set(self.pattern) | (set(self.mtp.pattern) if self.mtp else set())
-        needs = {"M": ("mamba", self.mamba), "*": ("attention", self.attention), "E": ("moe", self.moe)}
-        for char, (field, sub) in needs.items():
-            if char in kinds and sub is None:
-                _fail(field, None, f"is required because the pattern has '{char}' layers")
+        for char in self.KINDS:
+            entry = families.kind(char)
+            if char in kinds and entry.config_field and getattr(self, entry.config_field) is None:
+                _fail(entry.config_field, None, f"is required because the pattern has '{char}' ({entry.name}) layers")
         if "-" in kinds and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
             _fail("intermediate_size", self.intermediate_size, "must be a positive integer for '-' MLP layers")
         for field in ("dtype", "param_dtype"):
@@ -390,7 +387,7 @@ class ModelConfig:
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
             "hybrid_override_pattern": self.pattern,
-            "layers_block_type": [_HF_LAYER_NAMES[c] for c in self.pattern],
+            "layers_block_type": _hf_layer_names(self.pattern),
             "tie_word_embeddings": False,
             "layer_norm_epsilon": self.norm_eps,
             "initializer_range": self.initializer_range,
@@ -427,7 +424,7 @@ class ModelConfig:
                      norm_topk_prob=e.norm_topk_prob)
         if self.mtp is not None:
             d.update(num_nextn_predict_layers=self.mtp.num_layers, mtp_hybrid_override_pattern=self.mtp.pattern,
-                     mtp_layers_block_type=[_HF_LAYER_NAMES[c] for c in self.mtp.pattern])
+                     mtp_layers_block_type=_hf_layer_names(self.mtp.pattern))
         else:
             d["num_nextn_predict_layers"] = 0
         return d
@@ -447,21 +444,32 @@ def _required(d: Mapping[str, Any], *names: str) -> Any:
     raise ValueError(f"config.json is missing {names[0]!r}" + (f" (or {', '.join(names[1:])})" if names[1:] else ""))
 
 
-def _parse_pattern(d: Mapping[str, Any], string_key: str, list_key: str, default: str | None = None) -> str:
+def _kind_names(kinds: str) -> str:
+    return ", ".join(f"{c!r} ({families.kind(c).name})" for c in kinds)
+
+
+def _hf_layer_names(pattern: str) -> list[str]:
+    """config.json's list spelling of a pattern: each kind's first HF name."""
+    return [families.kind(c).hf_names[0] for c in pattern]
+
+
+def _parse_pattern(d: Mapping[str, Any], string_key: str, list_key: str, default: str | None = None,
+                   kinds: str = "M*-E") -> str:
     """Reads a layer pattern from its string spelling (Megatron's '|' and '/' stripped) or its list spelling."""
     if d.get(list_key) is not None:
         names = d[list_key]
         if isinstance(names, str):
             _fail(list_key, names, "must be a list of layer-type names")
-        unknown = [n for n in names if n not in _HF_NAME_TO_CHAR]
+        chars = {name: c for c in kinds for name in families.kind(c).hf_names}
+        unknown = [n for n in names if n not in chars]
         if unknown:
-            _fail(list_key, unknown, f"names must be among {sorted(_HF_NAME_TO_CHAR)}")
-        return "".join(_HF_NAME_TO_CHAR[n] for n in names)
+            _fail(list_key, unknown, f"names must be among {sorted(chars)}")
+        return "".join(chars[n] for n in names)
     if d.get(string_key) is not None:
         pattern = d[string_key].replace("|", "").split("/")[0]
-        bad = sorted(set(pattern) - set(LAYER_KINDS))
+        bad = sorted(set(pattern) - set(kinds))
         if bad:
-            _fail(string_key, d[string_key], f"characters {bad} are not among 'M', '*', '-', 'E'")
+            _fail(string_key, d[string_key], f"characters {bad} are not among the kinds {_kind_names(kinds)}")
         return pattern
     if default is not None:
         return default

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,15 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemojax import families
 from nemojax.config import ModelConfig
-from nemojax.models.hybrid import NemotronH
+from nemojax.nn.state import Extend
 
 Params = dict[str, Any]
+# Variable collections a forward can return (`collect`): MoE router statistics ("intermediates"), each block's
+# input and output ("blocks"), the activations importance scoring reads ("taps") and the amaxes quantization
+# calibration records ("quant_stats").
+COLLECTIONS = ("intermediates", "blocks", "taps", "quant_stats")
 
 
-def module(config: ModelConfig) -> NemotronH:
-    """The Flax module of a config (a pure definition; params live outside it)."""
-    return NemotronH(config)
+@functools.lru_cache(maxsize=64)
+def module(config: Any, inference: bool = False) -> nn.Module:
+    """The linen module of a config's family (a pure definition; params live outside it). inference: without
+    activation checkpointing (nothing to save for a backward pass; the same param tree)."""
+    if inference and getattr(config, "remat", "none") != "none":
+        config = dataclasses.replace(config, remat="none")
+    return families.family_of(config).module(config)
 
 
 def _init_tokens(config: ModelConfig) -> jax.Array:
@@ -35,13 +43,17 @@ def _init_tokens(config: ModelConfig) -> jax.Array:
     return jnp.zeros((1, length), jnp.int32)
 
 
-def _init_method(config: ModelConfig):
-    return NemotronH.forward_with_mtp if config.mtp else NemotronH.__call__
+def _init_run(net: nn.Module, tokens: jax.Array):
+    hidden = net.hidden(tokens)
+    logits = net.logits(hidden)
+    if net.config.mtp is not None:
+        return logits, net.mtp_logits(hidden[:, :1], tokens)
+    return logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_boxed(config: ModelConfig, rng: jax.Array) -> Params:
-    return module(config).init(rng, _init_tokens(config), method=_init_method(config))["params"]
+    return module(config).init(rng, _init_tokens(config), method=_init_run)["params"]
 
 
 def logical_axes(config: ModelConfig) -> Params:
@@ -50,19 +62,97 @@ def logical_axes(config: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What one forward returns.
+
+    logits: [b, L, vocab] float32 (None with logits=False); hidden: [b, L, hidden] the final normed hidden states;
+    mtp_logits: one [b, L - D, vocab] per MTP depth (with mtp=True); states: the layers' new cache entries (a
+    cached extend); collected: {collection: tree} for each requested collection, leaves as flax sows them
+    (tuples).
+    """
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    mtp_logits: tuple[jax.Array, ...] | None = None
+    states: tuple | None = None
+    collected: dict = dataclasses.field(default_factory=dict)
+
+
+def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+          states: tuple | None = None, step: Extend | None = None, mtp: bool = False,
+          collect: tuple[str, ...] = (), rngs: dict | None = None, skip_layer: jax.Array | None = None,
+          logits: bool = True) -> Output:
+    """The one forward pass every part of the library runs (train, infer, compress, quant).
+
+    tokens: [b, L] int. segment_ids: [b, L] packed documents (each computed as if alone in its row).
+    states, step: continue every layer from its cache entry (`nemojax.infer.cache`; one per pattern character)
+    over tokens at positions step.start[i] + t (see `nemojax.nn.state.Extend`); the new entries come back in
+    `Output.states`. mtp: also the MTP head's logits (tokens then carry the D extra lookahead tokens; logits and
+    hidden cover the first L - D positions... no: all L positions, the MTP logits the first L - D).
+    collect: collection names among COLLECTIONS to return. rngs: e.g. {"quant": key} for stochastic rounding.
+    skip_layer: an int32 scalar (traced is fine): that block passes its input through (layer ablation).
+    logits: False skips the lm_head (decoding takes the logits of chosen positions itself, `lm_logits`).
+    """
+    unknown = [c for c in collect if c not in COLLECTIONS]
+    if unknown:
+        raise ValueError(f"collect={tuple(collect)!r} is invalid: collections must be among {COLLECTIONS}")
+    if mtp and config.mtp is None:
+        raise ValueError("mtp=True is invalid: config.mtp is None (this model has no MTP head)")
+    if (states is None) != (step is None):
+        raise ValueError("states and step go together: pass both (a cached extend) or neither")
+
+    def run(net: nn.Module):
+        new_states = mtp_out = None
+        if states is not None:
+            hidden, new_states = net.extend(tokens, states, step)
+        else:
+            hidden = net.hidden(tokens, segment_ids, skip_layer)
+        if mtp:
+            L = tokens.shape[1] - config.mtp.num_layers
+            mtp_out = tuple(net.mtp_logits(hidden[:, :L], tokens,
+                                           None if segment_ids is None else segment_ids[:, :L]))
+        return Output(net.logits(hidden) if logits else None, hidden, mtp_out, new_states)
+
+    net = module(config, inference=states is not None)
+    if not collect:
+        return net.apply({"params": params}, method=run, rngs=rngs)
+    out, variables = net.apply({"params": params}, method=run, mutable=list(collect), rngs=rngs)
+    return dataclasses.replace(out, collected={c: variables.get(c, {}) for c in collect})
+
+
+def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden: [..., hidden] -> [..., vocab] float32 through the lm_head."""
+    return module(config, inference=True).apply({"params": params}, hidden, method="logits")
+
+
+def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """tokens: [b, T] -> embeddings [b, T, hidden] (compute dtype)."""
+    return module(config, inference=True).apply({"params": params}, tokens, method="embed")
+
+
+def mtp_extend(config: ModelConfig, params: Params, depth: int, hidden: jax.Array, embedded: jax.Array,
+               states: tuple, step: Extend) -> tuple[jax.Array, tuple]:
+    """One MTP depth over T new positions from its caches: hidden, embedded: [b, T, hidden] -> ([b, T, hidden],
+    new states); see the family module's `mtp.extend_depth`."""
+    run = lambda net: net.mtp.extend_depth(depth, hidden, embedded, states, step)  # noqa: E731
+    return module(config, inference=True).apply({"params": params}, method=run)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def forward(config: ModelConfig, params: Params, tokens: jax.Array,
             segment_ids: jax.Array | None = None) -> jax.Array:
-    """tokens: [b, L] int -> logits [b, L, vocab] float32. segment_ids: [b, L] packed documents (see
-    `NemotronH.hidden`)."""
-    return module(config).apply({"params": params}, tokens, segment_ids)
+    """tokens: [b, L] int -> logits [b, L, vocab] float32 (jitted `apply`)."""
+    return apply(config, params, tokens, segment_ids=segment_ids).logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward_with_mtp(config: ModelConfig, params: Params, tokens: jax.Array,
                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
-    """tokens: [b, L] -> (logits [b, L, vocab], per MTP depth d logits [b, L - depths, vocab]); see NemotronH."""
-    return module(config).apply({"params": params}, tokens, segment_ids, method=NemotronH.forward_with_mtp)
+    """tokens: [b, L] -> (logits [b, L, vocab], per MTP depth d logits [b, L - depths, vocab]) (jitted `apply`)."""
+    out = apply(config, params, tokens, segment_ids=segment_ids, mtp=True)
+    return out.logits, list(out.mtp_logits)
 
 
 def _optional(segment_ids: jax.Array | None) -> jax.Array | None:
@@ -85,9 +175,14 @@ class Model:
         return cls(config, nn.meta.unbox(_init_boxed(config, rng)))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens: [b, L] int -> logits [b, L, vocab] float32. segment_ids: [b, L] int, the packed documents of
-        each row, which then do not see each other (see `NemotronH.hidden`)."""
+        """tokens: [b, L] int -> logits [b, L, vocab] float32 (jitted). segment_ids: [b, L] int, the packed
+        documents of each row, which then do not see each other."""
         return forward(self.config, self.params, jnp.asarray(tokens), _optional(segment_ids))
+
+    def apply(self, tokens: jax.Array, **options: Any) -> Output:
+        """The full forward with its options (segment_ids, states/step, mtp, collect, rngs, skip_layer,
+        logits): see `nemojax.model.apply`. Not jitted: call it inside your own `jax.jit`."""
+        return apply(self.config, self.params, tokens, **options)
 
     def with_mtp(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """tokens: [b, L] -> (logits, MTP logits per depth). Requires a config with `mtp`."""
@@ -101,20 +196,6 @@ class Model:
     @property
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-
-    # Checkpoint interop lives in nemojax.interop.hf; these are the documented entry points.
-    @classmethod
-    def from_hf_state_dict(cls, config: ModelConfig, state_dict: Mapping[str, Any]) -> Model:
-        """Builds a Model from torch-layout tensors (str -> array); see `nemojax.interop.hf`."""
-        from nemojax.interop import hf
-
-        return hf.model_from_state_dict(config, state_dict)
-
-    def to_hf_state_dict(self) -> dict[str, np.ndarray]:
-        """Hub-named torch-layout numpy tensors, one per expert, each in its param's dtype."""
-        from nemojax.interop import hf
-
-        return hf.state_dict_from_params(self.config, self.params)
 
 
 def abstract_params(config: ModelConfig) -> Params:

@@ -54,7 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from nemojax.compress.prune import _check_target, keep_top, prune
+from nemojax import families
+from nemojax.compress.prune import keep_top, prune, pruned_config
+from nemojax.kinds.pruning import check_target as _check_target
 from nemojax.config import ModelConfig
 from nemojax.infer.memory import MemoryPlan, cache_bytes
 from nemojax.model import Model, param_count
@@ -239,35 +241,17 @@ def _check_grid(cfg: ModelConfig, grid: Mapping[str, Sequence[int]]) -> dict[str
 
 
 def _candidate_config(cfg: ModelConfig, t: Mapping[str, int | None], layer_scores: np.ndarray | None) -> ModelConfig:
-    """The config `prune(model, scores, **t)` returns, built with the same replace() (nothing is sliced)."""
-    changes: dict[str, Any] = {}
-    if t.get("hidden") is not None:
-        changes["hidden_size"] = t["hidden"]
-    if t.get("ffn") is not None:
-        changes["intermediate_size"] = t["ffn"]
-    if t.get("heads") is not None:
-        changes["attention"] = {"num_heads": t["heads"]}
-    if t.get("mamba_heads") is not None or t.get("mamba_head_dim") is not None:
-        changes["mamba"] = {"num_heads": t.get("mamba_heads") or cfg.mamba.num_heads,
-                            "head_dim": t.get("mamba_head_dim") or cfg.mamba.head_dim}
-    moe = {}
-    if t.get("experts") is not None:
-        moe["num_experts"] = t["experts"]
-    if t.get("expert_ffn") is not None:
-        moe["intermediate_size"] = t["expert_ffn"]
-    if t.get("shared_ffn") is not None:
-        moe["shared_intermediate_size"] = t["shared_ffn"]
-    if moe:
-        changes["moe"] = moe
+    """The config `prune(model, scores, **t)` returns (`pruned_config`; nothing is sliced)."""
+    widths = {axis: value for axis, value in t.items() if axis not in ("hidden", "layers")}
+    pattern = None
     if t.get("layers") is not None:
         if layer_scores is None:
             raise ValueError("grid['layers'] needs scores with 'layer/block' (depth pruning keeps the highest-scoring "
                              "layers, which decides the new pattern and its cost); pass scores=")
-        changes["pattern"] = "".join(cfg.pattern[i] for i in keep_top(layer_scores, t["layers"]))
-    return cfg.replace(**changes)
+        pattern = "".join(cfg.pattern[i] for i in keep_top(layer_scores, t["layers"]))
+    return pruned_config(cfg, hidden=t.get("hidden"), pattern=pattern, **widths)
 
 
-_OWN = {"M": ("mamba",), "*": ("attention",), "-": ("intermediate_size",), "E": ("moe",)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -291,7 +275,8 @@ def _costs(cfg: ModelConfig, parent: ModelConfig, batch: int, context: int, dtyp
     for kind in dict.fromkeys(cfg.pattern):
         one = cfg.replace(pattern=kind)
         if cfg.mtp is None:  # only the kind's own widths (and hidden) matter: share the cache across candidates
-            keep = {f: getattr(parent, f) for k, fields in _OWN.items() if k != kind for f in fields}
+            own = {families.kind(c).config_field for c in families.known_kinds()} - {None}
+            keep = {f: getattr(parent, f) for f in own if f != families.kind(kind).config_field}
             one = one.replace(**keep)
         layer, base = _pair_costs(one, batch, context, dtype, weight_dtype)
         part = cfg.pattern.count(kind) * layer

@@ -1,12 +1,15 @@
-"""Inference caches as pytrees, preallocated for a maximum length (spec/arch.md 1.4).
+"""Inference caches as pytrees, preallocated for a maximum length (docs/numerics.md 4).
 
 Per layer of the pattern:
 
     M  MambaState: conv [b, K-1, conv_dim] (compute dtype) the last K-1 pre-activation xBC inputs, oldest first
                    (vLLM's width: the current token arrives with the step), zeros before the sequence;
-                   ssm [b, H, P, N] float32 (spec 6.2). Neither grows with the context.
+                   ssm [b, H, P, N] float32 (docs/numerics.md 4). Neither grows with the context.
     *  KVCache:    k, v [b, kv_heads, max_len, head_dim] (compute dtype); entry s holds position s.
     - E            None (no state).
+
+Each layer's entry is built by its registered kind (`nemojax.families.LayerKind.cache`), so a new kind brings
+its own state.
 
 `Cache.length` [b] int32 counts the tokens each sequence has committed: positions 0..length-1 of every KV cache
 are valid, and every Mamba state is the state after exactly those tokens. Positions at or beyond `length` may hold
@@ -20,6 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from nemojax import families
 from nemojax.config import ModelConfig
 from nemojax.nn.state import KVCache, LayerState, MambaState
 
@@ -49,16 +53,10 @@ class Cache:
 
 
 def layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype: jnp.dtype) -> LayerCache:
-    """The zero cache of one layer of kind `kind` ('M', '*', '-' or 'E')."""
-    if kind == "M":
-        m = config.mamba
-        return MambaState(jnp.zeros((batch, m.conv_kernel - 1, m.conv_dim), dtype),
-                          jnp.zeros((batch, m.num_heads, m.head_dim, m.state_size), jnp.float32))
-    if kind == "*":
-        a = config.attention
-        shape = (batch, a.num_kv_heads, max_len, a.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    return None
+    """The zero cache of one layer of pattern character `kind`, as its registered kind builds it (None for a
+    stateless kind)."""
+    entry = families.kind(kind)
+    return None if entry.cache is None else entry.cache(config, batch, max_len, dtype)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.dtype | None = None,
@@ -77,7 +75,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.d
 
 
 def cache_nbytes(cache: Cache) -> dict[str, int]:
-    """Bytes actually held by a cache, by part: {"kv", "ssm", "conv"}."""
+    """Bytes actually held by a cache, by part: {"kv", "ssm", "conv"}, plus "other" for the states of other
+    registered kinds when there are any."""
     out = {"kv": 0, "ssm": 0, "conv": 0}
     for layer in cache.layers:
         if isinstance(layer, KVCache):
@@ -85,4 +84,6 @@ def cache_nbytes(cache: Cache) -> dict[str, int]:
         elif isinstance(layer, MambaState):
             out["ssm"] += layer.ssm.nbytes
             out["conv"] += layer.conv.nbytes
+        elif layer is not None:  # the state of another registered kind
+            out["other"] = out.get("other", 0) + sum(leaf.nbytes for leaf in jax.tree.leaves(layer))
     return out

@@ -9,15 +9,14 @@ tokens is known, then `commit_steps` keeps the right one.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from nemojax import model
 from nemojax.config import ModelConfig
 from nemojax.infer.cache import Cache
-from nemojax.models.hybrid import NemotronH
 from nemojax.nn.state import Extend, select_step, take_rows
 
 Params = dict
@@ -30,14 +29,6 @@ Params = dict
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-@functools.lru_cache(maxsize=64)
-def inference_module(config: ModelConfig) -> NemotronH:
-    """The network without activation checkpointing (nothing to save for a backward pass; same param tree)."""
-    if config.remat != "none":
-        config = dataclasses.replace(config, remat="none")
-    return NemotronH(config)
-
-
 def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Cache, commit: jax.Array, *,
            fresh: bool = False, all_steps: bool = False) -> tuple[jax.Array, Cache]:
     """tokens: [b, T] int, commit: [b] int32 -> (final normed hidden [b, T, hidden], new cache).
@@ -46,9 +37,8 @@ def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Cache,
     state carries a T axis for `commit_steps`.
     """
     step = Extend(cache.length, commit.astype(jnp.int32), fresh=fresh, all_steps=all_steps)
-    hidden, layers = inference_module(config).apply(
-        {"params": params}, tokens, cache.layers, step, method=NemotronH.extend)
-    return hidden, Cache(layers, cache.length if all_steps else cache.length + step.commit)
+    out = model.apply(config, params, tokens, states=cache.layers, step=step, logits=False)
+    return out.hidden, Cache(out.states, cache.length if all_steps else cache.length + step.commit)
 
 
 def commit_steps(cache: Cache, count: jax.Array) -> Cache:
@@ -59,7 +49,7 @@ def commit_steps(cache: Cache, count: jax.Array) -> Cache:
 
 def logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """hidden: [..., hidden] -> [..., vocab] float32 through the lm_head."""
-    return inference_module(config).apply({"params": params}, hidden, method=NemotronH.logits)
+    return model.lm_logits(config, params, hidden)
 
 
 def logits_at(config: ModelConfig, params: Params, hidden: jax.Array, index: jax.Array) -> jax.Array:
@@ -69,7 +59,7 @@ def logits_at(config: ModelConfig, params: Params, hidden: jax.Array, index: jax
 
 def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     """tokens: [b, T] -> embeddings [b, T, hidden]."""
-    return inference_module(config).apply({"params": params}, tokens, method=NemotronH.embed)
+    return model.embed(config, params, tokens)
 
 
 @functools.partial(jax.jit, static_argnums=0)

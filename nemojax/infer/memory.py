@@ -4,7 +4,7 @@
     print(plan)                       # GiB per part: weights, kv, ssm, conv, total
     n = max_context(config, batch=1, memory_bytes=22 * 2**30)
 
-The cache parts follow the layout `nemojax.infer.cache.init_cache` allocates (spec/arch.md 1.4), byte for byte:
+The cache parts follow the layout `nemojax.infer.cache.init_cache` allocates (docs/numerics.md 4), byte for byte:
 
     per Mamba layer      conv [b, K-1, conv_dim] in `dtype`, ssm [b, H, P, N] float32   (independent of context)
     per attention layer  k, v [b, context, kv_heads, head_dim] in `dtype`                (linear in context)
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 
+from nemojax import families
 from nemojax.config import ModelConfig
 
 __all__ = ["MemoryPlan", "cache_bytes", "max_context"]
@@ -33,17 +35,19 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes by part: weights, attention KV cache, Mamba SSM state, Mamba conv state."""
+    """Bytes by part: weights, attention KV cache, Mamba SSM state, Mamba conv state, and the states of other
+    registered kinds."""
 
     weights: int
     kv: int
     ssm: int
     conv: int
+    other: int = 0
 
     @property
     def cache(self) -> int:
-        """kv + ssm + conv: everything that scales with the batch."""
-        return self.kv + self.ssm + self.conv
+        """kv + ssm + conv + other: everything that scales with the batch."""
+        return self.kv + self.ssm + self.conv + self.other
 
     @property
     def total(self) -> int:
@@ -51,7 +55,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         """A small text table of each part in GiB (and bytes)."""
-        rows = [(name, getattr(self, name)) for name in ("weights", "kv", "ssm", "conv")] + [("total", self.total)]
+        parts = ("weights", "kv", "ssm", "conv") + (("other",) if self.other else ())
+        rows = [(name, getattr(self, name)) for name in parts] + [("total", self.total)]
         lines = [f"{'part':<8} {'GiB':>10} {'bytes':>16}"]
         lines += [f"{name:<8} {value / GiB:>10.3f} {value:>16,d}" for name, value in rows]
         return "\n".join(lines)
@@ -67,19 +72,29 @@ def _dtype(value: object, field: str) -> jnp.dtype:
         raise ValueError(f"{field}={value!r} is invalid: must be a dtype name such as 'bfloat16'") from None
 
 
-def _layer_bytes(config: ModelConfig, pattern: str, batch: int, itemsize: int) -> tuple[int, int, int]:
-    """(kv bytes per token of context, ssm bytes, conv bytes) of the layers in `pattern`, for `batch` sequences."""
-    kv_per_token = ssm = conv = 0
-    n_mamba = pattern.count("M")
-    n_attn = pattern.count("*")
-    if n_mamba:
-        m = config.mamba
-        ssm = n_mamba * batch * m.num_heads * m.head_dim * m.state_size * jnp.dtype(jnp.float32).itemsize
-        conv = n_mamba * batch * (m.conv_kernel - 1) * m.conv_dim * itemsize
-    if n_attn:
-        a = config.attention
-        kv_per_token = n_attn * 2 * batch * a.num_kv_heads * a.head_dim * itemsize  # k and v
-    return kv_per_token, ssm, conv
+def _layer_bytes(config: ModelConfig, pattern: str, batch: int, itemsize: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The cache bytes of the layers in `pattern` for `batch` sequences, by part, as (fixed, per token of
+    context): each kind's `cache_bytes` at contexts 0 and 1 (every registered kind's cache is affine in the
+    context)."""
+    fixed: dict[str, int] = {}
+    per_token: dict[str, int] = {}
+    for char, count in Counter(pattern).items():
+        entry = families.kind(char)
+        if entry.cache is None:
+            continue
+        if entry.cache_bytes is None:
+            raise ValueError(f"layer kind {char!r} ({entry.name}) has a cache but no cache_bytes")
+        at0, at1 = entry.cache_bytes(config, batch, 0, itemsize), entry.cache_bytes(config, batch, 1, itemsize)
+        for part in at0.keys() | at1.keys():
+            fixed[part] = fixed.get(part, 0) + count * at0.get(part, 0)
+            per_token[part] = per_token.get(part, 0) + count * (at1.get(part, 0) - at0.get(part, 0))
+    return fixed, per_token
+
+
+def _plan(weights: int, fixed: dict[str, int], per_token: dict[str, int], context: int) -> MemoryPlan:
+    parts = {part: fixed.get(part, 0) + per_token.get(part, 0) * context for part in fixed.keys() | per_token.keys()}
+    named = {name: parts.pop(name, 0) for name in ("kv", "ssm", "conv")}
+    return MemoryPlan(weights=weights, other=sum(parts.values()), **named)
 
 
 def _cache_pattern(config: ModelConfig, mtp: bool) -> str:
@@ -121,8 +136,8 @@ def cache_bytes(config: ModelConfig, batch: int, context: int, *, dtype: object 
     """
     _check_positive(batch=batch, context=context)
     itemsize = _dtype(dtype or config.dtype, "dtype").itemsize
-    kv_per_token, ssm, conv = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
-    return MemoryPlan(weights=_weight_bytes(config, weight_dtype), kv=kv_per_token * context, ssm=ssm, conv=conv)
+    fixed, per_token = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
+    return _plan(_weight_bytes(config, weight_dtype), fixed, per_token, context)
 
 
 def max_context(config: ModelConfig, batch: int, memory_bytes: int, *, dtype: object = None,
@@ -137,8 +152,9 @@ def max_context(config: ModelConfig, batch: int, memory_bytes: int, *, dtype: ob
     if memory_bytes < 0:
         raise ValueError(f"memory_bytes={memory_bytes!r} is invalid: must be >= 0")
     itemsize = _dtype(dtype or config.dtype, "dtype").itemsize
-    kv_per_token, ssm, conv = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
-    spare = int(memory_bytes) - _weight_bytes(config, weight_dtype) - ssm - conv
+    fixed, per_token = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
+    kv_per_token = sum(per_token.values())
+    spare = int(memory_bytes) - _weight_bytes(config, weight_dtype) - sum(fixed.values())
     if spare < 0:
         return 0
     if kv_per_token == 0:

@@ -1,4 +1,4 @@
-"""Self-speculative greedy decoding with the model's MTP head (Nemotron 3 Super; spec/arch.md 3.5, 6.16).
+"""Self-speculative greedy decoding with the model's MTP head (Nemotron 3 Super; docs/numerics.md 9).
 
 Each round drafts k tokens with the MTP head, verifies them with one forward of the main model over k + 1
 tokens, keeps the longest prefix of drafts that greedy decoding would have produced, plus the main model's own
@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemojax import model
 from nemojax.config import ModelConfig
 from nemojax.infer.cache import Cache, init_cache
-from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, commit_steps, embed, extend, inference_module, logits
+from nemojax.infer.decode_config import finished
+from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, commit_steps, embed, extend, logits
 from nemojax.infer.sampling import argmax
-from nemojax.models.hybrid import NemotronH
 from nemojax.nn.state import Extend, take_rows
 
 
@@ -43,11 +44,7 @@ def _mtp_extend(config: ModelConfig, params: dict, depth: int, hidden: jax.Array
     -> (outputs [b, T, h], cache). Semantics of commit / fresh / all_steps as `nemojax.infer.extend.extend`."""
     step = Extend(cache.length, commit, fresh=fresh, all_steps=all_steps)
     embedded = embed(config, params, tokens)
-
-    def run(net: NemotronH):
-        return net.mtp.extend_depth(depth, hidden, embedded, cache.layers, step)
-
-    out, layers = inference_module(config).apply({"params": params}, method=run)
+    out, layers = model.mtp_extend(config, params, depth, hidden, embedded, cache.layers, step)
     return out, Cache(layers, cache.length if all_steps else cache.length + commit)
 
 
@@ -74,8 +71,6 @@ class SpecState:
 def _emit(state_out, count, done, tokens, valid, dcfg, stream=None):
     """Appends tokens [b, m] (those with valid [b, m]) one at a time with the plain loop's stopping rules, and
     streams them (stream(step, tokens [b], active [b]) as the plain loop does)."""
-    from nemojax.infer.generate import _finished
-
     rows = jnp.arange(tokens.shape[0])
     for i in range(tokens.shape[1]):
         active = ~done & valid[:, i]
@@ -83,7 +78,7 @@ def _emit(state_out, count, done, tokens, valid, dcfg, stream=None):
             jax.debug.callback(stream, jnp.max(count), tokens[:, i], active, ordered=True)
         state_out = state_out.at[rows, count].set(jnp.where(active, tokens[:, i], state_out[rows, count]))
         count = count + active.astype(jnp.int32)
-        done = done | (active & _finished(tokens[:, i], state_out, count, dcfg))
+        done = done | (active & finished(tokens[:, i], state_out, count, dcfg))
     return state_out, count, done
 
 

@@ -1,4 +1,4 @@
-"""NemotronH: the hybrid pattern stack (spec/arch.md 2.3).
+"""NemotronH: the hybrid pattern stack (arXiv 2504.03624; one pre-norm, one mixer, one residual per layer).
 
     h = embeddings[tokens]
     for each pattern character: h = h + mixer(RMSNorm(h))
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nemojax import families
 from nemojax.config import ModelConfig
 from nemojax.models import scan
 from nemojax.nn.blocks import Block
@@ -49,7 +50,7 @@ class Segments(nn.Module):
         for segment in self.body:
             name = scan.inner_name(segment, position)
             if isinstance(segment, str):
-                h = block(self.config, segment, name=name)(h, None, None, segment_ids)
+                h, _ = block(self.config, segment, name=name)(h, None, None, segment_ids)
             else:
                 h, _ = scanned_run(self.config, segment, nested=True, name=name)(h, segment_ids)
             position += len(scan.pattern_of(segment))
@@ -99,24 +100,38 @@ class NemotronH(nn.Module):
         if cfg.mtp is not None:
             self.mtp = MTP(cfg)
 
-    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               skip_layer: jax.Array | None = None) -> jax.Array:
         """tokens: [b, L] -> final normed hidden states [b, L, hidden] (compute dtype).
 
         segment_ids: [b, L] int, the packed documents of each row (contiguous runs of one id, as
         `nemojax.data.packing` makes them): Mamba state, convolution and attention then stay within each document,
         so every document is computed as if it were alone in its row. None: one sequence per row.
+        skip_layer: a (traced) int32 scalar: that layer's block passes its input through (layer ablation; -1
+        none). Unrolled layout only.
+
+        The "blocks" collection gets each block's input and output (`layers_{i}/in`, `layers_{i}/out`) when the
+        caller makes it mutable (`Model.apply(collect=("blocks",))`).
         """
         h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
         if not self.config.scan_layers:
-            for layer in self.layers:
-                h = layer(h, None, None, segment_ids)
-            return self.norm_f(h)
+            for i, layer in enumerate(self.layers):
+                out, _ = layer(h, None, None, segment_ids)
+                h = out if skip_layer is None else jnp.where(skip_layer == i, h, out)
+            return self._final_norm(h)
+        if skip_layer is not None:
+            raise ValueError("skip_layer runs on the unrolled layout (scan_layers=False)")
         for i, segment in _starts(scan.plan(self.config.pattern)):
             if isinstance(segment, str):
-                h = self.layers[i](h, None, None, segment_ids)
+                h, _ = self.layers[i](h, None, None, segment_ids)
             else:
                 h, _ = self.layers_scan[i](h, segment_ids)
-        return self.norm_f(h)
+        return self._final_norm(h)
+
+    def _final_norm(self, h: jax.Array) -> jax.Array:
+        h = self.norm_f(h)
+        self.sow("taps", "final_normed", h)  # activation importance of the hidden channels
+        return h
 
     def extend(self, tokens: jax.Array, states: tuple, step: Extend) -> tuple[jax.Array, tuple]:
         """Continues every layer from its cached state (see `nemojax.nn.state`).
@@ -166,3 +181,10 @@ class NemotronH(nn.Module):
         h = self.hidden(tokens, segment_ids)
         L = tokens.shape[1] - self.config.mtp.num_layers
         return self.logits(h), self.mtp_logits(h[:, :L], tokens, None if segment_ids is None else segment_ids[:, :L])
+
+
+FAMILY = families.register_family(families.Family(
+    model_type="nemotron_h", config=ModelConfig, module=NemotronH, kinds="M*-E",
+    prefixes={"embeddings": "backbone.embeddings.", "norm_f": "backbone.norm_f.", "lm_head": "lm_head."},
+    layer_prefixes={"layers": "backbone.layers.", "mtp": "mtp.layers."},
+))

@@ -1,5 +1,5 @@
 """Grouped-query causal attention. NemotronH uses no positional encoding; partial RoPE (NeoX rotate-half) is an
-option for the Nemotron-4 family (spec/arch.md 2.1, 4.5)."""
+option for the Nemotron-4 family (docs/numerics.md 6)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.lowp import fake
 from nemojax.nn.linear import calibrated, calibrating, dense, logical_param, record_amax
 from nemojax.nn.segments import document_positions
 from nemojax.nn.state import Extend, KVCache
-from nemojax.quant import fake
 from pallas_kernels import attention as pallas_attention
 from pallas_kernels import decode_attention as pallas_decode
 from pallas_kernels import dispatch
@@ -167,10 +167,11 @@ def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KV
 
 
 class Attention(nn.Module):
-    """x: [b, T, hidden] -> [b, T, hidden]. q/o are num_heads * head_dim wide, which need not equal hidden.
+    """x: [b, T, hidden] -> (y [b, T, hidden], cache). q/o are num_heads * head_dim wide, which need not equal
+    hidden.
 
     With `cache` (and `step`) the T tokens sit at positions step.start[i] + t: their keys and values are written
-    into the cache and `(y, KVCache)` comes back; see `nemojax.nn.state`. segment_ids: [b, T] (packed documents,
+    into the cache and the new `KVCache` comes back (else None); see `nemojax.nn.state`. segment_ids: [b, T] (packed documents,
     uncached only): queries see their own document, and RoPE positions restart at each document.
     """
 
@@ -178,7 +179,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: KVCache | None = None, step: Extend | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg, a = self.config, self.config.attention
         b, T, _ = x.shape
         q = dense(cfg, a.num_heads * a.head_dim, ("embed", "heads"), name="q_proj", use_bias=a.bias)(x)
@@ -217,9 +218,10 @@ class Attention(nn.Module):
                 out = cached_attention(q, k, v, cache, step.start, scale)
             cache = write_kv(cache, k, v, step.start)
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
-        y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(
-            out.reshape(b, T, a.num_heads * a.head_dim))
-        return y if cache is None else (y, cache)
+        out = out.reshape(b, T, a.num_heads * a.head_dim)
+        self.sow("taps", "o_proj_in", out)  # activation importance (nemojax.compress.importance)
+        y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(out)
+        return y, cache
 
     def _quantize_kv(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values as a low-precision KV cache stores them (per-tensor FP8; `k_amax` / `v_amax` params

@@ -1,47 +1,34 @@
-"""The NemotronH block: one pre-norm, one mixer, one residual (spec/arch.md 2.3)."""
+"""The pre-norm residual block of the hybrid stack: one RMSNorm, one mixer of a registered layer kind, one
+residual. The mixer comes from the kind registry (`nemojax.families`), so a new kind needs no edit here."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 
+from nemojax import families
 from nemojax.config import ModelConfig
-from nemojax.nn.attention import Attention
 from nemojax.nn.linear import dtypes
-from nemojax.nn.mamba2 import Mamba2Mixer
-from nemojax.nn.mlp import MLP
-from nemojax.nn.moe import MoE
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend, LayerState
 
 
-def make_mixer(config: ModelConfig, kind: str) -> nn.Module:
-    """The mixer of a pattern character: M Mamba-2, * attention, - relu2 MLP, E MoE."""
-    if kind == "M":
-        return Mamba2Mixer(config, name="mixer")
-    if kind == "*":
-        return Attention(config, name="mixer")
-    if kind == "-":
-        return MLP(config, config.intermediate_size, name="mixer")
-    if kind == "E":
-        return MoE(config, name="mixer")
-    raise ValueError(f"layer kind {kind!r} is invalid: must be one of 'M', '*', '-', 'E'")
-
-
-def mix(mixer: nn.Module, kind: str, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """The uncached mixer call, with the packed-document segment ids for the mixers that mix across tokens."""
-    if segment_ids is None or kind not in "M*":
-        return mixer(x)
-    return mixer(x, segment_ids=segment_ids)
+def mix(config: ModelConfig, kind: str, x: jax.Array, state: LayerState, step: Extend | None,
+        segment_ids: jax.Array | None) -> tuple[jax.Array, LayerState]:
+    """Builds the mixer of pattern character `kind` (named "mixer") and runs it: x: [b, T, hidden] ->
+    (y [b, T, hidden], state). Packed-document segment ids reach only the kinds that mix across tokens."""
+    entry = families.kind(kind)
+    mixer = entry.mixer(config, name="mixer")
+    return mixer(x, state, step, segment_ids if entry.mixes_tokens else None)
 
 
 class Block(nn.Module):
-    """h: [b, T, hidden] -> h + mixer(norm(h)); the residual stream stays in the compute dtype.
+    """h: [b, T, hidden] -> (h + mixer(norm(h)), state); the residual stream stays in the compute dtype.
 
-    With `state` (and `step`, see `nemojax.nn.state`) a Mamba or attention mixer continues from its cache and
-    `(h, new_state)` comes back; MLP and MoE layers have no state (`state` is None and stays None).
-    segment_ids: [b, T] (packed documents, uncached forward only) keep Mamba and attention mixers within each
-    document; MLP and MoE layers are per token anyway.
+    With `state` (and `step`, see `nemojax.nn.state`) a stateful mixer continues from its cache and returns its
+    new state; without, the state stays None. segment_ids: [b, T] (packed documents, uncached forward only) keep
+    token-mixing kinds within each document. The normed input is sown as the "taps" `normed` (activation
+    importance of the hidden channels).
     """
 
     config: ModelConfig
@@ -49,13 +36,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, state: LayerState = None, step: Extend | None = None,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, LayerState]:
         dtype, param_dtype = dtypes(self.config)
         x = RMSNorm(self.config.norm_eps, dtype, param_dtype, name="norm")(h)
-        mixer = make_mixer(self.config, self.kind)
-        if state is None:
-            y = mix(mixer, self.kind, x, segment_ids)
-        else:
-            y, state = mixer(x, state, step)
+        self.sow("taps", "normed", x)
+        y, state = mix(self.config, self.kind, x, state, step, segment_ids)
         out = nn.with_logical_constraint(h + y.astype(h.dtype), ("batch", "seq", "act_embed"))
-        return out if step is None else (out, state)
+        self.sow("blocks", "in", h)
+        self.sow("blocks", "out", out)
+        return out, state

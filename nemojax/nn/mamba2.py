@@ -1,4 +1,4 @@
-"""The Mamba-2 mixer of NemotronH (spec/arch.md 1.2).
+"""The Mamba-2 mixer of NemotronH (docs/numerics.md 1-5; Mamba-2: arXiv 2405.21060).
 
     in_proj_{z,x,B,C,dt} -> causal depthwise conv (with bias) of x, B and C each -> silu
     -> SSD with dt = clip(softplus(dt + dt_bias), time_step_limit), A = -exp(A_log) -> + D * x
@@ -62,7 +62,7 @@ def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> ja
 
 
 def _dt_bias_init(config: ModelConfig):
-    """dt_bias = softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max], floored (spec 1.5)."""
+    """dt_bias = softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max], floored (docs/numerics.md 1)."""
     m = config.mamba
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
@@ -128,10 +128,10 @@ def part_widths(config: ModelConfig) -> dict[str, int]:
 
 
 class Mamba2Mixer(nn.Module):
-    """u: [b, T, hidden] (the block's normed input) -> [b, T, hidden].
+    """u: [b, T, hidden] (the block's normed input) -> (y [b, T, hidden], state).
 
-    With `state` (and `step`) the T tokens continue from that state and the new state comes back too:
-    `(y, MambaState)`; see `nemojax.nn.state`. Without it they start from zeros and only `y` comes back.
+    With `state` (and `step`) the T tokens continue from that state and the new `MambaState` comes back; see
+    `nemojax.nn.state`. Without it they start from zeros and the state stays None.
     segment_ids: [b, T] (packed documents, uncached only): the conv and the SSM state restart at every document.
     """
 
@@ -139,7 +139,7 @@ class Mamba2Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u: jax.Array, state: MambaState | None = None, step: Extend | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, MambaState]:
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MambaState | None]:
         cfg, m = self.config, self.config.mamba
         if segment_ids is not None and state is not None:
             raise ValueError("segment_ids (packed documents) apply to the uncached forward; a cached extend "
@@ -153,6 +153,7 @@ class Mamba2Mixer(nn.Module):
         proj = {part: dense(cfg, widths[part], ("embed", PART_AXES[part]), name=f"in_proj_{part}",
                             use_bias=m.proj_bias)(u) for part in IN_PROJ_PARTS}
         z, dt = proj["z"], proj["dt"]
+        self.sow("taps", "x", proj["x"])  # activation importance (nemojax.compress.importance)
 
         # The conv runs in float32 and its output is rounded to the compute dtype, as torch's conv would be.
         # The cache holds the K-1 earlier inputs of all three convs as one [b, K-1, conv_dim] array ([x | B | C]).
@@ -172,7 +173,7 @@ class Mamba2Mixer(nn.Module):
         A_log = logical_param(self, "A_log", _a_log_init, ("ssm_heads",), (H,), param_dtype)
         D = logical_param(self, "D", nn.initializers.ones_init(), ("ssm_heads",), (H,), param_dtype)
 
-        # dt, A and the scan in float32 (spec 6.2, 6.3); the clamp is time_step_limit, not time_step_min (6.1).
+        # dt, A and the scan in float32; the clamp is time_step_limit, not time_step_min (docs/numerics.md 3, 4).
         dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
         dt = jnp.clip(dt, *m.time_step_limit)
         A = -jnp.exp(A_log.astype(f32))
@@ -192,7 +193,7 @@ class Mamba2Mixer(nn.Module):
             new_state = MambaState(convs, states)
         else:
             # Uncommitted tokens get dt = 0 and x = 0: decay 1 and no input, so the final state is the state
-            # after the committed ones (spec 6.7, 6.8). They are padding: their outputs are not continuations.
+            # after the committed ones (docs/numerics.md 2). They are padding: their outputs are not continuations.
             valid = step.valid(T)
             dt_c = jnp.where(valid[..., None], dt, 0.0)
             x_c = jnp.where(valid[..., None, None], x_bThp, 0.0)
@@ -213,4 +214,4 @@ class Mamba2Mixer(nn.Module):
         y = GatedRMSNorm(n_groups=G, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(
             y_bThp.reshape(b, T, I), z)
         out = dense(cfg, cfg.hidden_size, ("ssm_heads", "embed"), name="out_proj", use_bias=m.proj_bias)(y)
-        return out if state is None else (out, new_state)
+        return out, (None if state is None else new_state)

@@ -1,6 +1,8 @@
-"""The squared-ReLU MLP of NemotronH: down(relu(up(x))^2), no gate (spec/arch.md 2.2)."""
+"""The squared-ReLU MLP of NemotronH: down(relu(up(x))^2), no gate (arXiv 2504.03624; mlp_hidden_act "relu2")."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,14 +17,18 @@ def relu2(x: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-    """x: [..., hidden] -> [..., hidden] through `intermediate_size` relu^2 units."""
+    """x: [b, T, hidden] -> (y [b, T, hidden], state) through `intermediate_size` relu^2 units; stateless, so the
+    state passes through (None), as every mixer returns one."""
 
     config: ModelConfig
     intermediate_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, state: None = None, step: Any = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
+        del step, segment_ids  # per token
         cfg = self.config
         h = dense(cfg, self.intermediate_size, ("embed", "mlp"), name="up_proj", use_bias=cfg.mlp_bias)(x)
         h = nn.with_logical_constraint(relu2(h), ("batch", "seq", "act_mlp"))
-        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=cfg.mlp_bias)(h)
+        self.sow("taps", "down_proj_in", h)  # activation importance (nemojax.compress.importance)
+        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=cfg.mlp_bias)(h), state

@@ -1,4 +1,4 @@
-"""NemotronH mixture of experts (spec/arch.md 3.1-3.3).
+"""NemotronH mixture of experts (docs/numerics.md 8; LatentMoE: arXiv 2512.20856).
 
     router (float32): s = sigmoid(x @ W_gate); choose top-k by s + e_score_correction_bias, within the best
         topk_group of n_group groups; weights are the unbiased s of the chosen experts, normalised
@@ -12,6 +12,8 @@ pairs by expert and runs two `jax.lax.ragged_dot` calls (dropless; the work is t
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -85,7 +87,7 @@ def _routed_inputs(x: jax.Array, weights: jax.Array, ids: jax.Array, E: int) -> 
 def experts_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
                       quantized: tuple) -> jax.Array:
     """`experts_dense` with each expert's GEMMs in low precision. `quantized` holds (spec, state, key) for
-    up_proj and for down_proj (spec None: high precision); states carry per-expert entries ([E] amaxes).
+    up_proj and for down_proj (a None spec: high precision); states carry per-expert entries ([E] amaxes).
 
     Each expert sees only the tokens routed to it (the others are zeroed), so a per-tensor amax computed on the
     fly is the amax of the expert's own input, as with one Linear per expert.
@@ -164,12 +166,14 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """x: [b, L, hidden] (the block's normed input) -> [b, L, hidden]."""
+    """x: [b, L, hidden] (the block's normed input) -> (y [b, L, hidden], state); stateless (state stays None)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, state: None = None, step: Any = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
+        del step, segment_ids  # per token
         cfg, e = self.config, self.config.moe
         dtype, _ = dtypes(cfg)
         b, L, D = x.shape
@@ -178,10 +182,12 @@ class MoE(nn.Module):
         v = tokens
         if e.latent_size is not None:
             v = dense(cfg, e.latent_size, ("embed", "mlp"), name="fc1_latent_proj", use_bias=cfg.mlp_bias)(v)
+        self.sow("taps", "expert_in", v)  # activation importance (nemojax.compress.importance)
+        self.sow("taps", "expert_ids", ids)
         routed = Experts(cfg, e.latent_size or D, name="experts")(v, weights, ids).astype(dtype)
         if e.latent_size is not None:
             routed = dense(cfg, D, ("mlp", "embed"), name="fc2_latent_proj", use_bias=cfg.mlp_bias)(routed)
         out = routed.reshape(b, L, D)
         if e.n_shared_experts:
-            out = out + MLP(cfg, e.n_shared_experts * e.shared_intermediate_size, name="shared_experts")(x)
-        return out
+            out = out + MLP(cfg, e.n_shared_experts * e.shared_intermediate_size, name="shared_experts")(x)[0]
+        return out, state

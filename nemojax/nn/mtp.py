@@ -1,4 +1,4 @@
-"""Multi-token prediction head of Nemotron 3 Super (spec/arch.md 3.5).
+"""Multi-token prediction head of Nemotron 3 Super (docs/numerics.md 9; arXiv 2604.12374).
 
 Depth d predicts the token two (d + 2) ahead from the previous depth's hidden state h (the main model's final,
 normed hidden for d = 0) and the embedding e of the next input token:
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.nn.blocks import make_mixer, mix
+from nemojax.nn.blocks import mix
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend, LayerState
@@ -41,15 +41,11 @@ class MTPSublayer(nn.Module):
             h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="hnorm")(f)
             f = dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="eh_proj")(jnp.concatenate([e, h], axis=-1))
         x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(f)
-        mixer = make_mixer(cfg, self.kind)
-        if state is None:
-            y = mix(mixer, self.kind, x, segment_ids)
-        else:
-            y, state = mixer(x, state, step)
+        y, state = mix(cfg, self.kind, x, state, step, segment_ids)
         f = f + y.astype(f.dtype)
         if self.last:
             f = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_layernorm")(f)
-        return f if step is None else (f, state)
+        return f, state
 
 
 class MTP(nn.Module):
@@ -71,7 +67,8 @@ class MTP(nn.Module):
         for d in range(self.config.mtp.num_layers):
             f = hidden
             for j in range(per_depth):
-                f = self.layers[d * per_depth + j](f, next_embedded[d] if j == 0 else None, None, None, segment_ids)
+                f, _ = self.layers[d * per_depth + j](f, next_embedded[d] if j == 0 else None, None, None,
+                                                      segment_ids)
             outputs.append(f)
             hidden = f
         return outputs

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from nemojax.config import ModelConfig
-from nemojax.model import Model, module
-from nemojax.models.hybrid import NemotronH
+from nemojax.model import Model, apply
 from nemojax.train import moe_balance
 from nemojax.train.losses import cross_entropy
 
@@ -60,7 +59,7 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
 
     mtp_weight > 0 (config `train.mtp_loss_weight`; needs `config.mtp`) adds mtp_weight times the mean over MTP
     depths d of the cross entropy of depth d's logits [B, L - D, V], which at position t predict token t + d + 2,
-    i.e. targets[:, d + 1 : d + 1 + L - D] under loss_mask[:, d + 1 : d + 1 + L - D] (spec/arch.md 3.5). The MTP
+    i.e. targets[:, d + 1 : d + 1 + L - D] under loss_mask[:, d + 1 : d + 1 + L - D] (docs/numerics.md 9). The MTP
     head's MoE routers then also feed the balance loss and the correction-bias update. Metrics add "mtp_nll" (mean
     over depths) and, with several depths, "mtp_nll_{d}".
 
@@ -74,7 +73,6 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
     if mtp_weight > 0 and config.mtp is None:
         raise ValueError(f"train.mtp_loss_weight={mtp_weight!r} needs a model with an MTP head, but config.mtp is "
                          "None; set it to 0 or use a config with mtp")
-    net = module(config)
     with_mtp = mtp_weight > 0
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, LossAux]:
@@ -89,11 +87,9 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
             if tokens.shape[1] <= depths:
                 raise ValueError(f"sequence length {tokens.shape[1]} is too short for train.mtp_loss_weight > 0: "
                                  f"must exceed mtp.num_layers={depths}")
-            (logits, mtp_logits), state = net.apply({"params": params}, tokens, segments,
-                                                    method=NemotronH.forward_with_mtp, mutable=["intermediates"],
-                                                    rngs=rngs)
-        else:
-            logits, state = net.apply({"params": params}, tokens, segments, mutable=["intermediates"], rngs=rngs)
+        out = apply(config, params, tokens, segment_ids=segments, mtp=with_mtp, collect=("intermediates",),
+                    rngs=rngs)
+        logits, mtp_logits = out.logits, out.mtp_logits
         loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         if with_mtp:
             # depth d at position t predicts token t + d + 2 = targets[:, t + d + 1]
@@ -112,7 +108,7 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
             metrics = {**metrics, "mtp_nll": mtp_nll}
             if depths > 1:
                 metrics.update({f"mtp_nll_{d}": nll for d, nll in enumerate(nlls)})
-        inter = state.get("intermediates", {})
+        inter = out.collected["intermediates"]
         if moe_aux_loss:
             balance = moe_balance.load_balancing_loss(inter)
             loss = loss + moe_aux_loss * balance

@@ -1,0 +1,179 @@
+"""The registries: layer kinds (one pattern character each) and model families (one `model_type` each).
+
+A layer kind is everything the library needs to know about one kind of mixer, in one entry (`LayerKind`): how
+to build it, its inference cache and its bytes, its FLOPs, the linear layers a quantization recipe may reach,
+how pruning slices it and which of its params form one fused checkpoint tensor. A family is a config class, a
+linen module, a checkpoint naming table and the kinds its pattern may use (`Family`). Callers (nn blocks, infer,
+train, compress, quant, interop) look both up here and never branch on a kind or import a family by name.
+
+The built-in entries live beside the code they describe (`nemojax.kinds.*`, `nemojax.models.hybrid`) and are
+loaded by module name on first lookup, as big_vision finds its models, so this module stays at the bottom of the
+import ladder. A new kind or family is one `register_kind` / `register_family` call in its own file:
+
+    register_kind(LayerKind(char="R", name="recurrence", mixer=Recurrence, flops=..., ...))
+    register_family(Family(model_type="toy", config=ToyConfig, module=ToyLM, kinds="R-"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Family", "LayerKind", "WidthRule", "family", "family_of", "kind", "known_families", "known_kinds",
+           "register_family", "register_kind"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthRule:
+    """Width-pruning targets of a kind (keywords of `nemojax.compress.prune`, e.g. `heads`), pruned together.
+
+    changes(config, **targets) -> {config field: value or dict of sub-config changes}; it gets the targets that
+    were given (not None), checks them (ValueError naming the target and the allowed values) and returns the new
+    sizes. slice(layer, name, config, read, options, **targets) slices the params of one layer of the old config
+    (a nested dict of numpy arrays, edited in place) to the new sizes; `read(key, shape)` returns the score array
+    `key` ("layers_3/heads" ...), raising ValueError when it is missing; options: prune's other keywords (e.g.
+    group_aware).
+    """
+
+    targets: tuple[str, ...]
+    changes: Callable[..., dict[str, Any]]
+    slice: Callable[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """One kind of mixer: the contract every caller relies on.
+
+    char: its pattern character. name: a word for messages and config.json's layer-type list (`hf_names`: the
+    spellings read, the first one written). config_field: the `ModelConfig` field the kind needs (None: none).
+    mixer(config, name="mixer") -> a linen module called as `mixer(x, state, step, segment_ids) -> (y, state)` with x, y:
+    [b, T, hidden]; it is built with name "mixer". mixes_tokens: whether it mixes across positions (then it is
+    given packed-document segment ids); stateless kinds keep `state` None.
+    cache(config, batch, max_len, dtype) -> the zero inference state of one layer (None: stateless).
+    cache_bytes(config, batch, context, itemsize) -> {"kv"|"ssm"|"conv"|...: bytes}, matching `cache` exactly.
+    flops(config, seq_len) -> forward FLOPs per token of one layer (2 per multiply-add).
+    importance(config, taps, mixer_params, stat) -> {score name: per-row statistic [b, ...]}: the activation
+    importance of the layer's prunable axes, from what its mixer sows into the "taps" collection (stat(a [b, L,
+    C], mask [b, L] | None) -> [b, C] reduces one activation).
+    linears: params paths under the mixer of its linear layers, the weights a quantization recipe may reach
+    (`kernel` of a dense layer, or stacked experts `experts/up_proj`); every other param is never quantized.
+    fused: {param module: (checkpoint module, part index)} for modules stored as parts of one checkpoint tensor.
+    residual_in / residual_out: the linears whose input / output axis is the residual stream; slice_hidden(layer,
+    k_hidden, config) slices every param of one layer that touches the residual stream (hidden-size pruning).
+    width: the kind's width-pruning targets.
+    """
+
+    char: str
+    name: str
+    mixer: Callable[[Any], Any]
+    hf_names: tuple[str, ...] = ()
+    config_field: str | None = None
+    label: str = ""  # how messages name its layers ("MoE"); default: name
+    mixes_tokens: bool = False
+    cache: Callable[..., Any] | None = None
+    cache_bytes: Callable[..., dict[str, int]] | None = None
+    flops: Callable[[Any, int], float] | None = None
+    importance: Callable[..., dict] | None = None
+    linears: tuple[str, ...] = ()
+    fused: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    residual_in: tuple[str, ...] = ()
+    residual_out: tuple[str, ...] = ()
+    slice_hidden: Callable[..., None] | None = None
+    width: tuple[WidthRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+        if not isinstance(self.char, str) or len(self.char) != 1 or self.char.isspace() or self.char in "|/":
+            raise ValueError(f"LayerKind.char={self.char!r} is invalid: must be one printable character other "
+                             "than '|' and '/'")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: `model_type` (config.json's), its config class (with `from_hf(dict)` and `to_hf()`), its
+    linen module class (built as `module(config)`), its checkpoint naming (`prefixes`: params top-level name ->
+    checkpoint prefix, `layer_prefixes`: layer-list name -> checkpoint prefix of its numbered layers) and the
+    kinds its pattern may use."""
+
+    model_type: str
+    config: type
+    module: Callable[[Any], Any]
+    kinds: str
+    prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    layer_prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_KINDS: dict[str, LayerKind] = {}
+_FAMILIES: dict[str, Family] = {}
+# Built-in entries, imported on first lookup (module name -> it registers its entries when imported).
+_BUILTIN_KINDS = {"M": "nemojax.kinds.mamba", "*": "nemojax.kinds.attention", "-": "nemojax.kinds.mlp",
+                  "E": "nemojax.kinds.moe"}
+_BUILTIN_FAMILIES = {"nemotron_h": "nemojax.models.hybrid"}
+
+
+def register_kind(entry: LayerKind) -> LayerKind:
+    """Adds a layer kind; a character can be registered once (re-registering the same entry is a no-op)."""
+    current = _KINDS.get(entry.char)
+    if current is not None and current is not entry:
+        raise ValueError(f"layer kind {entry.char!r} is already registered ({current.name})")
+    _KINDS[entry.char] = entry
+    return entry
+
+
+def register_family(entry: Family) -> Family:
+    """Adds a family; a model_type can be registered once (re-registering the same entry is a no-op)."""
+    current = _FAMILIES.get(entry.model_type)
+    if current is not None and current is not entry:
+        raise ValueError(f"model family {entry.model_type!r} is already registered")
+    _FAMILIES[entry.model_type] = entry
+    return entry
+
+
+def _load_builtins(table: dict[str, str], key: str | None) -> None:
+    for name in ([table[key]] if key in table else table.values() if key is None else ()):
+        importlib.import_module(name)
+
+
+def known_kinds() -> str:
+    """Every registered pattern character, built-ins first."""
+    _load_builtins(_BUILTIN_KINDS, None)
+    return "".join(_KINDS)
+
+
+def kind(char: str) -> LayerKind:
+    """The entry of pattern character `char`; ValueError naming the known kinds for any other."""
+    if char not in _KINDS:
+        _load_builtins(_BUILTIN_KINDS, char)
+    if char not in _KINDS:
+        names = ", ".join(f"{c!r} ({_KINDS[c].name})" for c in known_kinds())
+        raise ValueError(f"layer kind {char!r} is unknown: the known kinds are {names}")
+    return _KINDS[char]
+
+
+def known_families() -> tuple[str, ...]:
+    _load_builtins(_BUILTIN_FAMILIES, None)
+    return tuple(_FAMILIES)
+
+
+def family(model_type: str) -> Family:
+    """The family of a config.json `model_type`; ValueError naming the known ones for any other."""
+    if model_type not in _FAMILIES:
+        _load_builtins(_BUILTIN_FAMILIES, model_type)
+    if model_type not in _FAMILIES:
+        raise ValueError(f"model_type={model_type!r} is unknown: the known model types are "
+                         f"{', '.join(map(repr, known_families()))}")
+    return _FAMILIES[model_type]
+
+
+def family_of(config: Any) -> Family:
+    """The family whose config class `config` is an instance of (the most derived registered one)."""
+    known_families()
+    matches = [f for f in _FAMILIES.values() if isinstance(config, f.config)]
+    if not matches:
+        raise ValueError(f"{type(config).__name__} is not the config of a registered family (known: "
+                         f"{', '.join(f.config.__name__ for f in _FAMILIES.values())})")
+    return max(matches, key=lambda f: len(f.config.__mro__))

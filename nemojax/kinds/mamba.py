@@ -1,0 +1,102 @@
+"""The Mamba-2 layer kind ('M'): mixer, cache, FLOPs, linears, checkpoint parts and group-aware pruning.
+
+Pruning follows Minitron-SSM (arXiv:2504.11409, section 3): heads are kept per SSM group so every kept head keeps
+reading its own B/C group; head channels keep the same P' channels in every head; n_groups and state_size never
+change.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.families import LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import check_target, keep_top, keep_top_grouped, slice_linear_hidden, take
+from nemojax.nn.mamba2 import CONV_PARTS, IN_PROJ_PARTS, Mamba2Mixer
+from nemojax.nn.state import MambaState
+
+IN_PROJ = tuple(f"in_proj_{part}" for part in IN_PROJ_PARTS)
+
+
+def cache(config, batch: int, max_len: int, dtype) -> MambaState:
+    """conv [b, K-1, conv_dim] in `dtype`, ssm [b, H, P, N] float32 (neither grows with the context)."""
+    del max_len
+    m = config.mamba
+    return MambaState(jnp.zeros((batch, m.conv_kernel - 1, m.conv_dim), dtype),
+                      jnp.zeros((batch, m.num_heads, m.head_dim, m.state_size), jnp.float32))
+
+
+def cache_bytes(config, batch: int, context: int, itemsize: int) -> dict[str, int]:
+    del context
+    m = config.mamba
+    return {"ssm": batch * m.num_heads * m.head_dim * m.state_size * 4,
+            "conv": batch * (m.conv_kernel - 1) * m.conv_dim * itemsize}
+
+
+def flops(config, seq_len: int) -> float:
+    """Projections, conv and the chunked SSD: C.B within chunks (per group) and its product with X (causal
+    halves), then the chunk-state build and read-out (each H * P * N multiply-adds per token)."""
+    m, D = config.mamba, config.hidden_size
+    H, P, N, G, Q = m.num_heads, m.head_dim, m.state_size, m.n_groups, min(m.chunk_size, seq_len)
+    total = 2.0 * D * m.in_proj_size + 2.0 * m.inner_size * D + 2.0 * m.conv_kernel * m.conv_dim
+    return total + 2.0 * G * N * Q / 2 + 2.0 * H * P * Q / 2 + 2 * (2.0 * H * P * N)
+
+
+def importance(config, taps: dict, params: dict, stat) -> dict:
+    """mamba_x: per-row statistic of the x projection [b, H*P] (heads and channels are scored from it)."""
+    del config, params
+    return {"mamba_x": stat(taps["x"])}
+
+
+def _changes(config, mamba_heads: int | None = None, mamba_head_dim: int | None = None) -> dict:
+    m = config.mamba
+    heads = m.num_heads if mamba_heads is None else check_target(
+        "mamba_heads", mamba_heads, m.num_heads, m.n_groups,
+        why=f"the same number of heads in each of the n_groups={m.n_groups} SSM groups")
+    head_dim = m.head_dim if mamba_head_dim is None else check_target("mamba_head_dim", mamba_head_dim, m.head_dim)
+    return {"mamba": {"num_heads": heads, "head_dim": head_dim}}
+
+
+def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int | None = None,
+           mamba_head_dim: int | None = None) -> None:
+    """Keeps heads per group (or globally with group_aware=False, the ablation baseline) and channels; the kept
+    inner channels k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel() for z, x, the x conv, the norm and
+    out_proj's input; B/C (projections and convs) whole; dt and the per-head params by head."""
+    m = config.mamba
+    heads = m.num_heads if mamba_heads is None else mamba_heads
+    head_dim = m.head_dim if mamba_head_dim is None else mamba_head_dim
+    if heads == m.num_heads and head_dim == m.head_dim:
+        return
+    k_P = np.arange(m.head_dim) if head_dim == m.head_dim else keep_top(
+        read(f"{name}/mamba_channels", (m.head_dim,)), head_dim)
+    if heads == m.num_heads:
+        k_heads = np.arange(m.num_heads)
+    else:
+        # with the per-channel map S_x [H, P] at hand, heads are scored on the kept channels only
+        s_x = read.optional(f"{name}/mamba_x", (m.num_heads, m.head_dim))
+        head_score = (np.sqrt(np.sum(np.square(s_x[:, k_P]), axis=1)) if s_x is not None and head_dim < m.head_dim
+                      else read(f"{name}/mamba_heads", (m.num_heads,)))
+        k_heads = (keep_top_grouped(head_score, m.n_groups, heads) if options.get("group_aware", True)
+                   else keep_top(head_score, heads))
+    k_inner = (k_heads[:, None] * m.head_dim + k_P[None, :]).ravel()
+    for part, keep in (("z", k_inner), ("x", k_inner), ("dt", k_heads)):
+        take(layer, f"mixer/in_proj_{part}/kernel", keep, 1)
+        take(layer, f"mixer/in_proj_{part}/bias", keep, 0)
+    take(layer, "mixer/conv1d_x/kernel", k_inner, 1)
+    take(layer, "mixer/conv1d_x/bias", k_inner, 0)
+    for param in ("A_log", "D", "dt_bias"):
+        take(layer, f"mixer/{param}", k_heads, 0)
+    take(layer, "mixer/norm/scale", k_inner, 0)
+    take(layer, "mixer/out_proj/kernel", k_inner, 0)
+
+
+KIND = register_kind(LayerKind(
+    char="M", name="mamba", mixer=Mamba2Mixer, hf_names=("linear_attention", "mamba"), config_field="mamba", label="Mamba",
+    mixes_tokens=True, cache=cache, cache_bytes=cache_bytes, flops=flops, importance=importance,
+    linears=(*IN_PROJ, "out_proj"),
+    fused={**{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate(IN_PROJ_PARTS)},
+           **{f"conv1d_{p}": ("conv1d", i) for i, p in enumerate(CONV_PARTS)}},
+    residual_in=IN_PROJ, residual_out=("out_proj",),
+    slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, IN_PROJ, ("out_proj",)),
+    width=(WidthRule(("mamba_heads", "mamba_head_dim"), _changes, _slice),),
+))

@@ -1,0 +1,39 @@
+"""The MLP layer kind ('-'): NemotronH's squared-ReLU MLP, `intermediate_size` wide, stateless."""
+
+from __future__ import annotations
+
+from nemojax.families import LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import check_target, keep_top, slice_linear_hidden, slice_mlp
+from nemojax.nn.mlp import MLP
+
+
+def mixer(config, name: str | None = None) -> MLP:
+    return MLP(config, config.intermediate_size, name=name)
+
+
+def flops(config, seq_len: int) -> float:
+    del seq_len
+    return 2 * (2.0 * config.hidden_size * config.intermediate_size)
+
+
+def importance(config, taps: dict, params: dict, stat) -> dict:
+    """mlp: per-row statistic of down_proj's input [b, intermediate_size]."""
+    del config, params
+    return {"mlp": stat(taps["down_proj_in"])}
+
+
+def _changes(config, ffn: int) -> dict:
+    return {"intermediate_size": check_target("ffn", ffn, config.intermediate_size)}
+
+
+def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> None:
+    if ffn < config.intermediate_size:
+        slice_mlp(layer, keep_top(read(f"{name}/mlp", (config.intermediate_size,)), ffn))
+
+
+KIND = register_kind(LayerKind(
+    char="-", name="mlp", mixer=mixer, hf_names=("mlp",), config_field="intermediate_size", label="'-' MLP", flops=flops,
+    importance=importance, linears=("up_proj", "down_proj"), residual_in=("up_proj",), residual_out=("down_proj",),
+    slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("up_proj",), ("down_proj",)),
+    width=(WidthRule(("ffn",), _changes, _slice),),
+))

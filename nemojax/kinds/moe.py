@@ -1,0 +1,141 @@
+"""The mixture-of-experts layer kind ('E'): sigmoid router, stacked relu^2 experts, shared expert, optional latent
+projections (LatentMoE). Stateless.
+
+Experts are pruned by their routing scores, group-aware per routing group (the same number of experts kept in
+every group when moe.n_group > 1); each kept expert keeps its own top hidden units; the shared expert's hidden
+units are pruned like an MLP's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.families import LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import check_target, keep_top, keep_top_grouped, slice_linear_hidden, slice_mlp, take
+from nemojax.nn.linear import dtypes
+from nemojax.nn.mlp import relu2
+from nemojax.nn.moe import MoE
+
+f32 = jnp.float32
+
+
+def flops(config, seq_len: int) -> float:
+    """Router, top_k routed experts per token, shared experts and latent projections."""
+    del seq_len
+    e, D = config.moe, config.hidden_size
+    d_in = e.latent_size or D
+    total = 2.0 * D * e.num_experts + e.top_k * 2 * (2.0 * d_in * e.intermediate_size)
+    total += 2 * (2.0 * D * e.n_shared_experts * e.shared_intermediate_size) if e.n_shared_experts else 0
+    return total + (2 * (2.0 * D * e.latent_size) if e.latent_size else 0)
+
+
+def _expert_taps(config, x: jax.Array, ids: jax.Array, up: jax.Array, down: jax.Array, b: int, stat):
+    """x: [T = b*L, D_in] expert input, ids: [T, k], up: [E, D_in, F], down: [E, F, D_in] ->
+    (down_proj-input row stats [b, E, F] over the tokens routed to each expert,
+     sum over routed tokens of ||expert output||_2 [E], routed token count [E])."""
+    dtype, _ = dtypes(config)
+    T = x.shape[0]
+    L = T // b
+    E = up.shape[0]
+    routed_te = jnp.any(ids[:, :, None] == jnp.arange(E)[None, None, :], axis=1).astype(f32)  # [T, E]
+    x = x.astype(dtype)
+
+    def one(args):
+        up_e, down_e, m_t = args
+        h_tf = relu2(jnp.einsum("td,df->tf", x, up_e.astype(dtype)))
+        y_td = jnp.einsum("tf,fd->td", h_tf, down_e.astype(dtype)).astype(f32)
+        stat_bf = stat(h_tf.reshape(b, L, -1), m_t.reshape(b, L))
+        return stat_bf, jnp.sum(m_t * jnp.linalg.norm(y_td, axis=-1)), jnp.sum(m_t)
+
+    stat_ebf, l2sum_e, count_e = jax.lax.map(one, (up, down, routed_te.T))
+    return jnp.transpose(stat_ebf, (1, 0, 2)), l2sum_e, count_e
+
+
+def importance(config, taps: dict, params: dict, stat) -> dict:
+    """shared_mlp: the shared expert's down_proj input statistic; expert_ffn / expert_l2sum / expert_count:
+    each expert's hidden units over its routed tokens, its output norm and its load."""
+    out = {}
+    if "shared_experts" in taps:
+        out["shared_mlp"] = stat(taps["shared_experts"]["down_proj_in"])
+    experts = params["experts"]
+    ffn, l2sum, count = _expert_taps(config, taps["expert_in"], taps["expert_ids"], experts["up_proj"],
+                                     experts["down_proj"], taps["batch"], stat)
+    return {**out, "expert_ffn": ffn, "expert_l2sum": l2sum, "expert_count": count}
+
+
+def _slice_hidden(layer: dict, k_hidden: np.ndarray, config) -> None:
+    ins, outs = ["shared_experts/up_proj"], ["shared_experts/down_proj"]
+    take(layer, "mixer/gate/kernel", k_hidden, 0)
+    if config.moe.latent_size is not None:
+        ins.append("fc1_latent_proj")
+        outs.append("fc2_latent_proj")
+    else:
+        take(layer, "mixer/experts/up_proj", k_hidden, 1)
+        take(layer, "mixer/experts/down_proj", k_hidden, 2)
+    slice_linear_hidden(layer, k_hidden, ins, outs)
+
+
+def _expert_changes(config, experts: int | None = None, expert_ffn: int | None = None) -> dict:
+    e = config.moe
+    changes = {}
+    if experts is not None:
+        minimum = max(e.top_k, 2 * e.n_group if e.n_group > 1 else 1)
+        if e.n_group > 1:
+            minimum = max(minimum, -(-e.top_k * e.n_group // e.topk_group))
+        changes["num_experts"] = check_target(
+            "experts", experts, e.num_experts, e.n_group, minimum=minimum,
+            why=f"the same number of experts in each of the moe.n_group={e.n_group} routing groups, and room for "
+                f"top_k={e.top_k}")
+    if expert_ffn is not None:
+        changes["intermediate_size"] = check_target("expert_ffn", expert_ffn, e.intermediate_size)
+    return {"moe": changes}
+
+
+def _expert_slice(layer: dict, name: str, config, read, options: dict, experts: int | None = None,
+                  expert_ffn: int | None = None) -> None:
+    """experts keeps the top experts; expert_ffn keeps, for every kept expert, its own top hidden units."""
+    e = config.moe
+    k_E = None
+    if experts is not None and experts < e.num_experts:
+        k_E = keep_top_grouped(read(f"{name}/experts", (e.num_experts,)), e.n_group, experts)
+        take(layer, "mixer/gate/kernel", k_E, 1)
+        take(layer, "mixer/gate/e_score_correction_bias", k_E, 0)
+        take(layer, "mixer/experts/up_proj", k_E, 0)
+        take(layer, "mixer/experts/down_proj", k_E, 0)
+    if expert_ffn is not None and expert_ffn < e.intermediate_size:
+        scores = read(f"{name}/expert_ffn", (e.num_experts, e.intermediate_size))
+        if k_E is not None:
+            scores = scores[k_E]
+        k_F = np.stack([keep_top(row, expert_ffn) for row in scores])
+        stacked = layer["mixer"]["experts"]
+        stacked["up_proj"] = np.take_along_axis(stacked["up_proj"], k_F[:, None, :], axis=2)  # [E, D, F]
+        stacked["down_proj"] = np.take_along_axis(stacked["down_proj"], k_F[:, :, None], axis=1)  # [E, F, D]
+
+
+def _shared_changes(config, shared_ffn: int) -> dict:
+    e = config.moe
+    if e.n_shared_experts != 1:
+        raise ValueError(f"shared_ffn={shared_ffn!r} is invalid: shared-expert pruning needs "
+                         f"moe.n_shared_experts=1 (found {e.n_shared_experts})")
+    return {"moe": {"shared_intermediate_size": check_target("shared_ffn", shared_ffn, e.shared_intermediate_size)}}
+
+
+def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ffn: int) -> None:
+    e = config.moe
+    if shared_ffn < e.shared_intermediate_size:
+        slice_mlp(layer, keep_top(read(f"{name}/shared_mlp", (e.shared_intermediate_size,)), shared_ffn),
+                  prefix="mixer/shared_experts")
+
+
+KIND = register_kind(LayerKind(
+    char="E", name="moe", mixer=MoE, hf_names=("moe",), config_field="moe", label="MoE", flops=flops, importance=importance,
+    linears=("fc1_latent_proj", "fc2_latent_proj", "shared_experts/up_proj", "shared_experts/down_proj",
+             "experts/up_proj", "experts/down_proj"),
+    residual_in=("shared_experts/up_proj", "fc1_latent_proj"),
+    residual_out=("shared_experts/down_proj", "fc2_latent_proj"),
+    slice_hidden=_slice_hidden,
+    width=(WidthRule(("experts", "expert_ffn"), _expert_changes, _expert_slice),
+           WidthRule(("shared_ffn",), _shared_changes, _shared_slice)),
+))
