@@ -9,12 +9,13 @@ What it measures, in one run:
 
 1. Decode at a real context (default 4096 random prompt tokens), float32, on the ~60M-parameter hybrid of
    experiments/bench_forward.py (pattern "M-M*-M-M-M*-M-M-", the same `bench_config()`), with the SAME weights on
-   both sides: `Model.init`, exported through `Model.to_hf_state_dict` and loaded into transformers'
-   `NemotronHForCausalLM` with `strict=True`; every HF Mamba mixer's `time_step_limit` is set to (0, inf), the
-   clamp nemojax uses. Each side prefills the prompt once into its own cache (nemojax: `infer.extend.prefill`
-   into `init_cache(config, b, context + N)`; transformers: one forward with a fresh `DynamicCache`); those
-   prefills are timed once, for information only, and are not part of any decode number. Then N greedy decode
-   steps are timed from a copy of that cache (the copy is made outside the timer, since both sides consume it):
+   both sides: `Model.init`, exported through `nemojax.interop.hf.to_hf_state_dict` and loaded into
+   transformers' `NemotronHForCausalLM` with `strict=True`; every HF Mamba mixer's `time_step_limit` is set to
+   (0, inf), the clamp nemojax uses. Each side prefills the prompt once into its own cache (nemojax:
+   `infer.extend.prefill` into `init_cache(config, b, context + N)`; transformers: one forward with a fresh
+   `DynamicCache`); those prefills are timed once, for information only, and are not part of any decode number.
+   Then N greedy decode steps are timed from a copy of that cache (the copy is made outside the timer, since both
+   sides consume it):
      nemojax       our own jitted `lax.fori_loop` of `infer.extend.extend` (one token) + `infer.extend.logits` +
                    argmax, the cache donated, compiled ahead of time (compile time reported, excluded);
      transformers  HF's own decode steps: a Python loop of `model(input_ids=token[:, None], cache=cache,

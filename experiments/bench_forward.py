@@ -10,7 +10,8 @@ What it measures, in one run:
    transformers' `NemotronHForCausalLM` (torch float32, `torch.inference_mode`, `use_cache=False`, sdpa attention
    by default, the pure-torch Mamba-2 path since mamba_ssm / causal_conv1d are CUDA-only) on the same ~60M
    parameter hybrid config (pattern "M-M*-M-M-M*-M-M-": Mamba-2, attention and relu2-MLP layers) with the SAME
-   weights: `Model.init`, exported through `Model.to_hf_state_dict` and loaded into torch with `strict=True`.
+   weights: `Model.init`, exported through `nemojax.interop.hf.to_hf_state_dict` and loaded into torch with
+   `strict=True`.
    Before timing, every HF Mamba mixer's `time_step_limit` is set to (0, inf), the reference clamp nemojax uses
    (transformers clamps dt at time_step_min; docs/numerics.md 3), and the max |logits difference| is reported, so
    both sides run the same computation. XLA compile time is measured separately (AOT lower + compile) and is not
@@ -52,6 +53,7 @@ import transformers  # noqa: E402
 from transformers import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
 
 from nemojax.config import AttentionConfig, MambaConfig, ModelConfig  # noqa: E402
+from nemojax.interop import hf as interop_hf  # noqa: E402
 from nemojax.model import Model, forward  # noqa: E402
 from nemojax.nn.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -107,7 +109,7 @@ def hf_model(model: Model, attn_implementation: str) -> NemotronHForCausalLM:
         hf = NemotronHForCausalLM(hf_config)
     # Hub names use `backbone.`; transformers-native names use `model.` (no MoE here, so no expert stacking).
     state_dict = {name.replace("backbone.", "model.", 1): torch.from_numpy(np.array(tensor))
-                  for name, tensor in model.to_hf_state_dict().items()}
+                  for name, tensor in interop_hf.to_hf_state_dict(model).items()}
     hf.load_state_dict(state_dict, strict=True, assign=True)
     return hf.eval()
 

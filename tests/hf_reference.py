@@ -10,6 +10,7 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 import nemojax
+from nemojax.interop import hf as interop_hf
 
 
 def hf_config(config: nemojax.ModelConfig) -> NemotronHConfig:
@@ -22,7 +23,7 @@ def torch_state_dict(model: nemojax.Model) -> dict[str, torch.Tensor]:
     """The model's tensors in transformers-native naming: `model.` prefix, experts stacked [E, out, in]."""
     per_expert: dict[str, list[tuple[int, np.ndarray]]] = {}
     out = {}
-    for name, tensor in model.to_hf_state_dict().items():
+    for name, tensor in interop_hf.to_hf_state_dict(model).items():
         if name.startswith("mtp."):
             continue  # transformers has no MTP head
         name = "model." + name[len("backbone."):] if name.startswith("backbone.") else name

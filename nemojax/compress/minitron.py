@@ -15,21 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
 from nemojax import data as data_lib
 from nemojax.compress.distill import DEFAULT_OPTIMIZER, DistillConfig, distill
 from nemojax.compress.importance import importance
 from nemojax.compress.prune import prune
 from nemojax.compress.scores import Scores
+from nemojax.data.job_batches import calibration_batches, data_config
+from nemojax.infer.validation import validation_loss
 from nemojax.model import Model
-from nemojax.train.step import eval_step, lm_loss
 
 SCORES_FILE = "scores.npz"
 PRUNED_DIR = "pruned"
@@ -40,46 +38,11 @@ PRUNE_TARGETS = ("hidden", "ffn", "heads", "mamba_heads", "mamba_head_dim", "exp
                  "drop_layers")
 
 
-def data_config(config: ml_collections.ConfigDict) -> data_lib.DataConfig:
-    return data_lib.DataConfig(**config.data.to_dict())
-
-
 def _check_vocab(model: Model, dcfg: data_lib.DataConfig, what: str) -> None:
     vocab = data_lib.vocab_size(dcfg)
     if vocab > model.config.vocab_size:
         raise ValueError(f"{what} has vocab_size={model.config.vocab_size}, smaller than the data's {vocab} token "
                          "ids; config.data must be the teacher's data")
-
-
-def validation_loss(model: Model, config: ml_collections.ConfigDict) -> float:
-    """Mean next-token NLL (nats/token) of `model` over config.eval.batches validation batches."""
-    e = config.eval
-    batches = data_lib.make_dataset(data_config(config), "validation", seq_len=e.seq_len, batch_size=e.batch_size,
-                                    seed=e.seed)
-    run = jax.jit(eval_step(lm_loss(model.config)))
-    nll_sum, tokens = 0.0, 0.0
-    for _, batch in zip(range(e.batches), batches, strict=False):
-        metrics = jax.device_get(run(model.params, {k: np.asarray(v) for k, v in batch.items()}))
-        nll_sum += float(metrics["nll"]) * float(metrics["tokens"])
-        tokens += float(metrics["tokens"])
-    if tokens == 0:
-        raise ValueError("config.eval: the validation split gave no tokens")
-    return nll_sum / tokens
-
-
-def calibration_batches(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
-    """config.calibration.num_sequences training sequences as [batch_size, seq_len] token arrays (the last batch
-    may be smaller)."""
-    c = config.calibration
-    if c.num_sequences <= 0:
-        raise ValueError(f"calibration.num_sequences={c.num_sequences!r} is invalid: must be a positive integer")
-    batches = data_lib.make_dataset(data_config(config), "train", seq_len=c.seq_len, batch_size=c.batch_size,
-                                    seed=c.seed)
-    left = c.num_sequences
-    while left > 0:
-        tokens = np.asarray(next(batches)["tokens"])[:left]
-        left -= tokens.shape[0]
-        yield tokens
 
 
 def prune_targets(config: ml_collections.ConfigDict) -> dict[str, Any]:

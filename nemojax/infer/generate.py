@@ -26,9 +26,11 @@ import numpy as np
 from nemojax.config import ModelConfig
 from nemojax.infer import budget as budget_lib
 from nemojax.infer.cache import Cache, init_cache
+from nemojax.infer.decode_config import DecodeConfig, finished
 from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, extend, logits, prefill
 from nemojax.infer.sampling import SamplingConfig, mark_seen, sample, seen_from_prompts
-from nemojax.infer.stopping import StopSequences, ends_with_stop
+from nemojax.infer.speculative import generate_speculative
+from nemojax.infer.stopping import StopSequences
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compilation
 
@@ -40,22 +42,6 @@ _stream_sink: list[Callable | None] = [None]
 def forward_stream(step, tokens, active) -> None:
     if _stream_sink[0] is not None:
         _stream_sink[0](int(step), np.asarray(tokens), np.asarray(active))
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """Everything static about one decode loop (a jit cache key)."""
-
-    max_new_tokens: int
-    sampling: SamplingConfig = SamplingConfig()
-    eos_ids: tuple[int, ...] = ()
-    pad_id: int = 0
-    stops: StopSequences = StopSequences(())
-    budget: budget_lib.ThinkingBudget | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: must be a positive int")
 
 
 @jax.tree_util.register_dataclass
@@ -82,16 +68,6 @@ def _choose(state: LoopState, dcfg: DecodeConfig) -> jax.Array:
     return jnp.where(state.done, dcfg.pad_id, token).astype(jnp.int32)
 
 
-def _finished(token: jax.Array, out: jax.Array, count: jax.Array, dcfg: DecodeConfig) -> jax.Array:
-    """[b] bool: the sequence ended on EOS or a stop sequence, or reached max_new_tokens."""
-    finished = count >= dcfg.max_new_tokens
-    if dcfg.eos_ids:
-        finished |= jnp.isin(token, jnp.asarray(dcfg.eos_ids, jnp.int32))
-    if len(dcfg.stops):
-        finished |= ends_with_stop(out, count, dcfg.stops)
-    return finished
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
 def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Array, prompt_open: jax.Array,
@@ -114,7 +90,7 @@ def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: j
         active = ~s.done
         out = s.out.at[:, s.step].set(token)
         count = s.count + active.astype(jnp.int32)
-        done = s.done | (active & _finished(token, out, count, dcfg))
+        done = s.done | (active & finished(token, out, count, dcfg))
         seen = mark_seen(s.seen, token) if s.seen.shape[1] else s.seen
         budget = s.budget if dcfg.budget is None else budget_lib.update_budget(s.budget, token, dcfg.budget)
         if stream is not None:
@@ -231,10 +207,8 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
     _stream_sink[0] = stream
     try:
         if speculative:
-            from nemojax.infer import speculative as spec
-
-            out, count, stats = spec.generate_speculative(model, tokens, lengths, dcfg, draft=speculative,
-                                                          stream=forward_stream if stream else None)
+            out, count, stats = generate_speculative(model, tokens, lengths, dcfg, draft=speculative,
+                                                     stream=forward_stream if stream else None)
         else:
             max_len = tokens.shape[1] + max_new_tokens
             out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),

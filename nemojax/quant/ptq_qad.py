@@ -6,7 +6,7 @@ checkpoint and a workdir in; NVIDIA-layout quantized checkpoints out.
     summary = qad_job(config, teacher, "runs/nvfp4")
         -> runs/nvfp4/qad/, runs/nvfp4/metrics.jsonl (+ TensorBoard), runs/nvfp4/qad.json
 
-Validation losses are `nemojax.compress.minitron.validation_loss` (config.eval), the same batches for every model.
+Validation losses are `nemojax.infer.validation.validation_loss` (config.eval), the same batches for every model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import ml_collections
 
-from nemojax.compress.minitron import calibration_batches, data_config, validation_loss
+from nemojax.data.job_batches import calibration_batches, data_config
+from nemojax.infer.validation import validation_loss
 from nemojax.model import Model
 from nemojax.quant.aware import QAD_OPTIMIZER, QADConfig, qad
 from nemojax.quant.calibration import calibrate

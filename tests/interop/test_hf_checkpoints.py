@@ -86,7 +86,7 @@ def test_sharded_save_writes_an_index(tmp_path, latent_model):
 
 def test_native_names_and_stacked_experts(latent_model):
     """`model.`-prefixed names with stacked [E, out, in] experts, and a `language_model.` prefix, load the same."""
-    state = latent_model.to_hf_state_dict()
+    state = hf.to_hf_state_dict(latent_model)
     native = {}
     for name, tensor in state.items():
         native[name.replace("backbone.", "model.", 1)] = tensor
@@ -95,10 +95,10 @@ def test_native_names_and_stacked_experts(latent_model):
             stem = f"model.layers.{layer}.mixer.experts"
             experts = [native.pop(f"{stem}.{e}.{proj}.weight") for e in range(6)]
             native[f"{stem}.{proj}"] = torch.from_numpy(np.stack(experts))
-    assert _same_params(nemojax.Model.from_hf_state_dict(latent_model.config, native), latent_model)
+    assert _same_params(hf.model_from_state_dict(latent_model.config, native), latent_model)
     prefixed = {"language_model." + k: v for k, v in state.items()}
     prefixed["language_model.backbone.embedding.weight"] = prefixed.pop("language_model.backbone.embeddings.weight")
-    assert _same_params(nemojax.Model.from_hf_state_dict(latent_model.config, prefixed), latent_model)
+    assert _same_params(hf.model_from_state_dict(latent_model.config, prefixed), latent_model)
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -108,7 +108,7 @@ def test_native_names_and_stacked_experts(latent_model):
 ])
 def test_mismatched_checkpoint_names_the_tensor(latent_model, fault, message):
     """Missing, unexpected and mis-shaped tensors fail with a CheckpointError naming each one."""
-    state = latent_model.to_hf_state_dict()
+    state = hf.to_hf_state_dict(latent_model)
     if fault == "missing":
         del state["backbone.layers.2.mixer.A_log"]
     elif fault == "extra":
@@ -116,7 +116,7 @@ def test_mismatched_checkpoint_names_the_tensor(latent_model, fault, message):
     else:
         state["backbone.layers.3.mixer.q_proj.weight"] = np.zeros((96, 63), np.float32)
     with pytest.raises(nemojax.CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        nemojax.Model.from_hf_state_dict(latent_model.config, state)
+        hf.model_from_state_dict(latent_model.config, state)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, latent_model, monkeypatch):
@@ -142,14 +142,14 @@ def test_mtp_tensors_are_optional():
     and a config without MTP ignores them."""
     config = nemojax.presets.get("nemotron-3-super-120b-a12b-tiny")
     model = perturbed(nemojax.Model.init(config, 0), seed=6)
-    state = model.to_hf_state_dict()
+    state = hf.to_hf_state_dict(model)
     assert "mtp.layers.0.eh_proj.weight" in state and "mtp.layers.1.final_layernorm.weight" in state
-    assert _same_params(nemojax.Model.from_hf_state_dict(config, state), model)
-    trunk = nemojax.Model.from_hf_state_dict(config, {k: v for k, v in state.items() if not k.startswith("mtp.")})
+    assert _same_params(hf.model_from_state_dict(config, state), model)
+    trunk = hf.model_from_state_dict(config, {k: v for k, v in state.items() if not k.startswith("mtp.")})
     assert trunk.config.mtp is None and "mtp" not in trunk.params
     np.testing.assert_array_equal(np.asarray(trunk(TOKENS % 512)), np.asarray(model(TOKENS % 512)))
-    no_mtp = nemojax.Model.from_hf_state_dict(config.replace(mtp=None), state)
+    no_mtp = hf.model_from_state_dict(config.replace(mtp=None), state)
     assert _same_params(no_mtp, trunk)
     partial = {k: v for k, v in state.items() if k != "mtp.layers.0.eh_proj.weight"}
     with pytest.raises(nemojax.CheckpointError, match="mtp.layers.0.eh_proj.weight"):
-        nemojax.Model.from_hf_state_dict(config, partial)
+        hf.model_from_state_dict(config, partial)

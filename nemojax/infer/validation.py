@@ -1,0 +1,40 @@
+"""Validation loss: the token-weighted mean next-token NLL (nats/token, no z-loss) of a model over batches.
+
+The compression and quantization jobs report it for every model they produce, on the same batches
+(`nemojax.data.job_batches.validation_batches`), so the numbers compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nemojax.data.job_batches import validation_batches
+from nemojax.model import Model
+from nemojax.train.step import eval_step, lm_loss
+
+
+def mean_nll(model: Model, batches: Iterable[dict[str, Any]]) -> float:
+    """Token-weighted mean NLL of `model` over `batches` (the pipeline's dicts: tokens, targets, loss_mask, ...
+    each [b, L]). Raises ValueError when the batches hold no scored token."""
+    run = jax.jit(eval_step(lm_loss(model.config)))
+    nll_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        metrics = jax.device_get(run(model.params, {k: np.asarray(v) for k, v in batch.items()}))
+        nll_sum += float(metrics["nll"]) * float(metrics["tokens"])
+        tokens += float(metrics["tokens"])
+    if tokens == 0:
+        raise ValueError("batches is empty or fully masked: no token to score")
+    return nll_sum / tokens
+
+
+def validation_loss(model: Model, config: ml_collections.ConfigDict) -> float:
+    """Mean next-token NLL (nats/token) of `model` over config.eval.batches validation batches of config.data."""
+    try:
+        return mean_nll(model, validation_batches(config))
+    except ValueError as error:
+        raise ValueError(f"config.eval: the validation split gave no tokens ({error})") from error
