@@ -48,9 +48,9 @@ class LayerKind:
 
     char: its pattern character. name: a word for messages and config.json's layer-type list (`hf_names`: the
     spellings read, the first one written). config_field: the `ModelConfig` field the kind needs (None: none).
-    mixer(config, name="mixer") -> a linen module called as `mixer(x, state, step, segment_ids) -> (y, state)` with x, y:
-    [b, T, hidden]; it is built with name "mixer". mixes_tokens: whether it mixes across positions (then it is
-    given packed-document segment ids); stateless kinds keep `state` None.
+    mixer(config, name="mixer") -> a linen module called as `mixer(x, state, step, segment_ids) -> (y, state)`
+    with x, y: [b, T, hidden]; it is built with name "mixer". mixes_tokens: whether it mixes across positions
+    (then it is given packed-document segment ids); stateless kinds keep `state` None.
     cache(config, batch, max_len, dtype) -> the zero inference state of one layer (None: stateless).
     cache_bytes(config, batch, context, itemsize) -> {"kv"|"ssm"|"conv"|...: bytes}, matching `cache` exactly.
     flops(config, seq_len) -> forward FLOPs per token of one layer (2 per multiply-add).

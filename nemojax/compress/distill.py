@@ -39,7 +39,6 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +46,7 @@ from tqdm import tqdm
 
 from nemojax import data as data_lib
 from nemojax.config import ModelConfig
-from nemojax.model import Model, module
-from nemojax.nn.blocks import Block
+from nemojax.model import Model, apply
 from nemojax.train import moe_balance
 from nemojax.train.losses import cross_entropy
 from nemojax.train.optim import OptimizerConfig, make_optimizer
@@ -198,23 +196,13 @@ def init_maps(student_config: ModelConfig, teacher_config: ModelConfig, dcfg: Di
 def _forward_with_blocks(config: ModelConfig, params: Params, tokens: jax.Array, layers: set[int],
                          rng: jax.Array | None = None) -> tuple[jax.Array, dict[int, jax.Array], Any]:
     """Logits [B, L, V] float32, {i: output of block i [B, L, H]} for i in `layers`, and the sown intermediates
-    (MoE router statistics). Block outputs are tapped with `nn.intercept_methods`. `rng` feeds the "quant"
-    stream (stochastic rounding of a quantized-training recipe)."""
-    hidden: dict[int, jax.Array] = {}
-
-    def interceptor(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if ctx.method_name == "__call__" and isinstance(ctx.module, Block) and len(ctx.module.path) == 1:
-            name = ctx.module.path[0]
-            i = int(name.rsplit("_", 1)[1]) if name.startswith("layers_") else None
-            if i in layers:
-                hidden[i] = out
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits, state = module(config).apply({"params": params}, tokens, mutable=["intermediates"],
-                                             rngs=None if rng is None else {"quant": rng})
-    return logits, hidden, state.get("intermediates", {})
+    (MoE router statistics), from the forward's "blocks" and "intermediates" collections. `rng` feeds the
+    "quant" stream (stochastic rounding of a quantized-training recipe)."""
+    collect = ("intermediates", "blocks") if layers else ("intermediates",)
+    out = apply(config, params, tokens, collect=collect, rngs=None if rng is None else {"quant": rng})
+    blocks = out.collected.get("blocks", {})
+    hidden = {i: blocks[f"layers_{i}"]["out"][0] for i in layers}
+    return out.logits, hidden, out.collected["intermediates"]
 
 
 def _check_pair(student_config: ModelConfig, teacher_config: ModelConfig, dcfg: DistillConfig | None) -> None:

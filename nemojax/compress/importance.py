@@ -1,13 +1,15 @@
-"""Activation-based importance of every prunable axis and every layer (spec/compress.md 1, 3, 4.2, 8.1).
+"""Activation-based importance of every prunable axis and every layer (Minitron, arXiv 2407.14679; Minitron-SSM,
+arXiv 2504.11409). The taps and the default reduction are those of ModelOpt's Minitron plugin ("ModelOpt" below:
+NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch/prune/plugins/mcore_minitron.py).
 
 `importance(model, batches)` runs the model forward on calibration batches, taps activations with
 `flax.linen.intercept_methods` (no change to the modules), reduces each tap to one statistic per batch row and
 channel inside `jit`, and keeps only running sums on the host, so no activation outlives its batch.
 
 Aggregation `agg = "{seq}_{batch}"`, seq and batch each one of mean, l2, var (the grid of the Minitron paper's
-Table 11, spec 1.2). For an activation a[b, s, c] of one batch:
+Table 11). For an activation a[b, s, c] of one batch:
 
-    seq   mean: r[b, c] = mean_s |a[b, s, c]|                (spec 1.2: the mean of |.|)
+    seq   mean: r[b, c] = mean_s |a[b, s, c]|                (ModelOpt: the mean of |.|)
           l2:   r[b, c] = sqrt(sum_s a[b, s, c]^2)
           var:  r[b, c] = mean_s (a - mean_s a)^2             (population variance of the signed values)
 
@@ -15,7 +17,8 @@ Across every batch row of every batch the host keeps S1[c] = sum r, S2[c] = sum 
 
     batch mean: S1 / n          l2: sqrt(S2)          var: S2 / n - (S1 / n)^2     (population variance)
 
-so "mean_l2" (the default, spec 1.2's recipe) is exactly `sqrt(sum over all calibration rows of (mean_s|a|)^2)`,
+so "mean_l2" (the default, the paper's and ModelOpt's recipe) is exactly
+`sqrt(sum over all calibration rows of (mean_s|a|)^2)`,
 and two batches give the same scores as one batch holding both.
 """
 
@@ -24,19 +27,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemojax import families
 from nemojax.compress.scores import Scores
 from nemojax.config import ModelConfig
-from nemojax.model import Model, module
-from nemojax.nn.blocks import Block
-from nemojax.nn.linear import Linear, dtypes
-from nemojax.nn.mlp import relu2
-from nemojax.nn.moe import Experts
-from nemojax.nn.norms import RMSNorm
+from nemojax.data.batch_tokens import batch_tokens
+from nemojax.model import Model, apply
 
 f32 = jnp.float32
 
@@ -98,79 +97,33 @@ def one_minus_cos(h_in: jax.Array, h_out: jax.Array) -> jax.Array:
     return jnp.where(jnp.all(h_in == h_out, axis=-1), 0.0, d)
 
 
-def _layer_index(name: str) -> int | None:
-    if name.startswith("layers_") and name[len("layers_"):].isdigit():
-        return int(name[len("layers_"):])
-    return None
-
-
-def _expert_taps(config: ModelConfig, x: jax.Array, ids: jax.Array, up: jax.Array, down: jax.Array, b: int,
-                 seq_kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x: [T = b*L, D] expert input, ids: [T, k], up: [E, D, F], down: [E, F, D] ->
-    (down_proj-input row stats [b, E, F] over the tokens routed to each expert,
-     sum over routed tokens of ||expert output||_2 [E], routed token count [E])."""
-    dtype, _ = dtypes(config)
-    T = x.shape[0]
-    L = T // b
-    E = up.shape[0]
-    routed_te = jnp.any(ids[:, :, None] == jnp.arange(E)[None, None, :], axis=1).astype(f32)  # [T, E]
-    x = x.astype(dtype)
-
-    def one(args):
-        up_e, down_e, m_t = args
-        h_tf = relu2(jnp.einsum("td,df->tf", x, up_e.astype(dtype)))
-        y_td = jnp.einsum("tf,fd->td", h_tf, down_e.astype(dtype)).astype(f32)
-        stat_bf = seq_stat(h_tf.reshape(b, L, -1), m_t.reshape(b, L), seq_kind)
-        return stat_bf, jnp.sum(m_t * jnp.linalg.norm(y_td, axis=-1)), jnp.sum(m_t)
-
-    stat_ebf, l2sum_e, count_e = jax.lax.map(one, (up, down, routed_te.T))
-    return jnp.transpose(stat_ebf, (1, 0, 2)), l2sum_e, count_e
+def _first(sown):
+    """A sown value: flax keeps each `sow` as a tuple of the values sown."""
+    return sown[0] if isinstance(sown, tuple) else sown
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Array) -> dict[str, jax.Array]:
-    """One forward; returns per-row statistics [b, ...] of every tap plus the per-layer BI sums."""
+    """One forward; returns per-row statistics [b, ...] of every tap plus the per-layer BI sums.
+
+    The taps are what the blocks and mixers sow into the "taps" collection (`Model.apply(collect=...)`); each
+    kind turns its own into named statistics (`LayerKind.importance`)."""
     b = tokens.shape[0]
-    taps: dict[str, jax.Array] = {}
-    bi = [jnp.zeros((), f32)] * config.num_layers
-
-    def interceptor(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if ctx.method_name != "__call__":
-            return out
-        mod, path = ctx.module, tuple(ctx.module.path)
-        i = _layer_index(path[0]) if path else None
-        if isinstance(mod, RMSNorm):
-            if path == ("norm_f",):
-                taps["norm_f"] = seq_stat(out, None, seq_kind)
-            elif i is not None and path[1:] == ("norm",):
-                taps[f"layers_{i}/norm"] = seq_stat(out, None, seq_kind)
-        elif i is None:
-            pass
-        elif isinstance(mod, Block) and len(path) == 1:
-            bi[i] = jnp.sum(one_minus_cos(args[0], out))
-        elif isinstance(mod, Linear):
-            kind = config.pattern[i]
-            rest = path[1:]
-            if kind == "*" and rest == ("mixer", "o_proj"):
-                taps[f"layers_{i}/attn"] = seq_stat(args[0], None, seq_kind)
-            elif kind == "-" and rest == ("mixer", "down_proj"):
-                taps[f"layers_{i}/mlp"] = seq_stat(args[0], None, seq_kind)
-            elif kind == "E" and rest == ("mixer", "shared_experts", "down_proj"):
-                taps[f"layers_{i}/shared_mlp"] = seq_stat(args[0], None, seq_kind)
-            elif kind == "M" and rest == ("mixer", "in_proj_x"):
-                taps[f"layers_{i}/mamba_x"] = seq_stat(out, None, seq_kind)
-        elif isinstance(mod, Experts) and path[1:] == ("mixer", "experts"):
-            x, _, ids = args
-            p = params[path[0]]["mixer"]["experts"]
-            stat, l2sum, count = _expert_taps(config, x, ids, p["up_proj"], p["down_proj"], b, seq_kind)
-            taps[f"layers_{i}/expert_ffn"] = stat
-            taps[f"layers_{i}/expert_l2sum"] = l2sum
-            taps[f"layers_{i}/expert_count"] = count
-        return out
-
-    with nn.intercept_methods(interceptor):
-        module(config).apply({"params": params}, tokens)
+    out = apply(config, params, tokens, collect=("taps", "blocks"), logits=False)
+    sown, blocks = out.collected["taps"], out.collected["blocks"]
+    stat = lambda a, mask=None: seq_stat(a, mask, seq_kind)  # noqa: E731
+    taps = {"norm_f": stat(_first(sown["final_normed"]))}
+    bi = []
+    for i, char in enumerate(config.pattern):
+        name = f"layers_{i}"
+        layer_taps = jax.tree.map(_first, sown[name], is_leaf=lambda x: isinstance(x, tuple))
+        taps[f"{name}/norm"] = stat(layer_taps["normed"])
+        entry = families.kind(char)
+        if entry.importance is not None:
+            mixer_taps = {**layer_taps.get("mixer", {}), "batch": b}
+            for key, value in entry.importance(config, mixer_taps, params[name]["mixer"], stat).items():
+                taps[f"{name}/{key}"] = value
+        bi.append(jnp.sum(one_minus_cos(_first(blocks[name]["in"]), _first(blocks[name]["out"]))))
     taps["layer/bi_sum"] = jnp.stack(bi)
     return taps
 
@@ -179,18 +132,7 @@ def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Ar
 def _skip_logits(config: ModelConfig, params: dict, tokens: jax.Array, skip: jax.Array) -> jax.Array:
     """Logits [b, L, vocab] f32 with layer `skip` (a traced int; -1 = none) dropped: its block returns its input,
     i.e. its residual contribution (the mixer output) is zero. One compilation serves every layer."""
-
-    def interceptor(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        path = tuple(ctx.module.path)
-        if ctx.method_name == "__call__" and isinstance(ctx.module, Block) and len(path) == 1:
-            i = _layer_index(path[0])
-            if i is not None:
-                out = jnp.where(skip == i, args[0], out)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        return module(config).apply({"params": params}, tokens)
+    return apply(config, params, tokens, skip_layer=skip).logits
 
 
 @jax.jit
@@ -229,32 +171,34 @@ class _Acc:
 
 def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
                layer_metrics: Sequence[str] = ("block",), include_final_norm: bool = False) -> Scores:
-    """Importance scores of `model` from calibration `batches` (each [b, L] int tokens; L >= 2 for lm_loss).
+    """Importance scores of `model` from calibration `batches`: each the data pipeline's dict (its "tokens" are
+    read) or [b, L] int tokens; L >= 2 for lm_loss.
 
     Forward only; each batch is reduced to per-row statistics inside `jit` and summed on the host (see the
     module docstring for `agg`). Returns `Scores` (float32 numpy) with, for layer i of kind:
 
     * `hidden` [hidden]: sum over the block pre-norms (`layers_i/norm`, every kind) of their aggregated outputs
-      (spec 1.2 "hidden_size": per-module scores summed). The final `norm_f` is added only with
-      `include_final_norm=True` (spec 1.1: ModelOpt does not use it).
+      (ModelOpt "hidden_size": per-module scores summed). The final `norm_f` is added only with
+      `include_final_norm=True` (ModelOpt does not use it).
     * `*`: `layers_i/heads` [n_h] = L2 over head_dim of the per-channel scores of the o_proj input
-      (spec 1.2 "heads": sqrt(sum_d Acc[h, d]) for mean_l2).
-    * `-`: `layers_i/mlp` [F], per-channel scores of the down_proj input relu(x W_up)^2 (spec 1.2 "FFN").
+      (ModelOpt "heads": sqrt(sum_d Acc[h, d]) for mean_l2).
+    * `-`: `layers_i/mlp` [F], per-channel scores of the down_proj input relu(x W_up)^2 (ModelOpt "FFN").
     * `M`: `layers_i/mamba_x` [H, P] per-channel scores of the in_proj x output (before the conv;
-      spec 4.2); `layers_i/mamba_channels` [P] = L2 over heads; `layers_i/mamba_heads` [H] = L2 over all P
-      channels (spec 4.2 step 2 uses only the kept channels: recompute it from `mamba_x` once they are chosen;
-      heads are ranked within their group of H / G by the pruner).
+      arXiv 2504.11409, Table 2 picks W_x); `layers_i/mamba_channels` [P] = L2 over heads;
+      `layers_i/mamba_heads` [H] = L2 over all P channels (Minitron-SSM scores heads on the kept channels only:
+      recompute it from `mamba_x` once they are chosen; heads are ranked within their group of H / G by the pruner).
     * `E`: `layers_i/experts` [E] = sum over routed tokens of ||expert output||_2 / (routed count + 1e-8), over
-      all batches (spec 1.1, ModelOpt; the expert output is before the routing weight and independent of agg);
+      all batches (ModelOpt; the expert output is before the routing weight and independent of agg);
       `layers_i/expert_ffn` [E, F] per-channel scores of each expert's down_proj input, the sequence reduction
       taken over the tokens routed to that expert only (a row with none gives 0);
       `layers_i/shared_mlp` [F_shared] as `mlp` for the shared expert, if any.
     * `layer/block` [num_layers] = 1 - cos(block input, block output), averaged over every token of every batch
-      (spec 3 BI; h_out includes the residual; higher = more important). Requested by "block" in layer_metrics.
+      (block importance, arXiv 2408.11796; h_out includes the residual; higher = more important). Requested by
+      "block" in layer_metrics.
     * `layer/lm_loss` [num_layers]: mean next-token cross entropy with layer i dropped (its block returns its
-      input, i.e. its residual contribution is zero), over all predicted tokens of all batches (spec 3 (1)).
+      input, i.e. its residual contribution is zero), over all predicted tokens of all batches (arXiv 2408.11796).
     * `layer/logits_mse` [num_layers]: sum ||logits_drop_i - logits||^2 / sum ||logits||^2 over all batches
-      (normalised MSE, spec 1.3 Elastic / MiniPuzzle).
+      (normalised MSE: Nemotron Elastic, arXiv 2511.16664; MiniPuzzle, arXiv 2504.03624).
 
     MTP layers are not scored (the main forward does not run them).
     """
@@ -281,11 +225,8 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
     n_pred = 0
     n_batches = 0
 
-    for tokens in batches:
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"batch of shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
-                             "must be [batch, seq] integer tokens")
+    for batch in batches:
+        tokens = jnp.asarray(batch_tokens(batch, "importance"))  # a pipeline dict batch or [b, L] tokens
         if want_lm and tokens.shape[1] < 2:
             raise ValueError(f"batch seq length {tokens.shape[1]} is invalid for lm_loss/logits_mse: must be >= 2")
         n_batches += 1

@@ -56,9 +56,9 @@ import numpy as np
 
 from nemojax import families
 from nemojax.compress.prune import keep_top, prune, pruned_config
-from nemojax.kinds.pruning import check_target as _check_target
 from nemojax.config import ModelConfig
 from nemojax.infer.memory import MemoryPlan, cache_bytes
+from nemojax.kinds.pruning import check_target as _check_target
 from nemojax.model import Model, param_count
 
 __all__ = ["AXES", "Candidate", "SearchReport", "TrialResult", "default_grid", "distill_trial",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 ALLOWED = ("the data pipeline's dict batch (with 'tokens' [B, L], as nemojax.data.make_dataset yields) or a "
-           "[B, L] integer token array")
+           "[B, L] array of integer tokens")
 
 
 def batch_tokens(batch: Any, where: str) -> np.ndarray:
@@ -38,6 +38,6 @@ def batch_tokens(batch: Any, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {what} of type {type(tokens).__name__} is not an array ({error}); allowed: "
                          f"{ALLOWED}") from error
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{where}: {what} has shape {list(tokens.shape)} and dtype {tokens.dtype}; allowed: "
-                         f"{ALLOWED}")
+        raise ValueError(f"{where}: {what} of shape {list(tokens.shape)} and dtype {tokens.dtype} is invalid; "
+                         f"allowed: {ALLOWED}")
     return tokens

@@ -91,7 +91,8 @@ def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int
 
 
 KIND = register_kind(LayerKind(
-    char="M", name="mamba", mixer=Mamba2Mixer, hf_names=("linear_attention", "mamba"), config_field="mamba", label="Mamba",
+    char="M", name="mamba", label="Mamba", mixer=Mamba2Mixer, hf_names=("linear_attention", "mamba"),
+    config_field="mamba",
     mixes_tokens=True, cache=cache, cache_bytes=cache_bytes, flops=flops, importance=importance,
     linears=(*IN_PROJ, "out_proj"),
     fused={**{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate(IN_PROJ_PARTS)},

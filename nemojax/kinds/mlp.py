@@ -32,7 +32,8 @@ def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> Non
 
 
 KIND = register_kind(LayerKind(
-    char="-", name="mlp", mixer=mixer, hf_names=("mlp",), config_field="intermediate_size", label="'-' MLP", flops=flops,
+    char="-", name="mlp", label="'-' MLP", mixer=mixer, hf_names=("mlp",), config_field="intermediate_size",
+    flops=flops,
     importance=importance, linears=("up_proj", "down_proj"), residual_in=("up_proj",), residual_out=("down_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("up_proj",), ("down_proj",)),
     width=(WidthRule(("ffn",), _changes, _slice),),

@@ -130,7 +130,8 @@ def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ff
 
 
 KIND = register_kind(LayerKind(
-    char="E", name="moe", mixer=MoE, hf_names=("moe",), config_field="moe", label="MoE", flops=flops, importance=importance,
+    char="E", name="moe", mixer=MoE, hf_names=("moe",), config_field="moe", label="MoE", flops=flops,
+    importance=importance,
     linears=("fc1_latent_proj", "fc2_latent_proj", "shared_experts/up_proj", "shared_experts/down_proj",
              "experts/up_proj", "experts/down_proj"),
     residual_in=("shared_experts/up_proj", "fc1_latent_proj"),

@@ -171,8 +171,9 @@ class Attention(nn.Module):
     hidden.
 
     With `cache` (and `step`) the T tokens sit at positions step.start[i] + t: their keys and values are written
-    into the cache and the new `KVCache` comes back (else None); see `nemojax.nn.state`. segment_ids: [b, T] (packed documents,
-    uncached only): queries see their own document, and RoPE positions restart at each document.
+    into the cache and the new `KVCache` comes back (else None); see `nemojax.nn.state`. segment_ids: [b, T]
+    (packed documents, uncached only): queries see their own document, and RoPE positions restart at each
+    document.
     """
 
     config: ModelConfig

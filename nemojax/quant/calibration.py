@@ -1,4 +1,4 @@
-"""Post-training quantization (PTQ): calibrate the frozen quantization state of a model (spec/quant.md 2.3).
+"""Post-training quantization (PTQ): calibrate the frozen quantization state of a model (docs/formats.md 6).
 
     student = quant.calibrate(quant.apply(model, "nvfp4"), batches)                  # "max"
     student = quant.calibrate(quant.apply(model, "nemotron3_super_nvfp4"), batches, method="mse")
@@ -22,33 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from nemojax.data.batch_tokens import batch_tokens
 from nemojax.interop.nemotron_h_names import FUSED_PARTS
-from nemojax.model import Model, module
+from nemojax.lowp.recipe import CALIBRATION
+from nemojax.model import Model, apply
 from nemojax.quant import mse
-from nemojax.quant.recipe import CALIBRATION
 
 METHODS = ("max", "mse")
 f32 = jnp.float32
 
 
 def _tokens(batch: Any) -> jax.Array:
-    tokens = batch["tokens"] if isinstance(batch, dict) else batch
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"calibration batch has shape {tuple(tokens.shape)} and dtype {tokens.dtype}: must be "
-                         "integer tokens [batch, length] (or a dict with 'tokens')")
-    return tokens
+    return jnp.asarray(batch_tokens(batch, "calibrate"))  # a pipeline dict batch or [b, L] tokens
 
 
 def activation_amaxes(model: Model, batches: Iterable[Any]) -> dict[tuple[str, ...], jax.Array]:
     """{state path: running max |x|} of every quantized input (and KV cache) over `batches` ([b, L] tokens or
     dicts with "tokens"), e.g. ("layers_0", "mixer", "in_proj_x", "kernel_input_amax") -> scalar."""
-    net = module(model.config)
-
     @jax.jit
     def stats(params, tokens):
-        _, state = net.apply({"params": params}, tokens, mutable=[CALIBRATION])
-        return flatten_dict(state.get(CALIBRATION, {}))
+        return flatten_dict(apply(model.config, params, tokens, collect=(CALIBRATION,)).collected[CALIBRATION])
 
     running: dict[tuple[str, ...], jax.Array] = {}
     count = 0

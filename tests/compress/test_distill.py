@@ -131,7 +131,7 @@ def test_intermediate_loss_matches_hand_computation(batches):
         def body(net):
             h = net.embeddings(batch["tokens"])
             for layer in net.layers:
-                h = layer(h)
+                h, _ = layer(h)  # a block returns (output, state)
                 outs.append(np.asarray(h, np.float64))
             return net.logits(net.norm_f(h))
 

@@ -1,7 +1,7 @@
 """compress.importance against numpy oracles built from independently captured activations.
 
-The oracle reads each block's input and output with flax's `capture_intermediates` (the implementation uses
-`intercept_methods`) and recomputes every tapped activation by hand in numpy from the params.
+The oracle reads each block's input and output with flax's `capture_intermediates` (the implementation reads
+what the modules sow) and recomputes every tapped activation by hand in numpy from the params.
 """
 
 import itertools
@@ -68,7 +68,8 @@ def block_io(model: Model, tokens: np.ndarray) -> tuple[list[np.ndarray], list[n
     _, state = module(model.config).apply({"params": model.params}, jnp.asarray(tokens),
                                           capture_intermediates=True, mutable=["intermediates"])
     inter = state["intermediates"]
-    outs = [np.asarray(inter[f"layers_{i}"]["__call__"][0], np.float64) for i in range(model.config.num_layers)]
+    # a block returns (output, state)
+    outs = [np.asarray(inter[f"layers_{i}"]["__call__"][0][0], np.float64) for i in range(model.config.num_layers)]
     emb = np.asarray(model.params["embeddings"]["embedding"], np.float64)[tokens]
     return [emb] + outs[:-1], outs, inter
 
