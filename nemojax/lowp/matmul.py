@@ -121,6 +121,21 @@ def _check_ranks(x: jax.Array, w: jax.Array) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ fake (QAT)
 
 
+def fake_quant_operand(a: jax.Array, t: TensorQuant, *, axis: int, amax: jax.Array | None,
+                       block_scale: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+    """One GEMM operand fake-quantized in the format, STE and rounding of `t`, blocked along `axis` (its
+    contraction axis); same shape and dtype as `a`.
+
+    amax: the resolved per-tensor amax (a scalar, or an array left-aligned with a's leading dims, one "tensor"
+    each, e.g. [rows] for token rows of several experts), or None for the current max |a|; MX formats have no
+    per-tensor scale and ignore it. key: used only when `t.rounding == "stochastic"`.
+    """
+    if check_format(t.fmt).scale_kind == "e8m0_block":
+        amax = None
+    return fake_quant(a, t.fmt, axis=axis, amax=amax, block_scale=block_scale, ste=t.ste, rounding=t.rounding,
+                      key=key if t.rounding == "stochastic" else None)
+
+
 def fake_matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: jax.Array | None = None,
                 input_amax: jax.Array | None = None, weight_amax: jax.Array | None = None,
                 weight_block_scale: jax.Array | None = None) -> jax.Array:
@@ -149,13 +164,11 @@ def fake_matmul(x: jax.Array, w: jax.Array, spec: LinearQuant | None, *, key: ja
     kx, kw = _split(key, 2)
     xq = x
     if ispec is not None:
-        xq = fake_quant(x, ispec.fmt, axis=-1, amax=effective_amax(x, input_amax, ispec.fmt), ste=ispec.ste,
-                        rounding=ispec.rounding, key=kx if ispec.rounding == "stochastic" else None)
+        xq = fake_quant_operand(x, ispec, axis=-1, amax=effective_amax(x, input_amax, ispec.fmt), key=kx)
     wq = w
     if wspec is not None:
-        wq = fake_quant(w, wspec.fmt, axis=0, amax=effective_amax(w, weight_amax, wspec.fmt),
-                        block_scale=weight_block_scale, ste=wspec.ste, rounding=wspec.rounding,
-                        key=kw if wspec.rounding == "stochastic" else None)
+        wq = fake_quant_operand(w, wspec, axis=0, amax=effective_amax(w, weight_amax, wspec.fmt),
+                                block_scale=weight_block_scale, key=kw)
     # y[..., n] = sum_k xq[..., k] wq[k, n]
     return _dot(xq, wq, "...k,kn->...n").astype(x.dtype)
 

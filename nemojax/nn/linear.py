@@ -96,6 +96,19 @@ def quant_key(module: nn.Module, spec: LinearQuant) -> jax.Array | None:
     return module.make_rng("quant") if module.has_rng("quant") else jax.random.key(0)
 
 
+def weight_quant_state(kernel: jax.Array, spec: LinearQuant, state: dict[str, jax.Array | None]
+                       ) -> tuple[jax.Array | None, jax.Array | None]:
+    """(weight amax, NVFP4 block scales) that quantize `kernel` [in, out]: the calibrated ones where set, else
+    those of the current weight (an amax of 0, or block scales all 0, mean "not calibrated"); None where the
+    spec has no static state."""
+    weight_amax = calibrated(state["weight_amax"], lambda: jnp.max(jnp.abs(kernel)).astype(f32))
+    block_scale = state["weight_block_scale"]
+    if block_scale is not None:
+        current = quantize(kernel.astype(f32), spec.weight.fmt, axis=0, amax=weight_amax).scale.astype(f32)
+        block_scale = jnp.where(jnp.any(block_scale > 0), block_scale, current)
+    return weight_amax, block_scale
+
+
 def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dict[str, jax.Array | None],
                   key: jax.Array | None, matmul_impl: str = "xla") -> jax.Array:
     """x: [..., in] @ kernel: [in, out] with the operands in the formats of `spec` -> [..., out] (x's dtype).
@@ -106,11 +119,7 @@ def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dic
     (spec.grad set): the forward and both backward GEMMs quantized (nemojax.lowp.matmul).
     """
     input_amax = calibrated(state["input_amax"], lambda: jnp.max(jnp.abs(x)).astype(f32))
-    weight_amax = calibrated(state["weight_amax"], lambda: jnp.max(jnp.abs(kernel)).astype(f32))
-    block_scale = state["weight_block_scale"]
-    if block_scale is not None:  # all zero = not calibrated yet: the scales of the current weight
-        current = quantize(kernel.astype(f32), spec.weight.fmt, axis=0, amax=weight_amax).scale.astype(f32)
-        block_scale = jnp.where(jnp.any(block_scale > 0), block_scale, current)
+    weight_amax, block_scale = weight_quant_state(kernel, spec, state)
     op = pallas_quant_linear.kernel_op(spec, kernel.shape[0], x.dtype, matmul_impl)
     if op is not None:
         return pallas_quant_linear.kernel_matmul(op, x, kernel, spec, input_amax=input_amax, weight_amax=weight_amax,

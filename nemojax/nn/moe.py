@@ -9,6 +9,9 @@
 Two dispatches compute the routed sum and are equal to round-off: `dense` runs every expert on every token and
 combines with a one-hot weight matrix (simple and fast for a handful of experts); `ragged` sorts the token-expert
 pairs by expert and runs two `jax.lax.ragged_dot` calls (dropless; the work is top_k per token, not E).
+Quantized experts (a recipe reaching `experts/up_proj`, `experts/down_proj`) use the same choice: the ragged path
+fake-quantizes each expert's weight and each expert's group of token rows (per-expert amaxes) and then runs the
+same ragged_dot (`experts_ragged_quantized`); quantized training and stochastic rounding keep the dense path.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.lowp.matmul import HIGHEST, fake_quant_operand
 from nemojax.nn.linear import (
     calibrating,
     dense,
@@ -30,6 +34,7 @@ from nemojax.nn.linear import (
     quant_state,
     quantized_dot,
     record_amax,
+    weight_quant_state,
 )
 from nemojax.nn.mlp import MLP, relu2
 
@@ -107,6 +112,76 @@ def experts_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax
     return jnp.einsum("etd,te->td", y_etd.astype(f32), combine_te)
 
 
+def ragged_quantizable(spec) -> bool:
+    """Whether an expert GEMM under `spec` (a LinearQuant or None) can run on the ragged path: high precision, or
+    fake quantization (QAT / QAD / PTQ) with round-to-nearest operands. Quantized training (spec.grad) quantizes
+    its backward GEMMs per expert, and stochastic rounding draws per-expert keys: both keep the dense path."""
+    if spec is None:
+        return True
+    operands = [t for t in (spec.input, spec.weight) if t is not None]
+    return spec.grad is None and all(t.rounding == "rne" for t in operands)
+
+
+def _group_amax(h: jax.Array, group: jax.Array, E: int) -> jax.Array:
+    """Per-expert max |h| over the finite values of its rows (h: [R, K], group: [R] expert of each row) -> [E]
+    float32; 0 for an expert without rows."""
+    hf = h.astype(f32)
+    row_amax = jnp.max(jnp.where(jnp.isfinite(hf), jnp.abs(hf), 0.0), axis=-1)
+    return jnp.maximum(jax.ops.segment_max(row_amax, group, num_segments=E), 0.0)
+
+
+def _grouped_quantized_dot(h: jax.Array, w: jax.Array, group_sizes: jax.Array, group: jax.Array, spec,
+                           state) -> jax.Array:
+    """h: [R, K] rows sorted by expert (group: [R] their experts, group_sizes: [E]) @ w: [E, K, N] per expert,
+    each GEMM in the formats of `spec` -> [R, N] in h's dtype.
+
+    The operands are what one `quantized_dot` per expert sees (nemojax.nn.linear): each expert's weight
+    fake-quantized with its own amax and block scales, and each expert's rows with the amax of that expert (its
+    calibrated [E] entry where > 0, else the max |x| over its own rows), passed to the quantizer row by row.
+    """
+    if spec is None:
+        return jax.lax.ragged_dot(h, w, group_sizes)
+    E = w.shape[0]
+    if spec.weight is not None:
+        def one_weight(w_e: jax.Array, st_e: dict) -> jax.Array:
+            amax, block_scale = weight_quant_state(w_e, spec, st_e)
+            return fake_quant_operand(w_e, spec.weight, axis=0, amax=amax, block_scale=block_scale)
+
+        w = jax.vmap(one_weight)(w, state)
+    if spec.input is not None:
+        static = state["input_amax"]  # [E] or None
+        if static is None:
+            amax = _group_amax(h, group, E)
+        else:  # as `calibrated`: the calibrated amax where set, else the current max |x| of the expert's rows
+            current = jnp.maximum(jax.ops.segment_max(jnp.max(jnp.abs(h.astype(f32)), -1), group, num_segments=E),
+                                  0.0)
+            amax = jnp.where(static > 0, static, current)
+        h = fake_quant_operand(h, spec.input, axis=-1, amax=amax[group])
+    # y[r, n] = sum_k h[r, k] w[group[r], k, n], float32 accumulation as the dense path's dot
+    y = jax.lax.ragged_dot(h.astype(f32), w.astype(f32), group_sizes, precision=HIGHEST,
+                           preferred_element_type=f32)
+    return y.astype(h.dtype)
+
+
+def experts_ragged_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
+                             quantized: tuple) -> jax.Array:
+    """`experts_ragged` with each expert's GEMMs in low precision (fake quantization); `quantized` as in
+    `experts_quantized` (keys unused: round-to-nearest only, see `ragged_quantizable`). Equal to
+    `experts_quantized` to f32 summation order, with top_k rows per token instead of E."""
+    T, k = ids.shape
+    E = up.shape[0]
+    flat_ids = ids.reshape(T * k)
+    order = jnp.argsort(flat_ids)
+    group = flat_ids[order]
+    x_sorted = x[order // k]
+    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
+    (up_spec, up_state, _), (down_spec, down_state, _) = quantized
+    h = relu2(_grouped_quantized_dot(x_sorted, up, group_sizes, group, up_spec, up_state))
+    y_sorted = _grouped_quantized_dot(h, down, group_sizes, group, down_spec, down_state)
+    y_tkd = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd.astype(f32), weights)
+
+
 class Router(nn.Module):
     """x: [T, hidden] -> (weights [T, k], ids [T, k]). Kernel and correction bias are kept in float32."""
 
@@ -149,7 +224,8 @@ class Experts(nn.Module):
         if all(spec is None for spec in specs.values()):
             run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
             return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
-        # Low precision runs the dense dispatch (every expert sees its own routed tokens); see experts_quantized.
+        # Low precision: every expert sees its own routed tokens; ragged when the config asks for it and every GEMM
+        # is fake-quantized with round-to-nearest (ragged_quantizable), else the dense dispatch.
         axes = {"up_proj": ("experts", "embed", "mlp"), "down_proj": ("experts", "mlp", "embed")}
         quantized = tuple(
             (spec, None, None) if spec is None else
@@ -162,7 +238,9 @@ class Experts(nn.Module):
                 if spec is not None and spec.input is not None:
                     record_amax(self, f"{name}_input_amax", jnp.max(jnp.abs(h), axis=(1, 2)))
             return experts_dense(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
-        return experts_quantized(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized)
+        ragged = e.resolved_impl() == "ragged" and all(ragged_quantizable(spec) for spec in specs.values())
+        run = experts_ragged_quantized if ragged else experts_quantized
+        return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized)
 
 
 class MoE(nn.Module):

@@ -198,3 +198,66 @@ def test_moe_module_matches_numpy(impl: str, latent: int | None) -> None:
     out = jax.jit(module.apply)({"params": params}, x)
     ref = _np_moe(params, x, cfg)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def _quantized_moe_config(impl: str, recipe: str) -> ModelConfig:
+    from nemojax.lowp.recipe import LinearQuant, QuantRecipe, TensorQuant
+    from nemojax.quant import named_recipes
+
+    hand_made = {  # current amaxes only; the Super experts' recipe (static amaxes and weight block scales)
+        "dynamic_nvfp4": QuantRecipe("dynamic_nvfp4", default=LinearQuant(weight=TensorQuant("nvfp4"),
+                                                                          input=TensorQuant("nvfp4"))),
+        "static_block_scales": QuantRecipe("static_block_scales", default=LinearQuant(
+            weight=TensorQuant("nvfp4", static=True, ste="clipped", block_scales="static"),
+            input=TensorQuant("nvfp4", static=True, ste="clipped")))}
+    quant = hand_made[recipe] if recipe in hand_made else named_recipes.get(recipe)
+    return ModelConfig(vocab_size=32, hidden_size=32, pattern="E",
+                       moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=32, shared_intermediate_size=16,
+                                     impl=impl),
+                       initializer_range=0.3, quant=quant)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "static_block_scales", "dynamic_nvfp4", "mxfp8"])
+def test_quantized_experts_ragged_equals_dense(recipe: str) -> None:
+    """Fake-quantized experts: the ragged dispatch (top_k rows per token) gives the dense dispatch's output and
+    gradients (every expert on its own routed tokens, one quantized GEMM per expert), with per-expert state that
+    is calibrated for some experts (amax > 0, block scales set) and left to the current values for the others (0).
+    Recipes: static amaxes (nvfp4), static weight block scales too (as Super's experts), current amaxes only, MX
+    (no amax)."""
+    dense_cfg, ragged_cfg = (_quantized_moe_config(impl, recipe) for impl in ("dense", "ragged"))
+    x = jax.random.normal(jax.random.key(0), (2, 9, 32), jnp.float32)
+    params = nn.meta.unbox(moe.MoE(dense_cfg).init(jax.random.key(1), x)["params"])
+    experts = params["experts"]
+    amaxes = sorted(k for k in experts if k.endswith("_amax"))
+    assert bool(amaxes) == (recipe in ("nvfp4", "static_block_scales"))  # static per-tensor amaxes only there
+    for i, name in enumerate(amaxes):  # calibrated for even experts; per-expert [E] entries
+        current = np.abs(np.asarray(experts[name[: -len("_input_amax")] if "input" in name else name[:-5]]))
+        value = 0.5 * float(current.max()) if "input" not in name else 1.5 + i
+        experts[name] = jnp.where(jnp.arange(8) % 2 == 0, value, 0.0).astype(jnp.float32)
+    for name in [k for k in experts if k.endswith("_block_scale")]:  # expert 0 calibrated, the others current
+        experts[name] = experts[name].at[0].set(1.0)
+    assert any(k.endswith("_block_scale") for k in experts) == (recipe == "static_block_scales")
+
+    def loss(p, x, cfg):
+        y, _ = moe.MoE(cfg).apply({"params": p}, x)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+    (_, y_dense), g_dense = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                                    static_argnums=2)(params, x, dense_cfg)
+    (_, y_ragged), g_ragged = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                                      static_argnums=2)(params, x, ragged_cfg)
+    plain = moe.MoE(dense_cfg.replace(quant=None)).apply({"params": params}, x)[0]
+    assert float(jnp.max(jnp.abs(y_dense - plain))) > 1e-3  # quantization did act
+    np.testing.assert_allclose(np.asarray(y_ragged), np.asarray(y_dense), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ragged), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_quantizable_keeps_training_and_stochastic_rounding_dense() -> None:
+    from nemojax.lowp.recipe import LinearQuant, TensorQuant
+    from nemojax.quant import named_recipes
+
+    assert moe.ragged_quantizable(None) and moe.ragged_quantizable(named_recipes.nvfp4().default)
+    assert not moe.ragged_quantizable(named_recipes.fp8_training().default)  # quantized backward GEMMs
+    sr = LinearQuant(weight=TensorQuant("nvfp4", rounding="stochastic"))
+    assert not moe.ragged_quantizable(sr)
