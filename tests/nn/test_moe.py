@@ -195,7 +195,7 @@ def test_moe_module_matches_numpy(impl: str, latent: int | None) -> None:
     params["gate"]["e_score_correction_bias"] = jax.random.normal(jax.random.key(2), (8,)) * 0.1
     assert ("fc1_latent_proj" in params) == (latent is not None)
     assert params["experts"]["up_proj"].shape == (8, latent or cfg.hidden_size, 12)
-    out = jax.jit(module.apply)({"params": params}, x)
+    out, _ = jax.jit(module.apply)({"params": params}, x)
     ref = _np_moe(params, x, cfg)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
 
