@@ -22,6 +22,8 @@ from nemojax import families
 from nemojax.lowp.recipe import QuantRecipe
 
 DTYPES = ("float32", "bfloat16", "float16")
+# config.json key of a NemotronH variant with RoPE in its attention layers (a nemojax extension; see to_hf)
+ROPE_KEY = "nemojax_rope"
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
 KERNEL_IMPLS = ("xla", "pallas", "auto")  # pallas_kernels.dispatch.IMPLS
@@ -209,6 +211,7 @@ class ModelConfig:
     (the layer kinds its pattern may use, each registered in `nemojax.families`)."""
 
     KINDS: ClassVar[str] = "M*-E"
+    MODEL_TYPE: ClassVar[str] = "nemotron_h"  # config.json's model_type
 
     vocab_size: int
     hidden_size: int
@@ -240,7 +243,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require_positive("", self, ("vocab_size", "hidden_size"))
-        for field, pattern in (("pattern", self.pattern), ("mtp.pattern", self.mtp.pattern if self.mtp else "M")):
+        patterns = (("pattern", self.pattern),) + ((("mtp.pattern", self.mtp.pattern),) if self.mtp else ())
+        for field, pattern in patterns:
             bad = sorted(set(pattern) - set(self.KINDS)) if isinstance(pattern, str) else [pattern]
             if not pattern or bad:
                 _fail(field, pattern, f"must be a non-empty string over the kinds {_kind_names(self.KINDS)} "
@@ -292,9 +296,10 @@ class ModelConfig:
         """Builds a config from a NemotronH `config.json` dict. `overrides` set nemojax-only fields
         (dtype, param_dtype, remat, ...) or replace parsed ones."""
         d = dict(hf)
-        if d.get("model_type", "nemotron_h") != "nemotron_h":
-            _fail("model_type", d["model_type"], "must be 'nemotron_h'")
-        pattern = _parse_pattern(d, "hybrid_override_pattern", "layers_block_type")
+        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
+            _fail("model_type", d["model_type"], f"must be {cls.MODEL_TYPE!r} for {cls.__name__} (nemojax.load_hf "
+                  "picks the config class by model_type)")
+        pattern = _parse_pattern(d, "hybrid_override_pattern", "layers_block_type", kinds=cls.KINDS)
         n_layers = d.get("num_hidden_layers")
         if "layers_block_type" not in d and n_layers is not None and n_layers != len(pattern):
             _fail("num_hidden_layers", n_layers, f"must equal the pattern length {len(pattern)} ({pattern!r})")
@@ -309,7 +314,7 @@ class ModelConfig:
         n_mtp = first("num_nextn_predict_layers", "mtp_num_layers", default=0)
         if n_mtp:
             mtp_pattern = _parse_pattern(d, "mtp_hybrid_override_pattern", "mtp_layers_block_type",
-                                         default="*E")
+                                         default="*E", kinds=cls.KINDS)
             mtp = MTPConfig(num_layers=n_mtp, pattern=mtp_pattern)
         kinds = set(pattern) | (set(mtp.pattern) if mtp else set())
 
@@ -341,6 +346,9 @@ class ModelConfig:
                 num_kv_heads=first("num_key_value_heads", default=n_heads),
                 head_dim=head_dim,
                 bias=first("attention_bias", default=False),
+                # NemotronH has no RoPE: real config.json files carry rope_theta / partial_rotary_factor that no
+                # implementation reads (docs/numerics.md), so only nemojax's own key turns RoPE on
+                **_rope_fields(d.get(ROPE_KEY)),
             )
         moe = None
         if "E" in kinds:
@@ -379,10 +387,11 @@ class ModelConfig:
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict for transformers' NemotronHForCausalLM (and NVIDIA's remote code)."""
+        """A `config.json` dict for transformers' NemotronHForCausalLM (and NVIDIA's remote code). An attention
+        RoPE (not part of NemotronH) is written under `nemojax_rope`, which only nemojax reads back."""
         d: dict[str, Any] = {
             "architectures": ["NemotronHForCausalLM"],
-            "model_type": "nemotron_h",
+            "model_type": self.MODEL_TYPE,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -406,6 +415,8 @@ class ModelConfig:
             a = self.attention
             d.update(num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
                      attention_bias=a.bias)
+            if a.rope_theta is not None:  # transformers ignores this key: the checkpoint is nemojax's own variant
+                d[ROPE_KEY] = {"rope_theta": a.rope_theta, "partial_rotary_factor": a.partial_rotary_factor}
         if self.mamba is not None:
             m = self.mamba
             d.update(mamba_num_heads=m.num_heads, mamba_head_dim=m.head_dim, ssm_state_size=m.state_size,
@@ -428,6 +439,16 @@ class ModelConfig:
         else:
             d["num_nextn_predict_layers"] = 0
         return d
+
+
+def _rope_fields(value: Any) -> dict[str, Any]:
+    """AttentionConfig fields from config.json's `nemojax_rope` entry (absent: no RoPE)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or "rope_theta" not in value:
+        _fail(ROPE_KEY, value, "must be a dict with rope_theta (and optionally partial_rotary_factor)")
+    return {"rope_theta": float(value["rope_theta"]),
+            "partial_rotary_factor": float(value.get("partial_rotary_factor", 1.0))}
 
 
 def _json_float(value: Any) -> float:

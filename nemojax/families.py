@@ -6,7 +6,7 @@ how pruning slices it and which of its params form one fused checkpoint tensor. 
 linen module, a checkpoint naming table and the kinds its pattern may use (`Family`). Callers (nn blocks, infer,
 train, compress, quant, interop) look both up here and never branch on a kind or import a family by name.
 
-The built-in entries live beside the code they describe (`nemojax.kinds.*`, `nemojax.models.hybrid`) and are
+The built-in entries live beside the code they describe (`nemojax.kinds.*`, `nemojax.interop.nemotron_h`) and are
 loaded by module name on first lookup, as big_vision finds its models, so this module stays at the bottom of the
 import ladder. A new kind or family is one `register_kind` / `register_family` call in its own file:
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["Family", "LayerKind", "WidthRule", "family", "family_of", "kind", "known_families", "known_kinds",
-           "register_family", "register_kind"]
+           "linear_weights", "register_family", "register_kind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +96,14 @@ class LayerKind:
 class Family:
     """A model family: `model_type` (config.json's), its config class (with `from_hf(dict)` and `to_hf()`), its
     linen module class (built as `module(config)`), its checkpoint naming (`prefixes`: params top-level name ->
-    checkpoint prefix, `layer_prefixes`: layer-list name -> checkpoint prefix of its numbered layers) and the
-    kinds its pattern may use."""
+    checkpoint prefix, `layer_prefixes`: layer-list name -> checkpoint prefix of its numbered layers), the kinds
+    its pattern may use and its linear layers outside the mixers (`linears`: module paths, at the top level or
+    under a block).
+
+    The module provides: hidden(tokens, segment_ids, skip_layer) -> final normed hidden [b, L, hidden] (sowing it
+    as the "taps" `final_normed`), extend(tokens, states, step) -> (hidden, states), logits(hidden) -> float32
+    logits, embed(tokens); with an MTP head also mtp_logits(hidden, tokens, segment_ids) and mtp.extend_depth.
+    Its blocks are `nemojax.nn.blocks.Block`s (or sow the same "blocks" / "taps")."""
 
     model_type: str
     config: type
@@ -105,6 +111,9 @@ class Family:
     kinds: str
     prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     layer_prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    linears: tuple[str, ...] = ("lm_head",)
+    # maps the checkpoint name spellings met in the wild onto the table's (None: names are read as they are)
+    normalize_name: Callable[[str], str] | None = None
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -112,7 +121,7 @@ _FAMILIES: dict[str, Family] = {}
 # Built-in entries, imported on first lookup (module name -> it registers its entries when imported).
 _BUILTIN_KINDS = {"M": "nemojax.kinds.mamba", "*": "nemojax.kinds.attention", "-": "nemojax.kinds.mlp",
                   "E": "nemojax.kinds.moe"}
-_BUILTIN_FAMILIES = {"nemotron_h": "nemojax.models.hybrid"}
+_BUILTIN_FAMILIES = {"nemotron_h": "nemojax.interop.nemotron_h"}
 
 
 def register_kind(entry: LayerKind) -> LayerKind:
@@ -177,3 +186,35 @@ def family_of(config: Any) -> Family:
         raise ValueError(f"{type(config).__name__} is not the config of a registered family (known: "
                          f"{', '.join(f.config.__name__ for f in _FAMILIES.values())})")
     return max(matches, key=lambda f: len(f.config.__mro__))
+
+
+def _layer_kind(config: Any, path: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """(kind char, path under the block) of a param path inside a numbered layer of the main stack or the MTP
+    head; None elsewhere."""
+    head, *rest = path
+    if head.startswith("layers_") and head[len("layers_"):].isdigit():
+        return config.pattern[int(head[len("layers_"):])], tuple(rest)
+    if head == "mtp" and rest and rest[0].startswith("layers_") and getattr(config, "mtp", None) is not None:
+        k = int(rest[0][len("layers_"):])
+        return config.mtp.pattern[k % len(config.mtp.pattern)], tuple(rest[1:])
+    return None
+
+
+def linear_weights(config: Any, paths: Any) -> list[tuple[str, ...]]:
+    """The param paths among `paths` that are linear-layer weights a quantization recipe may reach: each kind's
+    `linears` under its blocks' `mixer` (`.../kernel`, or stacked experts `.../experts/up_proj`), plus the family's
+    own (`Family.linears`: lm_head, the MTP fusion projection)."""
+    family = family_of(config)
+    out = []
+    for path in paths:
+        path = tuple(path)
+        found = _layer_kind(config, path)
+        if found is None:
+            under, names = path, family.linears
+        else:
+            char, under = found
+            names = family.linears + tuple(f"mixer/{name}" for name in kind(char).linears)
+        module = "/".join(under[:-1]) if under[-1] == "kernel" else "/".join(under)
+        if module in names:
+            out.append(path)
+    return out

@@ -7,6 +7,8 @@ import dataclasses
 import math
 from typing import Any
 
+import json
+
 import pytest
 
 from nemojax import presets
@@ -299,3 +301,16 @@ def test_from_hf_reads_transformers_saved_dict() -> None:
     cfg = presets.get("nemotron-3-super-120b-a12b-tiny")
     written = NemotronHConfig(**cfg.to_hf()).to_dict()
     assert ModelConfig.from_hf(written) == cfg
+
+
+def test_rope_round_trips_through_config_json_and_stock_rope_keys_stay_off() -> None:
+    """Real NemotronH config.json files carry rope_theta / partial_rotary_factor that no implementation reads:
+    they must not turn RoPE on. A nemojax RoPE variant is written under its own key and read back exactly."""
+    plain = ModelConfig.from_hf(_hf(rope_theta=10000, partial_rotary_factor=1.0))
+    assert plain.attention.rope_theta is None
+    roped = plain.replace(attention={"rope_theta": 5e5, "partial_rotary_factor": 0.5})
+    d = json.loads(json.dumps(roped.to_hf()))
+    assert d["nemojax_rope"] == {"rope_theta": 5e5, "partial_rotary_factor": 0.5}
+    assert ModelConfig.from_hf(d).attention == roped.attention
+    with pytest.raises(ValueError, match="nemojax_rope"):
+        ModelConfig.from_hf({**d, "nemojax_rope": 1e4})

@@ -280,6 +280,9 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
             out[f"{name}/expert_ffn"] = final[f"{name}/expert_ffn"]
             if f"{name}/shared_mlp" in final:
                 out[f"{name}/shared_mlp"] = final[f"{name}/shared_mlp"]
+        else:  # another registered kind: its statistics are its scores
+            out.update({key: value for key, value in final.items()
+                        if key.startswith(f"{name}/") and key != f"{name}/norm"})
     if "block" in metrics:
         out["layer/block"] = bi_sum / n_tokens
     if "lm_loss" in metrics:

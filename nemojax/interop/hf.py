@@ -24,19 +24,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.flax import save_file
 
+from nemojax import families
 from nemojax.config import ModelConfig
-from nemojax.interop.nemotron_h_names import TensorRule, checkpoint_name, rule_for, split_stacked_experts
+from nemojax.interop.naming import TensorRule, rule_for, split_stacked_experts
+from nemojax.interop.safetensors_file import INDEX_NAME, WEIGHTS_NAME, read_safetensors
+from nemojax.lowp.recipe import is_state
 from nemojax.model import Model, Params, abstract_params
-from nemojax.quant.recipe import is_state
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -69,7 +69,8 @@ def tensor_rules(config: ModelConfig) -> list[tuple[TensorRule, jax.ShapeDtypeSt
     quantization state (calibrated amaxes; nemojax.quant) has no place in a high-precision checkpoint and is
     left out: `nemojax.quant.save_quantized` writes it in NVIDIA's quantized layout."""
     experts = config.moe.num_experts if config.moe else None
-    return [(rule_for(path, len(leaf.shape), experts), leaf)
+    family = families.family_of(config)
+    return [(rule_for(path, len(leaf.shape), experts, family), leaf)
             for path, leaf in _flatten(abstract_params(config)).items() if not is_state(path[-1])]
 
 
@@ -127,10 +128,17 @@ def state_dict_from_params(config: ModelConfig, params: Params) -> dict[str, np.
     return state_dict
 
 
-def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def to_hf_state_dict(model: Model) -> dict[str, np.ndarray]:
+    """`model`'s Hub-named torch-layout numpy tensors (`state_dict_from_params` of its config and params)."""
+    return state_dict_from_params(model.config, model.params)
+
+
+def _normalise_names(state_dict: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The family's spelling of every tensor name (`Family.normalize_name`), stacked experts split."""
+    normalize = families.family_of(config).normalize_name or (lambda name: name)
     normalised: dict[str, Any] = {}
     for raw_name, value in state_dict.items():
-        name = checkpoint_name(raw_name)
+        name = normalize(raw_name)
         split = split_stacked_experts(name, value)
         for key, tensor in (split or {name: value}).items():
             if key in normalised:
@@ -147,7 +155,7 @@ def _list(names: Iterable[str], limit: int = 20) -> str:
 
 def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Model:
     """A Model from torch-layout tensors; see the module docstring for the names accepted."""
-    tensors = _normalise_names(state_dict)
+    tensors = _normalise_names(state_dict, config)
     has_mtp = any(name.startswith("mtp.") for name in tensors)
     if config.mtp is not None and not has_mtp:
         log.warning("checkpoint has no mtp.* tensors: loading without the MTP head")
@@ -197,28 +205,36 @@ def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -
 
 
 def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    index = directory / INDEX_NAME
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / WEIGHTS_NAME).exists():
-        files = [WEIGHTS_NAME]
-    else:
-        raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    tensors = {}
-    for file in files:
-        with safe_open(directory / file, framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = np.asarray(f.get_tensor(name))
-    return tensors
+    # parsed by nemojax itself: safetensors' readers fail on float8 tensors (quantized checkpoints' scales)
+    return read_safetensors(directory)
+
+
+def is_quantized(directory: Path, hf_config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint folder holds NVIDIA ModelOpt quantized weights (packed NVFP4 / FP8 tensors and their
+    scales): an hf_quant_config.json beside config.json, or a "modelopt" quantization_config in it."""
+    method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    return (directory / QUANT_CONFIG_NAME).is_file() or method.startswith("modelopt")
 
 
 def load_hf(directory: str | os.PathLike, **config_overrides: Any) -> Model:
     """Loads `config.json` and its safetensors weights. `config_overrides` (dtype, param_dtype, remat, ...) go
-    to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32)."""
+    to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32).
+    A ModelOpt quantized checkpoint (`is_quantized`: `nemojax quantize` / `qad` output, or NVIDIA's) is read by
+    `nemojax.quant.load_quantized`: a fake-quantized Model whose kernels are the dequantized weights."""
     directory = Path(directory)
     hf_config = json.loads((directory / CONFIG_NAME).read_text())
-    config = ModelConfig.from_hf(hf_config, **config_overrides)
+    if is_quantized(directory, hf_config):
+        from nemojax.quant.export import load_quantized  # quant.export builds on this module
+
+        return load_quantized(directory, **config_overrides)
+    config = config_from_hf(hf_config, **config_overrides)
     return model_from_state_dict(config, _read_safetensors(directory))
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """The config of a config.json dict, by the family its `model_type` names (default nemotron_h); an unknown
+    model_type raises naming the known ones."""
+    return families.family(hf_config.get("model_type", "nemotron_h")).config.from_hf(hf_config, **overrides)
 
 
 def _shards(state_dict: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

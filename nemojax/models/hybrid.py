@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemojax import families
 from nemojax.config import ModelConfig
 from nemojax.models import scan
 from nemojax.nn.blocks import Block
@@ -182,9 +181,3 @@ class NemotronH(nn.Module):
         L = tokens.shape[1] - self.config.mtp.num_layers
         return self.logits(h), self.mtp_logits(h[:, :L], tokens, None if segment_ids is None else segment_ids[:, :L])
 
-
-FAMILY = families.register_family(families.Family(
-    model_type="nemotron_h", config=ModelConfig, module=NemotronH, kinds="M*-E",
-    prefixes={"embeddings": "backbone.embeddings.", "norm_f": "backbone.norm_f.", "lm_head": "lm_head."},
-    layer_prefixes={"layers": "backbone.layers.", "mtp": "mtp.layers."},
-))

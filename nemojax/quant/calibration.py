@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nemojax.data.batch_tokens import batch_tokens
-from nemojax.interop.nemotron_h_names import FUSED_PARTS
+from nemojax.interop.naming import fused_parts
 from nemojax.lowp.recipe import CALIBRATION
 from nemojax.model import Model, apply
 from nemojax.quant import mse
@@ -115,12 +115,13 @@ def calibrate(model: Model, batches: Iterable[Any] | None = None, *, method: str
             flat[path] = value.astype(f32).reshape(flat[path].shape)
 
     groups: dict[tuple[str, ...], list[tuple[str, ...]]] = {}  # weight amaxes, the parts of a fused module together
+    parts = fused_parts()
     for path in flat:
         name = path[-1]
         if not name.endswith("_amax") or name.endswith("_input_amax") or name in ("k_amax", "v_amax"):
             continue
-        fused = len(path) > 1 and path[-2] in FUSED_PARTS
-        key = (*path[:-2], FUSED_PARTS[path[-2]][0], name) if fused else path
+        fused = len(path) > 1 and path[-2] in parts
+        key = (*path[:-2], parts[path[-2]][0], name) if fused else path
         groups.setdefault(key, []).append(path)
     for paths in groups.values():
         parts = []  # (amax path, weight, block-scale path or None, format) per part

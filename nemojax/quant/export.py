@@ -64,7 +64,7 @@ Format facts relied on, with sources (NVIDIA/Model-Optimizer @ a2fbac7, `modelop
    unified_export_hf.py `_resolve_export_dtype`).
 
 Scale values: the decode scales stored are those our quantizer computes, S_dec = 1 / fl(2688 / A) (NVFP4,
-spec/quant.md 1.5) and 1 / fl(448 / A) (FP8), equal to ModelOpt's A / 2688 and A / 448 up to one float32 ulp;
+docs/formats.md 4) and 1 / fl(448 / A) (FP8), equal to ModelOpt's A / 2688 and A / 448 up to one float32 ulp;
 storing ours keeps "checkpoint dequantization == our fake quantization" exact. On import the amax leaf is set to
 a value A' whose decode scale is bit-equal to the stored one (searched among the float32 neighbours of
 scale x 2688 or scale x 448).
@@ -92,7 +92,6 @@ import functools
 import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,15 +105,16 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.flax import save_file
 
+from nemojax import families
 from nemojax.config import ModelConfig
-from nemojax.interop import hf
-from nemojax.interop.nemotron_h_names import TensorRule, checkpoint_name, rule_for
+from nemojax.interop import hf, safetensors_file
+from nemojax.interop.naming import TensorRule, checkpoint_name, rule_for
+from nemojax.lowp.formats import e8m0_from_code, e8m0_to_code
+from nemojax.lowp.qarray import QArray, pack_fp4, quantize, unpack_fp4
+from nemojax.lowp.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.model import Model, abstract_params
-from nemojax.quant.formats import e8m0_from_code, e8m0_to_code
-from nemojax.quant.qarray import QArray, pack_fp4, quantize, unpack_fp4
-from nemojax.quant.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 
-QUANT_CONFIG_NAME = "hf_quant_config.json"
+QUANT_CONFIG_NAME = hf.QUANT_CONFIG_NAME
 PRODUCER = "nemojax"
 NVFP4_GROUP = 16
 MXFP8_GROUP = 32
@@ -123,11 +123,6 @@ SUPPORTED = ("weights and inputs nvfp4 (inputs calibrated: static=True) -> NVFP4
              "W4A16_NVFP4; weights and inputs fp8_e4m3 (inputs calibrated) -> FP8; weights and inputs mxfp8 -> MXFP8")
 # Candidate offsets (in float32 ulps) when solving for an amax whose decode scale equals a stored one.
 _ULP_SEARCH = (0, -1, 1, -2, 2, -3, 3, -4, 4)
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 
 
 # One compiled program per (shape, format) instead of one per primitive: eager quantize / dequantize of every
@@ -168,15 +163,12 @@ def _abstract(config: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct
 def _linears(config: ModelConfig) -> tuple[_Linear, ...]:
     """Every linear weight of `config`: `kernel`s other than the router's and conv1d's, and stacked experts."""
     experts = config.moe.num_experts if config.moe else None
+    abstract = _abstract(config)
     out = []
-    for path, leaf in _abstract(config).items():
-        if path[-1] == "kernel" and len(path) > 1 and path[-2] not in NOT_LINEAR and len(leaf.shape) == 2:
-            name = "/".join(path[:-1])
-        elif path[-1] in ("up_proj", "down_proj") and len(path) > 1 and path[-2] == "experts":
-            name = "/".join(path)
-        else:
-            continue
-        rule = rule_for(path, len(leaf.shape), experts)
+    for path in families.linear_weights(config, abstract):
+        leaf = abstract[path]
+        name = "/".join(path[:-1]) if path[-1] == "kernel" else "/".join(path)
+        rule = rule_for(path, len(leaf.shape), experts, families.family_of(config))
         out.append(_Linear(name, path, rule, tuple(n.removesuffix(".weight") for n in rule.names)))
     return tuple(out)
 
@@ -581,33 +573,9 @@ def _write_safetensors(tensors: Mapping[str, np.ndarray], file: Path) -> None:
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (model.safetensors or an index + shards), FP8 included.
-
-    safetensors' numpy / flax readers reject F8_E4M3, so the file is parsed here: an 8-byte little-endian header
-    length, a JSON header {name: {"dtype", "shape", "data_offsets"}} and the raw little-endian data.
-    """
-    directory = Path(directory)
-    index = directory / hf.INDEX_NAME
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / hf.WEIGHTS_NAME).exists():
-        files = [hf.WEIGHTS_NAME]
-    else:
-        raise FileNotFoundError(f"{directory} has neither {hf.WEIGHTS_NAME} nor {hf.INDEX_NAME}")
-    tensors = {}
-    for file in files:
-        raw = np.memmap(directory / file, dtype=np.uint8, mode="r")
-        (n,) = struct.unpack("<Q", raw[:8].tobytes())
-        header = json.loads(raw[8:8 + n].tobytes())
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}; allowed: "
-                                 f"{sorted(_SAFETENSORS_DTYPES)}")
-            start, end = info["data_offsets"]
-            data = np.asarray(raw[8 + n + start: 8 + n + end]).view(_SAFETENSORS_DTYPES[info["dtype"]])
-            tensors[name] = data.reshape(info["shape"]).copy()
-    return tensors
+    """All tensors of a checkpoint directory (model.safetensors or an index + shards), FP8 included
+    (`nemojax.interop.safetensors_file`: safetensors' numpy / flax readers reject F8_E4M3)."""
+    return safetensors_file.read_safetensors(directory)
 
 
 def _read_quant_config(directory: Path, hf_config: Mapping[str, Any]) -> dict[str, Any]:

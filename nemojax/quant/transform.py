@@ -13,7 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from nemojax.lowp.recipe import NOT_LINEAR, QuantRecipe, is_state
+from nemojax import families
+from nemojax.lowp.recipe import QuantRecipe, is_state
 from nemojax.model import Model, abstract_params
 from nemojax.quant import named_recipes
 
@@ -49,10 +50,6 @@ def quantized_layers(model: Model) -> dict[str, str]:
     """{weight path: "W nvfp4 / A nvfp4" or "high precision"} for every linear weight of the model."""
     if model.config.quant is None:
         raise ValueError("model.config.quant is None: apply a recipe first (nemojax.quant.apply)")
-    paths = []
-    for path in flatten_dict(model.params):
-        if path[-1] == "kernel" and path[-2] not in NOT_LINEAR:
-            paths.append("/".join(path[:-1]))
-        elif path[-1] in ("up_proj", "down_proj") and path[-2] == "experts":
-            paths.append("/".join(path))
+    weights = families.linear_weights(model.config, flatten_dict(model.params))
+    paths = ["/".join(path[:-1]) if path[-1] == "kernel" else "/".join(path) for path in weights]
     return model.config.quant.describe(paths, model.config.pattern)

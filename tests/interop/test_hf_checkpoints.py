@@ -153,3 +153,17 @@ def test_mtp_tensors_are_optional():
     partial = {k: v for k, v in state.items() if k != "mtp.layers.0.eh_proj.weight"}
     with pytest.raises(nemojax.CheckpointError, match="mtp.layers.0.eh_proj.weight"):
         hf.model_from_state_dict(config, partial)
+
+
+def test_rope_model_keeps_rope_through_save_and_load(tmp_path):
+    """A RoPE variant saved and loaded gives the same logits (and differs from the same weights without RoPE)."""
+    config = nemojax.presets.get("nemotron-h-8b-tiny")
+    config = config.replace(attention={"rope_theta": 1e4})
+    model = nemojax.Model.init(config, 1)
+    hf.save_hf(model, tmp_path / "rope")
+    back = nemojax.load_hf(tmp_path / "rope")
+    assert back.config.attention.rope_theta == 1e4
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
+    np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(model(tokens)))
+    plain = nemojax.Model(config.replace(attention={"rope_theta": None}), model.params)
+    assert np.abs(np.asarray(plain(tokens)) - np.asarray(model(tokens))).max() > 1e-3

@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.torch import load_file
 
 from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig
-from nemojax.interop.nemotron_h_names import rule_for
+from nemojax.interop.naming import rule_for
 from nemojax.lowp.qarray import quantize
 from nemojax.lowp.recipe import is_state
 from nemojax.model import Model, abstract_params

@@ -1,5 +1,7 @@
-"""The naming table between nemojax params and NemotronH checkpoint tensors (docs/numerics.md 10; names as
-NVIDIA-NeMo/Megatron-Bridge@067f987d:src/megatron/bridge/models/nemotronh/nemotron_h_bridge.py maps them).
+"""Checkpoint naming: nemojax params <-> Hugging Face checkpoint tensors, shown here for NemotronH
+(docs/numerics.md 10; names as NVIDIA-NeMo/Megatron-Bridge@067f987d:src/megatron/bridge/models/nemotronh/
+nemotron_h_bridge.py maps them). Each family gives its prefixes (`nemojax.families.Family`) and each layer kind
+its fused checkpoint parts (`LayerKind.fused`); the rest is generic.
 
 nemojax params mirror the checkpoint names, so the table is a rename plus a layout change per leaf:
 
@@ -30,6 +32,8 @@ import dataclasses
 import re
 
 import numpy as np
+
+from nemojax import families
 
 Path = tuple[str, ...]
 
@@ -76,33 +80,35 @@ class TensorRule:
 
 
 _LAYER = re.compile(r"layers_(\d+)$")
-# Mamba mixer modules that are one part of a fused checkpoint module: {module: (fused module, part index)}.
-FUSED_PARTS = {**{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate(("z", "x", "B", "C", "dt"))},
-               **{f"conv1d_{p}": ("conv1d", i) for i, p in enumerate(("x", "B", "C"))}}
 
 
-def _prefix(path: Path) -> tuple[str, Path]:
-    """Splits a param path into its checkpoint prefix and the rest under that module."""
-    if path[0] == "mtp":
-        return f"mtp.layers.{_LAYER.match(path[1]).group(1)}.", path[2:]
-    if _LAYER.match(path[0]):
-        return f"backbone.layers.{_LAYER.match(path[0]).group(1)}.", path[1:]
-    if path[0] == "embeddings":
-        return "backbone.embeddings.", path[1:]
-    if path[0] == "norm_f":
-        return "backbone.norm_f.", path[1:]
-    if path[0] == "lm_head":
-        return "lm_head.", path[1:]
-    raise ValueError(f"no checkpoint name for param {'/'.join(path)}")
+def fused_parts() -> dict[str, tuple[str, int]]:
+    """{param module: (checkpoint module, part index)} over every registered layer kind (the Mamba mixer's
+    in_proj_z ... in_proj_dt are parts of `in_proj`, conv1d_x ... conv1d_C of `conv1d`)."""
+    return {module: part for char in families.known_kinds() for module, part in families.kind(char).fused.items()}
 
 
-def rule_for(path: Path, ndim: int, num_experts: int | None = None) -> TensorRule:
-    """The checkpoint mapping of the param at `path` (with `ndim` dimensions)."""
-    prefix, rest = _prefix(path)
+def _prefix(path: Path, family: families.Family) -> tuple[str, Path]:
+    """Splits a param path into its checkpoint prefix (the family's table) and the rest under that module."""
+    if path[0] in family.layer_prefixes and len(path) > 1 and _LAYER.match(path[1]):  # nested: mtp/layers_{j}
+        return f"{family.layer_prefixes[path[0]]}{_LAYER.match(path[1]).group(1)}.", path[2:]
+    if _LAYER.match(path[0]) and "layers" in family.layer_prefixes:
+        return f"{family.layer_prefixes['layers']}{_LAYER.match(path[0]).group(1)}.", path[1:]
+    if path[0] in family.prefixes:
+        return family.prefixes[path[0]], path[1:]
+    raise ValueError(f"no checkpoint name for param {'/'.join(path)} in the {family.model_type} naming table")
+
+
+def rule_for(path: Path, ndim: int, num_experts: int | None = None,
+             family: families.Family | None = None) -> TensorRule:
+    """The checkpoint mapping of the param at `path` (with `ndim` dimensions) in `family`'s naming table
+    (default: nemotron_h)."""
+    prefix, rest = _prefix(path, family or families.family("nemotron_h"))
     *modules, leaf = rest
     part = None
-    if modules and modules[-1] in FUSED_PARTS:
-        modules[-1], part = FUSED_PARTS[modules[-1]]
+    fused = fused_parts()
+    if modules and modules[-1] in fused:
+        modules[-1], part = fused[modules[-1]]
     stem = prefix + "".join(f"{m}." for m in modules)
     if modules and modules[-1] == "experts":
         return TensorRule(path, tuple(f"{stem}{e}.{leaf}.weight" for e in range(num_experts)), "experts")
