@@ -34,12 +34,13 @@ class WidthRule:
     sizes. slice(layer, name, config, read, options, **targets) slices the params of one layer of the old config
     (a nested dict of numpy arrays, edited in place) to the new sizes; `read(key, shape)` returns the score array
     `key` ("layers_3/heads" ...), raising ValueError when it is missing; options: prune's other keywords (e.g.
-    group_aware).
+    group_aware). current(config) -> {target: the size it has now}.
     """
 
     targets: tuple[str, ...]
     changes: Callable[..., dict[str, Any]]
     slice: Callable[..., None]
+    current: Callable[[Any], dict[str, int]]  # config -> {target: its size now}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +57,17 @@ class LayerKind:
     flops(config, seq_len) -> forward FLOPs per token of one layer (2 per multiply-add).
     importance(config, taps, mixer_params, stat) -> {score name: per-row statistic [b, ...]}: the activation
     importance of the layer's prunable axes, from what its mixer sows into the "taps" collection (stat(a [b, L,
-    C], mask [b, L] | None) -> [b, C] reduces one activation).
+    C], mask [b, L] | None) -> [b, C] reduces one activation). Each statistic is aggregated over batch rows as
+    the caller's `agg` asks, except those named in `summed`, which are summed over batches. scores(config,
+    stats) -> {score name: array} turns one layer's aggregated statistics into the scores pruning reads (None:
+    the statistics are the scores).
     linears: params paths under the mixer of its linear layers, the weights a quantization recipe may reach
     (`kernel` of a dense layer, or stacked experts `experts/up_proj`); every other param is never quantized.
     fused: {param module: (checkpoint module, part index)} for modules stored as parts of one checkpoint tensor.
     residual_in / residual_out: the linears whose input / output axis is the residual stream; slice_hidden(layer,
     k_hidden, config) slices every param of one layer that touches the residual stream (hidden-size pruning).
-    width: the kind's width-pruning targets.
+    width: the kind's width-pruning targets. compile_cost: rough relative XLA compile work of one block (forward,
+    backward and remat recompute of a train step), which `nemojax.models.scan` weighs when it plans scans.
     """
 
     char: str
@@ -76,12 +81,15 @@ class LayerKind:
     cache_bytes: Callable[..., dict[str, int]] | None = None
     flops: Callable[[Any, int], float] | None = None
     importance: Callable[..., dict] | None = None
+    summed: tuple[str, ...] = ()
+    scores: Callable[[Any, dict], dict] | None = None
     linears: tuple[str, ...] = ()
     fused: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     residual_in: tuple[str, ...] = ()
     residual_out: tuple[str, ...] = ()
     slice_hidden: Callable[..., None] | None = None
     width: tuple[WidthRule, ...] = ()
+    compile_cost: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.label:

@@ -94,7 +94,8 @@ RECURRENCE = families.register_kind(families.LayerKind(
     residual_in=("a_proj", "u_proj", "g_proj"), residual_out=("o_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("a_proj", "u_proj", "g_proj"),
                                                               ("o_proj",)),
-    width=(families.WidthRule(("rec_width",), _rec_changes, _rec_slice),),
+    width=(families.WidthRule(("rec_width",), _rec_changes, _rec_slice,
+                              lambda config: {"rec_width": config.recurrence.width}),),
 ))
 
 # ------------------------------------------------------------------------------------------- the new family

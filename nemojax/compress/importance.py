@@ -216,8 +216,8 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
 
     accs: dict[str, _Acc] = {}
     bi_sum = np.zeros(L_layers, np.float64)
-    expert_l2: dict[str, np.ndarray] = {}
-    expert_count: dict[str, np.ndarray] = {}
+    summed = {f"layers_{i}/{name}" for i, char in enumerate(config.pattern) for name in families.kind(char).summed}
+    sums: dict[str, np.ndarray] = {}
     n_tokens = 0
     ce = np.zeros(L_layers, np.float64)
     sq = np.zeros(L_layers, np.float64)
@@ -234,10 +234,8 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
         for key, value in taps.items():
             if key == "layer/bi_sum":
                 bi_sum += value
-            elif key.endswith("/expert_l2sum"):
-                expert_l2[key] = expert_l2.get(key, 0.0) + np.asarray(value, np.float64)
-            elif key.endswith("/expert_count"):
-                expert_count[key] = expert_count.get(key, 0.0) + np.asarray(value, np.float64)
+            elif key in summed:
+                sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
             else:
                 accs.setdefault(key, _Acc()).add(value)
         b, L = tokens.shape
@@ -261,28 +259,14 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
     if include_final_norm:
         hidden = hidden + final["norm_f"]
     out["hidden"] = hidden
-    for i, kind in enumerate(config.pattern):
+    stats = {**final, **sums}
+    for i, char in enumerate(config.pattern):
         name = f"layers_{i}"
-        if kind == "*":
-            a = config.attention
-            per_channel = final[f"{name}/attn"].reshape(a.num_heads, a.head_dim)
-            out[f"{name}/heads"] = np.sqrt(np.sum(np.square(per_channel), axis=-1))
-        elif kind == "-":
-            out[f"{name}/mlp"] = final[f"{name}/mlp"]
-        elif kind == "M":
-            m = config.mamba
-            s_x = final[f"{name}/mamba_x"].reshape(m.num_heads, m.head_dim)
-            out[f"{name}/mamba_x"] = s_x
-            out[f"{name}/mamba_channels"] = np.sqrt(np.sum(np.square(s_x), axis=0))
-            out[f"{name}/mamba_heads"] = np.sqrt(np.sum(np.square(s_x), axis=1))
-        elif kind == "E":
-            out[f"{name}/experts"] = expert_l2[f"{name}/expert_l2sum"] / (expert_count[f"{name}/expert_count"] + 1e-8)
-            out[f"{name}/expert_ffn"] = final[f"{name}/expert_ffn"]
-            if f"{name}/shared_mlp" in final:
-                out[f"{name}/shared_mlp"] = final[f"{name}/shared_mlp"]
-        else:  # another registered kind: its statistics are its scores
-            out.update({key: value for key, value in final.items()
-                        if key.startswith(f"{name}/") and key != f"{name}/norm"})
+        entry = families.kind(char)
+        mine = {key[len(name) + 1:]: value for key, value in stats.items()
+                if key.startswith(f"{name}/") and key != f"{name}/norm"}
+        out.update({f"{name}/{key}": value for key, value in (entry.scores(config, mine) if entry.scores
+                                                                else mine).items()})
     if "block" in metrics:
         out["layer/block"] = bi_sum / n_tokens
     if "lm_loss" in metrics:

@@ -23,7 +23,7 @@ import ml_collections
 from nemojax import data as data_lib
 from nemojax.compress.distill import DEFAULT_OPTIMIZER, DistillConfig, distill
 from nemojax.compress.importance import importance
-from nemojax.compress.prune import prune
+from nemojax.compress.prune import prune, width_targets
 from nemojax.compress.scores import Scores
 from nemojax.data.job_batches import calibration_batches, data_config
 from nemojax.infer.validation import validation_loss
@@ -63,14 +63,8 @@ def sizes(model: Model) -> dict[str, Any]:
     cfg = model.config
     out: dict[str, Any] = {"params": model.num_params, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
                            "pattern": cfg.pattern}
-    if "-" in cfg.pattern:
-        out["ffn"] = cfg.intermediate_size
-    if "*" in cfg.pattern:
-        out["heads"] = cfg.attention.num_heads
-    if "M" in cfg.pattern:
-        out["mamba_heads"], out["mamba_head_dim"] = cfg.mamba.num_heads, cfg.mamba.head_dim
-    if "E" in cfg.pattern:
-        out["experts"], out["expert_ffn"] = cfg.moe.num_experts, cfg.moe.intermediate_size
+    for rule in {id(rule): rule for rule in width_targets(cfg).values()}.values():
+        out.update(rule.current(cfg))
     return out
 
 

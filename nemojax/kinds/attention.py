@@ -8,6 +8,7 @@ head; num_kv_heads and head_dim never change.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from nemojax.families import LayerKind, WidthRule, register_kind
 from nemojax.kinds.pruning import check_target, expand, keep_top_grouped, slice_linear_hidden, take
@@ -43,6 +44,12 @@ def importance(config, taps: dict, params: dict, stat) -> dict:
     return {"attn": stat(taps["o_proj_in"])}
 
 
+def scores(config, stats: dict) -> dict:
+    """heads [n_h]: L2 over head_dim of the per-channel scores of the o_proj input."""
+    a = config.attention
+    return {"heads": np.sqrt(np.sum(np.square(stats["attn"].reshape(a.num_heads, a.head_dim)), axis=-1))}
+
+
 def _changes(config, heads: int) -> dict:
     a = config.attention
     heads = check_target("heads", heads, a.num_heads, a.num_kv_heads,
@@ -63,7 +70,8 @@ def _slice(layer: dict, name: str, config, read, options: dict, heads: int) -> N
 KIND = register_kind(LayerKind(
     char="*", name="attention", mixer=Attention, hf_names=("full_attention", "attention"),
     config_field="attention", mixes_tokens=True, cache=cache, cache_bytes=cache_bytes, flops=flops,
-    importance=importance, linears=(*QKV, "o_proj"), residual_in=QKV, residual_out=("o_proj",),
+    importance=importance, scores=scores, linears=(*QKV, "o_proj"), residual_in=QKV, residual_out=("o_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, QKV, ("o_proj",)),
-    width=(WidthRule(("heads",), _changes, _slice),),
+    compile_cost=2.0,  # a guess between Mamba's and the MLP's
+    width=(WidthRule(("heads",), _changes, _slice, lambda config: {"heads": config.attention.num_heads}),),
 ))

@@ -48,6 +48,15 @@ def importance(config, taps: dict, params: dict, stat) -> dict:
     return {"mamba_x": stat(taps["x"])}
 
 
+def scores(config, stats: dict) -> dict:
+    """mamba_x [H, P] per-channel scores of the x projection; mamba_channels [P] = L2 over heads; mamba_heads
+    [H] = L2 over all P channels (the pruner re-scores heads on the kept channels when both shrink)."""
+    m = config.mamba
+    s_x = stats["mamba_x"].reshape(m.num_heads, m.head_dim)
+    return {"mamba_x": s_x, "mamba_channels": np.sqrt(np.sum(np.square(s_x), axis=0)),
+            "mamba_heads": np.sqrt(np.sum(np.square(s_x), axis=1))}
+
+
 def _changes(config, mamba_heads: int | None = None, mamba_head_dim: int | None = None) -> dict:
     m = config.mamba
     heads = m.num_heads if mamba_heads is None else check_target(
@@ -93,11 +102,15 @@ def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int
 KIND = register_kind(LayerKind(
     char="M", name="mamba", label="Mamba", mixer=Mamba2Mixer, hf_names=("linear_attention", "mamba"),
     config_field="mamba",
-    mixes_tokens=True, cache=cache, cache_bytes=cache_bytes, flops=flops, importance=importance,
+    mixes_tokens=True, cache=cache, cache_bytes=cache_bytes, flops=flops, importance=importance, scores=scores,
     linears=(*IN_PROJ, "out_proj"),
     fused={**{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate(IN_PROJ_PARTS)},
            **{f"conv1d_{p}": ("conv1d", i) for i, p in enumerate(CONV_PARTS)}},
     residual_in=IN_PROJ, residual_out=("out_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, IN_PROJ, ("out_proj",)),
-    width=(WidthRule(("mamba_heads", "mamba_head_dim"), _changes, _slice),),
+    # compile work: a Mamba block cost 5-9 s of the Nemotron-H-8B train step's compile (8 CPU devices, 2-core
+    # host), an MLP block well under one
+    compile_cost=8.0,
+    width=(WidthRule(("mamba_heads", "mamba_head_dim"), _changes, _slice,
+                     lambda config: {"mamba_heads": config.mamba.num_heads, "mamba_head_dim": config.mamba.head_dim}),),
 ))

@@ -36,5 +36,5 @@ KIND = register_kind(LayerKind(
     flops=flops,
     importance=importance, linears=("up_proj", "down_proj"), residual_in=("up_proj",), residual_out=("down_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("up_proj",), ("down_proj",)),
-    width=(WidthRule(("ffn",), _changes, _slice),),
+    width=(WidthRule(("ffn",), _changes, _slice, lambda config: {"ffn": config.intermediate_size}),),
 ))

@@ -65,6 +65,15 @@ def importance(config, taps: dict, params: dict, stat) -> dict:
     return {**out, "expert_ffn": ffn, "expert_l2sum": l2sum, "expert_count": count}
 
 
+def scores(config, stats: dict) -> dict:
+    """experts [E] = sum over routed tokens of ||expert output||_2 / (routed count + 1e-8) over all batches;
+    expert_ffn [E, F]; shared_mlp [F_shared] when there is a shared expert."""
+    out = {"experts": stats["expert_l2sum"] / (stats["expert_count"] + 1e-8), "expert_ffn": stats["expert_ffn"]}
+    if "shared_mlp" in stats:
+        out["shared_mlp"] = stats["shared_mlp"]
+    return out
+
+
 def _slice_hidden(layer: dict, k_hidden: np.ndarray, config) -> None:
     ins, outs = ["shared_experts/up_proj"], ["shared_experts/down_proj"]
     take(layer, "mixer/gate/kernel", k_hidden, 0)
@@ -131,12 +140,15 @@ def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ff
 
 KIND = register_kind(LayerKind(
     char="E", name="moe", mixer=MoE, hf_names=("moe",), config_field="moe", label="MoE", flops=flops,
-    importance=importance,
+    importance=importance, summed=("expert_l2sum", "expert_count"), scores=scores,
     linears=("fc1_latent_proj", "fc2_latent_proj", "shared_experts/up_proj", "shared_experts/down_proj",
              "experts/up_proj", "experts/down_proj"),
     residual_in=("shared_experts/up_proj", "fc1_latent_proj"),
     residual_out=("shared_experts/down_proj", "fc2_latent_proj"),
     slice_hidden=_slice_hidden,
-    width=(WidthRule(("experts", "expert_ffn"), _expert_changes, _expert_slice),
-           WidthRule(("shared_ffn",), _shared_changes, _shared_slice)),
+    compile_cost=4.0,  # a guess between Mamba's and attention's
+    width=(WidthRule(("experts", "expert_ffn"), _expert_changes, _expert_slice,
+                     lambda config: {"experts": config.moe.num_experts, "expert_ffn": config.moe.intermediate_size}),
+           WidthRule(("shared_ffn",), _shared_changes, _shared_slice,
+                     lambda config: {"shared_ffn": config.moe.shared_intermediate_size})),
 ))

@@ -10,7 +10,8 @@ scales, so a run's body may itself hold runs:
                    7 blocks to compile ("M-M*-M-") instead of 52: 3 Mamba mixers instead of 24
 
 A plan is a sequence of segments: a layer kind (one character of the pattern) or a `Run` of `repeats` copies of a
-body sequence. `find_plan` picks the plan with the least compile work (`COMPILE_COST` per compiled block).
+body sequence. `find_plan` picks the plan with the least compile work (each kind's `compile_cost` per compiled
+block).
 
 Params layouts (plain nested dicts; `to_scanned` / `to_unrolled` convert exactly, both ways, whatever a layer
 holds):
@@ -35,12 +36,11 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
+from nemojax import families
+
 MIN_REPEATS = 2
-# Rough relative XLA compile work of one block of each kind (forward, backward and remat recompute of the train
-# step). On the Nemotron-H-8B step (8 CPU devices, 2-core host) a step of one MLP layer compiled in 2.6 s, of "M-"
-# in 11.4 s and of "M-M-" in 16.6 s: a Mamba block costs 5-9 s, an MLP block well under one. Attention and MoE are
-# guesses in between. A scan adds a little (its loop and stacked slices).
-COMPILE_COST = {"M": 8.0, "E": 4.0, "*": 2.0, "-": 1.0}
+# A scan adds a little compile work to its body's (its loop and stacked slices); each kind's own is
+# `LayerKind.compile_cost`.
 SCAN_COST = 0.5
 
 Params = dict[str, Any]
@@ -69,7 +69,8 @@ def pattern_of(segment: Segment) -> str:
 
 def compile_cost(segments: tuple[Segment, ...]) -> float:
     """The compile work of a sequence: each layer kind once per place it appears, a run's body once."""
-    return sum(COMPILE_COST[s] if isinstance(s, str) else SCAN_COST + compile_cost(s.body) for s in segments)
+    return sum(families.kind(s).compile_cost if isinstance(s, str) else SCAN_COST + compile_cost(s.body)
+               for s in segments)
 
 
 def compiled_blocks(segments: tuple[Segment, ...]) -> str:
@@ -83,7 +84,7 @@ def _best(pattern: str) -> tuple[float, tuple[Segment, ...]]:
     if not pattern:
         return 0.0, ()
     cost, rest = _best(pattern[1:])
-    best = (COMPILE_COST[pattern[0]] + cost, (pattern[0], *rest))
+    best = (families.kind(pattern[0]).compile_cost + cost, (pattern[0], *rest))
     for period_len in range(1, len(pattern) // MIN_REPEATS + 1):
         period = pattern[:period_len]
         repeats = 1
