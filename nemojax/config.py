@@ -180,11 +180,6 @@ class MoEConfig:
         if self.impl not in MOE_IMPLS:
             _fail("moe.impl", self.impl, f"must be one of {MOE_IMPLS}")
 
-    @property
-    def expert_input_size(self) -> int | None:
-        """Width the routed experts see: the latent size, or None for the model's hidden size."""
-        return self.latent_size
-
     def resolved_impl(self) -> str:
         if self.impl != "auto":
             return self.impl

@@ -22,10 +22,10 @@ from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig,
 from nemojax.data.tokenizers import Tokenizer, load_tokenizer
 from nemojax.lowp.recipe import QuantRecipe
 from nemojax.model import Model
+from nemojax.train.checkpoint import RUN_FILE
 
 HF_CONFIG = "config.json"
 HF_TOKENIZER = "tokenizer.json"
-RUN_FILE = "run.json"  # written by nemojax.train.checkpoint.Checkpoints
 CHECKPOINT_DIR = "checkpoints"  # orbax CheckpointManager root inside a workdir
 STATE_ITEM = "state"  # the TrainState item of each step
 

@@ -196,11 +196,6 @@ def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) ->
     return Model(config, _unflatten(flat))
 
 
-def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Params:
-    """The params of `model_from_state_dict` (the config must match the checkpoint's MTP tensors)."""
-    return model_from_state_dict(config, state_dict).params
-
-
 # ---------------------------------------------------------------------------------------------- directories
 
 
