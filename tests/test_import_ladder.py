@@ -7,6 +7,8 @@ lower floor. Units on the same floor are siblings and do not import each other (
 Placements beyond the target ladder (lowp <- config <- nn <- models <- model <- train / interop <- infer <-
 compress, elastic, quant, align, eval <- jobs / cli):
 
+- errors: the package's exception types (CheckpointError) import nothing, so every floor can raise and catch
+  them; lowest floor.
 - families: the registry of model families and layer kinds imports nothing of nemojax (its built-in entries are
   loaded by module name on first lookup), and config validates patterns against it, so it sits below config.
 - presets, data, config_files: beside config, one floor up (presets are ModelConfigs; data pipelines and the
@@ -34,7 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("lowp",),
+    ("lowp", "errors"),
     ("families",),
     ("config",),
     ("presets", "data", "config_files"),

@@ -37,20 +37,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from nemojax import data as data_lib
 from nemojax.config import ModelConfig
 from nemojax.model import Model, apply
-from nemojax.train import moe_balance
+from nemojax.train import moe_balance, sharding
+from nemojax.train.checkpoint import config_fingerprint
+from nemojax.train.fit import fit
 from nemojax.train.losses import cross_entropy
 from nemojax.train.optim import OptimizerConfig, make_optimizer
-from nemojax.train.step import LossAux, LossFn, TrainState, lm_loss, make_train_step
+from nemojax.train.step import LossAux, LossFn, lm_loss
 
 Params = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -288,28 +290,31 @@ def _optimizer_config(opt: OptimizerConfig, steps: int) -> OptimizerConfig:
     return dataclasses.replace(opt, total_steps=steps, warmup_steps=min(opt.warmup_steps, steps - 1))
 
 
-def _run(step_fn, state: TrainState, batches: Iterator[Batch], steps: int, vocab_size: int, progress: bool,
-         desc: str, extra: tuple = ()) -> tuple[TrainState, list[dict[str, float]]]:
-    history = []
-    for _ in tqdm(range(steps), disable=not progress, desc=desc, unit="step"):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise ValueError(f"data ran out after {len(history)} of {steps} {desc} steps") from None
-        state, metrics = step_fn(state, _check_batch(batch, vocab_size), *extra)
-        history.append({"step": len(history) + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}})
-    return state, history
+def _data_fingerprint(data: Any) -> dict[str, Any] | None:
+    return dataclasses.asdict(data) if isinstance(data, data_lib.DataConfig) else None
+
+
+def _model_shardings(config: ModelConfig, params: Params):
+    """The mesh -> NamedShardings function of a model's params, by its logical axes (`fit`'s `shardings`)."""
+    return lambda mesh: sharding.param_shardings(config, mesh, params)
 
 
 def distill(student: Model, teacher: Model, data: Any, steps: int | None = None,
-            config: DistillConfig = DistillConfig(), *, progress: bool = False
-            ) -> tuple[Model, list[dict[str, float]]]:
+            config: DistillConfig = DistillConfig(), *, progress: bool = False,
+            mesh: dict[str, int] | None = None, workdir: str | Path | None = None, stop_after: int | None = None,
+            checkpoint_every: int | None = None, desc: str = "distill") -> tuple[Model, list[dict[str, float]]]:
     """Trains `student` toward `teacher` with `distillation_loss`; returns (new student Model, per-step metrics).
 
     data: an iterable of batches ({"tokens", "targets", "loss_mask"} [B, L]) or a `nemojax.data.DataConfig`
     (its "train" split, config.batch_size x config.seq_len, config.seed). steps: default config.steps. Student and
     teacher may differ in width and depth but must share the vocabulary (ValueError otherwise). The learned
     intermediate maps are discarded. Neither input Model is changed.
+
+    Runs on `nemojax.train.fit`: mesh (a layout such as {"data": 2, "fsdp": 2, "tensor": 2}; None: one device)
+    shards the student, its optimizer state and the teacher by their logical axes; workdir (None: in memory)
+    holds checkpoints and metrics.jsonl (split `desc`, the method's name also on the progress bar) and a rerun
+    resumes from it; stop_after ends this call after that many steps (checkpointed); checkpoint_every: steps
+    between checkpoints (None: at the end only).
     """
     steps = config.steps if steps is None else steps
     if not isinstance(steps, int) or steps <= 0:
@@ -319,41 +324,58 @@ def distill(student: Model, teacher: Model, data: Any, steps: int | None = None,
     optimizer = make_optimizer(_optimizer_config(config.optimizer, steps))
     scfg, tcfg = student.config, teacher.config
 
-    def step(state: TrainState, batch: Batch, teacher_params: Params) -> tuple[TrainState, dict]:
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array, teacher_params: Params) -> tuple[jax.Array, LossAux]:
         # The teacher's params are an argument (not a closed-over constant) so jit does not embed them.
-        loss_fn = distillation_loss(scfg, tcfg, teacher_params, config)
-        return make_train_step(optimizer, loss_fn)(state, batch)
+        return distillation_loss(scfg, tcfg, teacher_params, config)(params, batch, rng)
 
-    params = {"student": student.params, "maps": init_maps(scfg, tcfg, config)}
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.key(config.seed))
-    state, history = _run(jax.jit(step), state, batches, steps, scfg.vocab_size, progress, "distill",
-                          (teacher.params,))
-    return Model(scfg, state.params["student"]), history
+    maps = init_maps(scfg, tcfg, config)
+    student_shardings = _model_shardings(scfg, student.params)
+    fingerprint = {"method": desc, "student": config_fingerprint(scfg), "teacher": config_fingerprint(tcfg),
+                   "loss": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("steps", "optimizer")},
+                   "data": _data_fingerprint(data)}
+    result = fit({"student": student.params, "maps": maps}, loss_fn, optimizer, batches, steps,
+                 rng=jax.random.key(config.seed), frozen=(teacher.params,), mesh=mesh,
+                 shardings=lambda m: {"student": student_shardings(m),
+                                      "maps": jax.tree.map(lambda _: sharding.replicated(m), maps)},
+                 frozen_shardings=lambda m: (_model_shardings(tcfg, teacher.params)(m),), workdir=workdir,
+                 fingerprint=fingerprint, stop_after=stop_after, desc=desc, progress=progress,
+                 checkpoint_every=checkpoint_every, prepare=lambda batch: _check_batch(batch, scfg.vocab_size))
+    return Model(scfg, result.state.params["student"]), result.history
 
 
 def finetune(model: Model, data: Any, steps: int, *, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
              batch_size: int = 8, seq_len: int = 256, seed: int = 0, progress: bool = False, desc: str = "finetune",
-             ) -> tuple[Model, list[dict[str, float]]]:
-    """Next-token (LM) fine-tuning of `model` on `data` (as for `distill`) for `steps` steps on the shared trainer.
+             mesh: dict[str, int] | None = None, workdir: str | Path | None = None, stop_after: int | None = None,
+             checkpoint_every: int | None = None) -> tuple[Model, list[dict[str, float]]]:
+    """Next-token (LM) fine-tuning of `model` on `data` (as for `distill`) for `steps` steps on the shared trainer
+    (`nemojax.train.fit`; mesh, workdir, stop_after and checkpoint_every as for `distill`, metrics split `desc`).
     Returns (the new Model, per-step metrics)."""
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps={steps!r} is invalid: must be a positive integer")
     batches = _batches(data, "train", batch_size, seq_len, seed)
     opt = make_optimizer(_optimizer_config(optimizer, steps))
-    step = jax.jit(make_train_step(opt, lm_loss(model.config)))
-    state = TrainState(model.params, opt.init(model.params), jnp.zeros((), jnp.int32), jax.random.key(seed))
-    state, history = _run(step, state, batches, steps, model.config.vocab_size, progress, desc)
-    return Model(model.config, state.params), history
+    fingerprint = {"method": desc, "model": config_fingerprint(model.config), "batch_size": batch_size,
+                   "seq_len": seq_len, "seed": seed, "data": _data_fingerprint(data)}
+    result = fit(model.params, lm_loss(model.config), opt, batches, steps, rng=jax.random.key(seed), mesh=mesh,
+                 shardings=_model_shardings(model.config, model.params), workdir=workdir, fingerprint=fingerprint,
+                 stop_after=stop_after, desc=desc, progress=progress, checkpoint_every=checkpoint_every,
+                 prepare=lambda batch: _check_batch(batch, model.config.vocab_size))
+    return Model(model.config, result.state.params), result.history
 
 
 def teacher_correction(teacher: Model, data: Any, steps: int, *, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
                        batch_size: int = 8, seq_len: int = 256, seed: int = 0, progress: bool = False,
-                       return_history: bool = False) -> Model | tuple[Model, list[dict[str, float]]]:
+                       return_history: bool = False, mesh: dict[str, int] | None = None,
+                       workdir: str | Path | None = None, stop_after: int | None = None,
+                       checkpoint_every: int | None = None) -> Model | tuple[Model, list[dict[str, float]]]:
     """Teacher correction (arXiv 2408.11796): fine-tune the unpruned teacher with the LM loss on the distillation data.
 
     data: as for `distill`. Returns the corrected teacher (and the per-step metrics with return_history=True).
-    Prune the original teacher, distill from the corrected one (arXiv 2408.11796).
+    Prune the original teacher, distill from the corrected one (arXiv 2408.11796). mesh, workdir, stop_after and
+    checkpoint_every as for `distill` (metrics split "teacher_correction").
     """
     corrected, history = finetune(teacher, data, steps, optimizer=optimizer, batch_size=batch_size,
-                                  seq_len=seq_len, seed=seed, progress=progress, desc="teacher_correction")
+                                  seq_len=seq_len, seed=seed, progress=progress, desc="teacher_correction",
+                                  mesh=mesh, workdir=workdir, stop_after=stop_after,
+                                  checkpoint_every=checkpoint_every)
     return (corrected, history) if return_history else corrected

@@ -28,6 +28,7 @@ from safetensors.flax import save_file
 
 from nemojax import families
 from nemojax.config import ModelConfig
+from nemojax.errors import CheckpointError  # raised here for tensors that do not fit the config
 from nemojax.interop.naming import TensorRule, rule_for, split_stacked_experts
 from nemojax.interop.safetensors_file import INDEX_NAME, WEIGHTS_NAME, read_safetensors
 from nemojax.lowp.recipe import is_state
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit its config: lists every offending tensor by name."""
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -15,6 +15,7 @@ QAT fine-tunes the fake-quantized student with the next-token cross entropy on t
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from nemojax.compress.distill import DistillConfig, distill, finetune
@@ -54,12 +55,14 @@ def _check_student(student: Model, role: str = "student") -> None:
 
 
 def qad(student: Model, teacher: Model, data: Any, steps: int | None = None, config: QADConfig = QADConfig(), *,
-        progress: bool = False) -> tuple[Model, list[dict[str, float]]]:
+        progress: bool = False, mesh: dict[str, int] | None = None, workdir: str | Path | None = None,
+        stop_after: int | None = None, checkpoint_every: int | None = None) -> tuple[Model, list[dict[str, float]]]:
     """Distils the frozen `teacher` into the fake-quantized `student`; returns (student, per-step metrics).
 
     data: batches ({"tokens", "targets", "loss_mask"} [B, L]; targets matter only with lm_weight > 0) or a
     `nemojax.data.DataConfig`. steps: default config.steps. Neither input is changed; the student's
-    quantization state stays frozen.
+    quantization state stays frozen. mesh (e.g. {"data": 2, "fsdp": 2, "tensor": 2}), workdir (checkpoints,
+    resume, metrics split "qad"), stop_after and checkpoint_every: as for `nemojax.compress.distill`.
     """
     _check_student(student)
     if teacher.config.quant is not None:
@@ -68,14 +71,18 @@ def qad(student: Model, teacher: Model, data: Any, steps: int | None = None, con
     dcfg = DistillConfig(kl_weight=1.0, temperature=config.temperature, scale_by_temperature=True,
                          lm_weight=config.lm_weight, steps=config.steps, optimizer=config.optimizer,
                          batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
-    return distill(student, teacher, data, steps, dcfg, progress=progress)
+    return distill(student, teacher, data, steps, dcfg, progress=progress, mesh=mesh, workdir=workdir,
+                   stop_after=stop_after, checkpoint_every=checkpoint_every, desc="qad")
 
 
 def qat(student: Model, data: Any, steps: int | None = None, config: QADConfig = QADConfig(), *,
-        progress: bool = False) -> tuple[Model, list[dict[str, float]]]:
+        progress: bool = False, mesh: dict[str, int] | None = None, workdir: str | Path | None = None,
+        stop_after: int | None = None, checkpoint_every: int | None = None) -> tuple[Model, list[dict[str, float]]]:
     """Fine-tunes the fake-quantized `student` with the next-token loss on `data`; returns (student, metrics).
-    `config` supplies the run settings (temperature and lm_weight are not used)."""
+    `config` supplies the run settings (temperature and lm_weight are not used); mesh, workdir (metrics split
+    "qat"), stop_after and checkpoint_every as for `qad`."""
     _check_student(student)
     steps = config.steps if steps is None else steps
     return finetune(student, data, steps, optimizer=config.optimizer, batch_size=config.batch_size,
-                    seq_len=config.seq_len, seed=config.seed, progress=progress, desc="qat")
+                    seq_len=config.seq_len, seed=config.seed, progress=progress, desc="qat", mesh=mesh,
+                    workdir=workdir, stop_after=stop_after, checkpoint_every=checkpoint_every)

@@ -9,6 +9,7 @@ directory and renames it when complete, so a save interrupted part-way is never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,24 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from nemojax.config import ModelConfig
+from nemojax.errors import CheckpointError
+
 RUN_FILE = "run.json"
+__all__ = ["RUN_FILE", "CheckpointError", "Checkpoints", "config_fingerprint"]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or workdir that cannot be resumed from, with the reason."""
+def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
+    """The fields of a model config that a resumed run must share with its checkpoints: all of them but the
+    runtime and kernel choices (dtype, remat, matmul and mixer implementations, scan_layers), which may change
+    between runs of one checkpoint (and workdirs from before a kernel field existed still resume)."""
+    model = dataclasses.asdict(config)
+    for runtime in ("dtype", "remat", "matmul_impl", "scan_layers"):
+        model.pop(runtime)
+    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl", "decode_impl"))):
+        for field in fields if model.get(sub) else ():
+            model[sub].pop(field)
+    return model
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:

@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
-from tqdm import tqdm
 
 from nemojax import data, presets
 from nemojax.config import ModelConfig
@@ -35,9 +31,10 @@ from nemojax.model import Model, abstract_params
 from nemojax.models import scan
 from nemojax.quant import named_recipes as recipes
 from nemojax.train import sharding
-from nemojax.train.checkpoint import Checkpoints
+from nemojax.train.checkpoint import Checkpoints, config_fingerprint
+from nemojax.train.fit import fit, global_batch, jit_step, make_layout
 from nemojax.train.flops import train_flops_per_token
-from nemojax.train.metrics import MetricsWriter, read_metrics
+from nemojax.train.metrics import read_metrics
 from nemojax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from nemojax.train.step import TrainState, eval_step, lm_loss, make_train_step
 
@@ -97,6 +94,8 @@ class Run:
     evaluate: Any  # jitted (params, batch) -> metrics
     init: Any  # jitted (rng) -> state
     abstract_state: TrainState
+    optimizer: Any  # optax.GradientTransformation
+    loss_fn: Any  # nemojax.train.step.LossFn
 
 
 def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
@@ -111,14 +110,8 @@ def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
                       mtp_weight=t.get("mtp_loss_weight", 0.0), document_mask=t.get("document_mask", False))
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     params_shape = abstract_params(mcfg)
-    params_sharding = sharding.param_shardings(mcfg, mesh, params_shape)
-    state_sharding = TrainState(
-        params_sharding,
-        sharding.opt_state_shardings(optimizer, params_shape, params_sharding, mesh),
-        sharding.replicated(mesh),
-        sharding.replicated(mesh),
-    )
-    batch_sharding = sharding.batch_sharding(mesh)
+    layout = make_layout(mesh, optimizer, params_shape, sharding.param_shardings(mcfg, mesh, params_shape))
+    state_sharding, batch_sharding = layout.state, layout.batch
 
     def init(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
@@ -126,31 +119,21 @@ def build(config: ml_collections.ConfigDict, mcfg: ModelConfig | None = None,
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), state_rng)
 
     step_fn = make_train_step(optimizer, loss_fn, grad_accum=t.grad_accum, moe_bias_rate=t.moe_bias_rate)
-    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    evaluate = jax.jit(eval_step(loss_fn), in_shardings=(params_sharding, batch_sharding),
+    step = jit_step(step_fn, layout)
+    evaluate = jax.jit(eval_step(loss_fn), in_shardings=(state_sharding.params, batch_sharding),
                        out_shardings=sharding.replicated(mesh))
     init = jax.jit(init, out_shardings=state_sharding)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   jax.eval_shape(init, jax.random.PRNGKey(0)), state_sharding)
-    return Run(mcfg, mesh, state_sharding, batch_sharding, step, evaluate, init, abstract_state)
+    return Run(mcfg, mesh, state_sharding, batch_sharding, step, evaluate, init, abstract_state, optimizer,
+               loss_fn)
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows of the batch -> one global array per field, laid out by `sharding_`."""
-    return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v)) for k, v in batch.items()}
+_global_batch = global_batch  # this process's rows -> global arrays (tests and benchmarks use the old name)
 
 
 def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    model = dataclasses.asdict(mcfg)
-    # Runtime and kernel choices may change between runs of one checkpoint (and workdirs from before a kernel
-    # field existed still resume).
-    for runtime in ("dtype", "remat", "matmul_impl", "scan_layers"):
-        model.pop(runtime)
-    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl", "decode_impl"))):
-        for field in fields if model.get(sub) else ():
-            model[sub].pop(field)
-    fingerprint = {"model": model, "seq_len": config.train.seq_len, "data": dict(config.data)}
+    fingerprint = {"model": config_fingerprint(mcfg), "seq_len": config.train.seq_len, "data": dict(config.data)}
     if mcfg.scan_layers:  # checkpoints hold the state in the scanned layout; absent (unrolled) in older workdirs
         fingerprint["params_layout"] = "scanned"
     return fingerprint
@@ -179,7 +162,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict.
 
     `stop_after` ends the job after that many steps of this invocation (a checkpoint is written first), which
-    is how tests interrupt and resume a run.
+    is how tests interrupt and resume a run. The loop itself is `nemojax.train.fit.fit` (method "train"); this
+    job adds the config's model, data, learning-rate schedule, throughput metrics and validation.
     """
     workdir = Path(workdir)
     t = config.train
@@ -188,58 +172,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     data_vocab = data.vocab_size(_data_config(config))
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"model vocab_size={mcfg.vocab_size} is smaller than the data's {data_vocab} token ids")
-    checkpoints = Checkpoints(workdir, _fingerprint(mcfg, config), keep=t.keep_checkpoints)
     batches = data.make_dataset(_data_config(config), "train", seq_len=t.seq_len, batch_size=t.batch_size,
                                 seed=t.seed)
-    writer = MetricsWriter(workdir)
     flops_per_token = train_flops_per_token(mcfg, t.seq_len)
     tokens_per_step = t.batch_size * t.seq_len
     peak = config.train.get("peak_flops_per_device") or None
     schedule = make_schedule(optimizer_config(config))
 
-    try:
-        with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.RULES):
-            if checkpoints.latest_step() is not None:
-                state = checkpoints.restore(run.abstract_state, batches)
-            else:
-                state = run.init(jax.random.PRNGKey(t.seed))
-            start = int(state.step)
-            end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-            bar = tqdm(total=t.steps, initial=start, disable=not progress or jax.process_index() != 0,
-                       desc="train", unit="step")
-            last_time, last_step = time.perf_counter(), start
-            for step in range(start, end):
-                batch = _global_batch(next(batches), run.batch_sharding)
-                state, metrics = run.step(state, batch)
-                done = step + 1
-                if done % t.log_every == 0 or done == end:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.perf_counter()
-                    tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
-                    last_time, last_step = now, done
-                    metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_per_s,
-                                   tflops=tokens_per_s * flops_per_token / 1e12)
-                    if peak:
-                        metrics["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
-                    writer.write(done, "train", metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-                if done % t.eval_every == 0 or done == t.steps:
-                    validation = evaluate(run, state.params, config)
-                    writer.write(done, "validation", validation)
-                    if jax.process_index() == 0:  # printed above the progress bar, which would hide it
-                        tqdm.write(f"step {done}: validation loss {validation['loss']:.4f}")
-                    last_time, last_step = time.perf_counter(), done  # tokens/s counts training steps only
-                if done % t.checkpoint_every == 0 or done == end:
-                    checkpoints.save(done, state, batches)
-                    last_time, last_step = time.perf_counter(), done
-                bar.update(1)
-            bar.close()
-            checkpoints.wait()
-            if end < t.steps:
-                print(f"stopped at step {end} of {t.steps}; checkpoint saved, run again to resume", flush=True)
-    finally:
-        checkpoints.close()
-        writer.close()
+    def throughput(step: int, metrics: dict[str, float], steps_per_s: float) -> dict[str, float]:
+        tokens_per_s = tokens_per_step * steps_per_s
+        metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tokens_per_s,
+                       tflops=tokens_per_s * flops_per_token / 1e12)
+        if peak:
+            metrics["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+        return metrics
+
+    def validation(step: int, params: Any) -> dict[str, float] | None:
+        return evaluate(run, params, config) if step % t.eval_every == 0 or step == t.steps else None
+
+    params_rng, state_rng = jax.random.split(jax.random.PRNGKey(t.seed))
+    result = fit(lambda: init_params(mcfg, params_rng), run.loss_fn, run.optimizer, batches, t.steps,
+                 rng=state_rng, mesh=run.mesh, shardings=lambda _: run.state_sharding.params, workdir=workdir,
+                 fingerprint=_fingerprint(mcfg, config), stop_after=stop_after, desc="train", progress=progress,
+                 grad_accum=t.grad_accum, moe_bias_rate=t.moe_bias_rate, log_every=t.log_every,
+                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, on_log=throughput,
+                 evaluate=validation)
+    state = result.state
     history = read_metrics(workdir)
     summary = {
         "workdir": str(workdir), "steps": int(state.step), "params": Model(mcfg, state.params).num_params,

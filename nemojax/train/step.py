@@ -4,8 +4,8 @@
 
 `batch` is a dict of `[B, L]` arrays (`tokens`, `targets`, `loss_mask`, ...). With `grad_accum > 1` the batch is
 split into that many micro-batches along B, whose gradients are averaged (in float32) before one update. The loss
-function has the signature `loss_fn(params, batch, rng) -> (loss, LossAux)`: LM training, distillation and QAD
-differ only in it.
+function has the signature `loss_fn(params, batch, rng, *frozen) -> (loss, LossAux)`, where `frozen` are inputs
+that are not trained (a distillation teacher's params): LM training, distillation and QAD differ only in it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LossAux(NamedTuple):
     expert_load: dict[tuple[str, ...], jax.Array]
 
 
-LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, LossAux]]
+LossFn = Callable[..., tuple[jax.Array, LossAux]]  # (params, batch, rng, *frozen) -> (loss, aux)
 
 
 @jax.tree_util.register_dataclass
@@ -119,8 +119,9 @@ def lm_loss(config: ModelConfig, *, z_loss: float = 0.0, moe_aux_loss: float = 0
 
 
 def make_train_step(optimizer: optax.GradientTransformation, loss_fn: LossFn, *, grad_accum: int = 1,
-                    moe_bias_rate: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """A pure step function (jit it with the shardings of your mesh; see nemojax.train.sharding)."""
+                    moe_bias_rate: float = 0.0) -> Callable[..., tuple[TrainState, dict]]:
+    """A pure step function `step(state, batch, *frozen) -> (state, metrics)`; `frozen` goes to the loss function
+    after the rng. Jit it with the shardings of your mesh (see nemojax.train.fit and nemojax.train.sharding)."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum} is invalid: must be >= 1")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -133,14 +134,14 @@ def make_train_step(optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
 
         return jax.tree.map(split, batch)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: Batch, *frozen: Any) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         if grad_accum == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+            (loss, aux), grads = grad_fn(state.params, batch, step_rng, *frozen)
         else:
             def accumulate(carry, micro):
                 grads_sum, i = carry
-                (loss, aux), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i))
+                (loss, aux), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), *frozen)
                 grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
                 return (grads_sum, i + 1), (loss, aux)
 
