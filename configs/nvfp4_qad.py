@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher = "runs/demo"  # a training workdir or a Hugging Face checkpoint folder (overridden by --teacher)
     c.recipe = "nvfp4"  # a nemojax.quant.named_recipes name
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})  # the teacher's data
+    # the QAD run's mesh layout, as `nemojax train`'s (here every device on fsdp; one CPU is a 1x1x1x1 mesh)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.calibration = ml_collections.ConfigDict({
         "num_sequences": 32, "seq_len": 256, "batch_size": 8, "seed": 1, "method": "max",
     })

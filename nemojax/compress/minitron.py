@@ -135,6 +135,11 @@ def distill_config(config: ml_collections.ConfigDict) -> DistillConfig:
                          seq_len=int(d.seq_len), seed=int(d.seed), optimizer=optimizer)
 
 
+def _mesh(config: ml_collections.ConfigDict) -> dict[str, int] | None:
+    """The distillation run's mesh layout: config.mesh (as `nemojax train`'s) when the config has one."""
+    return config.mesh.to_dict() if "mesh" in config else None
+
+
 def recorded_teacher(workdir: str | Path) -> str | None:
     """The teacher path `prune_job` recorded in workdir/prune.json, if any."""
     record = Path(workdir) / PRUNE_RECORD
@@ -143,10 +148,15 @@ def recorded_teacher(workdir: str | Path) -> str | None:
 
 def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
                 student: Model | None = None, teacher_path: str | Path | None = None, progress: bool = True,
-                log=print) -> dict[str, Any]:
+                log=print, stop_after: int | None = None) -> dict[str, Any]:
     """Distills workdir/pruned (or `student`) from `teacher` for config.distill.steps, saves workdir/distilled and
-    appends the per-step metrics and the final validation losses to workdir/metrics.jsonl; returns a summary
-    {"teacher", "pruned", "distilled": {params, val_loss}, "steps", "seconds"}."""
+    appends the final validation losses to workdir/metrics.jsonl; returns a summary {"teacher", "pruned",
+    "distilled": {params, val_loss}, "steps", "seconds"}.
+
+    The run checkpoints into workdir (run.json, checkpoints/; per-step metrics in metrics.jsonl, split "distill")
+    on the mesh `config.mesh` (when the config has one; else one device) and a rerun resumes it. `stop_after`
+    ends it after that many steps: then only the checkpoint is written and the summary is {"stopped_at",
+    "steps", "seconds"}."""
     from nemojax.interop.hf import load_hf, save_hf
     from nemojax.train.metrics import MetricsWriter
 
@@ -165,22 +175,24 @@ def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str 
     log(f"distill: {student.num_params:,}-parameter student from a {teacher.num_params:,}-parameter teacher, "
         f"{dist_cfg.steps} steps of {dist_cfg.batch_size} x {dist_cfg.seq_len} tokens")
     start = time.perf_counter()
-    distilled, history = distill(student, teacher, dcfg, config=dist_cfg, progress=progress)
+    distilled, history = distill(student, teacher, dcfg, config=dist_cfg, progress=progress, mesh=_mesh(config),
+                                 workdir=workdir, stop_after=stop_after)
     seconds = time.perf_counter() - start
+    done = history[-1]["step"] if history else 0
+    if done < dist_cfg.steps:
+        return {"stopped_at": done, "steps": dist_cfg.steps, "seconds": seconds}
     after = validation_loss(distilled, config)
     out = save_hf(distilled, workdir / DISTILLED_DIR)
     _copy_tokenizer(teacher_path, config, out)
     writer = MetricsWriter(workdir)
     try:
-        for metrics in history:
-            writer.write(int(metrics["step"]), "distill", {k: v for k, v in metrics.items() if k != "step"})
-        writer.write(len(history), "validation", {"loss": after, "pruned_loss": before, "teacher_loss": teacher_loss})
+        writer.write(done, "validation", {"loss": after, "pruned_loss": before, "teacher_loss": teacher_loss})
     finally:
         writer.close()
     summary = {"teacher": {"params": teacher.num_params, "val_loss": teacher_loss},
                "pruned": {"params": student.num_params, "val_loss": before},
                "distilled": {"params": distilled.num_params, "val_loss": after},
-               "steps": len(history), "seconds": seconds,
+               "steps": done, "seconds": seconds,
                "final_kl": history[-1].get("kl") if history else None}
     _write_json(workdir / DISTILL_RECORD, summary)
     return summary

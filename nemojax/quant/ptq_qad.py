@@ -97,10 +97,16 @@ def recorded_teacher(workdir: str | Path) -> str | None:
 
 
 def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
-            student: Model | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+            student: Model | None = None, progress: bool = True, log=print,
+            stop_after: int | None = None) -> dict[str, Any]:
     """QAD of workdir/ptq (or `student`) from the high-precision `teacher` for config.qad.steps; saves
-    workdir/qad, appends per-step metrics and the final validation losses to workdir/metrics.jsonl; returns
-    {"teacher", "ptq", "qad": params, weight_bytes, val_loss; "steps", "seconds", "final_kl"}."""
+    workdir/qad, appends the final validation losses to workdir/metrics.jsonl; returns
+    {"teacher", "ptq", "qad": params, weight_bytes, val_loss; "steps", "seconds", "final_kl"}.
+
+    The run checkpoints into workdir (run.json, checkpoints/; per-step metrics in metrics.jsonl, split "qad") on
+    the mesh `config.mesh` (when the config has one; else one device) and a rerun resumes it. `stop_after` ends
+    it after that many steps: then only the checkpoint is written and the summary is {"stopped_at", "steps",
+    "seconds"}."""
     from nemojax.train.metrics import MetricsWriter
 
     workdir = Path(workdir)
@@ -115,19 +121,22 @@ def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Pa
     before, teacher_summary = _summary(student, config), _summary(teacher, config)
     log(f"qad: {qcfg.steps} steps of {qcfg.batch_size} x {qcfg.seq_len} tokens, KL to the high-precision teacher")
     start = time.perf_counter()
-    trained, history = qad(student, teacher, data_config(config), config=qcfg, progress=progress)
+    mesh = config.mesh.to_dict() if "mesh" in config else None
+    trained, history = qad(student, teacher, data_config(config), config=qcfg, progress=progress, mesh=mesh,
+                           workdir=workdir, stop_after=stop_after)
     seconds = time.perf_counter() - start
+    done = history[-1]["step"] if history else 0
+    if done < qcfg.steps:
+        return {"stopped_at": done, "steps": qcfg.steps, "seconds": seconds}
     after = _summary(trained, config)
     save_quantized(trained, workdir / QAD_DIR)
     writer = MetricsWriter(workdir)
     try:
-        for metrics in history:
-            writer.write(int(metrics["step"]), "qad", {k: v for k, v in metrics.items() if k != "step"})
-        writer.write(len(history), "validation", {"loss": after["val_loss"], "ptq_loss": before["val_loss"],
-                                                  "teacher_loss": teacher_summary["val_loss"]})
+        writer.write(done, "validation", {"loss": after["val_loss"], "ptq_loss": before["val_loss"],
+                                          "teacher_loss": teacher_summary["val_loss"]})
     finally:
         writer.close()
-    summary = {"teacher": teacher_summary, "ptq": before, "qad": after, "steps": len(history), "seconds": seconds,
+    summary = {"teacher": teacher_summary, "ptq": before, "qad": after, "steps": done, "seconds": seconds,
                "final_kl": history[-1].get("kl") if history else None}
     _write_json(workdir / QAD_RECORD, summary)
     return summary
