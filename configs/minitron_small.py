@@ -12,7 +12,8 @@
 # (validation loss 1.52 nats/byte): pruned 1.94, after 60 distillation steps 1.56 (40 steps, the default here,
 # keeps `make demo`'s added stage to about 2-3 minutes on a 2-core CPU), all far under the corpus' unigram entropy
 # (3.27). Outputs: runs/minitron/scores.npz (reused when present), pruned/ and distilled/ (Hugging Face
-# checkpoints; the byte tokenizer has no tokenizer.json, so generate takes --tokenizer byte), metrics.jsonl.
+# checkpoints; the byte tokenizer has no tokenizer.json, so generate takes --tokenizer byte), metrics.jsonl. `make
+# demo` runs the same stage into runs/demo/minitron and draws runs/demo/minitron/compression.png.
 import ml_collections
 
 
@@ -20,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.teacher = "runs/demo"  # a training workdir or a Hugging Face checkpoint folder (overridden by --teacher)
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})  # the teacher's data
+    # the distillation run's mesh layout, as `nemojax train`'s (here every device on fsdp; one CPU is a 1x1x1x1 mesh)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.calibration = ml_collections.ConfigDict({
         "num_sequences": 64, "seq_len": 256, "batch_size": 8, "seed": 1, "agg": "mean_l2",
     })

@@ -11,6 +11,18 @@ import jax.numpy as jnp
 import pytest
 
 from nemojax import cli, config_files
+from tests.test_readme import documented
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_checkout(tmp_path, monkeypatch):
+    """A scratch working directory that sees the repository's configs/ as ./configs, as a checkout does, so the
+    documented commands run with their relative paths (runs/demo, configs/x.py) as written."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def test_forward_runs_a_forward_pass(capsys):
@@ -46,16 +58,49 @@ def test_tokenizer_train_writes_a_loadable_tokenizer(tmp_path, capsys):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_demo_trains_and_compares_with_unigram_entropy(tmp_path, capsys):
-    """`nemojax demo` (shortened) trains, evaluates and writes the loss curve and metrics."""
-    cli.main(["demo", "--workdir", str(tmp_path), "--no-progress", "--config.train.steps=4",
-              "--config.train.batch_size=2", "--config.train.seq_len=64", "--config.train.eval_batches=1",
-              "--config.optimizer.warmup_steps=1", "--config.model.overrides.pattern=M*-",
-              "--no-compress", "--no-quantize"])
+# `make demo` is `nemojax demo --workdir runs/demo` (tests/test_readme.py checks the Makefile); these make it tiny.
+DEMO_TINY = ["--no-progress", "--config.train.steps=4", "--config.train.batch_size=2", "--config.train.seq_len=64",
+             "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.optimizer.warmup_steps=1",
+             "--config.model.overrides.pattern=M*-", "--config.model.overrides.hidden_size=64",
+             "--config.model.overrides.intermediate_size=128", "--config.model.overrides.mamba.num_heads=4",
+             "--config.model.overrides.mamba.head_dim=16", "--config.model.overrides.mamba.n_groups=2",
+             "--config.model.overrides.mamba.state_size=16", "--config.model.overrides.attention.num_heads=2",
+             "--config.model.overrides.attention.num_kv_heads=1", "--config.model.overrides.attention.head_dim=32"]
+DEMO_STAGES_TINY = [
+    *(f"--compress-override={o}" for o in ("calibration.num_sequences=2", "calibration.batch_size=2",
+                                           "calibration.seq_len=32", "prune.hidden=48", "prune.ffn=96",
+                                           "prune.mamba_heads=2", "distill.steps=2", "distill.batch_size=2",
+                                           "distill.seq_len=32", "distill.warmup_steps=1", "eval.batches=1",
+                                           "eval.batch_size=2", "eval.seq_len=32")),
+    *(f"--quant-override={o}" for o in ("calibration.num_sequences=2", "calibration.batch_size=2",
+                                        "calibration.seq_len=32", "qad.steps=2", "qad.batch_size=2", "qad.seq_len=32",
+                                        "qad.warmup_steps=1", "eval.batches=1", "eval.batch_size=2",
+                                        "eval.seq_len=32")),
+]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_with_figures_and_validation_losses(in_checkout, capsys):
+    """`make demo`'s job, tiny: training prints its validation losses as it goes; each stage (training,
+    compression, quantization) writes its PNG and prints its models' validation losses; the quantization table
+    names the teacher by its real dtype."""
+    cli.main(["demo", "--workdir", "runs/demo", *DEMO_TINY, *DEMO_STAGES_TINY])
     out = capsys.readouterr().out
+    work = in_checkout / "runs" / "demo"
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [2, 4]
+    for r in validation:  # printed during training, equal to what metrics.jsonl records
+        assert f"step {r['step']}: validation loss {r['loss']:.4f}" in out
     assert re.search(r"validation loss [0-9.]+ nats/token vs the corpus' unigram entropy 3\.[0-9]+", out)
-    assert (tmp_path / "loss.png").stat().st_size > 1000
-    assert (tmp_path / "metrics.jsonl").exists()
+    for figure in ("loss.png", "minitron/compression.png", "nvfp4/quantization.png"):
+        assert (work / figure).stat().st_size > 5000, figure
+    distill = json.loads((work / "minitron" / "distill.json").read_text())
+    assert re.search(rf"pruned \+ distilled\s+[0-9,]+\s+{distill['distilled']['val_loss']:.3f}", out)
+    qad = json.loads((work / "nvfp4" / "qad.json").read_text())
+    assert re.search(rf"teacher \(float32\)\s+[0-9.]+\s+{qad['teacher']['val_loss']:.3f}", out)
+    assert re.search(rf"nvfp4 QAD\s+[0-9.]+\s+{qad['qad']['val_loss']:.3f}", out)
+    assert "bfloat16)" not in out  # the float32 teacher is not called a bfloat16 one
 
 
 # ---------------------------------------------------------------------------------------------- nemojax generate
@@ -150,15 +195,17 @@ def _save_workdir(tiny, workdir):
     return newest
 
 
-def test_generate_from_a_training_workdir(tiny, tmp_path, capsys):
+def test_generate_from_a_training_workdir(tiny, in_checkout, capsys):
     """run.json + orbax: the newest step's params come back exactly, the tokenizer is run.json's ("byte"), and
-    the CLI prints generate()'s text for them."""
+    README's first generate command (on runs/demo) prints generate()'s seeded sample for them."""
     import jax
     import numpy as np
 
     from nemojax.data.tokenizers import ByteTokenizer
+    from nemojax.infer.generate import generate
     from nemojax.infer.load import load_checkpoint
 
+    tmp_path = in_checkout / "runs" / "demo"
     params = _save_workdir(tiny, tmp_path)
     model, tokenizer = load_checkpoint(tmp_path)
     assert model.config == tiny.config and isinstance(tokenizer, ByteTokenizer)
@@ -167,9 +214,10 @@ def test_generate_from_a_training_workdir(tiny, tmp_path, capsys):
     older, _ = load_checkpoint(tmp_path, step=3)
     assert not np.array_equal(np.asarray(jax.tree.leaves(older.params)[0]), np.asarray(jax.tree.leaves(params)[0]))
 
-    cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", str(NEW),
-              "--no-stream"])
-    assert capsys.readouterr().out == _reference(tiny, [PROMPT]).text[0] + "\n"
+    cli.main(documented('nemojax generate --checkpoint runs/demo --prompt "def read_config(path):" --max-new-tokens 200 --temperature 0.8 --top-p 0.95'))  # noqa: E501
+    want = generate(tiny, ["def read_config(path):"], max_new_tokens=200, tokenizer=ByteTokenizer(),
+                    temperature=0.8, top_p=0.95, seed=0)
+    assert capsys.readouterr().out == want.text[0] + "\n" and want.text[0].strip()
 
 
 def test_generate_chat_prints_the_thinking_block_and_the_answer(tiny, hf_dir, tmp_path, capsys):
@@ -190,6 +238,26 @@ def test_generate_chat_prints_the_thinking_block_and_the_answer(tiny, hf_dir, tm
                        for i, (p, r, a) in enumerate(zip(prompts, out.reasoning, out.answer, strict=True)))
     assert capsys.readouterr().out == expected
     assert all("</think>" in text for text in out.text)  # the budget closed every block: a real split
+
+
+def test_documented_chat_command_uses_the_checkpoints_own_tokenizer(in_checkout, capsys):
+    """README's chat command on a Hugging Face folder named hf_dir that carries its tokenizer.json (a small BPE
+    here): the streamed reply is `chat()`'s for that tokenizer with the reasoning toggle on and the budget."""
+    import nemojax
+    from nemojax.data import DataConfig, documents, load_tokenizer, train_bpe
+    from nemojax.infer.chat import chat
+
+    model = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", pattern="M*-", dtype="float32"), 0)
+    folder = nemojax.save_hf(model, in_checkout / "hf_dir")
+    docs = documents(DataConfig(kind="stdlib"), "train")
+    train_bpe((docs[i] for i in range(10)), 300, folder / "tokenizer.json")
+    argv = documented('nemojax generate --checkpoint hf_dir --chat --thinking on --thinking-budget 512 --prompt "..."')
+    cli.main(argv + ["--max-new-tokens", str(NEW)])
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.vocab_size == 300 <= model.config.vocab_size
+    want = chat(model, tokenizer, [{"role": "user", "content": "..."}], thinking="on", thinking_budget=512,
+                max_new_tokens=NEW)
+    assert capsys.readouterr().out == want.text[0] + "\n"
 
 
 def test_generate_errors_name_the_path(tmp_path, hf_dir):
@@ -233,7 +301,7 @@ def test_memory_answers_the_nano2_128k_question(capsys) -> None:
     tests/infer/test_memory.py) = 20,067,486,720 bytes, which fits a 22 GiB A10G."""
     from nemojax.cli import main
 
-    main(["memory", "--preset", "nemotron-nano-9b-v2", "--context", "131072", "--budget-gib", "22"])
+    main(documented("nemojax memory --preset nemotron-nano-9b-v2 --context 131072 --budget-gib 22"))
     out = capsys.readouterr().out
     assert "20,067,486,720" in out and "fits in 22 GiB" in out
     main(["memory", "--preset", "nemotron-nano-9b-v2", "--context", "131072", "--budget-gib", "18"])
@@ -250,17 +318,19 @@ COMPRESS = ["--config", str(cli.COMPRESS_CONFIG),
             "--config.eval.batches=1", "--config.eval.batch_size=2", "--config.eval.seq_len=32"]
 
 
-def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
-    """`nemojax prune` saves a Hugging Face student of the target sizes whose size it prints; a second prune reuses
-    scores.npz; `nemojax distill` saves the distilled student and logs metrics."""
+def test_prune_then_distill_write_loadable_checkpoints(in_checkout, capsys):
+    """The documented `nemojax prune` (teacher runs/demo, here a Hugging Face folder) saves a student of the target
+    sizes whose size it prints; a second prune reuses scores.npz; `nemojax distill` saves the distilled student
+    and logs metrics; `nemojax generate` samples it."""
     import nemojax
     from nemojax import compress
     from nemojax.compress import minitron
 
     teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
-    teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
-    work = tmp_path / "minitron"
-    cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(work), *COMPRESS])
+    teacher_dir = nemojax.save_hf(teacher, in_checkout / "runs" / "demo")
+    work = in_checkout / "runs" / "minitron"
+    prune = documented("nemojax prune --config configs/minitron_small.py --teacher runs/demo --workdir runs/minitron")
+    cli.main(prune + COMPRESS[2:])
     out = capsys.readouterr().out
     pruned = nemojax.load_hf(work / "pruned")
     cfg = pruned.config
@@ -268,7 +338,7 @@ def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
     assert cfg.attention.num_heads == teacher.config.attention.num_heads
     printed = int(re.search(r"pruned: ([0-9,]+) parameters", out).group(1).replace(",", ""))
     assert printed == pruned.num_params < teacher.num_params
-    assert f"teacher {teacher_dir}: {teacher.num_params:,} parameters" in out
+    assert f"teacher runs/demo: {teacher.num_params:,} parameters" in out and teacher_dir.is_dir()
     losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+) nats/token", out)]
     assert len(losses) == 2 and all(4.0 < x < 7.0 for x in losses)  # random models: near log(260) = 5.56
     # the pruned student is the prune of the teacher by the saved scores
@@ -277,11 +347,12 @@ def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), want.params, pruned.params)))
 
     scores_mtime = (work / "scores.npz").stat().st_mtime_ns
-    cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(work), *COMPRESS])
+    cli.main(prune + COMPRESS[2:])
     assert "reusing importance scores" in capsys.readouterr().out
     assert (work / "scores.npz").stat().st_mtime_ns == scores_mtime
 
-    cli.main(["distill", "--workdir", str(work), "--no-progress", *COMPRESS])  # the teacher from prune.json
+    cli.main(documented("nemojax distill --config configs/minitron_small.py --workdir runs/minitron")
+             + ["--no-progress", *COMPRESS[2:]])  # the teacher from prune.json
     out = capsys.readouterr().out
     distilled = nemojax.load_hf(work / "distilled")
     assert distilled.config == cfg and distilled.num_params == pruned.num_params
@@ -295,6 +366,10 @@ def test_prune_then_distill_write_loadable_checkpoints(tmp_path, capsys):
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "distill"] == [1, 2]
     assert all(r["kl"] >= 0 for r in records if r["split"] == "distill")
+
+    generate = documented('nemojax generate --checkpoint runs/minitron/distilled --tokenizer byte --prompt "def main("')
+    cli.main(generate + ["--max-new-tokens", str(NEW), "--no-stream"])
+    assert capsys.readouterr().out == _reference(distilled, ["def main("]).text[0] + "\n"
 
 
 def test_prune_errors_name_the_target(tmp_path):
@@ -320,17 +395,20 @@ QUANTIZE = ["--config", str(cli.QUANT_CONFIG),
             "--config.eval.batches=1", "--config.eval.batch_size=2", "--config.eval.seq_len=32"]
 
 
-def test_quantize_then_qad_write_nvidia_checkpoints(tmp_path, capsys):
-    """`nemojax quantize` saves a calibrated NVFP4 checkpoint (ModelOpt layout) whose weights it reports at about
-    4.5/16 of bfloat16; `nemojax qad` (teacher from quantize.json) distils it and saves another; bad recipes stop
-    with an error naming them, before anything is saved."""
+def test_quantize_then_qad_write_nvidia_checkpoints(in_checkout, capsys):
+    """The documented `nemojax quantize` saves a calibrated NVFP4 checkpoint (ModelOpt layout) whose weights it
+    reports at about 4.5/16 of bfloat16; `nemojax qad` (teacher from quantize.json) distils it and saves another;
+    `nemojax generate` and `nemojax.load_hf` read that float8-scaled checkpoint back (they used to fail: numpy has
+    no float8_e4m3fn); bad recipes stop with an error naming them, before anything is saved."""
     import nemojax
     from nemojax import quant
 
+    tmp_path = in_checkout
     teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
-    teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
-    work = tmp_path / "nvfp4"
-    cli.main(["quantize", "--teacher", str(teacher_dir), "--workdir", str(work), *QUANTIZE])
+    teacher_dir = nemojax.save_hf(teacher, tmp_path / "runs" / "demo")
+    work = tmp_path / "runs" / "nvfp4"
+    cli.main(documented("nemojax quantize --config configs/nvfp4_qad.py --teacher runs/demo --workdir runs/nvfp4")
+             + QUANTIZE[2:])
     out = capsys.readouterr().out
     ptq = quant.load_quantized(work / "ptq")
     assert ptq.config.quant is not None
@@ -339,9 +417,17 @@ def test_quantize_then_qad_write_nvidia_checkpoints(tmp_path, capsys):
     teacher_mb, ptq_mb = record["teacher"]["weight_bytes"], record["ptq"]["weight_bytes"]
     assert ptq_mb < 0.5 * teacher_mb  # the linears (most weights) at 4.5 bits instead of 16
     assert f"{ptq_mb / 1e6:.2f}" in out and record["ptq"]["val_loss"] > 0
-    cli.main(["qad", "--workdir", str(work), "--no-progress", *QUANTIZE])
+    cli.main(documented("nemojax qad --config configs/nvfp4_qad.py --workdir runs/nvfp4")
+             + ["--no-progress", *QUANTIZE[2:]])
     out = capsys.readouterr().out
     qad = quant.load_quantized(work / "qad")
+    loaded = nemojax.load_hf(work / "qad")  # the same fake-quantized model, float8 block scales included
+    assert loaded.config == qad.config
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(qad.params), strict=True):
+        assert a.dtype == b.dtype and bool(jnp.array_equal(a, b))
+    generate = documented('nemojax generate --checkpoint runs/nvfp4/qad --tokenizer byte --prompt "def main("')
+    cli.main(generate + ["--max-new-tokens", str(NEW), "--no-stream"])
+    assert capsys.readouterr().out == _reference(qad, ["def main("]).text[0] + "\n"
     assert qad.config.pattern == teacher.config.pattern
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "qad"] == [1, 2]
