@@ -107,3 +107,15 @@ def test_mtp_speculative_experiment_runs(in_checkout):
                            "--workdir", str(in_checkout / "runs" / "mtp"), "--out", str(out)])
     assert code in (0, None)
     assert json.loads(out.read_text())["passed"] is True
+
+
+def test_stated_sizes_match_the_configs():
+    """The figures a header states are the config's: small_hybrid's parameter count (it said "~25M" for 22.1M),
+    minitron_small's pruned size."""
+    import re
+
+    small = model_config(config_files.load(ROOT / "configs" / "small_hybrid.py"))
+    stated = float(re.search(r"a ([0-9.]+)M-parameter hybrid", (ROOT / "configs" / "small_hybrid.py").read_text())[1])
+    assert stated == round(param_count(small) / 1e6, 1)
+    header = (ROOT / "configs" / "minitron_small.py").read_text()
+    assert f"Expect {param_count(small) / 1e6:.1f}M ->" in header

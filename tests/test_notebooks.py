@@ -35,6 +35,14 @@ def test_ipynb_is_paired_with_py(name):
     assert any("image/png" in o.get("data", {}) for cell in code for o in cell.outputs), "no figure in the outputs"
 
 
+def test_readme_lists_every_notebook():
+    """notebooks/README.md describes each notebook there is (it once listed one of two)."""
+    readme = (NOTEBOOKS / "README.md").read_text()
+    notebooks = sorted(p.name for p in NOTEBOOKS.glob("*.py") if p.with_suffix(".ipynb").exists())
+    assert notebooks == ["minitron.py", "nvfp4_qad.py"]
+    assert all(f"- `{name}`" in readme for name in notebooks)
+
+
 def test_execute_records_prints_figures_and_the_last_value(tmp_path):
     """notebooks/execute.py (`make notebooks`): a cell's print is a stream output, its open figure a PNG, its
     final expression an execute_result, in the written .ipynb."""
