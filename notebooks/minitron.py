@@ -24,7 +24,7 @@
 #
 # Here the teacher is the `nemotron-h-8b-tiny` preset (pattern `M-M*-MM-`: Mamba-2, MLP and one attention
 # layer, hidden 64) trained briefly on the Python standard library with the byte tokenizer. We width-prune it to
-# about half its parameters, depth-prune it to the same budget, distill both and compare.
+# about half its parameters, depth-prune it to half its layers, distill both and compare.
 #
 # **Scale.** By default the notebook runs a meaningful (few-minute, CPU) experiment. With the environment
 # variable `NEMOJAX_NOTEBOOK_QUICK=1` it runs at test scale (well under a minute); the test suite executes it
