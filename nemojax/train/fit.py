@@ -47,7 +47,8 @@ ShardingsFn = Callable[[Mesh], Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped without checkpointing the diverged state."""
+    """The training loss or its gradient became NaN or infinite; the run stopped without checkpointing the
+    diverged state."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,15 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 def _guarded(step_fn: Callable) -> Callable:
-    """step_fn with a running marker `bad` (int32 scalar): 0 while every loss so far is finite, else the first
-    step (1-based) whose loss was not. It stays on device, so the host checks it only when it syncs anyway."""
+    """step_fn with a running marker `bad` (int32 scalar): 0 while every loss and gradient norm so far is finite,
+    else the first step (1-based) where one was not. A non-finite gradient with a finite loss still turns the
+    params to NaN (Adam's inf / inf), so both are watched. The marker stays on device, so the host reads it only
+    when it syncs anyway."""
 
     def step(state: TrainState, batch: Batch, bad: jax.Array, *frozen: Any) -> tuple[TrainState, dict, jax.Array]:
         new_state, metrics = step_fn(state, batch, *frozen)
-        bad = jnp.where((bad == 0) & ~jnp.isfinite(metrics["loss"]), new_state.step, bad)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", 0.0))
+        bad = jnp.where((bad == 0) & ~finite, new_state.step, bad)
         return new_state, metrics, bad
 
     return step
@@ -291,9 +295,9 @@ def _raise_if_diverged(bad: jax.Array, desc: str, checkpoints: Checkpoints | Non
     if first:
         kept = checkpoints.latest_step() if checkpoints is not None else None
         where = f"; the newest checkpoint (step {kept}) is left as it was" if kept is not None else ""
-        raise NonFiniteLossError(f"{desc}: the loss is not finite (NaN or inf) at step {first}; stopped without "
-                                 f"checkpointing the diverged state{where}. Lower the learning rate or check the "
-                                 "data and the initial params")
+        raise NonFiniteLossError(f"{desc}: the loss or its gradient is not finite (NaN or inf) at step {first}; "
+                                 f"stopped without checkpointing the diverged state{where}. Lower the learning "
+                                 "rate or check the data and the initial params")
 
 
 def _logged(workdir: Path, split: str) -> list[dict[str, float]]:

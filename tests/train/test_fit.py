@@ -18,6 +18,7 @@ import pytest
 
 from nemojax.errors import CheckpointError
 from nemojax.train.fit import NonFiniteLossError, fit
+from nemojax.train.metrics import read_metrics
 from nemojax.train.step import LossAux, TrainState, make_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,11 +94,45 @@ def test_stopped_and_resumed_equals_straight(tmp_path):
 
 def test_non_finite_loss_stops_before_checkpointing(tmp_path):
     """Batch 4 (step 4) has a NaN target: the run raises naming step 4, and the newest checkpoint stays step 3."""
-    with pytest.raises(NonFiniteLossError, match="not finite .* at step 4.*checkpoint \\(step 3\\)"):
+    with pytest.raises(NonFiniteLossError, match="loss or its gradient is not finite .* at step 4.*checkpoint "
+                                                 "\\(step 3\\)"):
         _fit(batches=_batches(poison=3), workdir=tmp_path, checkpoint_every=1)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2, 3]
     with pytest.raises(NonFiniteLossError, match="at step 4"):  # in memory too
         _fit(batches=_batches(poison=3))
+
+
+@jax.custom_vjp
+def _blows_up_backward(w, flag):
+    """Identity forward; backward multiplies the gradient by inf where flag > 0 (a finite loss, an inf gradient)."""
+    return w
+
+
+def _blows_up_fwd(w, flag):
+    return w, flag
+
+
+def _blows_up_bwd(flag, g):
+    return g * jnp.where(jnp.max(flag) > 0, jnp.inf, 1.0), jnp.zeros_like(flag)
+
+
+_blows_up_backward.defvjp(_blows_up_fwd, _blows_up_bwd)
+
+
+def test_non_finite_gradient_with_a_finite_loss_stops_too(tmp_path):
+    """Step 4's loss is finite but its gradient is inf (which would turn Adam's params to NaN): also stopped."""
+    batches = _batches()
+    for i, batch in enumerate(batches):
+        batch["flag"] = np.full((4, 1), float(i == 3), np.float32)
+
+    def loss(params, batch, rng, scale):
+        return _loss({**params, "w": _blows_up_backward(params["w"], batch["flag"])}, batch, rng, scale)
+
+    with pytest.raises(NonFiniteLossError, match="gradient is not finite .* at step 4"):
+        fit(PARAMS, loss, OPTIMIZER, iter(batches), STEPS, rng=jax.random.key(3), frozen=(jnp.float32(2.0),),
+            workdir=tmp_path, checkpoint_every=1)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # step 4's loss (finite) was not logged
 
 
 def test_bad_inputs_are_refused(tmp_path):
@@ -113,6 +148,16 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=message):
         fit(wider, _loss, OPTIMIZER, iter(_batches()), STEPS, rng=jax.random.key(3), frozen=(jnp.float32(2.0),),
             workdir=tmp_path)
+
+
+def test_one_checkpoint_error():
+    """Training workdirs and Hugging Face checkpoints raise the same CheckpointError, a ValueError (bad input)."""
+    import nemojax
+    from nemojax.interop import hf
+    from nemojax.train import checkpoint
+
+    assert nemojax.CheckpointError is hf.CheckpointError is checkpoint.CheckpointError is CheckpointError
+    assert issubclass(CheckpointError, ValueError)
 
 
 # ----------------------------------------------------------------------------- distill and QAD on 8 devices

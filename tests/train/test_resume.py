@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from nemojax import config_files
-from nemojax.train.checkpoint import CheckpointError
+from nemojax.errors import CheckpointError
 from nemojax.train.loop import restore_model, train
 from nemojax.train.metrics import read_metrics
 

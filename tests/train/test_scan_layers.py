@@ -14,9 +14,9 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from nemojax import config_files
+from nemojax.errors import CheckpointError
 from nemojax.model import abstract_params
 from nemojax.train import loop, sharding
-from nemojax.train.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 B, L = 4, 16
