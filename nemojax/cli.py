@@ -13,13 +13,15 @@
         student as a Hugging Face checkpoint in workdir/pruned; prints parameters and validation loss before/after
     nemojax distill --config configs/minitron_small.py --workdir runs/minitron [--teacher DIR --config.distill.steps=60]
         logit distillation of workdir/pruned from the teacher (default: the one `prune` used) into workdir/distilled;
-        prints the validation loss before/after and the teacher's; metrics in workdir/metrics.jsonl
+        prints the validation loss before/after and the teacher's; metrics in workdir/metrics.jsonl; checkpoints
+        in the workdir, so a rerun resumes (--stop-after N ends after N steps)
     nemojax quantize --config configs/nvfp4_qad.py --teacher runs/demo --workdir runs/nvfp4 [--config.recipe=fp8]
         post-training quantization: apply a recipe (nemojax.quant.recipes), calibrate on training batches, save the
         quantized checkpoint in NVIDIA's ModelOpt layout in workdir/ptq; prints weight storage and validation loss
     nemojax qad --config configs/nvfp4_qad.py --workdir runs/nvfp4 [--teacher DIR --config.qad.steps=60]
         quantization-aware distillation of workdir/ptq from the high-precision teacher (default: the one
-        `quantize` used) into workdir/qad; prints the validation losses; metrics in workdir/metrics.jsonl
+        `quantize` used) into workdir/qad; prints the validation losses; metrics in workdir/metrics.jsonl;
+        checkpoints in the workdir, so a rerun resumes (--stop-after N ends after N steps)
     nemojax forward [--preset nemotron-3-super-120b-a12b] [--seq 64]
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
@@ -38,7 +40,7 @@
         `nemojax train` workdir (run.json + orbax checkpoints; the newest step). Greedy unless --temperature > 0.
         --chat sends each prompt as a user message (after --system) through a chat template (--chat-template, else the
         one beside the tokenizer.json, else a plain "role: content" fallback); --thinking sets the reasoning toggle and
-        --thinking-budget N forces "</think>" after N thinking tokens (spec E.1, E.2). With one prompt the
+        --thinking-budget N forces "</think>" after N thinking tokens (arXiv 2505.00949; Nano 2). With one prompt the
         completion is streamed to stdout as it is generated (unless --no-stream); otherwise each completion is
         printed at the end, a chat reply that thought as "<think>\n{reasoning}\n</think>\n{answer}" (the tags
         written out even when they are special tokens, which streaming drops). Only completions go to stdout; a
@@ -60,9 +62,11 @@ import jax.numpy as jnp
 from nemojax import presets
 from nemojax.model import Model, param_count
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small_hybrid.py"
-COMPRESS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minitron_small.py"
-QUANT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nvfp4_qad.py"
+# Config names, found by `config_files.resolve`: ./configs/<name> when the working directory has one (a checkout),
+# else the copy shipped inside the package (a plain `pip install`).
+DEMO_CONFIG = "configs/small_hybrid.py"
+COMPRESS_CONFIG = "configs/minitron_small.py"
+QUANT_CONFIG = "configs/nvfp4_qad.py"
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -91,9 +95,9 @@ def _demo(args: argparse.Namespace) -> None:
 def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
     """The demo's second stage: prune the trained model to about half and distill it back (Minitron)."""
     from nemojax import config_files
-    from nemojax.compress import pipeline
+    from nemojax.compress import minitron as pipeline
 
-    config = config_files.load(args.compress_config)
+    config = config_files.load(args.compress_config, args.compress_override or [])
     config.data = train_config.data  # the teacher's own data
     out = workdir / "minitron"
     print(f"\ncompression: Minitron pruning + distillation of the trained model ({args.compress_config}) in {out}")
@@ -108,16 +112,22 @@ def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teache
                           ("pruned", summary["pruned"]["params"], summary["pruned"]["val_loss"]),
                           ("pruned + distilled", summary["distilled"]["params"], summary["distilled"]["val_loss"])],
                          entropy))
+    figure = _stage_figure(out / "compression.png", "Minitron: prune to about half, then distill", [
+        ("teacher", summary["teacher"]["val_loss"], f"{summary['teacher']['params'] / 1e6:.1f}M params"),
+        ("pruned", summary["pruned"]["val_loss"], f"{summary['pruned']['params'] / 1e6:.1f}M params"),
+        ("pruned + distilled", summary["distilled"]["val_loss"], f"{summary['distilled']['params'] / 1e6:.1f}M params"),
+    ], out, "distill", "KL to the teacher (nats/token)", entropy)
     print(f"checkpoints: {out / pipeline.PRUNED_DIR}, {out / pipeline.DISTILLED_DIR} "
-          f"(nemojax generate --checkpoint {out / pipeline.DISTILLED_DIR} --tokenizer byte --prompt ...)")
+          f"(nemojax generate --checkpoint {out / pipeline.DISTILLED_DIR} --tokenizer byte --prompt ...); "
+          f"figure: {figure}")
 
 
 def _demo_quantize(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
     """The demo's third stage: NVFP4 post-training quantization, then quantization-aware distillation."""
     from nemojax import config_files
-    from nemojax.quant import pipeline
+    from nemojax.quant import ptq_qad as pipeline
 
-    config = config_files.load(args.quant_config)
+    config = config_files.load(args.quant_config, args.quant_override or [])
     config.data = train_config.data
     out = workdir / "nvfp4"
     print(f"\nquantization: {config.recipe} PTQ + QAD of the trained model ({args.quant_config}) in {out}")
@@ -126,13 +136,32 @@ def _demo_quantize(args: argparse.Namespace, train_config, workdir: Path, teache
     summary = pipeline.qad_job(config, teacher, out, progress=not args.no_progress)
     print(f"QAD for {summary['steps']} steps in {summary['seconds']:.0f} s; quantization stage "
           f"{time.perf_counter() - start:.0f} s in all\n")
-    print(pipeline.table([("teacher (bfloat16)", ptq["teacher"]), (f"{config.recipe} PTQ", summary["ptq"]),
-                          (f"{config.recipe} QAD", summary["qad"])], entropy))
-    print(f"quantized checkpoints (NVIDIA ModelOpt layout): {out / pipeline.PTQ_DIR}, {out / pipeline.QAD_DIR}")
+    teacher_name = f"teacher ({teacher.config.param_dtype})"
+    rows = [(teacher_name, ptq["teacher"]), (f"{config.recipe} PTQ", summary["ptq"]),
+            (f"{config.recipe} QAD", summary["qad"])]
+    print(pipeline.table(rows, entropy))
+    print("(weights MB: the stored size, counting every unquantized tensor in bfloat16, as a checkpoint would be "
+          f"saved; the {teacher.config.param_dtype} teacher in memory is {teacher.num_params * 4 / 1e6:.1f} MB)"
+          if teacher.config.param_dtype == "float32" else "(weights MB: the stored size)")
+    figure = _stage_figure(out / "quantization.png", f"{config.recipe} PTQ, then QAD from the teacher",
+                           [(name, s["val_loss"], f"{s['weight_bytes'] / 1e6:.1f} MB") for name, s in rows],
+                           out, "qad", "KL to the teacher (nats/token)", entropy)
+    print(f"quantized checkpoints (NVIDIA ModelOpt layout): {out / pipeline.PTQ_DIR}, {out / pipeline.QAD_DIR} "
+          f"(nemojax generate --checkpoint {out / pipeline.QAD_DIR} --tokenizer byte --prompt ...); figure: {figure}")
+
+
+def _stage_figure(path: Path, title: str, rows, workdir: Path, split: str, label: str, entropy: float) -> Path:
+    """A demo stage's PNG: its models' validation losses and the recovery run's per-step KL (metrics.jsonl)."""
+    from nemojax.demo_figures import stage_figure
+    from nemojax.train.metrics import read_metrics
+
+    # a rerun appends to metrics.jsonl: the newest record of each step wins
+    curve = {m["step"]: m["kl"] for m in read_metrics(workdir) if m["split"] == split and "kl" in m}
+    return stage_figure(path, title, rows, sorted(curve.items()), label, entropy)
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from nemojax.quant import pipeline
+    from nemojax.quant import ptq_qad as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
@@ -146,15 +175,18 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _qad(args: argparse.Namespace) -> None:
-    from nemojax.quant import pipeline
+    from nemojax.quant import ptq_qad as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
     teacher = _load_teacher(teacher_path, "qad")
     try:
-        summary = pipeline.qad_job(config, teacher, args.workdir, progress=not args.no_progress)
-    except ValueError as error:
+        summary = pipeline.qad_job(config, teacher, args.workdir, progress=not args.no_progress,
+                                   stop_after=args.stop_after)
+    except (ValueError, FloatingPointError) as error:  # FloatingPointError: the loss diverged (NonFiniteLossError)
         raise SystemExit(f"nemojax qad: error: {error}") from error
+    if "stopped_at" in summary:
+        return  # the fit loop said where it stopped; rerun to resume
     print(pipeline.table([("teacher", summary["teacher"]), ("PTQ", summary["ptq"]), ("QAD", summary["qad"])]))
     print(f"saved {Path(args.workdir) / pipeline.QAD_DIR} after {summary['steps']} steps in "
           f"{summary['seconds']:.0f} s")
@@ -184,7 +216,7 @@ def _load_teacher(path: str, job: str) -> Model:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from nemojax.compress import pipeline
+    from nemojax.compress import minitron as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
@@ -201,16 +233,18 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from nemojax.compress import pipeline
+    from nemojax.compress import minitron as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
     teacher = _load_teacher(teacher_path, "distill")
     try:
         summary = pipeline.distill_job(config, teacher, args.workdir, teacher_path=teacher_path,
-                                       progress=not args.no_progress)
-    except ValueError as error:
+                                       progress=not args.no_progress, stop_after=args.stop_after)
+    except (ValueError, FloatingPointError) as error:  # FloatingPointError: the loss diverged (NonFiniteLossError)
         raise SystemExit(f"nemojax distill: error: {error}") from error
+    if "stopped_at" in summary:
+        return  # the fit loop said where it stopped; rerun to resume
     print(f"teacher {teacher_path}: {summary['teacher']['params']:,} parameters, validation loss "
           f"{summary['teacher']['val_loss']:.3f} nats/token")
     print(f"student: {summary['distilled']['params']:,} parameters, validation loss "
@@ -423,6 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--no-quantize", action="store_true", help="skip the NVFP4 PTQ + QAD stage")
     demo.add_argument("--quant-config", default=str(QUANT_CONFIG),
                       help="the quantization config of the PTQ + QAD stage")
+    demo.add_argument("--compress-override", action="append", metavar="KEY=VALUE",
+                      help="an override of the compression config (e.g. distill.steps=10); repeatable")
+    demo.add_argument("--quant-override", action="append", metavar="KEY=VALUE",
+                      help="an override of the quantization config (e.g. qad.steps=10); repeatable")
     demo.set_defaults(run=_demo)
     for name, helptext in (("prune", "Minitron pruning of a teacher checkpoint into workdir/pruned"),
                            ("distill", "distill workdir/pruned from the teacher into workdir/distilled")):
@@ -434,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                               + ("" if name == "prune" else ", or the one `prune` recorded") + ")")
         if name == "distill":
             job.add_argument("--no-progress", action="store_true", help="no progress bar")
+            job.add_argument("--stop-after", type=int, default=None,
+                             help="stop after this many steps (checkpointed in the workdir); run again to resume")
         job.set_defaults(run=_prune if name == "prune" else _distill)
     for name, helptext in (("quantize", "post-training quantization of a teacher into workdir/ptq"),
                            ("qad", "quantization-aware distillation of workdir/ptq into workdir/qad")):
@@ -445,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
                               + ("" if name == "quantize" else ", or the one `quantize` recorded") + ")")
         if name == "qad":
             job.add_argument("--no-progress", action="store_true", help="no progress bar")
+            job.add_argument("--stop-after", type=int, default=None,
+                             help="stop after this many steps (checkpointed in the workdir); run again to resume")
         job.set_defaults(run=_quantize if name == "quantize" else _qad)
     forward = jobs.add_parser("forward", help="forward pass of a preset's tiny variant")
     forward.add_argument("--preset", default="nemotron-3-super-120b-a12b",
@@ -465,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     memory.add_argument("--mtp", action="store_true", help="count the MTP head's caches (speculative decoding)")
     memory.set_defaults(run=_memory)
     train = jobs.add_parser("train", help="train from an ml_collections config file; resumes from the workdir")
-    train.add_argument("--config", required=True, help="a Python file with get_config()")
+    train.add_argument("--config", required=True,
+                       help="a Python file with get_config(), or a shipped config by name (tiny, small_hybrid, ...)")
     train.add_argument("--workdir", required=True)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--stop-after", type=int, default=None,
@@ -502,7 +545,22 @@ def main(argv: list[str] | None = None) -> None:
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.overrides = overrides
+    _resolve_configs(args)
     args.run(args)
+
+
+def _resolve_configs(args: argparse.Namespace) -> None:
+    """Turns every config argument into the file it names (working directory first, then the shipped configs);
+    a name that matches nothing ends the command with the places it looked, before any work starts."""
+    from nemojax import config_files
+
+    for field in ("config", "compress_config", "quant_config"):
+        name = getattr(args, field, None)
+        if isinstance(name, str):
+            try:
+                setattr(args, field, str(config_files.resolve(name)))
+            except ValueError as error:
+                raise SystemExit(f"nemojax {args.job}: error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -161,3 +161,20 @@ def test_unknown_name_lists_every_place_it_looked(tmp_path, monkeypatch):
         assert str(looked) in message
     with pytest.raises(ValueError, match="does not exist"):
         config_files.resolve(tmp_path / "nope.py")  # an absolute path is only looked for where it points
+
+
+def test_cli_resolves_config_names_before_running(tmp_path, monkeypatch):
+    import argparse
+
+    from nemojax import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(job="demo", config="small_hybrid", compress_config="configs/minitron_small.py",
+                              quant_config="nvfp4_qad.py")
+    cli._resolve_configs(args)
+    assert (args.config, args.compress_config, args.quant_config) == (
+        str(ROOT / "configs" / "small_hybrid.py"), str(ROOT / "configs" / "minitron_small.py"),
+        str(ROOT / "configs" / "nvfp4_qad.py"))
+    with pytest.raises(SystemExit, match=f"nemojax train: error: --config nope does not exist: looked for "
+                                         f"{tmp_path / 'nope'}, {tmp_path / 'nope.py'}"):
+        cli.main(["train", "--config", "nope", "--workdir", str(tmp_path / "run")])
