@@ -8,7 +8,7 @@ What it runs: the library's trainer (`nemojax train`, one subprocess per arm, wo
 configs/small_hybrid.py with its demo settings (AdamW 2e-3, WSD schedule, z-loss, seed 0, the same batches in the
 same order) and float32 master params, changing only
   - bf16:  `model.overrides.dtype=bfloat16` (activations and GEMMs in bfloat16 compute, float32 params);
-  - fp8:   the same, plus `train.low_precision=fp8_training` (nemojax.quant.named_recipes.fp8_training): the fprop, dgrad
+  - fp8:   the same, plus `train.low_precision=fp8_training` (quant.named_recipes.fp8_training): the fprop, dgrad
            and wgrad GEMMs of every linear layer on E4M3 weights/activations and E5M2 gradients with per-tensor
            current scaling, emulated as quantize -> dequantize -> float32 dot (nemojax.lowp.matmul); the first
            and the last layer of the pattern and lm_head stay in bfloat16;

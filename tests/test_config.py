@@ -4,10 +4,9 @@ to_hf loads in transformers' NemotronHConfig and round-trips."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
-
-import json
 
 import pytest
 

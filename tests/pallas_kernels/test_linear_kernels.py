@@ -164,7 +164,8 @@ def test_native_fp4_path_for_w4a4(model, monkeypatch):
     calls = []
     native = pallas_quant_linear.nvfp4_block_scaled_matmul
     monkeypatch.setattr(quant_matmul, "has_native_fp4", lambda device=None: True)
-    monkeypatch.setattr(pallas_quant_linear, "nvfp4_block_scaled_matmul", lambda *a, **k: calls.append(1) or native(*a, **k))
+    monkeypatch.setattr(pallas_quant_linear, "nvfp4_block_scaled_matmul",
+                        lambda *a, **k: calls.append(1) or native(*a, **k))
     # the model's jitted forward caches traces by config: drop them before (an earlier test traced this config on
     # the W4A16 path) and after (so later tests do not reuse a trace made under the patch)
     jax.clear_caches()
