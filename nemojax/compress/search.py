@@ -275,7 +275,7 @@ def _costs(cfg: ModelConfig, parent: ModelConfig, batch: int, context: int, dtyp
     for kind in dict.fromkeys(cfg.pattern):
         one = cfg.replace(pattern=kind)
         if cfg.mtp is None:  # only the kind's own widths (and hidden) matter: share the cache across candidates
-            own = {families.kind(c).config_field for c in families.known_kinds()} - {None}
+            own = {families.kind(c).config_field for c in type(cfg).KINDS} - {None}
             keep = {f: getattr(parent, f) for f in own if f != families.kind(kind).config_field}
             one = one.replace(**keep)
         layer, base = _pair_costs(one, batch, context, dtype, weight_dtype)

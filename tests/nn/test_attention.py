@@ -131,7 +131,7 @@ def test_attention_module_matches_numpy_without_rope() -> None:
     x = jax.random.normal(jax.random.key(0), (2, 5, 20))
     module = attn.Attention(cfg)
     p = nn.meta.unbox(jax.jit(module.init)(jax.random.key(1), x)["params"])
-    out = np.asarray(jax.jit(module.apply)({"params": p}, x))
+    out = np.asarray(jax.jit(module.apply)({"params": p}, x)[0])  # a mixer returns (y, state)
     xn = np.asarray(x, np.float64)
     q = (xn @ np.asarray(p["q_proj"]["kernel"])).reshape(2, 5, 4, 6)
     k = (xn @ np.asarray(p["k_proj"]["kernel"])).reshape(2, 5, 2, 6)
@@ -139,7 +139,7 @@ def test_attention_module_matches_numpy_without_rope() -> None:
     ref = _np_attention(q, k, v, 6 ** -0.5).reshape(2, 5, 24) @ np.asarray(p["o_proj"]["kernel"])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     # No positions: swapping tokens 0 and 1 leaves the output at position 4 unchanged.
-    swapped = np.asarray(jax.jit(module.apply)({"params": p}, x[:, jnp.array([1, 0, 2, 3, 4])]))
+    swapped = np.asarray(jax.jit(module.apply)({"params": p}, x[:, jnp.array([1, 0, 2, 3, 4])])[0])
     np.testing.assert_allclose(swapped[:, 4], out[:, 4], rtol=1e-5, atol=1e-6)
 
 

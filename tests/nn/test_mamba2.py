@@ -81,6 +81,7 @@ def test_gated_rmsnorm_gates_before_norm() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the mixer
+# (a mixer returns (y, state); the state is None without a cache)
 
 H, P, N, G, Q = 4, 4, 3, 2, 8
 
@@ -151,7 +152,7 @@ def test_mixer_matches_numpy_without_clamp(impl: str) -> None:
     cfg = _config(impl=impl)
     u = jax.random.normal(jax.random.key(1), (2, 19, 16))
     params = _init(cfg, u)
-    out = jax.jit(Mamba2Mixer(cfg).apply)({"params": params}, u)
+    out = jax.jit(Mamba2Mixer(cfg).apply)({"params": params}, u)[0]
     np.testing.assert_allclose(np.asarray(out), _np_mixer(params, u, cfg), rtol=1e-4, atol=1e-5)
 
 
@@ -161,9 +162,9 @@ def test_mixer_clamps_dt_to_time_step_limit() -> None:
     limited, free = _config(limit=(0.001, 0.05)), _config()
     u = jax.random.normal(jax.random.key(1), (2, 19, 16))
     params = _init(limited, u)
-    out = jax.jit(Mamba2Mixer(limited).apply)({"params": params}, u)
+    out = jax.jit(Mamba2Mixer(limited).apply)({"params": params}, u)[0]
     np.testing.assert_allclose(np.asarray(out), _np_mixer(params, u, limited), rtol=1e-4, atol=1e-5)
-    unclamped = jax.jit(Mamba2Mixer(free).apply)({"params": params}, u)
+    unclamped = jax.jit(Mamba2Mixer(free).apply)({"params": params}, u)[0]
     assert np.max(np.abs(np.asarray(out) - np.asarray(unclamped))) > 1e-3
 
 
@@ -172,8 +173,8 @@ def test_mixer_limit_above_all_dt_is_a_no_op() -> None:
     loose, free = _config(limit=(0.0, 100.0)), _config()
     u = jax.random.normal(jax.random.key(1), (1, 9, 16))
     params = _init(loose, u)
-    np.testing.assert_array_equal(np.asarray(jax.jit(Mamba2Mixer(loose).apply)({"params": params}, u)),
-                                  np.asarray(jax.jit(Mamba2Mixer(free).apply)({"params": params}, u)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(Mamba2Mixer(loose).apply)({"params": params}, u)[0]),
+                                  np.asarray(jax.jit(Mamba2Mixer(free).apply)({"params": params}, u)[0]))
 
 
 def test_mixer_param_shapes_follow_the_checkpoint() -> None:

@@ -40,7 +40,7 @@ WORKER = textwrap.dedent("""
     units = sharding._units(cfg)
 
     def loss(params, u):
-        return jnp.sum(mixer.apply({"params": params}, u) ** 2)
+        return jnp.sum(mixer.apply({"params": params}, u)[0] ** 2)  # a mixer returns (y, state)
 
     step = jax.value_and_grad(loss, argnums=(0, 1))
     want_loss, (want_grads, want_du) = jax.jit(step)(params, u)
