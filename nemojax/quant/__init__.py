@@ -7,7 +7,7 @@
 
 The number formats themselves (quantize, fake_quant, the quantized matmul, the recipe types) live in
 `nemojax.lowp`, below the model's layers; they are re-exported here so `quant.quantize(x, "nvfp4")` keeps working.
-`quant.recipes` is the catalogue of named recipes (`nemojax.quant.named_recipes`).
+`quant.recipes` (and `quant.named_recipes`) is the catalogue of named recipes (`nemojax.lowp.named_recipes`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from nemojax.lowp import (
     fake_matmul,
     fake_quant,
     inverse_rht,
+    named_recipes,
     pack_fp4,
     quantize,
     quantized_matmul,
     rht,
     unpack_fp4,
 )
+from nemojax.lowp import named_recipes as recipes  # the name this catalogue had before; public API
 from nemojax.lowp.matmul import matmul
-from nemojax.quant import named_recipes
-from nemojax.quant import named_recipes as recipes  # the name this catalogue had before; public API
 from nemojax.quant.aware import QADConfig, qad, qat
 from nemojax.quant.calibration import activation_amaxes, calibrate
 from nemojax.quant.export import load_quantized, quant_config, save_quantized

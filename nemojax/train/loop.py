@@ -29,7 +29,7 @@ from nemojax import data, presets
 from nemojax.config import ModelConfig
 from nemojax.model import Model, abstract_params
 from nemojax.models import scan
-from nemojax.quant import named_recipes as recipes
+from nemojax.lowp import named_recipes as recipes
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints, config_fingerprint
 from nemojax.train.fit import fit, global_batch, jit_step, make_layout
