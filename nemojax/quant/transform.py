@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nemojax import families
+from nemojax.lowp import named_recipes
 from nemojax.lowp.recipe import QuantRecipe, is_state
 from nemojax.model import Model, abstract_params
-from nemojax.lowp import named_recipes
 
 
 def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:

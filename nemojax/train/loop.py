@@ -27,9 +27,9 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from nemojax import data, presets
 from nemojax.config import ModelConfig
+from nemojax.lowp import named_recipes as recipes
 from nemojax.model import Model, abstract_params
 from nemojax.models import scan
-from nemojax.lowp import named_recipes as recipes
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints, config_fingerprint
 from nemojax.train.fit import fit, global_batch, jit_step, make_layout
