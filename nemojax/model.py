@@ -89,8 +89,8 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids
     tokens: [b, L] int. segment_ids: [b, L] packed documents (each computed as if alone in its row).
     states, step: continue every layer from its cache entry (`nemojax.infer.cache`; one per pattern character)
     over tokens at positions step.start[i] + t (see `nemojax.nn.state.Extend`); the new entries come back in
-    `Output.states`. mtp: also the MTP head's logits (tokens then carry the D extra lookahead tokens; logits and
-    hidden cover the first L - D positions... no: all L positions, the MTP logits the first L - D).
+    `Output.states`. mtp: also the MTP head's logits: depth d at position t < L - D reads token t + d + 1 and
+    predicts token t + d + 2 (logits and hidden still cover all L positions).
     collect: collection names among COLLECTIONS to return. rngs: e.g. {"quant": key} for stochastic rounding.
     skip_layer: an int32 scalar (traced is fine): that block passes its input through (layer ablation).
     logits: False skips the lm_head (decoding takes the logits of chosen positions itself, `lm_logits`).
