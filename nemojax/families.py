@@ -2,16 +2,17 @@
 
 A layer kind is everything the library needs to know about one kind of mixer, in one entry (`LayerKind`): how
 to build it, its inference cache and its bytes, its FLOPs, the linear layers a quantization recipe may reach,
-how pruning slices it and which of its params form one fused checkpoint tensor. A family is a config class, a
-linen module, a checkpoint naming table and the kinds its pattern may use (`Family`). Callers (nn blocks, infer,
-train, compress, quant, interop) look both up here and never branch on a kind or import a family by name.
+how pruning slices it and which of its params form one fused checkpoint tensor. A family is a config class
+(whose `KINDS` are the kinds its pattern may use), a linen module and a checkpoint naming table (`Family`).
+Callers (nn blocks, infer, train, compress, quant, interop) look both up here and never branch on a kind or
+import a family by name.
 
 The built-in entries live beside the code they describe (`nemojax.kinds.*`, `nemojax.interop.nemotron_h`) and are
 loaded by module name on first lookup, as big_vision finds its models, so this module stays at the bottom of the
 import ladder. A new kind or family is one `register_kind` / `register_family` call in its own file:
 
     register_kind(LayerKind(char="R", name="recurrence", mixer=Recurrence, flops=..., ...))
-    register_family(Family(model_type="toy", config=ToyConfig, module=ToyLM, kinds="R-"))
+    register_family(Family(model_type="toy", config=ToyConfig, module=ToyLM, prefixes=...))
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ class LayerKind:
 class Family:
     """A model family: `model_type` (config.json's), its config class (with `from_hf(dict)` and `to_hf()`), its
     linen module class (built as `module(config)`), its checkpoint naming (`prefixes`: params top-level name ->
-    checkpoint prefix, `layer_prefixes`: layer-list name -> checkpoint prefix of its numbered layers), the kinds
-    its pattern may use and its linear layers outside the mixers (`linears`: module paths, at the top level or
+    checkpoint prefix, `layer_prefixes`: layer-list name -> checkpoint prefix of its numbered layers) and its
+    linear layers outside the mixers (`linears`: module paths, at the top level or
     under a block).
 
     The module provides: hidden(tokens, segment_ids, skip_layer) -> final normed hidden [b, L, hidden] (sowing it
@@ -116,7 +117,6 @@ class Family:
     model_type: str
     config: type
     module: Callable[[Any], Any]
-    kinds: str
     prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     layer_prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     linears: tuple[str, ...] = ("lm_head",)
@@ -132,22 +132,23 @@ _BUILTIN_KINDS = {"M": "nemojax.kinds.mamba", "*": "nemojax.kinds.attention", "-
 _BUILTIN_FAMILIES = {"nemotron_h": "nemojax.interop.nemotron_h"}
 
 
-def register_kind(entry: LayerKind) -> LayerKind:
-    """Adds a layer kind; a character can be registered once (re-registering the same entry is a no-op)."""
-    current = _KINDS.get(entry.char)
+def _register(table: dict, key: str, entry: Any, what: str) -> Any:
+    """Adds `entry` under `key`; a key is taken once (re-registering the same entry is a no-op)."""
+    current = table.get(key)
     if current is not None and current is not entry:
-        raise ValueError(f"layer kind {entry.char!r} is already registered ({current.name})")
-    _KINDS[entry.char] = entry
+        raise ValueError(f"{what} {key!r} is already registered")
+    table[key] = entry
     return entry
+
+
+def register_kind(entry: LayerKind) -> LayerKind:
+    """Adds a layer kind under its pattern character."""
+    return _register(_KINDS, entry.char, entry, "layer kind")
 
 
 def register_family(entry: Family) -> Family:
-    """Adds a family; a model_type can be registered once (re-registering the same entry is a no-op)."""
-    current = _FAMILIES.get(entry.model_type)
-    if current is not None and current is not entry:
-        raise ValueError(f"model family {entry.model_type!r} is already registered")
-    _FAMILIES[entry.model_type] = entry
-    return entry
+    """Adds a family under its model_type."""
+    return _register(_FAMILIES, entry.model_type, entry, "model family")
 
 
 def _load_builtins(table: dict[str, str], key: str | None) -> None:

@@ -158,7 +158,7 @@ class ToyLM(nn.Module):
 
 
 TOY = families.register_family(families.Family(
-    model_type="toy_recurrent", config=ToyConfig, module=ToyLM, kinds="R-",
+    model_type="toy_recurrent", config=ToyConfig, module=ToyLM,
     prefixes={"embeddings": "model.embed.", "norm_f": "model.norm.", "lm_head": "lm_head."},
     layer_prefixes={"layers": "model.layers."},
 ))
