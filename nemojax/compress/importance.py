@@ -2,8 +2,9 @@
 arXiv 2504.11409). The taps and the default reduction are those of ModelOpt's Minitron plugin ("ModelOpt" below:
 NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch/prune/plugins/mcore_minitron.py).
 
-`importance(model, batches)` runs the model forward on calibration batches, taps activations with
-`flax.linen.intercept_methods` (no change to the modules), reduces each tap to one statistic per batch row and
+`importance(model, batches)` runs the model forward on calibration batches, reads the activations the blocks and
+mixers sow into the forward's "taps" collection (`Model.apply(collect=("taps", "blocks"))`; each layer kind
+says what its taps mean), reduces each tap to one statistic per batch row and
 channel inside `jit`, and keeps only running sums on the host, so no activation outlives its batch.
 
 Aggregation `agg = "{seq}_{batch}"`, seq and batch each one of mean, l2, var (the grid of the Minitron paper's
