@@ -114,7 +114,10 @@ def test_make_targets_run_the_documented_jobs():
     """`make demo`, `make test` and `make notebooks` run what the README says (a dry run: the suite cannot run
     itself; the demo job and the notebooks have their own tests)."""
     def recipe(argv: list[str]) -> str:
-        out = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        # Under `make test` the parent make's MAKELEVEL/MAKEFLAGS would add "Entering directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        out = subprocess.run(["make", "--no-print-directory", "-n", *argv], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True).stdout
         return out.strip().splitlines()[-1]
 
     assert recipe(documented("make demo")).endswith("-m nemojax.cli demo --workdir runs/demo")
