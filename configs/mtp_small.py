@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             "mtp": {"num_layers": 2},
             "max_position_embeddings": 4096,
         },
+        "runtime": {},
     })
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict({
         "preset": "nemotron-h-8b",
-        "overrides": {"dtype": "bfloat16", "param_dtype": "float32", "remat": "full"},
+        "runtime": {"dtype": "bfloat16", "param_dtype": "float32", "remat": "full"},
     })
     c.data = ml_collections.ConfigDict({"kind": "jsonl", "paths": ("data/pretrain/",), "tokenizer": "byte"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
             "attention": {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64},
             "intermediate_size": 1536, "max_position_embeddings": 8192,
         },
+        "runtime": {},
     })
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})

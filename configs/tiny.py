@@ -8,7 +8,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"preset": "nemotron-h-8b-tiny", "overrides": {"vocab_size": 260}})
+    # overrides: architecture fields of the preset; runtime: how it runs (nemojax.config.Runtime: dtype, remat, ...)
+    c.model = ml_collections.ConfigDict({"preset": "nemotron-h-8b-tiny", "overrides": {"vocab_size": 260},
+                                         "runtime": {}})
     c.data = ml_collections.ConfigDict({"kind": "stdlib", "tokenizer": "byte"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.optimizer = ml_collections.ConfigDict({"lr": 3e-3, "warmup_steps": 5, "schedule": "wsd", "decay_fraction": 0.2})

@@ -97,7 +97,7 @@ def config_dict(config: ModelConfig) -> dict[str, Any]:
     return {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "pattern": config.pattern,
             "mamba": None if config.mamba is None else dataclasses.asdict(config.mamba),
             "attention": dataclasses.asdict(config.attention), "intermediate_size": config.intermediate_size,
-            "dtype": config.dtype}
+            "dtype": config.runtime.dtype}
 
 
 # ----------------------------------------------------------------------------------------------- timing helpers

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Model.init(config, 0)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.seqs, args.seq_len)).astype(np.int32)
     print(f"model: {model.num_params:,} params, pattern {config.pattern}, hidden {config.hidden_size}, "
-          f"vocab {config.vocab_size}, {config.dtype} compute")
+          f"vocab {config.vocab_size}, {config.runtime.dtype} compute")
     print(f"data: {args.seqs} sequences x {args.seq_len} tokens of random ids in [0, {config.vocab_size}), "
           f"batches of {args.batch}")
 
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env["loadavg_before"], env["loadavg_after"] = list(load_before), list(load_after)
     report = {"argv": sys.argv[1:] if argv is None else argv, "env": env,
               "model": {"num_params": model.num_params, "pattern": config.pattern, "hidden_size": config.hidden_size,
-                        "vocab_size": config.vocab_size, "num_layers": config.num_layers, "dtype": config.dtype},
+                        "vocab_size": config.vocab_size, "num_layers": config.num_layers,
+                        "dtype": config.runtime.dtype},
               "data": {"sequences": args.seqs, "seq_len": args.seq_len, "tokens": "random ids, seed 0"},
               "importance_block": imp, "forward": fwd, "forward_vocab260": trunk, "importance_all_metrics": lm,
               "target_s": TARGET_S, "ratio_to_target": ratio, "scale_to_target_tokens": scale}

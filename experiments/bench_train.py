@@ -114,7 +114,7 @@ def model_config_dict(case: Case) -> ml_collections.ConfigDict:
     config = config_files.load(CONFIG)
     config.train.batch_size, config.train.seq_len = case.batch, case.seq
     overrides = config.model.overrides
-    overrides.dtype, overrides.remat = case.dtype, case.remat
+    config.model.runtime.dtype, config.model.runtime.remat = case.dtype, case.remat
     overrides.max_position_embeddings = max(case.seq, overrides.max_position_embeddings)
     if case.pattern is not None:
         overrides.pattern = case.pattern

@@ -78,18 +78,20 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def make_config(args: argparse.Namespace, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
-    """The config file with this check's mesh, shapes and (optional) dtype / remat overrides."""
+    """The config file with this check's mesh, shapes and (optional) dtype / remat / scan_layers runtime choices."""
     config = config_files.load(args.config)
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": fsdp, "tensor": tensor, "expert": 1})
     config.train.seq_len = args.seq
     config.train.batch_size = args.batch
     config.train.grad_accum = args.grad_accum
+    if "runtime" not in config.model:
+        config.model.runtime = ml_collections.ConfigDict()
     if args.remat:
-        config.model.overrides.remat = args.remat
+        config.model.runtime.remat = args.remat
     if args.dtype:
-        config.model.overrides.dtype = args.dtype
+        config.model.runtime.dtype = args.dtype
     if args.scan_layers:
-        config.model.overrides.scan_layers = True
+        config.model.runtime.scan_layers = True
     return config
 
 
@@ -198,9 +200,9 @@ def check_mesh(args: argparse.Namespace, fsdp: int, tensor: int) -> dict[str, An
     return {
         "mesh": {"fsdp": fsdp, "tensor": tensor},
         "seq_len": args.seq, "global_batch": args.batch, "grad_accum": args.grad_accum,
-        "dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "remat": mcfg.remat,
+        "dtype": mcfg.runtime.dtype, "param_dtype": mcfg.runtime.param_dtype, "remat": mcfg.runtime.remat,
         "params": sum(x.size for x in jax.tree.leaves(params)),
-        "scan_layers": mcfg.scan_layers, "cpu": cpu_model(),
+        "scan_layers": mcfg.runtime.scan_layers, "cpu": cpu_model(),
         "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
         "memory_per_device": memory_report(compiled),
         "xla_flops_per_device": device_flops,
@@ -249,10 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=4096, help="sequence length")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--remat", default=None, help="override model remat (none, full, dots_saveable, ...)")
-    parser.add_argument("--dtype", default=None, help="override model compute dtype")
+    parser.add_argument("--remat", default=None, help="model runtime remat (none, full, dots_saveable, ...)")
+    parser.add_argument("--dtype", default=None, help="model runtime compute dtype")
     parser.add_argument("--scan-layers", action="store_true",
-                        help="run the layer stack as a scan over the pattern's repeating period (model scan_layers)")
+                        help="run the layer stack as a scan over the pattern's repeating period (runtime.scan_layers)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "compile_check.json"))
     return parser.parse_args(argv)
 

@@ -52,7 +52,7 @@ def rel(a, b) -> float:
 
 
 def variant(config: nemojax.ModelConfig, scan: str, attention: str) -> nemojax.ModelConfig:
-    return config.replace(mamba={"scan_impl": scan}, attention={"impl": attention})
+    return config.replace(runtime={"scan_impl": scan, "attention_impl": attention})
 
 
 def prefill(config, params, tokens, pairs, repeats: int, emit) -> None:
@@ -117,7 +117,7 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
 
     name, seq = ("nemotron-h-8b-tiny", 64) if args.quick else ("nemotron-h-8b", args.seq)
-    config = nemojax.presets.get(name, pattern="M-M*-M-", dtype="bfloat16")
+    config = nemojax.presets.get(name, pattern="M-M*-M-", runtime={"dtype": "bfloat16"})
     emit(dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
               config=name, pattern=config.pattern))
     gpu = jax.default_backend() == "gpu"

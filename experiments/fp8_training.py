@@ -7,7 +7,7 @@
 What it runs: the library's trainer (`nemojax train`, one subprocess per arm, workdirs under runs/fp8_training/) on
 configs/small_hybrid.py with its demo settings (AdamW 2e-3, WSD schedule, z-loss, seed 0, the same batches in the
 same order) and float32 master params, changing only
-  - bf16:  `model.overrides.dtype=bfloat16` (activations and GEMMs in bfloat16 compute, float32 params);
+  - bf16:  `model.runtime.dtype=bfloat16` (activations and GEMMs in bfloat16 compute, float32 params);
   - fp8:   the same, plus `train.low_precision=fp8_training` (quant.named_recipes.fp8_training): the fprop, dgrad
            and wgrad GEMMs of every linear layer on E4M3 weights/activations and E5M2 gradients with per-tensor
            current scaling, emulated as quantize -> dequantize -> float32 dot (nemojax.lowp.matmul); the first
@@ -108,7 +108,7 @@ def settings(quick: bool, steps: int | None) -> dict[str, Any]:
 
 def overrides(s: dict[str, Any], recipe: str) -> list[str]:
     """Dotted config overrides of one arm: bfloat16 compute, the recipe, the budget and per-step logging."""
-    out = ["model.overrides.dtype=bfloat16", "model.overrides.param_dtype=float32",
+    out = ["model.runtime.dtype=bfloat16", "model.runtime.param_dtype=float32",
            f"train.low_precision={recipe}", f"train.steps={s['steps']}", f"train.batch_size={s['batch_size']}",
            f"train.seq_len={s['seq_len']}", f"train.eval_batches={s['eval_batches']}",
            f"train.eval_every={s['eval_every']}", "train.log_every=1", f"train.checkpoint_every={s['steps']}",
@@ -122,12 +122,14 @@ def describe_arm(s: dict[str, Any], recipe: str) -> dict[str, Any]:
     """The arm's model config facts: compute dtype, parameter count inputs, and which layers the recipe quantizes."""
     config = config_files.load(CONFIG, overrides(s, recipe))
     mcfg = loop.model_config(config)
-    out = {"recipe": recipe or None, "dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "pattern": mcfg.pattern}
-    if mcfg.quant is not None:
-        kept = sorted(mcfg.quant.kept_layers(mcfg.pattern))
+    runtime = mcfg.runtime
+    out = {"recipe": recipe or None, "dtype": runtime.dtype, "param_dtype": runtime.param_dtype,
+           "pattern": mcfg.pattern}
+    if runtime.quant is not None:
+        kept = sorted(runtime.quant.kept_layers(mcfg.pattern))
         out["high_precision_layers"] = kept
         out["quantized_layers"] = [i for i in range(len(mcfg.pattern)) if i not in kept]
-        out["quant"] = mcfg.quant.to_dict()
+        out["quant"] = runtime.quant.to_dict()
     return out
 
 

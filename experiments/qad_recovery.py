@@ -604,7 +604,7 @@ def run(ctx: dict[str, Any], s: dict[str, Any], args: argparse.Namespace, recipe
     record(shared_rows, shared_scores, "base (pre-SFT)", base, "pre-training only", 0.0)
     record(shared_rows, shared_scores, "bf16 (teacher)", teacher, "post-training (SFT)",
            ctx["teacher_info"]["seconds"])
-    bf16_compute = Model(teacher.config.replace(dtype="bfloat16"), teacher.params)
+    bf16_compute = Model(teacher.config.replace(runtime={"dtype": "bfloat16"}), teacher.params)
     bf16_check = summarize(evaluator.rows(bf16_compute, s["bf16_eval_batches"]))
     fp32_check = summarize({k: v[: s["bf16_eval_batches"] * B] for k, v in shared_scores["bf16 (teacher)"].items()})
     control_lr = s["qa_lr"] or QA_LR["nvfp4"]

@@ -136,13 +136,13 @@ def _demo_quantize(args: argparse.Namespace, train_config, workdir: Path, teache
     summary = pipeline.qad_job(config, teacher, out, progress=not args.no_progress)
     print(f"QAD for {summary['steps']} steps in {summary['seconds']:.0f} s; quantization stage "
           f"{time.perf_counter() - start:.0f} s in all\n")
-    teacher_name = f"teacher ({teacher.config.param_dtype})"
+    teacher_name = f"teacher ({teacher.config.runtime.param_dtype})"
     rows = [(teacher_name, ptq["teacher"]), (f"{config.recipe} PTQ", summary["ptq"]),
             (f"{config.recipe} QAD", summary["qad"])]
     print(pipeline.table(rows, entropy))
     print("(weights MB: the stored size, counting every unquantized tensor in bfloat16, as a checkpoint would be "
-          f"saved; the {teacher.config.param_dtype} teacher in memory is {teacher.num_params * 4 / 1e6:.1f} MB)"
-          if teacher.config.param_dtype == "float32" else "(weights MB: the stored size)")
+          f"saved; the {teacher.config.runtime.param_dtype} teacher in memory is {teacher.num_params * 4 / 1e6:.1f} MB)"
+          if teacher.config.runtime.param_dtype == "float32" else "(weights MB: the stored size)")
     figure = _stage_figure(out / "quantization.png", f"{config.recipe} PTQ, then QAD from the teacher",
                            [(name, s["val_loss"], f"{s['weight_bytes'] / 1e6:.1f} MB") for name, s in rows],
                            out, "qad", "KL to the teacher (nats/token)", entropy)

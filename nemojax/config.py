@@ -2,8 +2,10 @@
 
 A `ModelConfig` describes one NemotronH-family network (hybrid Mamba-2 / attention / MLP / MoE stack, optional
 MTP head). Its sub-configs hold the fields of one kind of mixer and are `None` when the pattern has no layer of
-that kind. Every field is checked when the config is built; an inconsistent field raises a `ValueError` that
-names it, the value and what is allowed, so nothing downstream ever sees a half-valid config.
+that kind. How the network runs (compute and parameter dtypes, rematerialisation, layer scans, kernel choices, the
+quantization recipe) is kept apart in `config.runtime`, a `Runtime`: a checkpoint's identity (`architecture()`,
+config.json) never depends on it. Every field is checked when the config is built; an inconsistent field raises a
+`ValueError` that names it, the value and what is allowed, so nothing downstream ever sees a half-valid config.
 
 `ModelConfig.from_hf(d)` accepts every spelling of a NemotronH `config.json` (docs/numerics.md 10):
 `hybrid_override_pattern` or `layers_block_type` (legacy "mamba"/"attention" or new "linear_attention"/
@@ -63,13 +65,6 @@ class MambaConfig:
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
-    ssd_impl: str = "chunked"
-    # the single-token decode step: "xla", "pallas" (pallas_kernels.ssd_update) or "auto" (the kernel on the
-    # backends where it is validated; see pallas_kernels.dispatch)
-    decode_impl: str = "auto"
-    # the chunked scan (ssd_impl="chunked") of a prefill or training forward: "xla" (nemojax.nn.ssd), "pallas"
-    # (pallas_kernels.ssd_scan) or "auto"
-    scan_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("mamba.", self, ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -85,12 +80,6 @@ class MambaConfig:
         object.__setattr__(self, "time_step_limit", limit)
         if not 0 < self.time_step_min <= self.time_step_max:
             _fail("mamba.time_step_min", self.time_step_min, f"must be in (0, time_step_max={self.time_step_max}]")
-        if self.ssd_impl not in SSD_IMPLS:
-            _fail("mamba.ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
-        if self.decode_impl not in KERNEL_IMPLS:
-            _fail("mamba.decode_impl", self.decode_impl, f"must be one of {KERNEL_IMPLS}")
-        if self.scan_impl not in KERNEL_IMPLS:
-            _fail("mamba.scan_impl", self.scan_impl, f"must be one of {KERNEL_IMPLS}")
 
     @property
     def inner_size(self) -> int:
@@ -118,20 +107,9 @@ class AttentionConfig:
     bias: bool = False
     rope_theta: float | None = None
     partial_rotary_factor: float = 1.0
-    # causal self-attention without a cache (training, fresh prefill): "xla" (nemojax.nn.attention), "pallas"
-    # (JAX's own Pallas flash attention, pallas_kernels.attention), "cudnn" or "auto"
-    impl: str = "auto"
-    # one decode step over the KV cache: "xla" (nemojax.nn.attention.cached_attention, reads the whole cache with a
-    # mask), "pallas" (JAX's split-K decode kernel reading only the filled part, pallas_kernels.decode_attention;
-    # bf16/f16 caches whose length is a multiple of 16, else XLA) or "auto"
-    decode_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("attention.", self, ("num_heads", "num_kv_heads", "head_dim"))
-        if self.impl not in ATTENTION_IMPLS:
-            _fail("attention.impl", self.impl, f"must be one of {ATTENTION_IMPLS}")
-        if self.decode_impl not in KERNEL_IMPLS:
-            _fail("attention.decode_impl", self.decode_impl, f"must be one of {KERNEL_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             _fail("attention.num_heads", self.num_heads,
                   f"must be divisible by attention.num_kv_heads={self.num_kv_heads}")
@@ -158,7 +136,6 @@ class MoEConfig:
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
-    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _require_positive("moe.", self, ("num_experts", "top_k", "intermediate_size", "n_group", "topk_group"))
@@ -177,13 +154,6 @@ class MoEConfig:
         selectable = self.topk_group * (self.num_experts // self.n_group)
         if self.top_k > selectable:
             _fail("moe.top_k", self.top_k, f"must be <= the {selectable} experts in the kept groups")
-        if self.impl not in MOE_IMPLS:
-            _fail("moe.impl", self.impl, f"must be one of {MOE_IMPLS}")
-
-    def resolved_impl(self) -> str:
-        if self.impl != "auto":
-            return self.impl
-        return "dense" if self.num_experts <= DENSE_MOE_MAX_EXPERTS else "ragged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +167,62 @@ class MTPConfig:
         _require_positive("mtp.", self, ("num_layers",))
         if not isinstance(self.pattern, str) or not self.pattern:
             _fail("mtp.pattern", self.pattern, "must be a non-empty string of layer kinds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a network runs, not what it is: none of these fields changes the function a checkpoint computes beyond
+    rounding, so they are never part of its identity (config.json, a run's fingerprint) and may differ between
+    the run that wrote a checkpoint and the one that reads it."""
+
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"
+    remat: str = "none"  # activation checkpointing per layer, one of REMAT_POLICIES
+    # Run the pattern's repeated runs of layers as scans (nemojax.models.scan): XLA compiles each run's body once
+    # instead of every layer. The module's params are then in the scanned layout (stacked on leading `layers`
+    # axes); nemojax.models.scan converts to and from the checkpoint-named unrolled layout.
+    scan_layers: bool = False
+    quant: QuantRecipe | None = None  # low-precision formats per linear layer (nemojax.quant.apply)
+    # GEMMs of quantized linear layers whose formats a Pallas kernel covers (pallas_kernels.quant_matmul):
+    # "xla" (fake-quantized operands), "pallas" or "auto" (the kernel on the backends where it is validated; see
+    # pallas_kernels.dispatch)
+    matmul_impl: str = "auto"
+    # the Mamba-2 scan of a prefill or training forward: "chunked" (the SSD algorithm) or "sequential" (the
+    # recurrence, an oracle)
+    ssd_impl: str = "chunked"
+    # the chunked scan's implementation: "xla" (nemojax.nn.ssd), "pallas" (pallas_kernels.ssd_scan) or "auto"
+    scan_impl: str = "auto"
+    # the Mamba-2 single-token decode step: "xla", "pallas" (pallas_kernels.ssd_update) or "auto"
+    mamba_decode_impl: str = "auto"
+    # causal self-attention without a cache (training, fresh prefill): "xla" (nemojax.nn.attention), "pallas"
+    # (JAX's own Pallas flash attention, pallas_kernels.attention), "cudnn" or "auto"
+    attention_impl: str = "auto"
+    # one attention decode step over the KV cache: "xla" (nemojax.nn.attention.cached_attention, reads the whole
+    # cache with a mask), "pallas" (JAX's split-K decode kernel reading only the filled part,
+    # pallas_kernels.decode_attention; bf16/f16 caches whose length is a multiple of 16, else XLA) or "auto"
+    attention_decode_impl: str = "auto"
+    # routed experts: "dense" (one-hot einsum over all experts), "ragged" (tokens sorted by expert, ragged_dot) or
+    # "auto" (dense up to DENSE_MOE_MAX_EXPERTS experts)
+    moe_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        choices = (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
+                   ("scan_layers", (False, True)), ("matmul_impl", KERNEL_IMPLS), ("ssd_impl", SSD_IMPLS),
+                   ("scan_impl", KERNEL_IMPLS), ("mamba_decode_impl", KERNEL_IMPLS),
+                   ("attention_impl", ATTENTION_IMPLS), ("attention_decode_impl", KERNEL_IMPLS),
+                   ("moe_impl", MOE_IMPLS))
+        for field, allowed in choices:
+            value = getattr(self, field)
+            if type(value) is not type(allowed[0]) or value not in allowed:
+                _fail(f"runtime.{field}", value, f"must be one of {allowed}")
+        if self.quant is not None and not isinstance(self.quant, QuantRecipe):
+            _fail("runtime.quant", self.quant, "must be a QuantRecipe or None")
+
+    def resolved_moe_impl(self, num_experts: int) -> str:
+        """"dense" or "ragged" for a MoE layer of `num_experts` routed experts."""
+        if self.moe_impl != "auto":
+            return self.moe_impl
+        return "dense" if num_experts <= DENSE_MOE_MAX_EXPERTS else "ragged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,21 +246,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    dtype: str = "float32"  # compute dtype of activations
-    param_dtype: str = "float32"
-    remat: str = "none"  # one of REMAT_POLICIES
-    # Run the pattern's repeated runs of layers as scans (nemojax.models.scan): XLA compiles each run's body once
-    # instead of every layer. The module's params are then in the scanned layout (stacked on leading `layers`
-    # axes); nemojax.models.scan converts to and from the checkpoint-named unrolled layout.
-    scan_layers: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
-    quant: QuantRecipe | None = None  # low-precision formats per linear layer (nemojax.quant.apply)
-    # GEMMs of quantized linear layers whose formats a Pallas kernel covers (pallas_kernels.quant_matmul):
-    # "xla" (fake-quantized operands), "pallas" or "auto"
-    matmul_impl: str = "auto"
+    runtime: Runtime = Runtime()  # how it runs (dtype, remat, kernels, quantization), not what it is
 
     def __post_init__(self) -> None:
         _require_positive("", self, ("vocab_size", "hidden_size"))
@@ -245,7 +261,7 @@ class ModelConfig:
                 _fail(field, pattern, f"must be a non-empty string over the kinds {_kind_names(self.KINDS)} "
                                       f"(found {bad})")
         for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
-                           ("mtp", MTPConfig), ("quant", QuantRecipe)):
+                           ("mtp", MTPConfig), ("runtime", Runtime)):
             value = getattr(self, field)
             if value is not None and not isinstance(value, cls):
                 _fail(field, value, f"must be a {cls.__name__} or None")
@@ -256,15 +272,6 @@ class ModelConfig:
                 _fail(entry.config_field, None, f"is required because the pattern has '{char}' ({entry.name}) layers")
         if "-" in kinds and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
             _fail("intermediate_size", self.intermediate_size, "must be a positive integer for '-' MLP layers")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in DTYPES:
-                _fail(field, getattr(self, field), f"must be one of {DTYPES}")
-        if self.remat not in REMAT_POLICIES:
-            _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
-        if not isinstance(self.scan_layers, bool):
-            _fail("scan_layers", self.scan_layers, "must be True or False")
-        if self.matmul_impl not in KERNEL_IMPLS:
-            _fail("matmul_impl", self.matmul_impl, f"must be one of {KERNEL_IMPLS}")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be positive")
         if self.tie_word_embeddings:
@@ -275,7 +282,14 @@ class ModelConfig:
         return len(self.pattern)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A new validated config with `changes` applied (sub-configs may be given as dicts of changes)."""
+        """A new validated config with `changes` applied (sub-configs, `runtime` among them, may be given as dicts
+        of changes: `config.replace(runtime={"dtype": "bfloat16"})`)."""
+        if isinstance(changes.get("runtime"), Mapping):
+            known = {f.name for f in dataclasses.fields(Runtime)}
+            unknown = sorted(set(changes["runtime"]) - known)
+            if unknown:
+                _fail("runtime", unknown, f"fields must be among {sorted(known)}")
+            changes["runtime"] = dataclasses.replace(self.runtime, **changes["runtime"])
         for name in ("mamba", "attention", "moe", "mtp"):
             if isinstance(changes.get(name), Mapping):
                 current = getattr(self, name)
@@ -284,12 +298,16 @@ class ModelConfig:
                 changes[name] = dataclasses.replace(current, **changes[name])
         return dataclasses.replace(self, **changes)
 
+    def architecture(self) -> ModelConfig:
+        """This config with the default runtime: what a checkpoint is, whatever runs it."""
+        return dataclasses.replace(self, runtime=Runtime())
+
     # ------------------------------------------------------------------ Hugging Face config.json mapping
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-        """Builds a config from a NemotronH `config.json` dict. `overrides` set nemojax-only fields
-        (dtype, param_dtype, remat, ...) or replace parsed ones."""
+        """Builds a config from a NemotronH `config.json` dict. `overrides` replace parsed fields or set
+        nemojax-only ones (`runtime=Runtime(dtype="bfloat16")`; a dict of runtime fields also works)."""
         d = dict(hf)
         if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
             _fail("model_type", d["model_type"], f"must be {cls.MODEL_TYPE!r} for {cls.__name__} (nemojax.load_hf "
@@ -378,6 +396,8 @@ class ModelConfig:
             eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
             pad_token_id=first("pad_token_id"),
         )
+        if isinstance(overrides.get("runtime"), Mapping):
+            overrides["runtime"] = Runtime(**overrides["runtime"])
         fields.update(overrides)
         return cls(**fields)
 
@@ -402,7 +422,6 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "torch_dtype": self.param_dtype,
         }
         if self.intermediate_size is not None:
             d["intermediate_size"] = self.intermediate_size

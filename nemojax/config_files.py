@@ -77,8 +77,9 @@ def set_path(config: ml_collections.ConfigDict, key: str, value: object) -> None
             raise ValueError(f"config has no field {'.'.join(parents[:i + 1])!r} (override {key!r})")
         node = node[name]
     if isinstance(node, ml_collections.ConfigDict):
-        # `overrides` groups are free-form (model overrides); every other group has a fixed set of fields.
-        if leaf not in node and parents[-1:] != ["overrides"]:
+        # `overrides` and `runtime` groups are free-form (the model's fields, checked when it is built); every other
+        # group has a fixed set of fields.
+        if leaf not in node and parents[-1:] not in (["overrides"], ["runtime"]):
             raise ValueError(f"config has no field {key!r}")
         current = node.get(leaf)
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -33,8 +33,8 @@ COLLECTIONS = ("intermediates", "blocks", "taps", "quant_stats")
 def module(config: Any, inference: bool = False) -> nn.Module:
     """The linen module of a config's family (a pure definition; params live outside it). inference: without
     activation checkpointing (nothing to save for a backward pass; the same param tree)."""
-    if inference and getattr(config, "remat", "none") != "none":
-        config = dataclasses.replace(config, remat="none")
+    if inference and config.runtime.remat != "none":
+        config = config.replace(runtime={"remat": "none"})
     return families.family_of(config).module(config)
 
 

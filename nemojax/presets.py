@@ -20,7 +20,7 @@ structure of their full model (every layer kind, grouped B/C, q width != hidden 
 routed + shared experts, latent MoE, MTP) at toy sizes in float32, for tests.
 
     >>> from nemojax import presets
-    >>> cfg = presets.get("nemotron-3-nano-30b-a3b", dtype="float32")
+    >>> cfg = presets.get("nemotron-3-nano-30b-a3b", runtime={"dtype": "float32"})
     >>> tiny = presets.get("nemotron-3-super-120b-a12b-tiny")
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig, Runtime
 
 __all__ = ["get", "names"]
 
@@ -65,7 +65,8 @@ def _hybrid(hidden_size: int, pattern: str, mamba: MambaConfig, attention: Atten
     """A full-size preset with the family-wide fields (module docstring) filled in."""
     return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, pattern=pattern, mamba=mamba,
                        attention=attention, intermediate_size=intermediate_size, moe=moe, mtp=mtp, norm_eps=1e-5,
-                       max_position_embeddings=max_position_embeddings, dtype="bfloat16", param_dtype="bfloat16")
+                       max_position_embeddings=max_position_embeddings,
+                       runtime=Runtime(dtype="bfloat16", param_dtype="bfloat16"))
 
 
 _FULL: dict[str, ModelConfig] = {
@@ -188,8 +189,7 @@ def _tiny(full: ModelConfig) -> ModelConfig:
                         routed_scaling_factor=e.routed_scaling_factor)
     ffn = None if full.intermediate_size is None else 128
     return full.replace(vocab_size=512, hidden_size=hidden, pattern=pattern, attention=attention, mamba=mamba,
-                        moe=moe, intermediate_size=ffn, max_position_embeddings=2048, dtype="float32",
-                        param_dtype="float32")
+                        moe=moe, intermediate_size=ffn, max_position_embeddings=2048, runtime=Runtime())
 
 
 # Where each published model is described: its Hugging Face model card and the paper that introduced it.

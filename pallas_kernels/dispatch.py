@@ -1,6 +1,6 @@
 """Which implementation an op runs: `impl="xla" | "pallas" | "auto"`, chosen per op from the model config.
 
-    impl = dispatch.resolve("ssd_update", config.mamba.decode_impl)      # "xla" or "pallas"
+    impl = dispatch.resolve("ssd_update", config.runtime.mamba_decode_impl)  # "xla" or "pallas"
     interpret = dispatch.interpret()                                    # True on CPU: Pallas runs interpreted
 
 "pallas" always runs the kernel (interpreted on CPU, so a forced kernel is testable everywhere). "auto" picks

@@ -114,7 +114,7 @@ def tiny():
     """A small random hybrid (Mamba, attention, MLP) over the byte vocabulary, float32."""
     import nemojax
 
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", dtype="float32")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", runtime={"dtype": "float32"})
     return nemojax.Model.init(config, 0)
 
 
@@ -181,7 +181,7 @@ def _save_workdir(tiny, workdir):
     from nemojax.train.loop import _fingerprint  # the real run.json content, so a format change fails here
     from nemojax.train.step import TrainState
 
-    assert dataclasses.asdict(tiny.config)["remat"] == "none"
+    assert dataclasses.asdict(tiny.config)["runtime"]["remat"] == "none"
     config = config_files.load(Path(cli.__file__).parent.parent / "configs" / "tiny.py", [])
     checkpoints = Checkpoints(workdir, _fingerprint(tiny.config, config), async_save=False)
     newest = None
@@ -247,7 +247,8 @@ def test_documented_chat_command_uses_the_checkpoints_own_tokenizer(in_checkout,
     from nemojax.data import DataConfig, documents, load_tokenizer, train_bpe
     from nemojax.infer.chat import chat
 
-    model = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", pattern="M*-", dtype="float32"), 0)
+    model = nemojax.Model.init(
+        nemojax.presets.get("nemotron-h-8b-tiny", pattern="M*-", runtime={"dtype": "float32"}), 0)
     folder = nemojax.save_hf(model, in_checkout / "hf_dir")
     docs = documents(DataConfig(kind="stdlib"), "train")
     train_bpe((docs[i] for i in range(10)), 300, folder / "tokenizer.json")
@@ -326,7 +327,8 @@ def test_prune_then_distill_write_loadable_checkpoints(in_checkout, capsys):
     from nemojax import compress
     from nemojax.compress import minitron
 
-    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher = nemojax.Model.init(
+        nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, runtime={"dtype": "float32"}), 0)
     teacher_dir = nemojax.save_hf(teacher, in_checkout / "runs" / "demo")
     work = in_checkout / "runs" / "minitron"
     prune = documented("nemojax prune --config configs/minitron_small.py --teacher runs/demo --workdir runs/minitron")
@@ -376,7 +378,8 @@ def test_prune_errors_name_the_target(tmp_path):
     """A target the model cannot take stops with an error naming it, before anything is saved."""
     import nemojax
 
-    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher = nemojax.Model.init(
+        nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, runtime={"dtype": "float32"}), 0)
     teacher_dir = nemojax.save_hf(teacher, tmp_path / "teacher")
     with pytest.raises(SystemExit, match="mamba_heads"):
         cli.main(["prune", "--teacher", str(teacher_dir), "--workdir", str(tmp_path / "w"), *COMPRESS,
@@ -404,14 +407,15 @@ def test_quantize_then_qad_write_nvidia_checkpoints(in_checkout, capsys):
     from nemojax import quant
 
     tmp_path = in_checkout
-    teacher = nemojax.Model.init(nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, dtype="float32"), 0)
+    teacher = nemojax.Model.init(
+        nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, runtime={"dtype": "float32"}), 0)
     teacher_dir = nemojax.save_hf(teacher, tmp_path / "runs" / "demo")
     work = tmp_path / "runs" / "nvfp4"
     cli.main(documented("nemojax quantize --config configs/nvfp4_qad.py --teacher runs/demo --workdir runs/nvfp4")
              + QUANTIZE[2:])
     out = capsys.readouterr().out
     ptq = quant.load_quantized(work / "ptq")
-    assert ptq.config.quant is not None
+    assert ptq.config.runtime.quant is not None
     assert json.loads((work / "ptq" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "NVFP4"
     record = json.loads((work / "quantize.json").read_text())
     teacher_mb, ptq_mb = record["teacher"]["weight_bytes"], record["ptq"]["weight_bytes"]

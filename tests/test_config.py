@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nemojax import presets
-from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig, Runtime
 
 MAMBA = MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, chunk_size=16)
 ATTN = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8)
@@ -66,20 +66,19 @@ def test_valid_config_builds() -> None:
          "moe.num_experts"),
         (lambda: MoEConfig(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=32, n_group=2,
                            topk_group=3), "moe.topk_group"),
-        (lambda: MoEConfig(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=32, impl="x"),
-         "moe.impl"),
+        (lambda: Runtime(moe_impl="x"), "runtime.moe_impl"),
         (lambda: AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=10, rope_theta=1e4, partial_rotary_factor=0.5),
          "attention.partial_rotary_factor"),
         (lambda: AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=-1.0), "attention.rope_theta"),
-        (lambda: _config(dtype="float64"), "dtype"),
-        (lambda: _config(param_dtype="int8"), "param_dtype"),
+        (lambda: _config(runtime=Runtime(dtype="float64")), "runtime.dtype"),
+        (lambda: _config().replace(runtime={"param_dtype": "int8"}), "runtime.param_dtype"),
         (lambda: MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=(0.1, 0.05)),
          "mamba.time_step_limit"),
         (lambda: MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=(-1.0, 1.0)),
          "mamba.time_step_limit"),
         (lambda: MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, time_step_limit=(0.0, 1.0, 2.0)),
          "mamba.time_step_limit"),
-        (lambda: MambaConfig(num_heads=4, head_dim=8, state_size=8, n_groups=2, ssd_impl="fast"), "mamba.ssd_impl"),
+        (lambda: Runtime(ssd_impl="fast"), "runtime.ssd_impl"),
         (lambda: _config(intermediate_size=None), "intermediate_size"),
         (lambda: _config(intermediate_size=0), "intermediate_size"),
         (lambda: _config(norm_eps=0.0), "norm_eps"),
@@ -135,6 +134,51 @@ def test_replace_revalidates() -> None:
     assert new.mamba.n_groups == 4 and cfg.mamba.n_groups == 2
     with pytest.raises(ValueError, match="mamba.num_heads"):
         cfg.replace(mamba={"n_groups": 3})
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+
+FAST = {"dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "full", "moe_impl": "ragged",
+        "attention_impl": "xla", "ssd_impl": "sequential"}
+
+
+def test_architecture_drops_the_runtime() -> None:
+    """architecture() is the config with the default Runtime: two configs that differ only in runtime have equal
+    (and equally hashed) architectures, while an architecture field still tells them apart."""
+    cfg = _config()
+    fast = cfg.replace(runtime=FAST)
+    assert fast != cfg and fast.runtime == Runtime(**FAST)
+    assert fast.architecture() == cfg.architecture() == cfg
+    assert fast.architecture().runtime == Runtime()
+    assert hash(fast.architecture()) == hash(cfg.architecture())
+    assert fast.replace(hidden_size=64).architecture() != cfg.architecture()
+
+
+def test_to_hf_ignores_the_runtime() -> None:
+    """config.json describes the checkpoint, not how it runs: configs that differ only in runtime write the same
+    dict, and it carries no runtime field."""
+    cfg = _config()
+    fast = cfg.replace(runtime=FAST)
+    assert fast.to_hf() == cfg.to_hf()
+    assert not {"runtime", "torch_dtype", "dtype", "remat"} & set(cfg.to_hf())
+
+
+def test_replace_unknown_runtime_field_raises() -> None:
+    """A dict of runtime changes with an unknown field raises ValueError naming `runtime` and the known fields."""
+    with pytest.raises(ValueError, match="^runtime=") as info:
+        _config().replace(runtime={"nope": 1})
+    assert "nope" in str(info.value)
+    for name in ("dtype", "remat", "scan_layers", "moe_impl"):
+        assert repr(name) in str(info.value), str(info.value)
+
+
+def test_runtime_validates_its_fields() -> None:
+    """A bad runtime choice raises ValueError naming `runtime.<field>`, its value and the allowed ones."""
+    with pytest.raises(ValueError, match="^runtime.remat='bad' is invalid") as info:
+        Runtime(remat="bad")
+    assert "dots_saveable" in str(info.value)
+    with pytest.raises(ValueError, match="^runtime.remat="):
+        _config().replace(runtime={"remat": "bad"})
 
 
 # ------------------------------------------------------------------------------------------------ from_hf
@@ -245,8 +289,9 @@ def test_from_hf_rejects_other_model_type() -> None:
 
 def test_from_hf_overrides() -> None:
     """Overrides set nemojax-only fields on top of the parsed ones."""
-    cfg = ModelConfig.from_hf(_hf(), dtype="bfloat16", remat="full")
-    assert (cfg.dtype, cfg.remat, cfg.param_dtype) == ("bfloat16", "full", "float32")
+    cfg = ModelConfig.from_hf(_hf(), runtime={"dtype": "bfloat16", "remat": "full"})
+    assert (cfg.runtime.dtype, cfg.runtime.remat, cfg.runtime.param_dtype) == ("bfloat16", "full", "float32")
+    assert ModelConfig.from_hf(_hf(), runtime=Runtime(dtype="bfloat16", remat="full")) == cfg
 
 
 # ------------------------------------------------------------------------------------------------ to_hf
@@ -289,7 +334,7 @@ def test_to_hf_loads_in_transformers(name: str) -> None:
 @pytest.mark.parametrize("name", HF_NAMES)
 def test_from_hf_of_to_hf_is_identity(name: str) -> None:
     """from_hf(to_hf(c)) == c for float32 configs (tiny presets, and full presets set to float32)."""
-    cfg = presets.get(name, dtype="float32", param_dtype="float32")
+    cfg = presets.get(name, runtime={"dtype": "float32", "param_dtype": "float32"})
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 

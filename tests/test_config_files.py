@@ -100,9 +100,11 @@ def test_model_overrides_accept_new_keys(typed_config):
     config = config_files.load(typed_config, ["model.overrides.hidden_size=32", "model.overrides.pattern=M*",
                                               "model.overrides.vocab_size=16"])
     assert config.model.overrides.to_dict() == {"vocab_size": 16, "hidden_size": 32, "pattern": "M*"}
-    tiny = config_files.load(TINY, ["model.overrides.moe={'impl': 'dense'}"])
-    assert tiny.model.overrides.moe.impl == "dense" and tiny.model.overrides.vocab_size == 260
-    # the free-form group is only `overrides`: a new key elsewhere under model is still an error
+    tiny = config_files.load(TINY, ["model.overrides.mamba={'chunk_size': 16}", "model.runtime.moe_impl=dense",
+                                    "model.runtime.remat=full"])
+    assert tiny.model.overrides.mamba.chunk_size == 16 and tiny.model.overrides.vocab_size == 260
+    assert tiny.model.runtime.to_dict() == {"moe_impl": "dense", "remat": "full"}
+    # the free-form groups are only `overrides` and `runtime`: a new key elsewhere under model is still an error
     with pytest.raises(ValueError, match="'model.hidden_size'"):
         config_files.load(typed_config, ["model.hidden_size=32"])
 

@@ -56,11 +56,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 
 # (importing module, imported module) -> why it is allowed for now.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("nemojax.interop.hf", "nemojax.quant.export"):
-        "load_hf hands a ModelOpt-quantized folder to quant.load_quantized (a lazy import); the quantized "
-        "checkpoint reader belongs in interop, with quant.export writing through it",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -85,7 +85,7 @@ def test_remat_gives_same_loss_and_gradients(policy: str) -> None:
     model = _sub_model(_model(SUPER), [0, 1, 3])
     assert model.config.pattern == "ME*"
     tokens = _tokens(2)
-    remat_cfg = model.config.replace(remat=policy)
+    remat_cfg = model.config.replace(runtime={"remat": policy})
     loss, grads = _loss_and_grads(model.config, model.params, tokens)
     loss_r, grads_r = _loss_and_grads(remat_cfg, model.params, tokens)
     np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
@@ -108,7 +108,7 @@ def test_bfloat16_forward_close_to_float32(param_dtype: str) -> None:
     and really runs in bfloat16 (the error is not zero); the router's params stay float32 (docs/numerics.md 8)."""
     model = _model(SUPER)
     tokens = _tokens(3, 24)
-    cfg = model.config.replace(dtype="bfloat16", param_dtype=param_dtype)
+    cfg = model.config.replace(runtime={"dtype": "bfloat16", "param_dtype": param_dtype})
     shapes = abstract_params(cfg)
     params = jax.tree.map(lambda a, s: a.astype(s.dtype), model.params, shapes)
     assert shapes["embeddings"]["embedding"].dtype == jnp.dtype(param_dtype)
@@ -161,8 +161,9 @@ def test_logical_axes_cover_every_param(name: str) -> None:
 def test_moe_dense_and_ragged_give_same_logits() -> None:
     """moe impl "dense" and "ragged" give the same model logits (and auto resolves to dense for 8 experts)."""
     model = _model(SUPER)
-    assert model.config.moe.impl == "auto" and model.config.moe.resolved_impl() == "dense"
+    rt = model.config.runtime
+    assert rt.moe_impl == "auto" and rt.resolved_moe_impl(model.config.moe.num_experts) == "dense"
     tokens = _tokens(4)
     dense = model(tokens)
-    ragged = forward(model.config.replace(moe={"impl": "ragged"}), model.params, tokens)
+    ragged = forward(model.config.replace(runtime={"moe_impl": "ragged"}), model.params, tokens)
     np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), rtol=1e-5, atol=1e-6)

@@ -110,8 +110,7 @@ class ToyConfig(ModelConfig):
     def to_hf(self) -> dict[str, Any]:
         return {"model_type": self.MODEL_TYPE, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                 "pattern": self.pattern, "recurrence_width": self.recurrence.width,
-                "intermediate_size": self.intermediate_size, "norm_eps": self.norm_eps,
-                "torch_dtype": self.param_dtype}
+                "intermediate_size": self.intermediate_size, "norm_eps": self.norm_eps}
 
     @classmethod
     def from_hf(cls, d, **overrides):
@@ -251,7 +250,7 @@ def test_quantization_reaches_the_kinds_linears(model):
 def test_save_hf_load_hf_round_trip(model, tmp_path):
     hf.save_hf(model, tmp_path / "toy")
     written = json.loads((tmp_path / "toy" / "config.json").read_text())
-    assert written["model_type"] == "toy_recurrent"
+    assert written["model_type"] == "toy_recurrent" and written["torch_dtype"] == "float32"  # added by save_hf
     names = set(hf.state_dict_from_params(model.config, model.params))
     assert "model.layers.0.mixer.a_proj.weight" in names and "model.embed.weight" in names
     back = nemojax.load_hf(tmp_path / "toy")

@@ -23,8 +23,8 @@ DOCS = [[7, 20, 1, 12], [25, 10]]
 L = 40
 
 
-def _config(name: str, **attention):
-    cfg = dataclasses.replace(presets.get(name), dtype="float32", param_dtype="float32")
+def _config(name: str, runtime: dict | None = None, **attention):
+    cfg = presets.get(name).replace(runtime={"dtype": "float32", "param_dtype": "float32", **(runtime or {})})
     if attention:
         cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, **attention))
     return cfg
@@ -79,8 +79,8 @@ def test_each_packed_document_gets_its_own_logits(name: str, rope: bool) -> None
 
 
 def test_pallas_kernels_take_the_segments(monkeypatch) -> None:
-    """mamba.scan_impl and attention.impl "pallas" (interpreted here) on a packed row give the XLA path's logits
-    (float32, 1e-5): the scan kernel's reset masks and the attention kernel's native segment ids."""
+    """runtime.scan_impl and runtime.attention_impl "pallas" (interpreted here) on a packed row give the XLA path's
+    logits (float32, 1e-5): the scan kernel's reset masks and the attention kernel's native segment ids."""
     from nemojax.nn import attention, mamba2
 
     traced = []
@@ -90,8 +90,7 @@ def test_pallas_kernels_take_the_segments(monkeypatch) -> None:
             (_n, kw.get("reset", kw.get("segment_ids")) is not None)) or _k(*a, **kw))
     model = _model("nemotron-h-8b-tiny")
     tokens, segments = _packed(3)
-    kernels = model.config.replace(mamba={"scan_impl": "pallas"},
-                                   attention=dataclasses.replace(model.config.attention, impl="pallas"))
+    kernels = model.config.replace(runtime={"scan_impl": "pallas", "attention_impl": "pallas"})
     xla = np.asarray(model(tokens, segments))
     pallas = np.asarray(Model(kernels, model.params)(tokens, segments))
     assert _rel(pallas, xla) < 1e-5
@@ -162,8 +161,8 @@ def test_segments_are_refused_where_they_do_not_apply() -> None:
 
     tokens, segments = _packed()
     model = _model("nemotron-h-8b-tiny")
-    cudnn = _config("nemotron-h-8b-tiny", impl="cudnn")
-    with pytest.raises(ValueError, match="attention.impl='cudnn' does not take segment_ids"):
+    cudnn = _config("nemotron-h-8b-tiny", runtime={"attention_impl": "cudnn"})
+    with pytest.raises(ValueError, match="runtime.attention_impl='cudnn' does not take segment_ids"):
         NemotronH(cudnn).apply({"params": model.params}, jnp.asarray(tokens), jnp.asarray(segments))
     cfg = model.config
     x = jnp.ones((2, L, cfg.hidden_size), jnp.float32)

@@ -142,7 +142,7 @@ def test_full_preset_pattern_matches_spec_table(name: str) -> None:
 def test_full_preset_family_fields(name: str) -> None:
     cfg = presets.get(name)
     assert cfg.vocab_size == 131072 and cfg.norm_eps == 1e-5
-    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+    assert (cfg.runtime.dtype, cfg.runtime.param_dtype) == ("bfloat16", "bfloat16")
     assert cfg.mamba is not None
     assert (cfg.mamba.n_groups, cfg.mamba.conv_kernel) == (8, 4)
     assert cfg.mamba.chunk_size == (256 if name == "nemotron-3-nano-4b" else 128)
@@ -153,7 +153,7 @@ def test_full_preset_family_fields(name: str) -> None:
 @pytest.mark.parametrize("name", FULL_NAMES + TINY_NAMES)
 def test_preset_survives_hf_round_trip(name: str) -> None:
     cfg = presets.get(name)
-    assert ModelConfig.from_hf(cfg.to_hf(), dtype=cfg.dtype, param_dtype=cfg.param_dtype) == cfg
+    assert ModelConfig.from_hf(cfg.to_hf(), runtime=cfg.runtime) == cfg
 
 
 def _q_width_differs(cfg: ModelConfig) -> bool:
@@ -167,7 +167,7 @@ def test_tiny_preset_keeps_structure(name: str) -> None:
     full, tiny = presets.get(name), presets.get(name + "-tiny")
     assert set(tiny.pattern) == set(full.pattern)
     assert tiny.pattern[0] == "M" and 6 <= tiny.num_layers <= 10
-    assert (tiny.dtype, tiny.param_dtype) == ("float32", "float32")
+    assert (tiny.runtime.dtype, tiny.runtime.param_dtype) == ("float32", "float32")
     assert tiny.hidden_size <= 128 and tiny.vocab_size <= 1024
     assert tiny.mamba is not None and full.mamba is not None
     assert tiny.mamba.n_groups > 1 and tiny.mamba.num_heads % tiny.mamba.n_groups == 0
@@ -189,17 +189,17 @@ def test_names_lists_every_preset_once() -> None:
 
 
 def test_get_applies_overrides() -> None:
-    cfg = presets.get("nemotron-h-8b", dtype="float32", remat="full", mamba={"chunk_size": 64})
+    cfg = presets.get("nemotron-h-8b", runtime={"dtype": "float32", "remat": "full"}, mamba={"chunk_size": 64})
     assert cfg.mamba is not None and cfg.mamba.chunk_size == 64
-    assert (cfg.dtype, cfg.remat) == ("float32", "full")
-    assert cfg.param_dtype == "bfloat16"
+    assert (cfg.runtime.dtype, cfg.runtime.remat) == ("float32", "full")
+    assert cfg.runtime.param_dtype == "bfloat16"
     base = presets.get("nemotron-h-8b")
-    assert base.dtype == "bfloat16" and base.mamba is not None and base.mamba.chunk_size == 128
+    assert base.runtime.dtype == "bfloat16" and base.mamba is not None and base.mamba.chunk_size == 128
 
 
 def test_get_rejects_invalid_override() -> None:
-    with pytest.raises(ValueError, match="dtype"):
-        presets.get("nemotron-h-8b-tiny", dtype="int8")
+    with pytest.raises(ValueError, match="runtime.dtype"):
+        presets.get("nemotron-h-8b-tiny", runtime={"dtype": "int8"})
 
 
 def test_unknown_name_raises_value_error() -> None:

@@ -209,8 +209,8 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
     if bad:
         raise ValueError(f"layer_metrics={metrics!r} is invalid: entries must be among {', '.join(LAYER_METRICS)}")
     config = model.config
-    if config.remat != "none":
-        config = config.replace(remat="none")  # forward only; keeps module paths plain
+    if config.runtime.remat != "none":
+        config = config.replace(runtime={"remat": "none"})  # forward only; keeps module paths plain
     params = model.params
     want_lm = "lm_loss" in metrics or "logits_mse" in metrics
     L_layers = config.num_layers

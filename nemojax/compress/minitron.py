@@ -166,7 +166,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str 
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder} has no pruned checkpoint (config.json); run `nemojax prune` with this "
                              "workdir first")
-        student = load_hf(folder, dtype=teacher.config.dtype)
+        student = load_hf(folder, runtime={"dtype": teacher.config.runtime.dtype})
     dcfg = data_config(config)
     _check_vocab(student, dcfg, "the student")
     dist_cfg = distill_config(config)

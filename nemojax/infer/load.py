@@ -3,10 +3,11 @@
     model, tokenizer = load_checkpoint("path/to/hf_checkpoint")     # config.json + safetensors (+ tokenizer.json)
     model, tokenizer = load_checkpoint("runs/tiny")                 # a `nemojax train` workdir (run.json + orbax)
 
-A training workdir holds `run.json` ({"model": dataclasses.asdict(ModelConfig) without dtype and remat,
-"seq_len", "data": {..., "tokenizer": "byte" or a path}}) and orbax checkpoints of the TrainState under
-`checkpoints/<step>/state`. Only the `params` subtree of the newest (or the given) step is read; the optimizer state
-is never loaded. The compute dtype is an inference choice (default float32, right for CPUs).
+A training workdir holds `run.json` ({"model": the architecture, `dataclasses.asdict(ModelConfig)` without its
+runtime, "param_dtype", "quant": the training recipe or null, "seq_len", "data": {..., "tokenizer": "byte" or a
+path}}) and orbax checkpoints of the TrainState under `checkpoints/<step>/state`. Only the `params` subtree of the
+newest (or the given) step is read; the optimizer state is never loaded. The compute dtype is an inference choice
+(default float32, right for CPUs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, MTPConfig, Runtime
 from nemojax.data.tokenizers import Tokenizer, load_tokenizer
 from nemojax.lowp.recipe import QuantRecipe
 from nemojax.model import Model
@@ -50,9 +51,15 @@ def _fields(cls: type, d: Any, where: str) -> dict[str, Any]:
 
 def model_config_from_dict(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """The inverse of `dataclasses.asdict(config)` (also after a JSON round trip): sub-config dicts become their
-    dataclasses, lists become tuples. Fields missing from `d` (e.g. dtype and remat, which run.json leaves out)
-    take their defaults; `overrides` replace any field. Unknown fields raise ValueError naming them."""
+    dataclasses, lists become tuples. Fields missing from `d` (the runtime, which run.json keeps apart) take their
+    defaults; `overrides` replace any field. Unknown fields raise ValueError naming them."""
     fields = _fields(ModelConfig, d, "model")
+    runtime = fields.get("runtime")
+    if isinstance(runtime, Mapping):
+        runtime = _fields(Runtime, runtime, "model.runtime")
+        if isinstance(runtime.get("quant"), Mapping):
+            runtime["quant"] = QuantRecipe.from_dict(runtime["quant"])
+        fields["runtime"] = Runtime(**runtime)
     for name, cls in _SUB_CONFIGS.items():
         sub = fields.get(name)
         if sub is None or isinstance(sub, cls):
@@ -63,8 +70,6 @@ def model_config_from_dict(d: Mapping[str, Any], **overrides: Any) -> ModelConfi
             sub["time_step_limit"] = tuple(math.inf if str(v).lower() in ("inf", "infinity") else float(v)
                                            for v in sub["time_step_limit"])
         fields[name] = cls(**sub)
-    if isinstance(fields.get("quant"), Mapping):
-        fields["quant"] = QuantRecipe.from_dict(fields["quant"])
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -139,7 +144,7 @@ def load_checkpoint(path: str | Path, *, tokenizer: str | Path | None = None, dt
         if step is not None:
             raise ValueError(f"step={step} applies to training workdirs; {folder} is a Hugging Face checkpoint")
         try:
-            model = load_hf(folder, dtype=dtype)
+            model = load_hf(folder, runtime={"dtype": dtype})
         except FileNotFoundError as error:
             raise ValueError(f"{folder}: {error}") from error
         if tokenizer is None:
@@ -150,7 +155,10 @@ def load_checkpoint(path: str | Path, *, tokenizer: str | Path | None = None, dt
         run = json.loads((folder / RUN_FILE).read_text())
         if not isinstance(run.get("model"), Mapping):
             raise ValueError(f"{folder / RUN_FILE} has no model config (the 'model' entry)")
-        config = model_config_from_dict(run["model"], dtype=dtype)
+        quant = run.get("quant")
+        runtime = Runtime(dtype=dtype, param_dtype=run.get("param_dtype", "float32"),
+                          quant=QuantRecipe.from_dict(quant) if isinstance(quant, Mapping) else None)
+        config = model_config_from_dict(run["model"], runtime=runtime)
         model = Model(config, restore_params(folder, config, step))
         if tokenizer is None:
             return model, _workdir_tokenizer(folder.absolute(), run)

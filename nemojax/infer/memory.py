@@ -112,9 +112,9 @@ def _weight_bytes(config: ModelConfig, weight_dtype: object) -> int:
     whatever is not bfloat16 there is pinned."""
     from nemojax.model import abstract_params  # model imports the network; keep `import memory` light
 
-    itemsize = _dtype(weight_dtype or config.param_dtype, "weight_dtype").itemsize
+    itemsize = _dtype(weight_dtype or config.runtime.param_dtype, "weight_dtype").itemsize
     probe = jnp.dtype(jnp.bfloat16)
-    leaves = jax.tree.leaves(abstract_params(config.replace(param_dtype="bfloat16")))
+    leaves = jax.tree.leaves(abstract_params(config.replace(runtime={"param_dtype": "bfloat16"})))
     return sum(x.size * (itemsize if x.dtype == probe else x.dtype.itemsize) for x in leaves)
 
 
@@ -128,14 +128,14 @@ def cache_bytes(config: ModelConfig, batch: int, context: int, *, dtype: object 
                 mtp: bool = False) -> MemoryPlan:
     """The memory of serving `batch` sequences of up to `context` tokens.
 
-    dtype: of the KV cache and conv state (default `config.dtype`); the SSM state is float32 regardless.
-    weight_dtype: of the weights (default `config.param_dtype`).
+    dtype: of the KV cache and conv state (default `config.runtime.dtype`); the SSM state is float32 regardless.
+    weight_dtype: of the weights (default `config.runtime.param_dtype`).
     mtp: also count the MTP head's caches (its pattern once per depth), as speculative decoding with the head
       allocates them. Weights always include every param, the MTP head's too when `config.mtp` is set.
     Equals `cache_nbytes(init_cache(config, batch, context, dtype))` part for part (plus the MTP caches).
     """
     _check_positive(batch=batch, context=context)
-    itemsize = _dtype(dtype or config.dtype, "dtype").itemsize
+    itemsize = _dtype(dtype or config.runtime.dtype, "dtype").itemsize
     fixed, per_token = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
     return _plan(_weight_bytes(config, weight_dtype), fixed, per_token, context)
 
@@ -151,7 +151,7 @@ def max_context(config: ModelConfig, batch: int, memory_bytes: int, *, dtype: ob
     _check_positive(batch=batch)
     if memory_bytes < 0:
         raise ValueError(f"memory_bytes={memory_bytes!r} is invalid: must be >= 0")
-    itemsize = _dtype(dtype or config.dtype, "dtype").itemsize
+    itemsize = _dtype(dtype or config.runtime.dtype, "dtype").itemsize
     fixed, per_token = _layer_bytes(config, _cache_pattern(config, mtp), batch, itemsize)
     kv_per_token = sum(per_token.values())
     spare = int(memory_bytes) - _weight_bytes(config, weight_dtype) - sum(fixed.values())

@@ -1,244 +1,49 @@
-"""Hugging Face checkpoints, both directions: config.json + (sharded) safetensors <-> Model.
+"""Hugging Face checkpoint folders, both directions: config.json + (sharded) safetensors <-> Model.
 
     model = load_hf("ckpt/")            # config.json, model.safetensors or model.safetensors.index.json + shards
     save_hf(model, "out/")              # Hub naming, one tensor per expert, each tensor in its param's dtype
 
-A state dict is a mapping from tensor name to array in torch layout. Loading accepts Hub (`backbone.`) and
-transformers-native (`model.`, stacked experts) names, checks the set of tensors and every shape against the
-config, and fails with a `CheckpointError` naming each missing, unexpected or mis-shaped tensor. `mtp.` tensors
-are optional: a checkpoint without any drops the MTP head from the config (transformers drops them on save),
-and a config without MTP ignores them, as transformers does.
+The tensor naming and checks are `nemojax.interop.state_dict`'s; a folder in NVIDIA ModelOpt's quantized layout is
+read by `nemojax.interop.modelopt`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from safetensors.flax import save_file
+from nemojax.errors import CheckpointError
+from nemojax.interop import modelopt
+from nemojax.interop.safetensors_file import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    read_safetensors,
+    save_folder,
+    write_tensors,
+)
+from nemojax.interop.state_dict import config_from_hf, model_from_state_dict, state_dict_from_params, to_hf_state_dict
+from nemojax.model import Model
 
-from nemojax import families
-from nemojax.config import ModelConfig
-from nemojax.errors import CheckpointError  # raised here for tensors that do not fit the config
-from nemojax.interop.naming import TensorRule, rule_for, split_stacked_experts
-from nemojax.interop.safetensors_file import INDEX_NAME, WEIGHTS_NAME, read_safetensors
-from nemojax.lowp.recipe import is_state
-from nemojax.model import Model, Params, abstract_params
-
-log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def tensor_rules(config: ModelConfig) -> list[tuple[TensorRule, jax.ShapeDtypeStruct]]:
-    """Every param leaf of `config` with its checkpoint mapping and abstract value (shape, dtype). Frozen
-    quantization state (calibrated amaxes; nemojax.quant) has no place in a high-precision checkpoint and is
-    left out: `nemojax.quant.save_quantized` writes it in NVIDIA's quantized layout."""
-    experts = config.moe.num_experts if config.moe else None
-    family = families.family_of(config)
-    return [(rule_for(path, len(leaf.shape), experts, family), leaf)
-            for path, leaf in _flatten(abstract_params(config)).items() if not is_state(path[-1])]
-
-
-def _uncalibrated_state(config: ModelConfig) -> dict[tuple[str, ...], jax.Array]:
-    """The quantization-state leaves of `config` at their "not calibrated" value (zero)."""
-    return {path: jnp.zeros(leaf.shape, leaf.dtype) for path, leaf in _flatten(abstract_params(config)).items()
-            if is_state(path[-1])}
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """numpy view of a numpy, jax or torch array (torch bfloat16 goes through float32, exactly)."""
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            return value.float().numpy().astype(jnp.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
-
-
-def fused_parts(rules: Iterable[tuple[TensorRule, jax.ShapeDtypeStruct]]
-                ) -> dict[str, list[tuple[TensorRule, int, int]]]:
-    """{fused checkpoint tensor name: [(rule, start, stop), ...]}: the params that are parts of one checkpoint
-    tensor (the Mamba mixer's in_proj and conv1d), in part order, with the rows each one covers."""
-    parts: dict[str, list[tuple[TensorRule, jax.ShapeDtypeStruct]]] = {}
-    for rule, leaf in rules:
-        if rule.part is not None:
-            parts.setdefault(rule.names[0], []).append((rule, leaf))
-    out = {}
-    for name, found in parts.items():
-        found.sort(key=lambda item: item[0].part)
-        if [rule.part for rule, _ in found] != list(range(len(found))):
-            raise ValueError(f"checkpoint tensor {name}: parts {[r.part for r, _ in found]} are not 0..n-1")
-        start, spans = 0, []
-        for rule, leaf in found:
-            rows = rule.checkpoint_shape(leaf.shape)[0]
-            spans.append((rule, start, start + rows))
-            start += rows
-        out[name] = spans
-    return out
-
-
-def state_dict_from_params(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    """Hub-named tensors in torch layout, one per expert, each in its param's dtype; the parts of a fused tensor
-    (the Mamba mixer's in_proj and conv1d) concatenated in their checkpoint order."""
-    flat = _flatten(params)
-    rules = tensor_rules(config)
-    state_dict = {}
-    for rule, _ in rules:
-        if rule.part is None:
-            for name, tensor in zip(rule.names, rule.to_checkpoint(np.asarray(flat[rule.path])), strict=True):
-                state_dict[name] = np.ascontiguousarray(tensor)
-    for name, spans in fused_parts(rules).items():
-        state_dict[name] = np.ascontiguousarray(np.concatenate(
-            [rule.to_checkpoint(np.asarray(flat[rule.path]))[0] for rule, _, _ in spans], axis=0))
-    return state_dict
-
-
-def to_hf_state_dict(model: Model) -> dict[str, np.ndarray]:
-    """`model`'s Hub-named torch-layout numpy tensors (`state_dict_from_params` of its config and params)."""
-    return state_dict_from_params(model.config, model.params)
-
-
-def _normalise_names(state_dict: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
-    """The family's spelling of every tensor name (`Family.normalize_name`), stacked experts split."""
-    normalize = families.family_of(config).normalize_name or (lambda name: name)
-    normalised: dict[str, Any] = {}
-    for raw_name, value in state_dict.items():
-        name = normalize(raw_name)
-        split = split_stacked_experts(name, value)
-        for key, tensor in (split or {name: value}).items():
-            if key in normalised:
-                raise CheckpointError(f"tensor {key} appears twice (as {raw_name} and another spelling)")
-            normalised[key] = tensor
-    return normalised
-
-
-def _list(names: Iterable[str], limit: int = 20) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Model:
-    """A Model from torch-layout tensors; see the module docstring for the names accepted."""
-    tensors = _normalise_names(state_dict, config)
-    has_mtp = any(name.startswith("mtp.") for name in tensors)
-    if config.mtp is not None and not has_mtp:
-        log.warning("checkpoint has no mtp.* tensors: loading without the MTP head")
-        config = config.replace(mtp=None)
-    elif config.mtp is None and has_mtp:
-        log.warning("config has no MTP head: ignoring the checkpoint's mtp.* tensors")
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
-
-    rules = tensor_rules(config)
-    fused = fused_parts(rules)
-    expected = {name: rule.checkpoint_shape(leaf.shape) for rule, leaf in rules for name in rule.names}
-    for name, spans in fused.items():  # the whole tensor: its parts' rows, stacked
-        expected[name] = (spans[-1][2], *expected[name][1:])
-    missing = expected.keys() - tensors.keys()
-    unexpected = tensors.keys() - expected.keys()
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_list(unexpected)}")
-    for name in sorted(expected.keys() & tensors.keys()):
-        want, got = expected[name], tuple(tensors[name].shape)
-        if want != got:
-            problems.append(f"tensor {name} has shape {list(got)}, expected {list(want)}")
-    if problems:
-        raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
-
-    rows = {rule.path: (start, stop) for spans in fused.values() for rule, start, stop in spans}
-    flat = {}
-    for rule, leaf in rules:
-        arrays = [_to_numpy(tensors[name]) for name in rule.names]
-        if rule.part is not None:  # this part's rows of the fused tensor
-            start, stop = rows[rule.path]
-            arrays = [arrays[0][start:stop]]
-        value = rule.from_checkpoint(arrays)
-        flat[rule.path] = jnp.asarray(value.astype(leaf.dtype))
-    flat.update(_uncalibrated_state(config))
-    return Model(config, _unflatten(flat))
-
-
-# ---------------------------------------------------------------------------------------------- directories
-
-
-def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    # parsed by nemojax itself: safetensors' readers fail on float8 tensors (quantized checkpoints' scales)
-    return read_safetensors(directory)
-
-
-def is_quantized(directory: Path, hf_config: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint folder holds NVIDIA ModelOpt quantized weights (packed NVFP4 / FP8 tensors and their
-    scales): an hf_quant_config.json beside config.json, or a "modelopt" quantization_config in it."""
-    method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
-    return (directory / QUANT_CONFIG_NAME).is_file() or method.startswith("modelopt")
+# the one import a user of Hugging Face checkpoints needs
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "config_from_hf", "load_hf",
+           "model_from_state_dict", "save_hf", "state_dict_from_params", "to_hf_state_dict"]
 
 
 def load_hf(directory: str | os.PathLike, **config_overrides: Any) -> Model:
-    """Loads `config.json` and its safetensors weights. `config_overrides` (dtype, param_dtype, remat, ...) go
-    to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32).
-    A ModelOpt quantized checkpoint (`is_quantized`: `nemojax quantize` / `qad` output, or NVIDIA's) is read by
-    `nemojax.quant.load_quantized`: a fake-quantized Model whose kernels are the dequantized weights."""
+    """Loads `config.json` and its safetensors weights. `config_overrides` (e.g. runtime={"dtype": "bfloat16"})
+    go to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32).
+    A ModelOpt quantized checkpoint (`modelopt.is_quantized`: `nemojax quantize` / `qad` output, or NVIDIA's) is
+    read by `modelopt.load_quantized`: a fake-quantized Model whose kernels are the dequantized weights."""
     directory = Path(directory)
     hf_config = json.loads((directory / CONFIG_NAME).read_text())
-    if is_quantized(directory, hf_config):
-        from nemojax.quant.export import load_quantized  # quant.export builds on this module
-
-        return load_quantized(directory, **config_overrides)
+    if modelopt.is_quantized(directory, hf_config):
+        return modelopt.load_quantized(directory, **config_overrides)
     config = config_from_hf(hf_config, **config_overrides)
-    return model_from_state_dict(config, _read_safetensors(directory))
-
-
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """The config of a config.json dict, by the family its `model_type` names (default nemotron_h); an unknown
-    model_type raises naming the known ones."""
-    return families.family(hf_config.get("model_type", "nemotron_h")).config.from_hf(hf_config, **overrides)
-
-
-def _shards(state_dict: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, tensor in state_dict.items():
-        if shards[-1] and size + tensor.nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
-    return shards
+    return model_from_state_dict(config, read_safetensors(directory))
 
 
 def save_hf(model: Model, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
@@ -247,43 +52,11 @@ def save_hf(model: Model, directory: str | os.PathLike, *, max_shard_bytes: int 
     Everything is written to a sibling temporary directory first and swapped in at the end, so a save that fails
     part-way leaves any previous checkpoint at `directory` intact.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state_dict = state_dict_from_params(model.config, model.params)
-    shards = _shards(state_dict, max_shard_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
-    try:
-        (staging / CONFIG_NAME).write_text(json.dumps(model.config.to_hf(), indent=2))
-        if len(shards) == 1:
-            save_file({k: jnp.asarray(v) for k, v in shards[0].items()}, staging / WEIGHTS_NAME,
-                      metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file({k: jnp.asarray(v) for k, v in shard.items()}, staging / file, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(t.nbytes for t in state_dict.values())
-            (staging / INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        _swap_in(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    hf_config = {**model.config.to_hf(), "torch_dtype": model.config.runtime.param_dtype}  # the tensors' dtype
 
+    def fill(staging: Path) -> None:
+        (staging / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
+        write_tensors(staging, state_dict, max_shard_bytes)
 
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Replaces `directory` by `staging`; the old directory is removed only once the new one is in place."""
-    if not directory.exists():
-        staging.rename(directory)
-        return
-    backup = staging.with_name(staging.name + ".old")
-    directory.rename(backup)
-    try:
-        staging.rename(directory)
-    except BaseException:
-        backup.rename(directory)
-        raise
-    shutil.rmtree(backup)
-
+    return save_folder(directory, fill)

@@ -1,6 +1,6 @@
 """Number formats below everything else: FP8 / NVFP4 / MX codes and scales, fake quantization with straight-through
 gradients, the quantized / fake-quantized matmul a linear layer runs, the random Hadamard transform and the per-linear
-recipe types (`QuantRecipe`, `LinearQuant`, `TensorQuant`) that `ModelConfig.quant` carries.
+recipe types (`QuantRecipe`, `LinearQuant`, `TensorQuant`) that `ModelConfig.runtime.quant` carries.
 
     q = lowp.quantize(x, "nvfp4")             # QArray: E2M1 codes, E4M3 block scales, FP32 global scale
     y = lowp.matmul.matmul(x, w, spec)        # x: [..., K] @ w: [K, N] in the formats of a LinearQuant

@@ -1,6 +1,6 @@
 """Quantization recipes: which linear layers get which low-precision format (docs/formats.md 5, 6).
 
-A `QuantRecipe` is static data carried by `ModelConfig.quant`. Every linear layer asks it for its `LinearQuant`
+A `QuantRecipe` is static data carried by `ModelConfig.runtime.quant`. Every linear layer asks it for its `LinearQuant`
 with its module path (`layers_3/mixer/in_proj_x`, `layers_1/mixer/experts/up_proj`, `mtp/layers_0/mixer/q_proj`,
 `lm_head`); `None` means the layer stays in the model's own precision (bfloat16 / float32).
 

@@ -6,7 +6,7 @@
 
 plus the optional MTP head, which reads the final hidden state and the next token's embedding.
 
-With `config.scan_layers` the pattern's repeated runs of layers (nested where the pattern repeats at two scales)
+With `config.runtime.scan_layers` the pattern's repeated runs of layers (nested where the pattern repeats at two scales)
 run as scans (`nemojax.models.scan`): layers outside every run stay unrolled (`layers_{i}`), a run's params are
 stacked under `layers_scan_{i}`. Decoding with caches (`extend`) uses the unrolled layout only.
 """
@@ -27,11 +27,11 @@ from nemojax.nn.state import Extend
 
 
 def block_class(config: ModelConfig, in_scan: bool = False) -> type[nn.Module]:
-    """Block, rematerialised per `config.remat` (inside a scan the loop already keeps XLA from merging the
+    """Block, rematerialised per `config.runtime.remat` (inside a scan the loop already keeps XLA from merging the
     recompute into the forward, so prevent_cse is off there, as flax recommends)."""
-    if config.remat == "none":
+    if config.runtime.remat == "none":
         return Block
-    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    policy = None if config.runtime.remat == "full" else getattr(jax.checkpoint_policies, config.runtime.remat)
     return nn.remat(Block, policy=policy, prevent_cse=not in_scan)
 
 
@@ -87,7 +87,7 @@ class NemotronH(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
                                                         ("vocab", "embed")))
         block = block_class(cfg)
-        if cfg.scan_layers:
+        if cfg.runtime.scan_layers:
             starts = _starts(scan.plan(cfg.pattern))
             # dict attributes name their modules layers_{i} and layers_scan_{i}
             self.layers = {i: block(cfg, seg) for i, seg in starts if isinstance(seg, str)}
@@ -113,13 +113,13 @@ class NemotronH(nn.Module):
         caller makes it mutable (`Model.apply(collect=("blocks",))`).
         """
         h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
-        if not self.config.scan_layers:
+        if not self.config.runtime.scan_layers:
             for i, layer in enumerate(self.layers):
                 out, _ = layer(h, None, None, segment_ids)
                 h = out if skip_layer is None else jnp.where(skip_layer == i, h, out)
             return self._final_norm(h)
         if skip_layer is not None:
-            raise ValueError("skip_layer runs on the unrolled layout (scan_layers=False)")
+            raise ValueError("skip_layer runs on the unrolled layout (runtime.scan_layers=False)")
         for i, segment in _starts(scan.plan(self.config.pattern)):
             if isinstance(segment, str):
                 h, _ = self.layers[i](h, None, None, segment_ids)
@@ -138,9 +138,10 @@ class NemotronH(nn.Module):
         tokens: [b, T] at positions step.start[i] + t; states: one entry per pattern character (None for MLP /
         MoE) -> (final normed hidden [b, T, hidden], new states).
         """
-        if self.config.scan_layers:
-            raise ValueError("scan_layers=True is a training layout; decoding with caches runs the unrolled one: "
-                             "convert with nemojax.models.scan.to_unrolled and config.replace(scan_layers=False)")
+        if self.config.runtime.scan_layers:
+            raise ValueError("runtime.scan_layers=True is a training layout; decoding with caches runs the unrolled "
+                             "one: convert with nemojax.models.scan.to_unrolled and "
+                             "config.replace(runtime={'scan_layers': False})")
         h = self.embeddings(tokens)
         new_states = []
         for layer, state in zip(self.layers, states, strict=True):

@@ -1,6 +1,6 @@
 """Scanned layer stacks: the repeats in a hybrid pattern, and the params layout they imply.
 
-With `ModelConfig.scan_layers` the NemotronH stack runs its repeated runs of layers as `jax.lax.scan` (flax
+With `config.runtime.scan_layers` the NemotronH stack runs its repeated runs of layers as `jax.lax.scan` (flax
 `nn.scan`), as MaxText's `scan_layers` does for uniform stacks, and the layers outside any run unrolled. XLA then
 compiles one copy of each run's body (forward and backward) instead of every layer. Hybrid patterns repeat at two
 scales, so a run's body may itself hold runs:
@@ -114,8 +114,8 @@ def plan(pattern: str) -> tuple[Segment, ...]:
     """`find_plan` that raises a ValueError when the pattern has nothing to scan."""
     found = find_plan(pattern)
     if found is None:
-        raise ValueError(f"scan_layers=True is invalid for pattern={pattern!r}: no run of layers repeats at least "
-                         f"{MIN_REPEATS} times; use scan_layers=False")
+        raise ValueError(f"runtime.scan_layers=True is invalid for pattern={pattern!r}: no run of layers repeats at "
+                         f"least {MIN_REPEATS} times; use runtime.scan_layers=False")
     return found
 
 

@@ -90,7 +90,7 @@ def attention_impl(impl: str, q: jax.Array, packed: bool, backend: str | None = 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "xla",
                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """Causal self-attention (no cache) by the implementation the setting `impl` (`attention.impl`) resolves to.
+    """Causal self-attention (no cache) by the implementation the setting `impl` (`runtime.attention_impl`) resolves to.
 
     q: [b, L, Hq, d], k, v: [b, L, Hkv, d] -> [b, L, Hq, d]. "xla": `causal_attention`, the oracle the others are
     tested against. "pallas": JAX's shipped Pallas flash attention (`pallas_kernels.attention`; interpreted on
@@ -102,7 +102,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
     """
     impl = attention_impl(impl, q, segment_ids is not None)
     if segment_ids is not None and impl == "cudnn":
-        raise ValueError("attention.impl='cudnn' does not take segment_ids (packed documents); use 'xla' or "
+        raise ValueError("runtime.attention_impl='cudnn' does not take segment_ids (packed documents); use 'xla' or "
                          "'pallas', or train without train.document_mask")
     if impl == "pallas":
         return pallas_attention.flash_attention(q, k, v, scale=scale, interpret=dispatch.interpret(),
@@ -110,11 +110,12 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl:
     if impl == "cudnn":
         backend = jax.default_backend()
         if backend != "gpu":
-            raise ValueError(f"attention.impl='cudnn' is invalid on backend {backend!r}: cuDNN runs on GPU only; "
-                             "must be one of ('xla', 'pallas', 'auto') here")
+            raise ValueError(f"runtime.attention_impl='cudnn' is invalid on backend {backend!r}: cuDNN runs on GPU "
+                             "only; must be one of ('xla', 'pallas', 'auto') here")
         if q.dtype not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"attention.impl='cudnn' is invalid for dtype={q.dtype}: cuDNN flash attention takes "
-                             "bfloat16 or float16; use dtype='bfloat16' or attention.impl 'xla', 'pallas' or 'auto'")
+            raise ValueError(f"runtime.attention_impl='cudnn' is invalid for dtype={q.dtype}: cuDNN flash attention "
+                             "takes bfloat16 or float16; use runtime.dtype='bfloat16' or runtime.attention_impl "
+                             "'xla', 'pallas' or 'auto'")
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
                                             implementation="cudnn")
     return causal_attention(q, k, v, scale, segment_ids=segment_ids)
@@ -200,18 +201,18 @@ class Attention(nn.Module):
             rotary_dim = int(a.head_dim * a.partial_rotary_factor)
             q = apply_rope(q, positions, a.rope_theta, rotary_dim)
             k = apply_rope(k, positions, a.rope_theta, rotary_dim)
-        if cfg.quant is not None and cfg.quant.kv_cache is not None:
+        if cfg.runtime.quant is not None and cfg.runtime.quant.kv_cache is not None:
             k, v = self._quantize_kv(k, v)
         scale = a.head_dim ** -0.5
         if cache is None:
-            out = self_attention(q, k, v, scale, a.impl, segment_ids)
+            out = self_attention(q, k, v, scale, cfg.runtime.attention_impl, segment_ids)
         else:
             # A fresh prefill attends within the new tokens (no O(T * max_len) score matrix), so it can take the
             # fused kernel; a decode step can take the split-K decode kernel, which reads only the filled part of
             # the cache; later chunks read the cache on XLA. All read the cache before writing it.
             if step.fresh:
-                out = self_attention(q, k, v, scale, a.impl)
-            elif T == 1 and dispatch.resolve("decode_attention", a.decode_impl) == "pallas" and \
+                out = self_attention(q, k, v, scale, cfg.runtime.attention_impl)
+            elif T == 1 and dispatch.resolve("decode_attention", cfg.runtime.attention_decode_impl) == "pallas" and \
                     pallas_decode.supports(cache.k):
                 out = pallas_decode.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, step.start,
                                                      scale=scale, interpret=dispatch.interpret())[:, None]
@@ -227,7 +228,7 @@ class Attention(nn.Module):
     def _quantize_kv(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values as a low-precision KV cache stores them (per-tensor FP8; `k_amax` / `v_amax` params
         when the recipe calibrates them). k, v: [b, T, kv_heads, head_dim]."""
-        kv = self.config.quant.kv_cache
+        kv = self.config.runtime.quant.kv_cache
         out = []
         for name, t in (("k_amax", k), ("v_amax", v)):
             static = logical_param(self, name, nn.initializers.zeros_init(), (), (), f32) if kv.static else None

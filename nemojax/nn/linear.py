@@ -1,4 +1,4 @@
-"""Dense projections with logical sharding names, low-precision formats from `config.quant`, and the dtype
+"""Dense projections with logical sharding names, low-precision formats from `config.runtime.quant`, and the dtype
 helpers every block shares."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ BLOCK = 16  # NVFP4 block length (static block scales are only NVFP4)
 
 
 def dtypes(config: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
-    """(compute dtype, param dtype) of a config."""
-    return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    """(compute dtype, param dtype) of a config's runtime."""
+    return jnp.dtype(config.runtime.dtype), jnp.dtype(config.runtime.param_dtype)
 
 
 def logical_param(module: nn.Module, name: str, init: Callable, axes: Sequence[str | None],
@@ -36,10 +36,10 @@ def logical_param(module: nn.Module, name: str, init: Callable, axes: Sequence[s
 def quant_spec(module: nn.Module, weight: str = "") -> LinearQuant | None:
     """The recipe's formats for the linear layer `module` (or its stacked weight `weight`), None if unquantized."""
     cfg = module.config
-    if cfg.quant is None:
+    if cfg.runtime.quant is None:
         return None
     path = "/".join((*module.path, weight)) if weight else "/".join(module.path)
-    return cfg.quant.linear(path, cfg.pattern)
+    return cfg.runtime.quant.linear(path, cfg.pattern)
 
 
 def _blocks(n: int) -> int:
@@ -114,7 +114,7 @@ def quantized_dot(x: jax.Array, kernel: jax.Array, spec: LinearQuant, state: dic
     """x: [..., in] @ kernel: [in, out] with the operands in the formats of `spec` -> [..., out] (x's dtype).
 
     QAT / QAD (spec.grad None): fake-quantized operands, straight-through backward; when `matmul_impl`
-    (config.matmul_impl) resolves to "pallas" and the formats have a kernel, the forward runs the FP8 / NVFP4
+    (config.runtime.matmul_impl) resolves to "pallas" and the formats have a kernel, the forward runs the FP8 / NVFP4
     Pallas matmul with the same amaxes and block scales (nemojax.nn.pallas_quant_linear). Quantized training
     (spec.grad set): the forward and both backward GEMMs quantized (nemojax.lowp.matmul).
     """
@@ -132,8 +132,8 @@ class Linear(nn.Module):
     """x: [..., in] -> [..., out] with a `kernel` [in, out] (and `bias` [out]) named like its checkpoint tensor.
 
     `names` are the kernel's logical axes. The layer runs in the config's compute dtype, or in the formats
-    `config.quant` gives its path (fake-quantized operands for QAT/QAD/PTQ, on the FP8 / NVFP4 Pallas kernels
-    when `config.matmul_impl` selects them; quantized GEMMs for training).
+    `config.runtime.quant` gives its path (fake-quantized operands for QAT/QAD/PTQ, on the FP8 / NVFP4 Pallas kernels
+    when `config.runtime.matmul_impl` selects them; quantized GEMMs for training).
     """
 
     config: ModelConfig
@@ -156,7 +156,7 @@ class Linear(nn.Module):
                 record_amax(self, "kernel_input_amax", jnp.max(jnp.abs(x)))
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         else:
-            y = quantized_dot(x, kernel, spec, state, quant_key(self, spec), cfg.matmul_impl)
+            y = quantized_dot(x, kernel, spec, state, quant_key(self, spec), cfg.runtime.matmul_impl)
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros_init(), (self.names[-1],), (self.features,),
                                  param_dtype)

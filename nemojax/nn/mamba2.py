@@ -79,15 +79,16 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax
     return jnp.log(jnp.arange(1, shape[0] + 1, dtype=f32)).astype(dtype)
 
 
-def scan(m, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+def scan(config, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
          initial_state: jax.Array | None = None, reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The SSD over T > 1 tokens for mamba config `m`: `ssd_impl` picks the algorithm and, for the chunked one,
+    """The SSD over T > 1 tokens: `config.runtime.ssd_impl` picks the algorithm and, for the chunked one,
     `scan_impl` the XLA code or the Pallas kernel (shapes as in nemojax.nn.ssd; `reset` [b, T] marks the first
     token of each packed document)."""
-    if m.ssd_impl == "chunked" and dispatch.resolve("ssd_scan", m.scan_impl) == "pallas":
-        return ssd_scan(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, reset=reset,
+    chunk, rt = config.mamba.chunk_size, config.runtime
+    if rt.ssd_impl == "chunked" and dispatch.resolve("ssd_scan", rt.scan_impl) == "pallas":
+        return ssd_scan(x, dt, A, B, C, chunk_size=chunk, initial_state=initial_state, reset=reset,
                         interpret=dispatch.interpret())
-    return ssd(x, dt, A, B, C, chunk_size=m.chunk_size, initial_state=initial_state, impl=m.ssd_impl, reset=reset)
+    return ssd(x, dt, A, B, C, chunk_size=chunk, initial_state=initial_state, impl=rt.ssd_impl, reset=reset)
 
 
 class CausalConv1d(nn.Module):
@@ -184,7 +185,7 @@ class Mamba2Mixer(nn.Module):
             reset = None
             if segment_ids is not None:  # the state restarts at every document's first token
                 reset = document_starts(segment_ids)
-            y_bThp, _ = scan(m, x_bThp, dt, A, B, C, reset=reset)
+            y_bThp, _ = scan(cfg, x_bThp, dt, A, B, C, reset=reset)
         elif step.all_steps:
             y_bThp, states = ssd_states(x_bThp, dt, A, B, C, initial_state=state.ssm)
             # conv state after token t: the K-1 inputs ending at t (window rows t+1 .. t+K-1)
@@ -197,7 +198,7 @@ class Mamba2Mixer(nn.Module):
             valid = step.valid(T)
             dt_c = jnp.where(valid[..., None], dt, 0.0)
             x_c = jnp.where(valid[..., None, None], x_bThp, 0.0)
-            if T == 1 and dispatch.resolve("ssd_update", m.decode_impl) == "pallas":
+            if T == 1 and dispatch.resolve("ssd_update", cfg.runtime.mamba_decode_impl) == "pallas":
                 # the D skip is added below for every path, so the kernel gets D = 0
                 y_bhp, final = ssd_update(state.ssm, x_c[:, 0], dt_c[:, 0], A, B[:, 0], C[:, 0],
                                           jnp.zeros((H,), f32), interpret=dispatch.interpret())
@@ -206,7 +207,7 @@ class Mamba2Mixer(nn.Module):
                 y_bThp, final = ssd(x_c, dt_c, A, B, C, chunk_size=m.chunk_size, initial_state=state.ssm,
                                     impl="sequential")
             else:
-                y_bThp, final = scan(m, x_c, dt_c, A, B, C, initial_state=state.ssm)
+                y_bThp, final = scan(cfg, x_c, dt_c, A, B, C, initial_state=state.ssm)
             window = jnp.concatenate([windows[part] for part in CONV_PARTS], axis=-1)  # [b, K-1+T, conv_dim]
             new_state = MambaState(take_rows(window, step.commit, K - 1), final)
         y_bThp = y_bThp + D.astype(f32)[:, None] * x_bThp

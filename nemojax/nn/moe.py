@@ -222,7 +222,7 @@ class Experts(nn.Module):
                              (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
         specs = {name: quant_spec(self, name) for name in ("up_proj", "down_proj")}
         if all(spec is None for spec in specs.values()):
-            run = experts_dense if e.resolved_impl() == "dense" else experts_ragged
+            run = experts_dense if cfg.runtime.resolved_moe_impl(e.num_experts) == "dense" else experts_ragged
             return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
         # Low precision: every expert sees its own routed tokens; ragged when the config asks for it and every GEMM
         # is fake-quantized with round-to-nearest (ragged_quantizable), else the dense dispatch.
@@ -238,7 +238,8 @@ class Experts(nn.Module):
                 if spec is not None and spec.input is not None:
                     record_amax(self, f"{name}_input_amax", jnp.max(jnp.abs(h), axis=(1, 2)))
             return experts_dense(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
-        ragged = e.resolved_impl() == "ragged" and all(ragged_quantizable(spec) for spec in specs.values())
+        ragged = cfg.runtime.resolved_moe_impl(e.num_experts) == "ragged" and \
+            all(ragged_quantizable(spec) for spec in specs.values())
         run = experts_ragged_quantized if ragged else experts_quantized
         return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized)
 

@@ -2,7 +2,7 @@
 
 `Linear` calls `kernel_op` to ask whether a layer can run a kernel, and `kernel_matmul` to run it; everything else
 keeps the fake path (`nemojax.lowp.matmul.fake_matmul`). Covered, when `spec.grad is None` (PTQ / QAT / QAD),
-round-to-nearest operands, a float32 or bfloat16 compute dtype and `dispatch.resolve(op, config.matmul_impl)`
+round-to-nearest operands, a float32 or bfloat16 compute dtype and `dispatch.resolve(op, config.runtime.matmul_impl)`
 == "pallas":
 
 - "fp8_matmul": weight and input both per-tensor "fp8_e4m3". x and W are quantized with the amaxes the fake path

@@ -12,6 +12,7 @@ The number formats themselves (quantize, fake_quant, the quantized matmul, the r
 
 from __future__ import annotations
 
+from nemojax.interop.modelopt import load_quantized, quant_config, save_quantized
 from nemojax.lowp import (
     FORMATS,
     DelayedScaling,
@@ -37,7 +38,6 @@ from nemojax.lowp import named_recipes as recipes  # the name this catalogue had
 from nemojax.lowp.matmul import matmul
 from nemojax.quant.aware import QADConfig, qad, qat
 from nemojax.quant.calibration import activation_amaxes, calibrate
-from nemojax.quant.export import load_quantized, quant_config, save_quantized
 from nemojax.quant.mse import mse_amax, nvfp4_mse_block_scales
 from nemojax.quant.transform import apply, quantized_layers, strip
 

@@ -50,8 +50,9 @@ class QADConfig:
 
 
 def _check_student(student: Model, role: str = "student") -> None:
-    if student.config.quant is None:
-        raise ValueError(f"{role}.config.quant is None: quantize it first (nemojax.quant.apply, then calibrate)")
+    if student.config.runtime.quant is None:
+        raise ValueError(f"{role}.config.runtime.quant is None: quantize it first (nemojax.quant.apply, then "
+                         "calibrate)")
 
 
 def qad(student: Model, teacher: Model, data: Any, steps: int | None = None, config: QADConfig = QADConfig(), *,
@@ -65,8 +66,8 @@ def qad(student: Model, teacher: Model, data: Any, steps: int | None = None, con
     resume, metrics split "qad"), stop_after and checkpoint_every: as for `nemojax.compress.distill`.
     """
     _check_student(student)
-    if teacher.config.quant is not None:
-        raise ValueError("teacher.config.quant is set: the QAD teacher is the high-precision model "
+    if teacher.config.runtime.quant is not None:
+        raise ValueError("teacher.config.runtime.quant is set: the QAD teacher is the high-precision model "
                          "(nemojax.quant.strip gives it)")
     dcfg = DistillConfig(kl_weight=1.0, temperature=config.temperature, scale_by_temperature=True,
                          lm_weight=config.lm_weight, steps=config.steps, optimizer=config.optimizer,

@@ -100,15 +100,15 @@ def calibrate(model: Model, batches: Iterable[Any] | None = None, *, method: str
     recipe has no static input amaxes (weight-only). method: "max" or "mse" (weights; see the module docstring).
     """
     config = model.config
-    if config.quant is None:
-        raise ValueError("model.config.quant is None: apply a recipe first (nemojax.quant.apply)")
+    if config.runtime.quant is None:
+        raise ValueError("model.config.runtime.quant is None: apply a recipe first (nemojax.quant.apply)")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: must be one of {METHODS}")
     flat = dict(flatten_dict(model.params))
     wants_inputs = any(p[-1].endswith("_input_amax") or p[-1] in ("k_amax", "v_amax") for p in flat)
     if wants_inputs:
         if batches is None:
-            raise ValueError(f"recipe {config.quant.name!r} has static input amaxes: pass calibration batches")
+            raise ValueError(f"recipe {config.runtime.quant.name!r} has static input amaxes: pass calibration batches")
         for path, value in activation_amaxes(model, batches).items():
             if path not in flat:
                 raise ValueError(f"calibration produced {'/'.join(path)}, which the params do not hold")
@@ -133,7 +133,7 @@ def calibrate(model: Model, batches: Iterable[Any] | None = None, *, method: str
                 raise ValueError(f"{'/'.join(block_path)}: static NVFP4 block scales are chosen by MSE search; "
                                  "calibrate with method='mse'")
             parts.append((path, flat[weight_path].astype(f32), block_path if block_path in flat else None,
-                          config.quant.linear(layer, config.pattern).weight.fmt))
+                          config.runtime.quant.linear(layer, config.pattern).weight.fmt))
         if len({(fmt, block is None) for _, _, block, fmt in parts}) > 1:  # parts quantized differently
             for part in parts:
                 _calibrate_weight(flat, [part], method)

@@ -21,10 +21,10 @@ import ml_collections
 
 from nemojax.data.job_batches import calibration_batches, data_config
 from nemojax.infer.validation import validation_loss
+from nemojax.interop.modelopt import load_quantized, save_quantized
 from nemojax.model import Model
 from nemojax.quant.aware import QAD_OPTIMIZER, QADConfig, qad
 from nemojax.quant.calibration import calibrate
-from nemojax.quant.export import load_quantized, save_quantized
 from nemojax.quant.transform import apply, strip
 
 PTQ_DIR = "ptq"
@@ -41,7 +41,7 @@ def weight_bytes(model: Model) -> int:
     from nemojax.lowp.recipe import NOT_LINEAR
 
     bits = {"nvfp4": 4.5, "nvfp4_2d": 4.5, "fp8_e4m3": 8.0, "fp8_e5m2": 8.0, "mxfp8": 8.25, "mxfp4": 4.25}
-    recipe, total = model.config.quant, 0.0
+    recipe, total = model.config.runtime.quant, 0.0
     for path, leaf in flatten_dict(model.params).items():
         name = path[-1]
         if name.endswith(("_amax", "_block_scale")):
@@ -70,7 +70,7 @@ def quantize_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str
     start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    teacher = strip(teacher) if teacher.config.quant is not None else teacher
+    teacher = strip(teacher) if teacher.config.runtime.quant is not None else teacher
     c = config.calibration
     log(f"quantize: recipe {config.recipe!r}, {c.method} calibration on {c.num_sequences} x {c.seq_len} tokens")
     student = calibrate(apply(teacher, config.recipe), calibration_batches(config), method=c.method)
@@ -115,8 +115,8 @@ def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Pa
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder} has no quantized checkpoint (config.json); run `nemojax quantize` with this "
                              "workdir first")
-        student = load_quantized(folder, dtype=teacher.config.dtype)
-    teacher = strip(teacher) if teacher.config.quant is not None else teacher
+        student = load_quantized(folder, runtime={"dtype": teacher.config.runtime.dtype})
+    teacher = strip(teacher) if teacher.config.runtime.quant is not None else teacher
     qcfg = qad_config(config)
     before, teacher_summary = _summary(student, config), _summary(teacher, config)
     log(f"qad: {qcfg.steps} steps of {qcfg.batch_size} x {qcfg.seq_len} tokens, KL to the high-precision teacher")

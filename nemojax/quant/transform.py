@@ -27,7 +27,7 @@ def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:
     name and shape) carries over; new state starts uncalibrated (zero).
     """
     recipe = named_recipes.get(recipe, **overrides)
-    config = model.config.replace(quant=recipe)
+    config = model.config.replace(runtime={"quant": recipe})
     old = flatten_dict(model.params)
     params = {}
     for path, leaf in flatten_dict(abstract_params(config)).items():
@@ -43,13 +43,13 @@ def apply(model: Model, recipe: str | QuantRecipe, **overrides: Any) -> Model:
 def strip(model: Model) -> Model:
     """The high-precision model: no recipe, no quantization state (the weights are the same arrays)."""
     params = {path: leaf for path, leaf in flatten_dict(model.params).items() if not is_state(path[-1])}
-    return Model(model.config.replace(quant=None), unflatten_dict(params))
+    return Model(model.config.replace(runtime={"quant": None}), unflatten_dict(params))
 
 
 def quantized_layers(model: Model) -> dict[str, str]:
     """{weight path: "W nvfp4 / A nvfp4" or "high precision"} for every linear weight of the model."""
-    if model.config.quant is None:
-        raise ValueError("model.config.quant is None: apply a recipe first (nemojax.quant.apply)")
+    if model.config.runtime.quant is None:
+        raise ValueError("model.config.runtime.quant is None: apply a recipe first (nemojax.quant.apply)")
     weights = families.linear_weights(model.config, flatten_dict(model.params))
     paths = ["/".join(path[:-1]) if path[-1] == "kernel" else "/".join(path) for path in weights]
-    return model.config.quant.describe(paths, model.config.pattern)
+    return model.config.runtime.quant.describe(paths, model.config.pattern)

@@ -26,16 +26,13 @@ __all__ = ["RUN_FILE", "CheckpointError", "Checkpoints", "config_fingerprint"]
 
 
 def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
-    """The fields of a model config that a resumed run must share with its checkpoints: all of them but the
-    runtime and kernel choices (dtype, remat, matmul and mixer implementations, scan_layers), which may change
-    between runs of one checkpoint (and workdirs from before a kernel field existed still resume)."""
+    """What a resumed run must share with its checkpoints, as run.json entries: the architecture ("model", the
+    config without its runtime) and, of the runtime, only what shapes the saved state: the param dtype and the
+    quantization recipe (whose calibration state is saved with the params). The compute dtype, remat and kernel
+    choices may change between runs of one checkpoint; the scanned layout is recorded by the trainer."""
     model = dataclasses.asdict(config)
-    for runtime in ("dtype", "remat", "matmul_impl", "scan_layers"):
-        model.pop(runtime)
-    for sub, fields in (("mamba", ("decode_impl", "scan_impl")), ("attention", ("impl", "decode_impl"))):
-        for field in fields if model.get(sub) else ():
-            model[sub].pop(field)
-    return model
+    runtime = model.pop("runtime")
+    return {"model": model, "param_dtype": runtime["param_dtype"], "quant": runtime["quant"]}
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:

@@ -6,7 +6,7 @@ The same code runs on one CPU and on a pod: the mesh comes from `config.mesh`, p
 placed by the logical-axis rules, each process feeds its share of the batch, and the job resumes by itself from
 the newest checkpoint in its workdir.
 
-With `model.overrides.scan_layers=True` the step runs the layer stack as a scan and the train state (params,
+With `model.runtime.scan_layers=True` the step runs the layer stack as a scan and the train state (params,
 optimizer state, checkpoints) holds the scanned params layout (`nemojax.models.scan`); the run starts from the
 unrolled initialisation converted to it, and the Models it hands back (`train`, `restore_model`) are unrolled again,
 so HF export, pruning, quantization and decoding never see the scanned layout. `train.compilation_cache_dir` (""
@@ -40,15 +40,18 @@ from nemojax.train.step import TrainState, eval_step, lm_loss, make_train_step
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of `config.model`: a preset name plus overrides (sub-configs as dicts of changes), with
-    the low-precision training recipe `config.train.low_precision` (a `nemojax.quant.recipes` name such as
-    "fp8_training" or "nvfp4_training"; "" or absent: none)."""
+    """The ModelConfig of `config.model`: a preset name plus architecture overrides (`model.overrides`,
+    sub-configs as dicts of changes) and run-time choices (`model.runtime`, fields of `nemojax.config.Runtime`),
+    with the low-precision training recipe `config.train.low_precision` (a `nemojax.quant.recipes` name such as
+    "fp8_training" or "nvfp4_training"; "" or absent: none) as the runtime's quant."""
     overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
-    mcfg = presets.get(config.model.preset, **overrides)
+    if "runtime" in overrides:
+        raise ValueError("model.overrides.runtime is invalid: run-time choices go in model.runtime")
+    runtime = config.model.runtime.to_dict() if "runtime" in config.model else {}
     recipe = config.train.get("low_precision", "") if "train" in config else ""
     if recipe:
-        mcfg = mcfg.replace(quant=recipes.get(recipe))
-    return mcfg
+        runtime["quant"] = recipes.get(recipe)
+    return presets.get(config.model.preset, **overrides, **({"runtime": runtime} if runtime else {}))
 
 
 def use_compilation_cache(directory: str | Path) -> Path:
@@ -64,17 +67,17 @@ def use_compilation_cache(directory: str | Path) -> Path:
 
 
 def init_params(mcfg: ModelConfig, rng: jax.Array) -> Any:
-    """Initial params in the layout of `mcfg`: the unrolled initialisation, stacked when `mcfg.scan_layers`, so
+    """Initial params in the layout of `mcfg`: the unrolled initialisation, stacked when `mcfg.runtime.scan_layers`, so
     a run starts from the same weights with the option on or off."""
-    params = Model.init(mcfg.replace(scan_layers=False), rng).params
-    return scan.to_scanned(mcfg.pattern, params) if mcfg.scan_layers else params
+    params = Model.init(mcfg.replace(runtime={"scan_layers": False}), rng).params
+    return scan.to_scanned(mcfg.pattern, params) if mcfg.runtime.scan_layers else params
 
 
 def as_model(mcfg: ModelConfig, params: Any) -> Model:
     """The Model of a train state's params: always the unrolled, checkpoint-named layout (scan_layers off), the
     one HF interop, compression, quantization and decoding take."""
-    if mcfg.scan_layers:
-        return Model(mcfg.replace(scan_layers=False), scan.to_unrolled(mcfg.pattern, params))
+    if mcfg.runtime.scan_layers:
+        return Model(mcfg.replace(runtime={"scan_layers": False}), scan.to_unrolled(mcfg.pattern, params))
     return Model(mcfg, params)
 
 
@@ -133,8 +136,8 @@ _global_batch = global_batch  # this process's rows -> global arrays (tests and 
 
 
 def _fingerprint(mcfg: ModelConfig, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    fingerprint = {"model": config_fingerprint(mcfg), "seq_len": config.train.seq_len, "data": dict(config.data)}
-    if mcfg.scan_layers:  # checkpoints hold the state in the scanned layout; absent (unrolled) in older workdirs
+    fingerprint = {**config_fingerprint(mcfg), "seq_len": config.train.seq_len, "data": dict(config.data)}
+    if mcfg.runtime.scan_layers:  # checkpoints hold the state in the scanned layout
         fingerprint["params_layout"] = "scanned"
     return fingerprint
 

@@ -32,7 +32,7 @@ FAST = OptimizerConfig(lr=3e-3, total_steps=100, warmup_steps=0, schedule="const
 
 def _config(**changes) -> nemojax.ModelConfig:
     # nemotron-h-8b-tiny: pattern 'M-M*-MM-', hidden 64; byte vocabulary (260) for the stdlib data.
-    changes = {"dtype": "float32", "param_dtype": "float32", "vocab_size": 260, **changes}
+    changes = {"runtime": {"dtype": "float32", "param_dtype": "float32"}, "vocab_size": 260, **changes}
     return nemojax.presets.get("nemotron-h-8b-tiny", **changes)
 
 

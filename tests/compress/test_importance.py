@@ -21,7 +21,7 @@ MOE = "nemotron-3-nano-30b-a3b-tiny"  # pattern MEM*EMEM
 
 
 def _model(name: str) -> Model:
-    cfg = presets.get(name).replace(dtype="float32", param_dtype="float32")
+    cfg = presets.get(name).replace(runtime={"dtype": "float32", "param_dtype": "float32"})
     return Model.init(cfg, 0)
 
 

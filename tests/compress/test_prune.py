@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ RTOL = 1e-4
 
 
 def _f32(name: str) -> nemojax.ModelConfig:
-    return dataclasses.replace(nemojax.presets.get(name), dtype="float32", param_dtype="float32")
+    return nemojax.presets.get(name, runtime={"dtype": "float32", "param_dtype": "float32"})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and `cache_bytes`, budgets, group constraints, the ranking, the stub- and distil
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import numpy as np
@@ -22,7 +21,7 @@ CONTEXT = 1024
 def model() -> nemojax.Model:
     # nemotron-h-8b-tiny: pattern 'M-M*-MM-', hidden 64, ffn 128, attention 4 q / 2 kv heads of 16,
     # mamba 8 heads x 16 channels in 2 groups, state 16; 248,736 params.
-    cfg = dataclasses.replace(nemojax.presets.get("nemotron-h-8b-tiny"), dtype="float32", param_dtype="float32")
+    cfg = nemojax.presets.get("nemotron-h-8b-tiny", runtime={"dtype": "float32", "param_dtype": "float32"})
     return nemojax.Model.init(cfg, 0)
 
 

@@ -20,7 +20,7 @@ from nemojax.data.batch_tokens import batch_tokens
 
 @pytest.fixture(scope="module")
 def model():
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", dtype="float32")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", runtime={"dtype": "float32"})
     return nemojax.Model.init(config, 0)
 
 

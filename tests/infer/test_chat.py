@@ -281,7 +281,7 @@ def test_chat_thinking_budget_forces_the_end_tag_in_time():
     import nemojax
     from nemojax.data.tokenizers import ByteTokenizer
 
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", dtype="float32")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*-", runtime={"dtype": "float32"})
     model = nemojax.Model.init(config, 3)
     N, g = 6, 3
     end = list(b"</think>")
@@ -326,7 +326,8 @@ def test_chat_splits_reasoning_at_special_tags(tmp_path):
     _backend().save(str(tmp_path / "tokenizer.json"))
     tok = HFTokenizer(tmp_path)
     end = _backend().token_to_id("</think>")
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=tok.vocab_size, pattern="M*-", dtype="float32")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=tok.vocab_size, pattern="M*-",
+                                 runtime={"dtype": "float32"})
     model = nemojax.Model.init(config, 5)
     out = chat(model, tok, [CHAT, NO_SYSTEM], template=CHATML, thinking=True, thinking_budget=3, grace=0,
                max_new_tokens=9, eos_ids=[])

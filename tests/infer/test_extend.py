@@ -3,7 +3,6 @@ lengths, then decode steps; a multi-token continuation from a filled cache; and 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
@@ -27,7 +26,7 @@ LENGTHS = np.array([5, 21, 12])
 
 
 def _model(name: str) -> nemojax.Model:
-    cfg = dataclasses.replace(presets.get(CONFIGS[name]), dtype="float32", param_dtype="float32")
+    cfg = presets.get(CONFIGS[name]).replace(runtime={"dtype": "float32", "param_dtype": "float32"})
     return perturbed(nemojax.Model.init(cfg, 0))
 
 
@@ -112,7 +111,7 @@ def test_bfloat16_decode_tracks_the_bfloat16_forward() -> None:
     (measured 1.9e-3) of the bfloat16 full forward, and within the 4e-2 bfloat16-vs-float32 bound of the core
     model tests (measured 1.4e-2, the same as the full bfloat16 forward's own error)."""
     model32 = _model("latent_moe")
-    cfg = dataclasses.replace(model32.config, dtype="bfloat16")
+    cfg = model32.config.replace(runtime={"dtype": "bfloat16"})
     model = model32.replace(config=cfg)
     full = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 30))
     ref16, ref32 = np.asarray(model(full)), np.asarray(model32(full))

@@ -3,8 +3,6 @@ sequences; seeded sampling; streaming; the thinking budget inside the jitted loo
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ PROMPT_LENGTHS = (6, 19, 12)
 
 
 def _model(preset: str, **changes) -> nemojax.Model:
-    cfg = dataclasses.replace(presets.get(preset), dtype="float32", param_dtype="float32", mtp=None, **changes)
+    cfg = presets.get(preset).replace(runtime={"dtype": "float32", "param_dtype": "float32"}, mtp=None, **changes)
     return perturbed(nemojax.Model.init(cfg, 0))
 
 

@@ -60,9 +60,10 @@ def test_scaling_in_context_and_batch():
 def test_weights_are_the_params_model_init_holds(name, weight_dtype):
     """In bfloat16 the MoE router (kernel and correction bias) stays float32, as in the model."""
     config = presets.get(name)
-    held = _held(abstract_params(config.replace(param_dtype=weight_dtype)))
+    held = _held(abstract_params(config.replace(runtime={"param_dtype": weight_dtype})))
     assert cache_bytes(config, 1, 4, weight_dtype=weight_dtype).weights == held
-    assert cache_bytes(config.replace(param_dtype=weight_dtype), 1, 4).weights == held  # default: param_dtype
+    # default: the runtime's param_dtype
+    assert cache_bytes(config.replace(runtime={"param_dtype": weight_dtype}), 1, 4).weights == held
     n = sum(x.size for x in jax.tree.leaves(abstract_params(config)))
     routers = config.pattern.count("E") + (config.mtp.pattern.count("E") * config.mtp.num_layers if config.mtp else 0)
     router_params = routers * (config.hidden_size + 1) * config.moe.num_experts if config.moe else 0

@@ -24,8 +24,8 @@ REFERENCE_LEN = 48
 
 
 def _model(mtp_pattern: str, depths: int = 2, seed: int = 0) -> nemojax.Model:
-    cfg = dataclasses.replace(presets.get("nemotron-3-super-120b-a12b-tiny"), dtype="float32",
-                              param_dtype="float32", mtp=MTPConfig(num_layers=depths, pattern=mtp_pattern))
+    cfg = presets.get("nemotron-3-super-120b-a12b-tiny").replace(
+        runtime={"dtype": "float32", "param_dtype": "float32"}, mtp=MTPConfig(num_layers=depths, pattern=mtp_pattern))
     return perturbed(nemojax.Model.init(cfg, seed), seed=seed)
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import NemotronHForCausalLM
 
 import nemojax
-from nemojax.interop import hf
+from nemojax.interop import hf, safetensors_file
 from tests.hf_reference import neutralise_dt_floor, perturbed, reference_logits, reference_model
 from tests.interop.test_hf_parity import CASES, RTOL
 
@@ -36,13 +36,13 @@ def test_load_of_save_is_exact(tmp_path, latent_model):
     nemojax.save_hf(latent_model, tmp_path / "ckpt")
     loaded = nemojax.load_hf(tmp_path / "ckpt")
     # The MoE dispatch is a run-time choice, not part of the checkpoint: it comes back as "auto".
-    assert loaded.config == latent_model.config.replace(moe={"impl": "auto"})
+    assert loaded.config == latent_model.config.replace(runtime={"moe_impl": "auto"})
     assert _same_params(loaded, latent_model)
 
 
 def test_bfloat16_round_trip_keeps_router_in_float32(tmp_path):
     """A bf16 model saves bf16 tensors except the router (fp32, docs/numerics.md 8) and reloads exactly."""
-    config = CASES["latent_moe"].replace(dtype="bfloat16", param_dtype="bfloat16")
+    config = CASES["latent_moe"].replace(runtime={"dtype": "bfloat16", "param_dtype": "bfloat16"})
     model = perturbed(nemojax.Model.init(config, 0), seed=5)
     nemojax.save_hf(model, tmp_path / "bf16")
     from safetensors import safe_open
@@ -51,7 +51,7 @@ def test_bfloat16_round_trip_keeps_router_in_float32(tmp_path):
         dtypes = {name: f.get_tensor(name).dtype for name in f.keys()}
     assert dtypes["backbone.layers.1.mixer.gate.e_score_correction_bias"] == jnp.float32
     assert dtypes["backbone.layers.0.mixer.in_proj.weight"] == jnp.bfloat16
-    loaded = nemojax.load_hf(tmp_path / "bf16", dtype="bfloat16", param_dtype="bfloat16")
+    loaded = nemojax.load_hf(tmp_path / "bf16", runtime={"dtype": "bfloat16", "param_dtype": "bfloat16"})
     assert _same_params(loaded, model)
 
 
@@ -128,7 +128,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, latent_model, monke
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "save_file", broken_save)
+    monkeypatch.setattr(safetensors_file, "save_file", broken_save)
     other = perturbed(latent_model, seed=9)
     with pytest.raises(OSError, match="disk full"):
         nemojax.save_hf(other, target)

@@ -8,6 +8,7 @@ import pytest
 
 import nemojax
 from nemojax import AttentionConfig, MambaConfig, ModelConfig, MoEConfig
+from nemojax.config import Runtime
 from tests.hf_reference import perturbed, reference_logits, reference_model
 
 RTOL = 1e-4  # acceptance: relative max error, max|ours - ref| / max|ref|
@@ -23,12 +24,14 @@ CASES = {
     "moe_grouped": ModelConfig(
         vocab_size=300, hidden_size=64, pattern="ME*E", mamba=MAMBA, attention=ATTENTION,
         moe=MoEConfig(num_experts=8, top_k=3, intermediate_size=32, shared_intermediate_size=48,
-                      routed_scaling_factor=2.5, n_group=4, topk_group=2, impl="dense")),
+                      routed_scaling_factor=2.5, n_group=4, topk_group=2),
+        runtime=Runtime(moe_impl="dense")),
     # LatentMoE (Nemotron 3 Super layout) with sorted ragged_dot dispatch.
     "latent_moe": ModelConfig(
         vocab_size=300, hidden_size=64, pattern="MEM*E", mamba=MAMBA, attention=ATTENTION,
         moe=MoEConfig(num_experts=6, top_k=2, intermediate_size=32, shared_intermediate_size=48, latent_size=24,
-                      routed_scaling_factor=5.0, impl="ragged")),
+                      routed_scaling_factor=5.0),
+        runtime=Runtime(moe_impl="ragged")),
 }
 SEQ = 37
 

@@ -1,5 +1,5 @@
-"""Scanned layer stacks (config.scan_layers): the plan found in a pattern, the exact params round trip, and logits
-and gradients equal to the unrolled stack's (dense, remat, MoE + MTP, packed documents, nested runs)."""
+"""Scanned layer stacks (config.runtime.scan_layers): the plan found in a pattern, the exact params round trip, and
+logits and gradients equal to the unrolled stack's (dense, remat, MoE + MTP, packed documents, nested runs)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_find_plan_hand_cases() -> None:
     assert scan.find_plan(DENSE.pattern) == ("M", "-", Run(("*", Run(("M",), 2)), 2), "-")
     assert scan.find_plan(MOE_MTP.pattern) == ("M", Run(("*", Run(("E", "M"), 2)), 2), "E")
     assert scan.find_plan("ME*-") is None
-    with pytest.raises(ValueError, match="scan_layers=True is invalid for pattern='ME\\*-'"):
+    with pytest.raises(ValueError, match="runtime.scan_layers=True is invalid for pattern='ME\\*-'"):
         scan.plan("ME*-")
 
 
@@ -70,7 +70,7 @@ def test_round_trip_is_exact_and_matches_the_scanned_module(config: ModelConfig)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    scan_cfg = config.replace(scan_layers=True)
+    scan_cfg = config.replace(runtime={"scan_layers": True})
     shapes = jax.eval_shape(lambda: Model.init(scan_cfg, 0).params)
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, scanned)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
@@ -94,10 +94,10 @@ def test_wrong_layout_is_a_named_error() -> None:
 
 
 def test_scan_layers_option_is_validated() -> None:
-    with pytest.raises(ValueError, match="scan_layers='yes' is invalid: must be True or False"):
-        DENSE.replace(scan_layers="yes")
-    with pytest.raises(ValueError, match="scan_layers=True is invalid for pattern='M\\*-'"):
-        Model.init(DENSE.replace(pattern="M*-", scan_layers=True), 0)
+    with pytest.raises(ValueError, match="runtime.scan_layers='yes' is invalid: must be one of \\(False, True\\)"):
+        DENSE.replace(runtime={"scan_layers": "yes"})
+    with pytest.raises(ValueError, match="runtime.scan_layers=True is invalid for pattern='M\\*-'"):
+        Model.init(DENSE.replace(pattern="M*-", runtime={"scan_layers": True}), 0)
 
 
 def _loss_and_grads(config: ModelConfig, params, tokens, segment_ids=None):
@@ -118,7 +118,7 @@ def _loss_and_grads(config: ModelConfig, params, tokens, segment_ids=None):
 
 
 # remat on the packed dense stack, MoE + MTP packed (suite time: two cases cover the three features)
-CASES = [(DENSE.replace(remat="full"), True), (MOE_MTP, True)]
+CASES = [(DENSE.replace(runtime={"remat": "full"}), True), (MOE_MTP, True)]
 
 
 @pytest.mark.parametrize(("config", "packed"), CASES, ids=["dense_remat_packed", "moe_mtp_packed"])
@@ -129,7 +129,7 @@ def test_scanned_logits_and_grads_equal_unrolled(config: ModelConfig, packed: bo
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
     segment_ids = jnp.asarray([[0] * 7 + [1] * 9, [0] * 12 + [1] * 4]) if packed else None
     (loss, (logits, extra)), grads = _loss_and_grads(config, params, tokens, segment_ids)
-    scan_cfg = config.replace(scan_layers=True)
+    scan_cfg = config.replace(runtime={"scan_layers": True})
     (loss_s, (logits_s, extra_s)), grads_s = _loss_and_grads(scan_cfg, scan.to_scanned(config.pattern, params),
                                                              tokens, segment_ids)
     np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), rtol=1e-5, atol=1e-5)
@@ -156,7 +156,7 @@ def test_moe_router_statistics_are_stacked_per_layer() -> None:
     config = MOE_MTP.replace(mtp=None)
     params = Model.init(config, 0).params
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
-    scan_cfg = config.replace(scan_layers=True)
+    scan_cfg = config.replace(runtime={"scan_layers": True})
     scanned = scan.to_scanned(config.pattern, params)
 
     @jax.jit
@@ -187,7 +187,7 @@ def test_moe_router_statistics_are_stacked_per_layer() -> None:
 
 
 def test_decode_refuses_the_scanned_layout() -> None:
-    scan_cfg = DENSE.replace(scan_layers=True)
+    scan_cfg = DENSE.replace(runtime={"scan_layers": True})
     params = scan.to_scanned(DENSE.pattern, Model.init(DENSE, 0).params)
     step = Extend(start=jnp.zeros((1,), jnp.int32), commit=jnp.ones((1,), jnp.int32), fresh=True)
     with pytest.raises(ValueError, match="decoding with caches runs the unrolled one"):

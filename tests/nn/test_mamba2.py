@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.config import MambaConfig, ModelConfig
+from nemojax.config import MambaConfig, ModelConfig, Runtime
 from nemojax.nn.mamba2 import Mamba2Mixer, causal_conv1d
 from nemojax.nn.norms import GatedRMSNorm
 
@@ -89,8 +89,8 @@ H, P, N, G, Q = 4, 4, 3, 2, 8
 def _config(limit=(0.0, math.inf), impl="chunked") -> ModelConfig:
     return ModelConfig(vocab_size=32, hidden_size=16, pattern="M",
                        mamba=MambaConfig(num_heads=H, head_dim=P, state_size=N, n_groups=G, chunk_size=Q,
-                                         time_step_limit=limit, ssd_impl=impl),
-                       initializer_range=0.3)
+                                         time_step_limit=limit),
+                       initializer_range=0.3, runtime=Runtime(ssd_impl=impl))
 
 
 def _fused(p) -> tuple[dict, dict]:

@@ -25,12 +25,13 @@ WORKER = textwrap.dedent("""
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from nemojax.config import MambaConfig, ModelConfig
+    from nemojax.config import MambaConfig, ModelConfig, Runtime
     from nemojax.nn.mamba2 import Mamba2Mixer
     from nemojax.train import sharding
 
     # H = 8 heads of P = 16, G = 2 groups of N = 16: tensor 2 divides the groups, tensor 4 only the heads
-    cfg = ModelConfig(vocab_size=32, hidden_size=64, pattern="M", dtype="float32", initializer_range=0.1,
+    cfg = ModelConfig(vocab_size=32, hidden_size=64, pattern="M", runtime=Runtime(dtype="float32"),
+                      initializer_range=0.1,
                       mamba=MambaConfig(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=16))
     mixer = Mamba2Mixer(cfg)
     u = jax.random.normal(jax.random.key(1), (4, 32, 64))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.config import ModelConfig, MoEConfig
+from nemojax.config import ModelConfig, MoEConfig, Runtime
 from nemojax.nn import moe
 
 route = jax.jit(moe.route, static_argnames=("top_k", "n_group", "topk_group", "norm_topk_prob", "scaling"))
@@ -162,9 +162,8 @@ def test_ragged_with_unused_experts() -> None:
 def _moe_config(impl: str, latent: int | None) -> ModelConfig:
     return ModelConfig(vocab_size=32, hidden_size=24, pattern="E",
                        moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=12, shared_intermediate_size=20,
-                                     latent_size=latent, routed_scaling_factor=2.5, n_group=2, topk_group=1,
-                                     impl=impl),
-                       initializer_range=0.3)
+                                     latent_size=latent, routed_scaling_factor=2.5, n_group=2, topk_group=1),
+                       initializer_range=0.3, runtime=Runtime(moe_impl=impl))
 
 
 def _np_moe(p, x, cfg: ModelConfig) -> np.ndarray:
@@ -212,9 +211,8 @@ def _quantized_moe_config(impl: str, recipe: str) -> ModelConfig:
             input=TensorQuant("nvfp4", static=True, ste="clipped")))}
     quant = hand_made[recipe] if recipe in hand_made else named_recipes.get(recipe)
     return ModelConfig(vocab_size=32, hidden_size=32, pattern="E",
-                       moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=32, shared_intermediate_size=16,
-                                     impl=impl),
-                       initializer_range=0.3, quant=quant)
+                       moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=32, shared_intermediate_size=16),
+                       initializer_range=0.3, runtime=Runtime(moe_impl=impl, quant=quant))
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4", "static_block_scales", "dynamic_nvfp4", "mxfp8"])
@@ -246,7 +244,7 @@ def test_quantized_experts_ragged_equals_dense(recipe: str) -> None:
                                     static_argnums=2)(params, x, dense_cfg)
     (_, y_ragged), g_ragged = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
                                       static_argnums=2)(params, x, ragged_cfg)
-    plain = moe.MoE(dense_cfg.replace(quant=None)).apply({"params": params}, x)[0]
+    plain = moe.MoE(dense_cfg.replace(runtime={"quant": None})).apply({"params": params}, x)[0]
     assert float(jnp.max(jnp.abs(y_dense - plain))) > 1e-3  # quantization did act
     np.testing.assert_allclose(np.asarray(y_ragged), np.asarray(y_dense), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_ragged), jax.tree.leaves(g_dense), strict=True):

@@ -1,4 +1,4 @@
-"""pallas_kernels.attention (JAX's shipped Pallas flash attention behind attention.impl) vs the XLA oracle
+"""pallas_kernels.attention (JAX's shipped Pallas flash attention behind runtime.attention_impl) vs the XLA oracle
 `nemojax.nn.attention.causal_attention`, on CPU in interpret mode.
 
 Both kernels are covered: the GPU Triton kernel (`mha`, interpret=True) and the TPU kernel (under the TPU
@@ -129,14 +129,15 @@ def test_bad_inputs_raise():
 
 
 def test_cudnn_off_gpu_raises():
-    """attention.impl="cudnn" names the field and what is allowed when the backend is not a GPU."""
+    """runtime.attention_impl="cudnn" names the field and what is allowed when the backend is not a GPU."""
     q, k, v, _ = _inputs(1, 8, 4, 2, 16, "bfloat16")
-    with pytest.raises(ValueError, match=r"attention.impl='cudnn' is invalid on backend 'cpu'.*'xla', 'pallas'"):
+    with pytest.raises(ValueError,
+                       match=r"runtime.attention_impl='cudnn' is invalid on backend 'cpu'.*'xla', 'pallas'"):
         attn.self_attention(q, k, v, 0.25, "cudnn")
 
 
 def test_model_pallas_equals_xla(monkeypatch):
-    """A tiny NemotronH (GQA 4 on 2 heads, head_dim 16) with attention.impl="pallas" vs "xla": the same float32
+    """A tiny NemotronH (GQA 4 on 2 heads, head_dim 16) with runtime.attention_impl="pallas" vs "xla": the same float32
     logits (1e-5 relative), through the model forward and through a fresh prefill (the other caller)."""
     config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=128, pattern="M*-")
     model = nemojax.Model.init(config, 0)
@@ -144,7 +145,8 @@ def test_model_pallas_equals_xla(monkeypatch):
     calls = []
     kernel = pallas_attention.flash_attention
     monkeypatch.setattr(pallas_attention, "flash_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    logits = {impl: np.asarray(nemojax.model.forward(config.replace(attention={"impl": impl}), model.params, tokens))
+    logits = {impl: np.asarray(nemojax.model.forward(config.replace(runtime={"attention_impl": impl}), model.params,
+                                                     tokens))
               for impl in ("xla", "pallas")}
     assert calls  # the "pallas" run went through the kernel
     scale = np.abs(logits["xla"]).max()
@@ -152,7 +154,7 @@ def test_model_pallas_equals_xla(monkeypatch):
     lengths = jnp.array([21, 13])
     last = {}
     for impl in ("xla", "pallas"):
-        cfg = config.replace(attention={"impl": impl})
+        cfg = config.replace(runtime={"attention_impl": impl})
         last[impl], _ = prefill(cfg, model.params, tokens, lengths, init_cache(cfg, batch=2, max_len=24))
     np.testing.assert_allclose(np.asarray(last["pallas"]), np.asarray(last["xla"]), rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(np.asarray(last["xla"])[0], logits["xla"][0, 20], rtol=1e-5, atol=1e-5 * scale)

@@ -68,18 +68,18 @@ def test_supports_and_bad_input():
 
 
 def test_model_decode_steps_take_the_kernel(monkeypatch):
-    """A bf16 hybrid: prefill, then 3 decode steps with attention.decode_impl "pallas" vs "xla" give the same
+    """A bf16 hybrid: prefill, then 3 decode steps with runtime.attention_decode_impl "pallas" vs "xla" give the same
     logits within bf16 rounding, and the kernel ran for the attention layer's decode steps."""
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*M", dtype="bfloat16")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*M", runtime={"dtype": "bfloat16"})
     model = nemojax.Model.init(config, 0)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 260)
     traced = []
     kernel = attention.pallas_decode.decode_attention
     monkeypatch.setattr(attention.pallas_decode, "decode_attention",
                         lambda *a, **k: traced.append(1) or kernel(*a, **k))
-    runs = {impl: prefill_then_decode(config.replace(attention={"decode_impl": impl}), model.params, tokens, (8, 5),
-                                      steps=3, max_len=32)[0] for impl in ("xla", "pallas")}
+    runs = {impl: prefill_then_decode(config.replace(runtime={"attention_decode_impl": impl}), model.params, tokens,
+                                      (8, 5), steps=3, max_len=32)[0] for impl in ("xla", "pallas")}
     np.testing.assert_allclose(runs["pallas"], runs["xla"], rtol=3e-2, atol=3e-2)
     assert traced
-    with pytest.raises(ValueError, match="attention.decode_impl"):
-        config.replace(attention={"decode_impl": "cuda"})
+    with pytest.raises(ValueError, match="runtime.attention_decode_impl"):
+        config.replace(runtime={"attention_decode_impl": "cuda"})

@@ -28,8 +28,8 @@ def test_resolve(monkeypatch):
         dispatch.resolve("ssd_update", "triton")
     with pytest.raises(ValueError, match="op='conv' is invalid"):
         dispatch.resolve("conv", "xla")
-    with pytest.raises(ValueError, match="mamba.decode_impl"):
-        nemojax.presets.get("nemotron-h-8b-tiny", mamba={"decode_impl": "cuda"})
+    with pytest.raises(ValueError, match="runtime.mamba_decode_impl"):
+        nemojax.presets.get("nemotron-h-8b-tiny", runtime={"mamba_decode_impl": "cuda"})
 
 
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
@@ -84,15 +84,15 @@ def test_attention_auto_picks_per_case(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pallas_decode_step_equals_xla(dtype, monkeypatch):
-    """Prefill, then 3 decode steps with mamba.decode_impl="pallas" (interpreted on CPU) vs "xla": the same
+    """Prefill, then 3 decode steps with runtime.mamba_decode_impl="pallas" (interpreted on CPU) vs "xla": the same
     logits and the same SSM state (float32: 1e-5; bfloat16 compute: both paths read the same bf16 B, C)."""
-    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*M", dtype=dtype)
+    config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*M", runtime={"dtype": dtype})
     model = nemojax.Model.init(config, 0)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 260)
     traced = []
     kernel = mamba2.ssd_update
     monkeypatch.setattr(mamba2, "ssd_update", lambda *a, **k: traced.append(1) or kernel(*a, **k))
-    runs = {impl: prefill_then_decode(config.replace(mamba={"decode_impl": impl}), model.params, tokens, (8, 5),
+    runs = {impl: prefill_then_decode(config.replace(runtime={"mamba_decode_impl": impl}), model.params, tokens, (8, 5),
                                       steps=3, max_len=16) for impl in ("xla", "pallas")}
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(runs["pallas"][0], runs["xla"][0], rtol=tol, atol=tol)

@@ -1,6 +1,6 @@
 """Quantized models on the Pallas matmul kernels (nemojax/nn/pallas_quant_linear.py) against the fake-quantized path.
 
-`config.matmul_impl="pallas"` runs every covered quantized Linear through fp8_matmul / nvfp4_matmul (interpret
+`config.runtime.matmul_impl="pallas"` runs every covered quantized Linear through fp8_matmul / nvfp4_matmul (interpret
 mode on CPU); "xla" runs the fake path. Logits and gradients must agree; uncovered layers must fall back.
 Errors are relative to the largest |logit| (or |grad|) of the xla run.
 """
@@ -35,7 +35,7 @@ def model() -> nemojax.Model:
 
 
 def _with_impl(m: nemojax.Model, impl: str, dtype: str | None = None) -> nemojax.Model:
-    config = m.config.replace(matmul_impl=impl, **({"dtype": dtype} if dtype else {}))
+    config = m.config.replace(runtime={"matmul_impl": impl, **({"dtype": dtype} if dtype else {})})
     return nemojax.Model(config, m.params)
 
 
@@ -133,7 +133,7 @@ def test_calibrated_state_is_used_by_the_kernels(model):
 def test_uncovered_layers_fall_back(model):
     # K = 48 is not a multiple of 32: NVFP4 falls back to the fake path, bit-identical to "xla"
     nv = quant.named_recipes.nvfp4_w4a16().default
-    config = model.config.replace(quant=QuantRecipe("w4", default=nv), matmul_impl="pallas")
+    config = model.config.replace(runtime={"quant": QuantRecipe("w4", default=nv), "matmul_impl": "pallas"})
     x = jax.random.normal(jax.random.key(2), (2, 3, 48))
 
     def run(config, x):
@@ -143,7 +143,7 @@ def test_uncovered_layers_fall_back(model):
         return f(x), _count_kernels(f, x)
 
     y_k, n_k = run(config, x)
-    y_f, _ = run(config.replace(matmul_impl="xla"), x)
+    y_f, _ = run(config.replace(runtime={"matmul_impl": "xla"}), x)
     assert n_k == 0
     np.testing.assert_array_equal(np.asarray(y_k), np.asarray(y_f))
     x64 = jax.random.normal(jax.random.key(2), (2, 3, 64))

@@ -197,12 +197,12 @@ def test_bad_input_is_named():
         ssd_scan(x, dt, A, B, C, algorithm="chunked", backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="algorithm='scan'"):
         ssd_scan(x, dt, A, B, C, algorithm="scan", interpret=True)
-    with pytest.raises(ValueError, match="mamba.scan_impl"):
-        nemojax.presets.get("nemotron-h-8b-tiny", mamba={"scan_impl": "triton"})
+    with pytest.raises(ValueError, match="runtime.scan_impl"):
+        nemojax.presets.get("nemotron-h-8b-tiny", runtime={"scan_impl": "triton"})
 
 
 def test_mixer_runs_the_kernel(monkeypatch):
-    """mamba.scan_impl="pallas" vs "xla" on a tiny hybrid: the same logits (float32, 1e-5) and the kernel was
+    """runtime.scan_impl="pallas" vs "xla" on a tiny hybrid: the same logits (float32, 1e-5) and the kernel was
     traced for each Mamba layer; gradients of the loss agree too (the kernel's custom_vjp)."""
     config = nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, pattern="M*M")
     model = nemojax.Model.init(config, 0)
@@ -216,7 +216,7 @@ def test_mixer_runs_the_kernel(monkeypatch):
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    out = {impl: grad(model.params, config.replace(mamba={"scan_impl": impl})) for impl in ("xla", "pallas")}
+    out = {impl: grad(model.params, config.replace(runtime={"scan_impl": impl})) for impl in ("xla", "pallas")}
     (_, logits_x), grads_x = out["xla"]
     (_, logits_p), grads_p = out["pallas"]
     assert len(traced) == 2

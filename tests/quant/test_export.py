@@ -1,4 +1,4 @@
-"""ModelOpt unified-checkpoint export / import (nemojax.quant.export): a hand-computed NVFP4 oracle, the JSON
+"""ModelOpt unified-checkpoint export / import (nemojax.interop.modelopt): a hand-computed NVFP4 oracle, the JSON
 fields NVIDIA's loaders read, byte-identical export -> import -> export round trips, the imported model's logits
 against the fake-quantized source, refusals, and atomic saves."""
 
@@ -15,18 +15,20 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.torch import load_file
 
-from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig
+from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, Runtime
+from nemojax.interop import modelopt, safetensors_file
 from nemojax.interop.naming import rule_for
 from nemojax.lowp.qarray import quantize
 from nemojax.lowp.recipe import is_state
 from nemojax.model import Model, abstract_params
-from nemojax.quant import export, named_recipes
+from nemojax.quant import named_recipes
 
 CONFIG = ModelConfig(
     vocab_size=96, hidden_size=64, pattern="M*E-",
     mamba=MambaConfig(num_heads=4, head_dim=16, state_size=16, n_groups=2, chunk_size=16),
     attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16), intermediate_size=64,
-    moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, shared_intermediate_size=32, impl="dense"))
+    moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, shared_intermediate_size=32),
+    runtime=Runtime(moe_impl="dense"))
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
 
 
@@ -39,7 +41,7 @@ def _calibrated_cached(recipe, seed: int) -> Model:
     """CONFIG with `recipe` and hand-set quantization state: input / KV amaxes, half the weight amaxes below
     max|W| (clipping), static block scales = the dynamic ones with every third block doubled. The parts of the
     fused Mamba in_proj share calibrated amaxes, as `calibrate` sets them (one input, one checkpoint scale)."""
-    config = CONFIG.replace(quant=recipe)
+    config = CONFIG.replace(runtime={"quant": recipe})
     base = Model.init(CONFIG, seed)
     rng = np.random.default_rng(seed)
     old = flatten_dict(base.params)
@@ -83,7 +85,7 @@ def _in_proj(params) -> np.ndarray:
 
 
 def _files(directory) -> dict[str, np.ndarray]:
-    return export.read_safetensors(directory)
+    return safetensors_file.read_safetensors(directory)
 
 
 def _same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -105,10 +107,10 @@ def test_nvfp4_hand_computed_oracle():
     W[1, 16:19] = [12, 3, -1]           # block (1,1): a_b 12 -> d 2; 6, 1.5, -0.5 -> 7, 3, 9; block (1,0) zero
     path = ("layers_0", "mixer", "in_proj_x", "kernel")
     rule = rule_for(path, 2)
-    layer = export._Module((export._Linear("layers_0/mixer/in_proj_x", path, rule,
-                                           ("backbone.layers.0.mixer.in_proj",)),))
+    layer = modelopt._Module((modelopt._Linear("layers_0/mixer/in_proj_x", path, rule,
+                                               ("backbone.layers.0.mixer.in_proj",)),))
     flat = {path: jnp.asarray(W.T), ("layers_0", "mixer", "in_proj_x", "kernel_input_amax"): jnp.float32(5376.0)}
-    out = export._export_linear(layer, named_recipes.nvfp4().default, flat, jnp.float32)
+    out = modelopt._export_linear(layer, named_recipes.nvfp4().default, flat, jnp.float32)
     m = "backbone.layers.0.mixer.in_proj"
     expected = np.zeros((2, 16), np.uint8)
     expected[0, :2] = [0xD7, 0x21]      # (6, -3) -> 0x7 | 0xD << 4 ; (0.5, 1) -> 0x1 | 0x2 << 4
@@ -126,7 +128,7 @@ def test_nvfp4_hand_computed_oracle():
 
 def test_fp8_and_kv_scales_are_amax_over_448():
     model = _calibrated(named_recipes.fp8())
-    tensors = export.quantized_state_dict(model)
+    tensors = modelopt.quantized_state_dict(model)
     flat = flatten_dict(model.params)
     m = "backbone.layers.0.mixer.in_proj"
     amax = flat[("layers_0", "mixer", "in_proj_z", "kernel_input_amax")]  # one input: the parts share it
@@ -147,7 +149,7 @@ def test_fp8_and_kv_scales_are_amax_over_448():
 
 def test_mixed_precision_configs_name_what_loaders_read(tmp_path):
     model = _calibrated(named_recipes.nemotron3_super_nvfp4())
-    export.save_quantized(model, tmp_path / "ckpt", dtype="bfloat16")
+    modelopt.save_quantized(model, tmp_path / "ckpt", dtype="bfloat16")
     q = json.loads((tmp_path / "ckpt" / "hf_quant_config.json").read_text())
     assert set(q) == {"producer", "quantization"} and q["producer"]["name"] == "nemojax"
     qq = q["quantization"]
@@ -186,10 +188,10 @@ def test_mixed_precision_configs_name_what_loaders_read(tmp_path):
 
 
 def test_single_format_config():
-    q = export.quant_config(_calibrated(named_recipes.nvfp4()))["quantization"]
+    q = modelopt.quant_config(_calibrated(named_recipes.nvfp4()))["quantization"]
     assert q["quant_algo"] == "NVFP4" and q["group_size"] == 16 and q["kv_cache_quant_algo"] is None
     assert "quantized_layers" not in q and "lm_head" in q["exclude_modules"]
-    qc = export.hf_quantization_config({"producer": {"name": "x", "version": "0"}, "quantization": q})
+    qc = modelopt.hf_quantization_config({"producer": {"name": "x", "version": "0"}, "quantization": q})
     assert qc["config_groups"]["group_0"]["targets"] == ["Linear"] and qc["ignore"] == q["exclude_modules"]
     assert "kv_cache_scheme" not in qc
 
@@ -200,23 +202,23 @@ def test_single_format_config():
 @pytest.mark.parametrize("recipe", ["nemotron3_super_nvfp4", "nvfp4_w4a16", "fp8"])
 def test_export_import_export_is_byte_identical(tmp_path, recipe):
     model = _calibrated(named_recipes.get(recipe))
-    export.save_quantized(model, tmp_path / "a")
-    loaded = export.load_quantized(tmp_path / "a")
-    export.save_quantized(loaded, tmp_path / "b")
+    modelopt.save_quantized(model, tmp_path / "a")
+    loaded = modelopt.load_quantized(tmp_path / "a")
+    modelopt.save_quantized(loaded, tmp_path / "b")
     _same_tensors(_files(tmp_path / "a"), _files(tmp_path / "b"))
     for name in ("hf_quant_config.json", "config.json"):
         assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "b" / name).read_text())
     # Formats per layer come back; the imported kernel re-quantizes to the source's codes.
     cfg = loaded.config
     for path in ("layers_0/mixer/in_proj_x", "layers_2/mixer/experts/up_proj", "layers_1/mixer/q_proj", "lm_head"):
-        src, got = model.config.quant.linear(path, cfg.pattern), cfg.quant.linear(path, cfg.pattern)
+        src, got = model.config.runtime.quant.linear(path, cfg.pattern), cfg.runtime.quant.linear(path, cfg.pattern)
         assert (src is None or src.weight is None) == (got is None)
         if got is not None:
             assert got.weight.fmt == src.weight.fmt.replace("_2d", "")
             assert (got.input is None) == (src.input is None)
     w_path = ("layers_2", "mixer", "experts", "up_proj")
     lf, sf = flatten_dict(loaded.params), flatten_dict(model.params)
-    spec = model.config.quant.linear("layers_2/mixer/experts/up_proj", cfg.pattern)
+    spec = model.config.runtime.quant.linear("layers_2/mixer/experts/up_proj", cfg.pattern)
 
     def codes(flat):
         amax = flat.get((*w_path[:-1], "up_proj_amax"))
@@ -232,8 +234,8 @@ def test_imported_logits_equal_fake_quantized_source(tmp_path):
     """The Super recipe covers NVFP4 experts with static block scales, FP8 Mamba / MLP / shared experts, BF16
     attention and the FP8 KV cache."""
     model = _calibrated(named_recipes.nemotron3_super_nvfp4())
-    export.save_quantized(model, tmp_path / "ckpt")
-    loaded = export.load_quantized(tmp_path / "ckpt")
+    modelopt.save_quantized(model, tmp_path / "ckpt")
+    loaded = modelopt.load_quantized(tmp_path / "ckpt")
     want, got = np.asarray(model(TOKENS)), np.asarray(loaded(TOKENS))
     assert np.isfinite(want).all()
     np.testing.assert_array_equal(got, want)  # same codes, block scales and bit-equal global scales
@@ -243,12 +245,12 @@ def test_sharded_and_config_json_only(tmp_path):
     """A sharded save (index + shards) loads the same; without hf_quant_config.json the loader falls back to
     config.json's compressed-tensors style quantization_config."""
     model = _calibrated(named_recipes.nemotron3_super_nvfp4())
-    export.save_quantized(model, tmp_path / "one")
-    export.save_quantized(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    modelopt.save_quantized(model, tmp_path / "one")
+    modelopt.save_quantized(model, tmp_path / "sharded", max_shard_bytes=20_000)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     _same_tensors(_files(tmp_path / "one"), _files(tmp_path / "sharded"))
     (tmp_path / "one" / "hf_quant_config.json").unlink()
-    a, b = export.load_quantized(tmp_path / "one"), export.load_quantized(tmp_path / "sharded")
+    a, b = modelopt.load_quantized(tmp_path / "one"), modelopt.load_quantized(tmp_path / "sharded")
     assert a.config == b.config
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -258,17 +260,17 @@ def test_mxfp8_round_trip_values(tmp_path):
     """MXFP8: FP8 codes + E8M0 scales (uint8). The import dequantizes to the same values; a re-export may pick a
     smaller E8M0 scale for a block whose max rounded down to 224 * 2^k, so compare dequantized values."""
     model = _calibrated(named_recipes.mxfp8())
-    export.save_quantized(model, tmp_path / "a")
+    modelopt.save_quantized(model, tmp_path / "a")
     t = _files(tmp_path / "a")
     m = "backbone.layers.0.mixer.in_proj"
     assert t[f"{m}.weight"].dtype == ml_dtypes.float8_e4m3fn and t[f"{m}.weight_scale"].dtype == np.uint8
     assert t[f"{m}.weight_scale"].shape == (t[f"{m}.weight"].shape[0], 64 // 32) and f"{m}.input_scale" not in t
     w = _in_proj(model.params)
     want = np.asarray(quantize(jnp.asarray(w), "mxfp8", axis=0).dequantize())
-    loaded = export.load_quantized(tmp_path / "a")
+    loaded = modelopt.load_quantized(tmp_path / "a")
     np.testing.assert_array_equal(_in_proj(loaded.params), want)
-    export.save_quantized(loaded, tmp_path / "b")
-    loaded2 = export.load_quantized(tmp_path / "b")
+    modelopt.save_quantized(loaded, tmp_path / "b")
+    loaded2 = modelopt.load_quantized(tmp_path / "b")
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(loaded2.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -276,8 +278,8 @@ def test_mxfp8_round_trip_values(tmp_path):
 def test_amax_for_scale_inverts_decode_scale():
     amax = jnp.asarray(np.random.default_rng(1).uniform(1e-3, 1e3, 500), jnp.float32)
     for fmt in ("nvfp4", "fp8_e4m3"):
-        scale = export.decode_scale(amax, fmt)
-        np.testing.assert_array_equal(export.decode_scale(export.amax_for_scale(scale, fmt), fmt), scale)
+        scale = modelopt.decode_scale(amax, fmt)
+        np.testing.assert_array_equal(modelopt.decode_scale(modelopt.amax_for_scale(scale, fmt), fmt), scale)
 
 
 # ----------------------------------------------------------------------------------------------- refusals
@@ -285,37 +287,37 @@ def test_amax_for_scale_inverts_decode_scale():
 
 def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="mxfp4"):
-        export.quant_config(_calibrated(named_recipes.mxfp4()))
+        modelopt.quant_config(_calibrated(named_recipes.mxfp4()))
     with pytest.raises(ValueError, match="dynamic per-tensor amax"):
-        export.quant_config(_calibrated(named_recipes.fp8_training()))
+        modelopt.quant_config(_calibrated(named_recipes.fp8_training()))
     model = _calibrated(named_recipes.nvfp4())
     flat = flatten_dict(model.params)
     flat[("layers_0", "mixer", "in_proj_x", "kernel_input_amax")] = jnp.float32(0.0)
     with pytest.raises(ValueError, match="layers_0/mixer/in_proj.*calibrate"):
-        export.quantized_state_dict(Model(model.config, unflatten_dict(flat)))
+        modelopt.quantized_state_dict(Model(model.config, unflatten_dict(flat)))
     with pytest.raises(ValueError, match="save_hf"):
-        export.quant_config(Model.init(CONFIG, 0))
+        modelopt.quant_config(Model.init(CONFIG, 0))
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    export.save_quantized(_calibrated(named_recipes.nvfp4()), target)
+    modelopt.save_quantized(_calibrated(named_recipes.nvfp4()), target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls = []
-    real = export._write_safetensors
+    real = safetensors_file._save
 
     def broken(tensors, file):
         calls.append(file)
         real(tensors, file)  # the new weights are written into staging, then the save fails
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_write_safetensors", broken)
+    monkeypatch.setattr(safetensors_file, "_save", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.save_quantized(_calibrated(named_recipes.fp8(), seed=1), target)
+        modelopt.save_quantized(_calibrated(named_recipes.fp8(), seed=1), target)
     assert calls
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
     monkeypatch.undo()
     with pytest.raises(ValueError, match="mxfp4"):  # a bad recipe fails before touching anything
-        export.save_quantized(_calibrated(named_recipes.mxfp4()), target)
+        modelopt.save_quantized(_calibrated(named_recipes.mxfp4()), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -79,7 +79,7 @@ def test_linear_w_a_equals_oracle(model, fmt):
     """One Linear with weights and inputs quantized: fq(x) @ fq(W) with the calibrated input amax."""
     static = not fmt.startswith("mx")
     spec = LinearQuant(weight=TensorQuant(fmt, static=static), input=TensorQuant(fmt, static=static))
-    config = model.config.replace(quant=QuantRecipe("t", default=spec))
+    config = model.config.replace(runtime={"quant": QuantRecipe("t", default=spec)})
     layer = Linear(config, 48, ("embed", "mlp"), name="proj")
     x = jax.random.normal(jax.random.key(2), (3, 5, 64))
     params = nn.meta.unbox(layer.init(jax.random.key(0), x)["params"])
@@ -228,7 +228,7 @@ def test_config_round_trip_and_hf_save(model, tmp_path):
     assert model_config_from_dict(d) == q.config
     nemojax.save_hf(q, tmp_path / "hp")  # the high-precision weights; the quantization state is not HF's
     back = nemojax.load_hf(tmp_path / "hp")
-    assert back.config.quant is None
+    assert back.config.runtime.quant is None
     for path, leaf in flatten_dict(quant.strip(q).params).items():
         np.testing.assert_array_equal(np.asarray(flatten_dict(back.params)[path]), np.asarray(leaf))
 

@@ -71,8 +71,8 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     optimizer = OptimizerConfig(lr=1e-3, total_steps=STEPS, warmup_steps=0, schedule="constant", weight_decay=0.0)
-    config = nemojax.presets.get("nemotron-h-8b-tiny", dtype="float32", param_dtype="float32", vocab_size=VOCAB,
-                                 pattern="*-")
+    config = nemojax.presets.get("nemotron-h-8b-tiny", runtime={"dtype": "float32", "param_dtype": "float32"},
+                                 vocab_size=VOCAB, pattern="*-")
     teacher = nemojax.Model.init(config, 0)
     data = batches()
     dcfg = DistillConfig(optimizer=optimizer, intermediate=((1, 1),), intermediate_weight=0.1)

@@ -24,7 +24,7 @@ def config(mesh: dict):
 
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict({"preset": "nemotron-3-nano-30b-a3b-tiny",
-                                         "overrides": {"vocab_size": 128, "moe": {"impl": "dense"}}})
+                                         "overrides": {"vocab_size": 128}, "runtime": {"moe_impl": "dense"}})
     c.mesh = ml_collections.ConfigDict(mesh)
     c.optimizer = ml_collections.ConfigDict({"lr": 1e-2, "warmup_steps": 1})
     c.train = ml_collections.ConfigDict({"steps": STEPS, "grad_accum": 2, "z_loss": 1e-4, "moe_aux_loss": 1e-2,

@@ -93,6 +93,29 @@ def test_workdir_of_another_config_is_refused(tmp_path, two_steps):
 
 
 @pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
+def test_workdir_resumes_under_another_runtime_but_not_another_architecture(tmp_path, two_steps):
+    """The fingerprint ignores the compute dtype and remat: a float32 workdir resumes with runtime bfloat16 +
+    full remat (from its step-2 checkpoint, run.json untouched), while an architecture field or the param dtype
+    (the saved state's dtype) that differs is refused, naming only that difference."""
+    _copy(two_steps, tmp_path)
+    run_json = (tmp_path / "run.json").read_bytes()
+    assert not {"dtype", "remat", "runtime"} & set(json.loads(run_json)["model"])
+    runtime = ["model.runtime.dtype=bfloat16", "model.runtime.remat=full"]
+    for change, named in (("model.overrides.norm_eps=1e-6", "model.norm_eps: checkpoint has 1e-05, config has 1e-06"),
+                          ("model.runtime.param_dtype=bfloat16",
+                           "param_dtype: checkpoint has 'float32', config has 'bfloat16'")):
+        with pytest.raises(CheckpointError) as info:
+            train(_config("train.steps=3", *runtime, change), tmp_path, progress=False)
+        assert str(info.value).split(":\n  ", 1)[1].splitlines() == [named]
+    result = train(_config("train.steps=3", *runtime), tmp_path, progress=False)
+    assert result["summary"]["steps"] == 3
+    assert (result["model"].config.runtime.dtype, result["model"].config.runtime.remat) == ("bfloat16", "full")
+    train_steps = [m["step"] for m in read_metrics(tmp_path) if m["split"] == "train"]
+    assert train_steps == [1, 2, 3]  # steps 1-2 from the saved run, only step 3 run again: a resume, not a restart
+    assert (tmp_path / "run.json").read_bytes() == run_json
+
+
+@pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, two_steps):
     """A checkpoint whose array data is damaged is refused with a CheckpointError naming the step; it is not
     overwritten by a fresh start."""

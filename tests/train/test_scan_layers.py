@@ -1,6 +1,6 @@
-"""The trainer with model.scan_layers: same initial weights, losses and updates as the unrolled run, stacked params
-sharded with an unsharded leading `layers` axis, unrolled Models handed back, a workdir that remembers its layout;
-and the persistent compilation cache (train.compilation_cache_dir)."""
+"""The trainer with model.runtime.scan_layers: same initial weights, losses and updates as the unrolled run, stacked
+params sharded with an unsharded leading `layers` axis, unrolled Models handed back, a workdir that remembers its
+layout; and the persistent compilation cache (train.compilation_cache_dir)."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def test_scanned_train_steps_equal_unrolled():
     """Two AdamW steps from one seed: identical initial weights, every metric of both steps (loss, MTP and balance
     losses, grad norm) equal to float32 round-off, and the updated params (unrolled back) equal."""
     metrics, init, final = _two_steps(_config(*MOE_OVERRIDES, mtp_loss_weight=0.3))
-    metrics_s, init_s, final_s = _two_steps(_config(*MOE_OVERRIDES, "model.overrides.scan_layers=True",
+    metrics_s, init_s, final_s = _two_steps(_config(*MOE_OVERRIDES, "model.runtime.scan_layers=True",
                                                     mtp_loss_weight=0.3))
-    assert init_s.config == init.config and not init_s.config.scan_layers
+    assert init_s.config == init.config and not init_s.config.runtime.scan_layers
     for a, b in zip(jax.tree.leaves(init_s.params), jax.tree.leaves(init.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert {"loss", "mtp_nll", "moe_balance", "grad_norm"} <= set(metrics[0])
@@ -84,10 +84,10 @@ def test_scanned_train_steps_equal_unrolled():
 def test_stacked_params_have_unsharded_layers_axes():
     """On an fsdp 4 x tensor 2 mesh each stacked leaf is sharded like its unrolled layer, with every stacked axis
     (one per level of runs) unsharded."""
-    config = loop.model_config(_config(f"model.overrides.pattern={NESTED}", "model.overrides.scan_layers=True"))
+    config = loop.model_config(_config(f"model.overrides.pattern={NESTED}", "model.runtime.scan_layers=True"))
     mesh = AbstractMesh((1, 4, 2, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     stacked = sharding.param_shardings(config, mesh, abstract_params(config))
-    unrolled_config = config.replace(scan_layers=False)
+    unrolled_config = config.replace(runtime={"scan_layers": False})
     unrolled = sharding.param_shardings(unrolled_config, mesh, abstract_params(unrolled_config))
     specs = lambda tree: [s.spec for s in jax.tree.leaves(tree)]  # noqa: E731
     run = stacked["layers_scan_2"]  # layers 2-7: 2 x ["*", 2 x "M"]
@@ -102,10 +102,10 @@ def test_train_hands_back_unrolled_models_and_the_workdir_keeps_its_layout(tmp_p
     layout, so resuming it with scan_layers off is refused, naming the difference."""
     overrides = [f"model.overrides.pattern={NESTED}", "train.steps=2", "optimizer.warmup_steps=1",
                  "train.checkpoint_every=2", "train.eval_every=100", "train.log_every=1"]
-    config = _config(*overrides, "model.overrides.scan_layers=True")
+    config = _config(*overrides, "model.runtime.scan_layers=True")
     out = loop.train(config, tmp_path, progress=False)
     model = out["model"]
-    assert not model.config.scan_layers and f"layers_{len(model.config.pattern) - 1}" in model.params
+    assert not model.config.runtime.scan_layers and f"layers_{len(model.config.pattern) - 1}" in model.params
     assert "layers_scan_2" in out["state"].params  # the train state itself stays stacked
     restored = loop.restore_model(config, tmp_path)
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(model.params), strict=True):

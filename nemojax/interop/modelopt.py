@@ -1,9 +1,12 @@
 """Quantized checkpoints in NVIDIA's layout (the ModelOpt "unified Hugging Face checkpoint"), both directions.
 
-    quant.save_quantized(model, "out/")           # config.json + hf_quant_config.json + model.safetensors
-    model = quant.load_quantized("out/")          # the recipe, the calibrated state and dequantized kernels
+    save_quantized(model, "out/")           # config.json + hf_quant_config.json + model.safetensors
+    model = load_quantized("out/")          # the recipe, the calibrated state and dequantized kernels
 
-`save_quantized` writes every linear layer that `model.config.quant` quantizes in the packed format NVIDIA's
+(both also exported as `nemojax.quant.save_quantized` / `load_quantized`; `nemojax.load_hf` reads such a folder
+through `load_quantized`.)
+
+`save_quantized` writes every linear layer that `model.config.runtime.quant` quantizes in the packed format NVIDIA's
 serving stacks (vLLM, TensorRT-LLM, SGLang) load for its published NVFP4 / FP8 models, and every other tensor as
 `save_hf` does. The codes are those the model's own fake quantizer produces (the kernel in the compute dtype,
 `nemojax.quant.quantize` with the layer's calibrated amax and static block scales), so the checkpoint dequantizes
@@ -91,8 +94,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,18 +104,20 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.flax import save_file
 
 from nemojax import families
 from nemojax.config import ModelConfig
-from nemojax.interop import hf, safetensors_file
+from nemojax.errors import CheckpointError
+from nemojax.interop import safetensors_file
 from nemojax.interop.naming import TensorRule, checkpoint_name, rule_for
+from nemojax.interop.safetensors_file import CONFIG_NAME, DEFAULT_MAX_SHARD_BYTES, save_folder, write_tensors
+from nemojax.interop.state_dict import config_from_hf, model_from_state_dict, state_dict_from_params, tensor_rules
 from nemojax.lowp.formats import e8m0_from_code, e8m0_to_code
 from nemojax.lowp.qarray import QArray, pack_fp4, quantize, unpack_fp4
 from nemojax.lowp.recipe import NOT_LINEAR, LinearQuant, QuantRecipe, TensorQuant, is_state
 from nemojax.model import Model, abstract_params
 
-QUANT_CONFIG_NAME = hf.QUANT_CONFIG_NAME
+QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint
 PRODUCER = "nemojax"
 NVFP4_GROUP = 16
 MXFP8_GROUP = 32
@@ -156,7 +159,7 @@ class _Linear:
 @functools.lru_cache(maxsize=16)
 def _abstract(config: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """Flat abstract params of `config` without its recipe (the linear weights do not depend on it); cached."""
-    return flatten_dict(abstract_params(config.replace(quant=None)))
+    return flatten_dict(abstract_params(config.replace(runtime={"quant": None})))
 
 
 @functools.lru_cache(maxsize=16)
@@ -389,7 +392,7 @@ def _export_linear(layer: _Module, spec: LinearQuant, flat: Mapping[tuple[str, .
 
 def _kv_tensors(config: ModelConfig, flat: Mapping[tuple[str, ...], Any]) -> dict[str, np.ndarray]:
     """`{attention}.k_proj.k_scale` / `.v_proj.v_scale` of every attention layer (FP8 KV cache)."""
-    kv = config.quant.kv_cache
+    kv = config.runtime.quant.kv_cache
     if kv.fmt != "fp8_e4m3":
         raise ValueError(f"kv_cache.fmt={kv.fmt!r} cannot be exported: ModelOpt's FP8 KV cache is fp8_e4m3")
     paths = [p for p in flat if p[-1] == "k_amax"]
@@ -410,10 +413,10 @@ def _kv_tensors(config: ModelConfig, flat: Mapping[tuple[str, ...], Any]) -> dic
 def quant_config(model: Model) -> dict[str, Any]:
     """The `hf_quant_config.json` dict of `model` (see the module docstring, facts 1 and 7)."""
     config = model.config
-    recipe = config.quant
+    recipe = config.runtime.quant
     if recipe is None:
-        raise ValueError("model.config.quant is None: nothing is quantized; apply a recipe (nemojax.quant.apply) "
-                         "or save a high-precision checkpoint with nemojax.save_hf")
+        raise ValueError("model.config.runtime.quant is None: nothing is quantized; apply a recipe "
+                         "(nemojax.quant.apply) or save a high-precision checkpoint with nemojax.save_hf")
     quantized: dict[str, dict[str, Any]] = {}
     excluded: list[str] = []
     for layer in _modules(config):
@@ -505,28 +508,28 @@ def quantized_state_dict(model: Model, dtype: str | None = None) -> dict[str, np
     config = model.config
     quant_config(model)  # validates the recipe (formats, calibration) before any work
     flat = flatten_dict(model.params)
-    tensors = hf.state_dict_from_params(config, model.params)
+    tensors = state_dict_from_params(config, model.params)
     if dtype is not None:  # params that stay float32 whatever the param dtype (router kernel and bias) stay so
-        probe = config.replace(param_dtype="bfloat16", quant=None)
-        fp32 = {n for rule, leaf in hf.tensor_rules(probe) if leaf.dtype == jnp.float32 for n in rule.names}
+        probe = config.replace(runtime={"param_dtype": "bfloat16", "quant": None})
+        fp32 = {n for rule, leaf in tensor_rules(probe) if leaf.dtype == jnp.float32 for n in rule.names}
         tensors = {k: v.astype(jnp.dtype(dtype)) if k not in fp32 and jnp.issubdtype(v.dtype, jnp.floating) else v
                    for k, v in tensors.items()}
-    compute_dtype = jnp.dtype(config.dtype)
+    compute_dtype = jnp.dtype(config.runtime.dtype)
     for layer in _modules(config):
-        spec = _module_spec(layer, config.quant, config.pattern)
+        spec = _module_spec(layer, config.runtime.quant, config.pattern)
         if spec is None or (spec.weight is None and spec.input is None):
             continue
         for name in layer.parts[0].rule.names:
             del tensors[name]
         tensors.update(_export_linear(layer, spec, flat, compute_dtype))
-    if config.quant.kv_cache is not None:
+    if config.runtime.quant.kv_cache is not None:
         tensors.update(_kv_tensors(config, flat))
     return tensors
 
 
 def save_quantized(model: Model, directory: str | os.PathLike, *, dtype: str | None = None,
-                   max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes `model` (with `model.config.quant` set and calibrated) as a ModelOpt unified HF checkpoint:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes `model` (with `model.config.runtime.quant` set and calibrated) as a ModelOpt unified HF checkpoint:
     config.json (with "quantization_config"), hf_quant_config.json and (sharded) safetensors.
 
     dtype: export dtype of the high-precision tensors (default: the model's param dtype), e.g. "bfloat16".
@@ -534,48 +537,29 @@ def save_quantized(model: Model, directory: str | os.PathLike, *, dtype: str | N
     part-way (a bad recipe, an uncalibrated amax, a full disk) leaves a previous checkpoint at `directory` intact.
     Raises ValueError for layers whose formats have no ModelOpt layout (see the module docstring).
     """
-    directory = Path(directory)
     qconfig = quant_config(model)
     tensors = quantized_state_dict(model, dtype)
     hf_config = model.config.to_hf()
-    if dtype is not None:
-        hf_config["torch_dtype"] = jnp.dtype(dtype).name
+    hf_config["torch_dtype"] = jnp.dtype(dtype or model.config.runtime.param_dtype).name
     hf_config["quantization_config"] = hf_quantization_config(qconfig)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
-    try:
-        (staging / hf.CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
+
+    def fill(staging: Path) -> None:
+        (staging / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
         (staging / QUANT_CONFIG_NAME).write_text(json.dumps(qconfig, indent=4))
-        shards = hf._shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            _write_safetensors(shards[0], staging / hf.WEIGHTS_NAME)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(shard, staging / file)
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(t.nbytes for t in tensors.values())
-            (staging / hf.INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        hf._swap_in(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+        write_tensors(staging, tensors, max_shard_bytes)
 
-
-def _write_safetensors(tensors: Mapping[str, np.ndarray], file: Path) -> None:
-    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    return save_folder(directory, fill)
 
 
 # ------------------------------------------------------------------------------------------------- import
 
 
-def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (model.safetensors or an index + shards), FP8 included
-    (`nemojax.interop.safetensors_file`: safetensors' numpy / flax readers reject F8_E4M3)."""
-    return safetensors_file.read_safetensors(directory)
+def is_quantized(directory: Path, hf_config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint folder holds NVIDIA ModelOpt quantized weights (packed NVFP4 / FP8 tensors and their
+    scales): an hf_quant_config.json beside config.json, or a "modelopt" quantization_config in it."""
+    method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    return (directory / QUANT_CONFIG_NAME).is_file() or method.startswith("modelopt")
+
 
 
 def _read_quant_config(directory: Path, hf_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -638,7 +622,7 @@ def _check_group(algo: str, group_size: Any, where: str) -> None:
 def _scalar(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     value = np.asarray(tensors[name], np.float32)
     if value.size != 1:
-        raise hf.CheckpointError(f"tensor {name} has shape {list(value.shape)}, expected a scalar")
+        raise CheckpointError(f"tensor {name} has shape {list(value.shape)}, expected a scalar")
     return value.reshape(())
 
 
@@ -652,12 +636,12 @@ def _import_linear(layer: _Module, algo: str, tensors: dict[str, np.ndarray],
 
     def take(name: str) -> np.ndarray:
         if name not in tensors:
-            raise hf.CheckpointError(f"missing tensor {name} (quant_algo {algo})")
+            raise CheckpointError(f"missing tensor {name} (quant_algo {algo})")
         return tensors.pop(name)
 
     def expect(name: str, value: np.ndarray, want_shape: tuple[int, ...], dtype: Any) -> None:
         if tuple(value.shape) != tuple(want_shape) or value.dtype != np.dtype(dtype):
-            raise hf.CheckpointError(f"tensor {name} is {value.dtype} {list(value.shape)}, expected "
+            raise CheckpointError(f"tensor {name} is {value.dtype} {list(value.shape)}, expected "
                                      f"{np.dtype(dtype)} {list(want_shape)} for quant_algo {algo}")
 
     for m in layer.modules:
@@ -709,14 +693,14 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
     The config's `quant` is a recipe with one rule per quantized layer path (formats from the per-layer
     quant_algo, see `_spec_from_algo`) and an FP8 KV cache if the checkpoint has one; kernels are the dequantized
     weights in the config's param dtype; the state leaves hold the stored scales (NVFP4 block scales as static
-    block scales, per-tensor scales as amaxes). `config_overrides` go to `ModelConfig.from_hf` (dtype,
-    param_dtype, ...). Raises `CheckpointError` / ValueError naming the offending tensor or field.
+    block scales, per-tensor scales as amaxes). `config_overrides` go to `ModelConfig.from_hf` (e.g.
+    runtime={"dtype": "bfloat16"}). Raises `CheckpointError` / ValueError naming the offending tensor or field.
     """
     directory = Path(directory)
-    hf_config = json.loads((directory / hf.CONFIG_NAME).read_text())
+    hf_config = json.loads((directory / CONFIG_NAME).read_text())
     q = _read_quant_config(directory, hf_config)
-    config = ModelConfig.from_hf(hf_config, **config_overrides)
-    tensors = {checkpoint_name(k): v for k, v in read_safetensors(directory).items()}
+    config = config_from_hf(hf_config, **config_overrides)
+    tensors = {checkpoint_name(k): v for k, v in safetensors_file.read_safetensors(directory).items()}
     if config.mtp is not None and not any(k.startswith("mtp.") for k in tensors):
         config = config.replace(mtp=None)  # as load_hf: checkpoints saved by transformers drop the MTP head
     layers = _modules(config)
@@ -759,21 +743,21 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
             state[path] = amax_for_scale(np.asarray(value, np.float32).reshape(()), "fp8_e4m3")
     algo_name = str(q.get("quant_algo") or "kv_only").lower()
     recipe = QuantRecipe(f"modelopt_{algo_name}", rules=tuple(rules), kv_cache=kv)
-    config = config.replace(quant=recipe)
-    model = hf.model_from_state_dict(config, tensors)
+    config = config.replace(runtime={"quant": recipe})
+    model = model_from_state_dict(config, tensors)
     flat = flatten_dict(model.params)
     for path, value in state.items():
         if path not in flat:
-            raise hf.CheckpointError(f"quantization state {'/'.join(path)} has no place in the model (config "
+            raise CheckpointError(f"quantization state {'/'.join(path)} has no place in the model (config "
                                      f"pattern {config.pattern!r}, recipe {recipe.name!r})")
         want = tuple(flat[path].shape)
         if tuple(np.shape(value)) != want:
-            raise hf.CheckpointError(f"quantization state {'/'.join(path)} has shape {list(np.shape(value))}, "
+            raise CheckpointError(f"quantization state {'/'.join(path)} has shape {list(np.shape(value))}, "
                                      f"expected {list(want)}")
         flat[path] = jnp.asarray(value, flat[path].dtype)
     missing = [p for p, v in flat.items() if is_state(p[-1]) and p[-1] in ("k_amax", "v_amax") and p not in state]
     if missing:
-        raise hf.CheckpointError("FP8 KV cache without scales for: " + ", ".join("/".join(p) for p in missing))
+        raise CheckpointError("FP8 KV cache without scales for: " + ", ".join("/".join(p) for p in missing))
     return Model(config, unflatten_dict(flat))
 
 
@@ -784,5 +768,5 @@ def _param_prefix(stem: str, config: ModelConfig) -> tuple[str, ...]:
         return (f"layers_{parts[2]}", parts[3])
     if parts[:2] == ["mtp", "layers"] and len(parts) >= 4:
         return ("mtp", f"layers_{parts[2]}", *parts[3:])
-    raise hf.CheckpointError(f"KV scale module {stem!r} is not an attention layer of this model "
+    raise CheckpointError(f"KV scale module {stem!r} is not an attention layer of this model "
                              f"(pattern {config.pattern!r})")
