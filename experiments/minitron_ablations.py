@@ -54,11 +54,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nemojax import config_files  # noqa: E402
-from nemojax import data as data_lib  # noqa: E402
-from nemojax.compress import minitron  # noqa: E402
 from nemojax.compress.distill import distill, teacher_correction  # noqa: E402
 from nemojax.compress.importance import AGGS, importance  # noqa: E402
 from nemojax.compress.prune import prune  # noqa: E402
+from nemojax.jobs import common, minitron  # noqa: E402
 from nemojax.model import Model  # noqa: E402
 from nemojax.train.step import eval_step, lm_loss  # noqa: E402
 
@@ -123,14 +122,10 @@ def load_teacher(path: Path, quick: bool) -> tuple[Model, str]:
 
 
 class Validator:
-    """minitron.validation_loss on batches read once, with one compiled eval step per model config."""
+    """jobs.common.validation_loss on batches read once, with one compiled eval step per model config."""
 
     def __init__(self, config) -> None:
-        e = config.eval
-        stream = data_lib.make_dataset(minitron.data_config(config), "validation", seq_len=e.seq_len,
-                                       batch_size=e.batch_size, seed=e.seed)
-        self.batches = [{k: np.asarray(v) for k, v in batch.items()}
-                        for _, batch in zip(range(e.batches), stream, strict=False)]
+        self.batches = list(common.validation_batches(config))
         if not self.batches:
             raise ValueError("config.eval: the validation split gave no batches")
         self._compiled: dict[Any, Any] = {}
@@ -288,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     s = settings(args.quick, args.steps, args.seeds)
     config = compress_config(s)
-    dcfg = minitron.data_config(config)
+    dcfg = common.data_config(config)
     dist_cfg = minitron.distill_config(config)
 
     teacher, note = load_teacher(Path(args.teacher), args.quick)
@@ -305,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         cal.calibration.seed = int(config.calibration.seed) + seed
         for agg in AGGS:
             t0 = time.perf_counter()
-            scores = importance(teacher, minitron.calibration_batches(cal), agg=agg, layer_metrics=("block",))
+            scores = importance(teacher, common.calibration_batches(cal), agg=agg, layer_metrics=("block",))
             if agg == PAPER_AGG and seed == 0:
                 paper_scores = scores
             agg_losses[agg].append(validate(prune(teacher, scores, **targets)))

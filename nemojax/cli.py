@@ -51,7 +51,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -70,98 +69,17 @@ QUANT_CONFIG = "configs/nvfp4_qad.py"
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from nemojax import config_files, data
-    from nemojax.train.loop import train
+    from nemojax.jobs.demo import run_demo
 
-    config = config_files.load(args.config, args.overrides)
-    workdir = Path(args.workdir)
-    print(f"demo: training {args.config} in {workdir} (resumes if a checkpoint is there)")
-    result = train(config, workdir, progress=not args.no_progress)
-    summary = result["summary"]
-    entropy = data.corpus_unigram_entropy(data.DataConfig(**config.data.to_dict()), split="validation")
-    val = summary["validation_loss"]
-    print(f"\n{summary['params']:,}-parameter hybrid, {summary['steps']} steps of "
-          f"{config.train.batch_size} x {config.train.seq_len} tokens")
-    print(f"validation loss {val:.3f} nats/token vs the corpus' unigram entropy {entropy:.3f} "
-          f"({val / entropy:.0%} of it); perplexity {math.exp(val):.2f}")
-    print(f"metrics: {workdir / 'metrics.jsonl'}, TensorBoard: {workdir / 'tensorboard'}, "
-          f"loss curve: {workdir / 'loss.png'}")
-    if not args.no_compress:
-        _demo_compress(args, config, workdir, result["model"], entropy)
-    if not args.no_quantize:
-        _demo_quantize(args, config, workdir, result["model"], entropy)
-
-
-def _demo_compress(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
-    """The demo's second stage: prune the trained model to about half and distill it back (Minitron)."""
-    from nemojax import config_files
-    from nemojax.compress import minitron as pipeline
-
-    config = config_files.load(args.compress_config, args.compress_override or [])
-    config.data = train_config.data  # the teacher's own data
-    out = workdir / "minitron"
-    print(f"\ncompression: Minitron pruning + distillation of the trained model ({args.compress_config}) in {out}")
-    start = time.perf_counter()
-    pruned = pipeline.prune_job(config, teacher, out, teacher_path=workdir)
-    print(f"pruned {pruned['teacher']['params']:,} -> {pruned['pruned']['params']:,} parameters "
-          f"({_size_change(pruned['teacher'], pruned['pruned'])}) in {pruned['seconds']:.0f} s")
-    summary = pipeline.distill_job(config, teacher, out, teacher_path=workdir, progress=not args.no_progress)
-    print(f"distilled for {summary['steps']} steps in {summary['seconds']:.0f} s; "
-          f"compression stage {time.perf_counter() - start:.0f} s in all\n")
-    print(pipeline.table([("teacher", summary["teacher"]["params"], summary["teacher"]["val_loss"]),
-                          ("pruned", summary["pruned"]["params"], summary["pruned"]["val_loss"]),
-                          ("pruned + distilled", summary["distilled"]["params"], summary["distilled"]["val_loss"])],
-                         entropy))
-    figure = _stage_figure(out / "compression.png", "Minitron: prune to about half, then distill", [
-        ("teacher", summary["teacher"]["val_loss"], f"{summary['teacher']['params'] / 1e6:.1f}M params"),
-        ("pruned", summary["pruned"]["val_loss"], f"{summary['pruned']['params'] / 1e6:.1f}M params"),
-        ("pruned + distilled", summary["distilled"]["val_loss"], f"{summary['distilled']['params'] / 1e6:.1f}M params"),
-    ], out, "distill", "KL to the teacher (nats/token)", entropy)
-    print(f"checkpoints: {out / pipeline.PRUNED_DIR}, {out / pipeline.DISTILLED_DIR} "
-          f"(nemojax generate --checkpoint {out / pipeline.DISTILLED_DIR} --tokenizer byte --prompt ...); "
-          f"figure: {figure}")
-
-
-def _demo_quantize(args: argparse.Namespace, train_config, workdir: Path, teacher: Model, entropy: float) -> None:
-    """The demo's third stage: NVFP4 post-training quantization, then quantization-aware distillation."""
-    from nemojax import config_files
-    from nemojax.quant import ptq_qad as pipeline
-
-    config = config_files.load(args.quant_config, args.quant_override or [])
-    config.data = train_config.data
-    out = workdir / "nvfp4"
-    print(f"\nquantization: {config.recipe} PTQ + QAD of the trained model ({args.quant_config}) in {out}")
-    start = time.perf_counter()
-    ptq = pipeline.quantize_job(config, teacher, out, teacher_path=workdir)
-    summary = pipeline.qad_job(config, teacher, out, progress=not args.no_progress)
-    print(f"QAD for {summary['steps']} steps in {summary['seconds']:.0f} s; quantization stage "
-          f"{time.perf_counter() - start:.0f} s in all\n")
-    teacher_name = f"teacher ({teacher.config.runtime.param_dtype})"
-    rows = [(teacher_name, ptq["teacher"]), (f"{config.recipe} PTQ", summary["ptq"]),
-            (f"{config.recipe} QAD", summary["qad"])]
-    print(pipeline.table(rows, entropy))
-    print("(weights MB: the stored size, counting every unquantized tensor in bfloat16, as a checkpoint would be "
-          f"saved; the {teacher.config.runtime.param_dtype} teacher in memory is {teacher.num_params * 4 / 1e6:.1f} MB)"
-          if teacher.config.runtime.param_dtype == "float32" else "(weights MB: the stored size)")
-    figure = _stage_figure(out / "quantization.png", f"{config.recipe} PTQ, then QAD from the teacher",
-                           [(name, s["val_loss"], f"{s['weight_bytes'] / 1e6:.1f} MB") for name, s in rows],
-                           out, "qad", "KL to the teacher (nats/token)", entropy)
-    print(f"quantized checkpoints (NVIDIA ModelOpt layout): {out / pipeline.PTQ_DIR}, {out / pipeline.QAD_DIR} "
-          f"(nemojax generate --checkpoint {out / pipeline.QAD_DIR} --tokenizer byte --prompt ...); figure: {figure}")
-
-
-def _stage_figure(path: Path, title: str, rows, workdir: Path, split: str, label: str, entropy: float) -> Path:
-    """A demo stage's PNG: its models' validation losses and the recovery run's per-step KL (metrics.jsonl)."""
-    from nemojax.demo_figures import stage_figure
-    from nemojax.train.metrics import read_metrics
-
-    # a rerun appends to metrics.jsonl: the newest record of each step wins
-    curve = {m["step"]: m["kl"] for m in read_metrics(workdir) if m["split"] == split and "kl" in m}
-    return stage_figure(path, title, rows, sorted(curve.items()), label, entropy)
+    run_demo(args.workdir, args.config, args.overrides,
+             compress_config=None if args.no_compress else args.compress_config,
+             compress_overrides=args.compress_override or [],
+             quant_config=None if args.no_quantize else args.quant_config,
+             quant_overrides=args.quant_override or [], progress=not args.no_progress)
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from nemojax.quant import ptq_qad as pipeline
+    from nemojax.jobs import quantize as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
@@ -175,7 +93,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _qad(args: argparse.Namespace) -> None:
-    from nemojax.quant import ptq_qad as pipeline
+    from nemojax.jobs import quantize as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
@@ -190,11 +108,6 @@ def _qad(args: argparse.Namespace) -> None:
     print(pipeline.table([("teacher", summary["teacher"]), ("PTQ", summary["ptq"]), ("QAD", summary["qad"])]))
     print(f"saved {Path(args.workdir) / pipeline.QAD_DIR} after {summary['steps']} steps in "
           f"{summary['seconds']:.0f} s")
-
-
-def _size_change(before: dict, after: dict) -> str:
-    keys = [k for k in before if k not in ("params", "val_loss", "pattern") and before[k] != after.get(k)]
-    return ", ".join(f"{k} {before[k]} -> {after[k]}" for k in keys) or "no size changed"
 
 
 def _compress_args(args: argparse.Namespace):
@@ -216,7 +129,7 @@ def _load_teacher(path: str, job: str) -> Model:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from nemojax.compress import minitron as pipeline
+    from nemojax.jobs import minitron as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
@@ -227,13 +140,13 @@ def _prune(args: argparse.Namespace) -> None:
         raise SystemExit(f"nemojax prune: error: {error}") from error
     t, p = summary["teacher"], summary["pruned"]
     print(f"teacher {teacher_path}: {t['params']:,} parameters, validation loss {t['val_loss']:.3f} nats/token")
-    print(f"pruned: {p['params']:,} parameters ({p['params'] / t['params']:.0%}; {_size_change(t, p)}), "
+    print(f"pruned: {p['params']:,} parameters ({p['params'] / t['params']:.0%}; {pipeline.size_change(t, p)}), "
           f"validation loss {p['val_loss']:.3f} nats/token")
     print(f"saved {Path(args.workdir) / pipeline.PRUNED_DIR} in {summary['seconds']:.0f} s")
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from nemojax.compress import minitron as pipeline
+    from nemojax.jobs import minitron as pipeline
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher

@@ -19,29 +19,77 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Family", "LayerKind", "WidthRule", "family", "family_of", "kind", "known_families", "known_kinds",
+__all__ = ["Axis", "Family", "LayerKind", "WidthRule", "family", "family_of", "kind", "known_families", "known_kinds",
            "linear_weights", "register_family", "register_kind"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """The range of one pruning target in a config, as `nemojax.compress.prune` accepts it and
+    `nemojax.compress.search` grids it.
+
+    Allowed sizes: integers in [max(minimum, multiple_of), full] divisible by multiple_of (`why` says what the
+    multiple keeps equal, for error messages). grid: the fractions of `full` the default search grid tries (empty:
+    searched only when a grid names it), rounded to multiples of grid_multiple (None: multiple_of). rank: axes with
+    rank > 0 break the search's ties before the hidden size, larger kept sizes first (highest rank first).
+    """
+
+    full: int
+    multiple_of: int = 1
+    minimum: int = 1
+    why: str = ""
+    grid: tuple[float, ...] = ()
+    grid_multiple: int | None = None
+    rank: int = 0
+
+    def allowed(self) -> list[int]:
+        return [v for v in range(max(self.minimum, self.multiple_of), self.full + 1) if v % self.multiple_of == 0]
+
+    def check(self, name: str, value: Any) -> int:
+        """`value` as an int if it is an allowed size; else ValueError naming `name` and the allowed values."""
+        allowed = self.allowed()
+        # numbers.Integral: Python and numpy integers (bool is one too, and is refused)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) in allowed
+        if not ok:
+            low = max(self.minimum, self.multiple_of)
+            rule = f"must be an integer in [{low}, {self.full}]"
+            if self.multiple_of > 1:
+                rule += f" divisible by {self.multiple_of}{' (' + self.why + ')' if self.why else ''}"
+            elif self.why:
+                rule += f" ({self.why})"
+            raise ValueError(f"{name}={value!r} is invalid: {rule}; allowed values: {_shorten(allowed)}")
+        return int(value)
+
+
+def _shorten(values: list[int], limit: int = 16) -> str:
+    if len(values) <= limit:
+        return str(values)
+    head = ", ".join(str(v) for v in values[:limit // 2])
+    tail = ", ".join(str(v) for v in values[-limit // 2:])
+    return f"[{head}, ..., {tail}]"
 
 
 @dataclasses.dataclass(frozen=True)
 class WidthRule:
     """Width-pruning targets of a kind (keywords of `nemojax.compress.prune`, e.g. `heads`), pruned together.
 
-    changes(config, **targets) -> {config field: value or dict of sub-config changes}; it gets the targets that
-    were given (not None), checks them (ValueError naming the target and the allowed values) and returns the new
-    sizes. slice(layer, name, config, read, options, **targets) slices the params of one layer of the old config
-    (a nested dict of numpy arrays, edited in place) to the new sizes; `read(key, shape)` returns the score array
-    `key` ("layers_3/heads" ...), raising ValueError when it is missing; options: prune's other keywords (e.g.
-    group_aware). current(config) -> {target: the size it has now}.
+    axes(config) -> {target: Axis}: each target's size now and what it may become, for the targets the config can
+    prune (a target missing here is refused by `changes`, with the reason). changes(config, **targets) -> {config
+    field: value or dict of sub-config changes}: the new sizes for the targets that were given (not None), each
+    already checked against its Axis. slice(layer, name, config, read, options, **targets) slices the params of
+    one layer of the old config (a nested dict of numpy arrays, edited in place) to the new sizes; `read(key,
+    shape)` returns the score array `key` ("layers_3/heads" ...), raising ValueError when it is missing; options:
+    prune's other keywords (e.g. group_aware).
     """
 
     targets: tuple[str, ...]
     changes: Callable[..., dict[str, Any]]
     slice: Callable[..., None]
-    current: Callable[[Any], dict[str, int]]  # config -> {target: its size now}
+    axes: Callable[[Any], dict[str, Axis]]
 
 
 @dataclasses.dataclass(frozen=True)

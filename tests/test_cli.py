@@ -325,7 +325,7 @@ def test_prune_then_distill_write_loadable_checkpoints(in_checkout, capsys):
     and logs metrics; `nemojax generate` samples it."""
     import nemojax
     from nemojax import compress
-    from nemojax.compress import minitron
+    from nemojax.jobs.common import validation_loss
 
     teacher = nemojax.Model.init(
         nemojax.presets.get("nemotron-h-8b-tiny", vocab_size=260, runtime={"dtype": "float32"}), 0)
@@ -362,7 +362,7 @@ def test_prune_then_distill_write_loadable_checkpoints(in_checkout, capsys):
                                                 distilled.params, pruned.params)))
     before, after = (float(x) for x in re.search(r"validation loss ([0-9.]+) -> ([0-9.]+)", out).groups())
     assert before == pytest.approx(losses[1], abs=1e-3)
-    assert after == pytest.approx(minitron.validation_loss(
+    assert after == pytest.approx(validation_loss(
         distilled, config_files.load(cli.COMPRESS_CONFIG, [a[len("--config."):] for a in COMPRESS[2:]])),
         abs=1e-3)
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ compress, elastic, quant, align, eval <- jobs / cli):
 - presets, data, config_files: beside config, one floor up (presets are ModelConfigs; data pipelines and the
   loader of ml_collections config files need nothing of the model).
 - kinds: the built-in layer-kind entries describe nn modules, so they sit beside models.
-- jobs and demo_figures (the pictures of `nemojax demo`) below cli, which runs them; cli and __init__ (the
+- jobs (the `nemojax` command's jobs and the demo's figures) below cli, which runs them; cli and __init__ (the
   public API) at the top.
 
 Imports are read with `ast` from the source, all of them: module level, inside functions (lazy imports), inside
@@ -50,7 +50,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("infer",),
     ("compress",),
     ("quant", "elastic", "align", "eval"),
-    ("jobs", "demo_figures"),
+    ("jobs",),
     ("cli", "__init__"),
 )
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
@@ -209,7 +209,7 @@ def test_checker_catches_hand_made_cases():
         "nemojax.quant.transform"]
     assert upward("nemojax.quant.aware", "nemojax.elastic.masks")  # siblings on one floor
     assert upward("nemojax.compress.distill", "nemojax.quant.aware")
-    assert not upward("nemojax.compress.minitron", "nemojax.infer.validation")
+    assert not upward("nemojax.jobs.minitron", "nemojax.infer.validation")
     assert not upward("nemojax.infer.generate", "nemojax.infer.speculative")  # inside one unit
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert cycles({"a": {"a"}}) == [["a"]]

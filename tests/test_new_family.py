@@ -26,7 +26,7 @@ from nemojax.config import ModelConfig
 from nemojax.infer.cache import init_cache
 from nemojax.infer.generate import generate
 from nemojax.interop import hf
-from nemojax.kinds.pruning import check_target, keep_top, slice_linear_hidden, take
+from nemojax.kinds.pruning import keep_top, slice_linear_hidden, take
 from nemojax.nn.blocks import Block
 from nemojax.nn.linear import dense, dtypes
 from nemojax.nn.norms import RMSNorm
@@ -73,7 +73,7 @@ class Recurrence(nn.Module):
 
 
 def _rec_changes(config, rec_width: int) -> dict:
-    return {"recurrence": RecurrenceConfig(check_target("rec_width", rec_width, config.recurrence.width))}
+    return {"recurrence": RecurrenceConfig(rec_width)}
 
 
 def _rec_slice(layer, name, config, read, options, rec_width: int) -> None:
@@ -95,7 +95,7 @@ RECURRENCE = families.register_kind(families.LayerKind(
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("a_proj", "u_proj", "g_proj"),
                                                               ("o_proj",)),
     width=(families.WidthRule(("rec_width",), _rec_changes, _rec_slice,
-                              lambda config: {"rec_width": config.recurrence.width}),),
+                              lambda config: {"rec_width": families.Axis(config.recurrence.width, grid=(1.0, 0.5))}),),
 ))
 
 # ------------------------------------------------------------------------------------------- the new family
@@ -238,6 +238,13 @@ def test_importance_and_pruning_through_the_kind(model):
     assert np.isfinite(np.asarray(small(_tokens()))).all()
     with pytest.raises(ValueError, match="unknown target 'heads'|no attention layers"):
         compress.prune(model, scores, heads=2)
+    with pytest.raises(ValueError, match=r"rec_width=30 is invalid: must be an integer in \[1, 24\]"):
+        compress.prune(model, scores, rec_width=30)
+    # the search grids the kind's own axis (its Axis.grid) without knowing the kind
+    assert compress.default_grid(model)["rec_width"] == [24, 12]
+    candidates = compress.enumerate_candidates(model, budget_params=model.num_params, slack=None)
+    narrow = next(c for c in candidates if c.targets.get("rec_width") == 12)
+    assert compress.prune(model, scores, **narrow.targets).num_params == narrow.params
 
 
 def test_quantization_reaches_the_kinds_linears(model):

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax import families
-from nemojax.kinds.pruning import check_target, keep_top, keep_top_grouped, take
+from nemojax.kinds.pruning import keep_top, keep_top_grouped, take
 from nemojax.model import Model
 
 __all__ = ["prune", "pruned_config", "keep_top", "keep_top_grouped", "width_targets"]
@@ -170,8 +170,10 @@ def pruned_config(config: Any, *, hidden: int | None = None, pattern: str | None
                              f"{', '.join(sorted(everywhere))} (plus hidden, layers, drop_layers)")
     changes: dict[str, Any] = {}
     if hidden is not None:
-        changes["hidden_size"] = check_target("hidden", hidden, config.hidden_size)
+        changes["hidden_size"] = families.Axis(config.hidden_size).check("hidden", hidden)
     for rule, values in _rules_of(config, given):
+        axes = rule.axes(config)
+        values = {t: axes[t].check(t, v) if t in axes else v for t, v in values.items()}
         _merge(changes, rule.changes(config, **values))
     if pattern is not None:
         changes["pattern"] = pattern
@@ -205,7 +207,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
         raise ValueError("layers and drop_layers are exclusive: pass the number of layers to keep, or the layers "
                          "to drop")
     if layers is not None:
-        layers = check_target("layers", layers, cfg.num_layers)
+        layers = families.Axis(cfg.num_layers).check("layers", layers)
         kept_layers = np.arange(cfg.num_layers) if layers == cfg.num_layers else keep_top(
             read("layer/block", (cfg.num_layers,)), layers)
     elif drop_layers is not None:

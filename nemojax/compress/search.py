@@ -8,22 +8,24 @@ NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch/prune/plugins/mcore_minitron.py, "
 
 The recipe of the papers in three steps:
 
-1. `enumerate_candidates`: a grid over the prunable axes (hidden, ffn, heads, mamba_heads, mamba_head_dim, experts,
-   expert_ffn, shared_ffn, layers). Each grid point's config is built the way `prune` builds it (the same
-   `ModelConfig.replace`, the same depth rule), shape only; its parameter count and its serving memory
-   (`cache_bytes`: weights + KV + SSM + conv at `batch` x `context`) come from the public shape functions
-   `param_count` and `cache_bytes`, evaluated on one- and two-layer configs per layer kind and width and summed
-   over the candidate's pattern (a model is its non-layer params plus the sum of its layers, and both functions
-   are additive over layers, so this equals the full count exactly; the tests check it against `prune`). With an
-   MTP head, whose size depends on every width, the one-layer configs keep all widths (fewer cache hits, same
-   result). Candidates over a budget are dropped, and so are those far below the primary budget (more than
-   `slack` under it; the papers keep candidates near the budget), then ranked (below).
+1. `enumerate_candidates`: a grid over the prunable axes (hidden, layers, and each layer kind's width targets: ffn,
+   heads, mamba_heads, mamba_head_dim, experts, expert_ffn, shared_ffn for the built-in kinds). Each grid point's
+   config is built the way `prune` builds it (the same `ModelConfig.replace`, the same depth rule), shape only; its
+   parameter count and its serving memory (`cache_bytes`: weights + KV + SSM + conv at `batch` x `context`) come
+   from the public shape functions `param_count` and `cache_bytes`, evaluated on one- and two-layer configs per
+   layer kind and width and summed over the candidate's pattern (a model is its non-layer params plus the sum of its
+   layers, and both functions are additive over layers, so this equals the full count exactly; the tests check it
+   against `prune`). With an MTP head, whose size depends on every width, the one-layer configs keep all widths
+   (fewer cache hits, same result). Candidates over a budget are dropped, and so are those far below the primary
+   budget (more than `slack` under it; the papers keep candidates near the budget), then ranked (below).
 2. `search` prunes the top `top` candidates with `prune(model, scores, **candidate.targets)`.
 3. ... and runs `trial(student, teacher=model, data, steps)` on each: lightweight retraining to stabilise the
    ranking (arXiv 2407.14679, best practice #9), by default a short `distill` scored by the held-out KL to the parent
    (or, without held-out data, the mean KL of the last quarter of the run). The lowest loss wins.
 
-Default grid (ModelOpt: choices are multiples of a divisor; keep >= ~60% of a width, >= ~80% depth):
+Default grid (ModelOpt: choices are multiples of a divisor; keep >= ~60% of a width, >= ~80% depth). Each kind
+declares its axes' grids (`families.Axis`: fractions of the parent size and the multiple they round to); for the
+built-in ones:
     hidden, ffn, expert_ffn   fractions (1, 7/8, 3/4, 5/8) of the parent size, rounded to the nearest multiple of
                               256 / 64 / 8 for sizes >= 2048 / >= 512 / smaller
     mamba_heads               the same fractions, rounded to a multiple of mamba.n_groups (group-aware, Minitron-SSM)
@@ -33,14 +35,16 @@ Default grid (ModelOpt: choices are multiples of a divisor; keep >= ~60% of a wi
                               decides the new pattern and so the cost
     heads, shared_ffn         not searched by default (the Nemotron-H recipes keep attention; ModelOpt skips heads);
                               pass them in `grid`
-  A value equal to the parent's size means "keep" and is stored as None. A user `grid` maps an axis to a list of
-  target sizes; every value is checked with `prune`'s rules (the same error messages). Axes not in `grid` keep.
+  A value equal to the parent's size means "keep" and is left out of `Candidate.targets`. A user `grid` maps an
+  axis to a list of target sizes; every value is checked with `prune`'s rules (the same error messages). Axes not
+  in `grid` keep.
 
 Ranking heuristic (documented, deterministic): by the primary cost's fraction of its budget, in buckets of 1%,
 descending (closest to the budget first, as ModelOpt sorts by the constraint metric); within a bucket, more layers
-first (width beats depth at this scale, arXiv 2407.14679), then larger mamba_head_dim (pruning heads beats
-channels, arXiv 2504.11409), then larger hidden, then the exact cost, then the targets. The primary budget is
-`budget_params` when given, else `budget_bytes`; the other one is a hard cap only.
+first (width beats depth at this scale, arXiv 2407.14679), then larger sizes of the axes a kind ranks first
+(`Axis.rank`: mamba_head_dim, as pruning heads beats channels, arXiv 2504.11409), then larger hidden, then the
+exact cost, then the sizes. The primary budget is `budget_params` when given, else `budget_bytes`; the other one
+is a hard cap only.
 """
 
 from __future__ import annotations
@@ -55,19 +59,15 @@ from typing import Any
 import numpy as np
 
 from nemojax import families
-from nemojax.compress.prune import keep_top, prune, pruned_config
+from nemojax.compress.prune import keep_top, prune, pruned_config, width_targets
 from nemojax.config import ModelConfig
 from nemojax.infer.memory import MemoryPlan, cache_bytes
-from nemojax.kinds.pruning import check_target as _check_target
+from nemojax.kinds.pruning import WIDTH_FRACTIONS, hardware_multiple
 from nemojax.model import Model, param_count
 
-__all__ = ["AXES", "Candidate", "SearchReport", "TrialResult", "default_grid", "distill_trial",
+__all__ = ["Candidate", "SearchReport", "TrialResult", "default_grid", "distill_trial",
            "enumerate_candidates", "search"]
 
-AXES = ("hidden", "ffn", "heads", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "shared_ffn", "layers")
-WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625)
-HEAD_DIM_FRACTIONS = (1.0, 0.75)
-EXPERT_FRACTIONS = (1.0, 0.875, 0.75)
 DEPTH_FRACTIONS = (1.0, 0.9, 0.8)
 _RANK_BUCKET = 0.01
 
@@ -79,27 +79,15 @@ Trial = Callable[..., Any]
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One point of the search space: prune targets (None = keep the parent's size), the config `prune` would
-    produce, its parameter count and its serving memory (`cache_bytes` at the enumeration's batch/context/dtypes).
+    """One point of the search space: prune targets (only the axes that change; a missing axis keeps the parent's
+    size), the config `prune` would produce, its parameter count and its serving memory (`cache_bytes` at the
+    enumeration's batch/context/dtypes).
     """
 
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    mamba_heads: int | None = None
-    mamba_head_dim: int | None = None
-    experts: int | None = None
-    expert_ffn: int | None = None
-    shared_ffn: int | None = None
-    layers: int | None = None
+    targets: dict[str, int] = dataclasses.field(default_factory=dict, hash=False)
     config: ModelConfig | None = dataclasses.field(default=None, compare=False, repr=False)
     params: int = 0
     memory: MemoryPlan | None = dataclasses.field(default=None, compare=False)
-
-    @property
-    def targets(self) -> dict[str, int]:
-        """The keyword arguments for `prune` (only the axes that change)."""
-        return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly: targets, params and memory parts in bytes."""
@@ -112,87 +100,36 @@ class Candidate:
 # ------------------------------------------------------------------------------------------- axis rules
 
 
-def _kinds(cfg: ModelConfig) -> set[str]:
-    return set(cfg.pattern) | (set(cfg.mtp.pattern) if cfg.mtp else set())
+def _axes(cfg: ModelConfig, scores: Any = None) -> dict[str, families.Axis]:
+    """Every axis `prune` can change in this model: hidden, each of its layer kinds' width targets (their Axis),
+    and layers (grid only with "layer/block" scores: which layers go decides the new pattern and so the cost)."""
+    axes = {"hidden": families.Axis(cfg.hidden_size, grid=WIDTH_FRACTIONS,
+                                    grid_multiple=hardware_multiple(cfg.hidden_size))}
+    for rule in {id(rule): rule for rule in width_targets(cfg).values()}.values():
+        axes.update(rule.axes(cfg))
+    depth = DEPTH_FRACTIONS if _layer_scores(cfg, scores) is not None else ()
+    axes["layers"] = families.Axis(cfg.num_layers, grid=depth)
+    return axes
 
 
-def _axis_rule(cfg: ModelConfig, axis: str) -> tuple[int, int, int, str] | None:
-    """(full size, multiple_of, minimum, why) of an axis as `prune` checks it; None when the model lacks it."""
-    kinds = _kinds(cfg)
-    if axis == "hidden":
-        return cfg.hidden_size, 1, 1, ""
-    if axis == "ffn":
-        return (cfg.intermediate_size, 1, 1, "") if "-" in kinds else None
-    if axis == "heads":
-        if "*" not in kinds:
-            return None
-        a = cfg.attention
-        return a.num_heads, a.num_kv_heads, 1, f"the same number of query heads in each of the " \
-                                               f"num_kv_heads={a.num_kv_heads} KV groups"
-    if axis == "mamba_heads":
-        if "M" not in kinds:
-            return None
-        m = cfg.mamba
-        return m.num_heads, m.n_groups, 1, f"the same number of heads in each of the n_groups={m.n_groups} SSM groups"
-    if axis == "mamba_head_dim":
-        return (cfg.mamba.head_dim, 1, 1, "") if "M" in kinds else None
-    if axis in ("experts", "expert_ffn", "shared_ffn"):
-        if "E" not in kinds:
-            return None
-        e = cfg.moe
-        if axis == "expert_ffn":
-            return e.intermediate_size, 1, 1, ""
-        if axis == "shared_ffn":
-            return (e.shared_intermediate_size, 1, 1, "") if e.n_shared_experts == 1 else None
-        minimum = max(e.top_k, 2 * e.n_group if e.n_group > 1 else 1)
-        if e.n_group > 1:
-            minimum = max(minimum, -(-e.top_k * e.n_group // e.topk_group))
-        return e.num_experts, e.n_group, minimum, f"the same number of experts in each of the moe.n_group=" \
-                                                  f"{e.n_group} routing groups, and room for top_k={e.top_k}"
-    if axis == "layers":
-        return cfg.num_layers, 1, 1, ""
-    raise ValueError(f"grid axis {axis!r} is invalid: must be one of {list(AXES)}")
-
-
-def _divisor(full: int) -> int:
-    return 256 if full >= 2048 else 64 if full >= 512 else 8
-
-
-def _snap(fractions: Sequence[float], full: int, multiple: int, minimum: int) -> list[int]:
-    """Each fraction of `full`, rounded to the nearest multiple of `multiple`, clamped to what prune accepts."""
-    low = max(minimum, multiple)
-    low = -(-low // multiple) * multiple
+def _snap(axis: families.Axis) -> list[int]:
+    """Each grid fraction of the axis' full size, rounded to the nearest multiple of its grid multiple (and of
+    multiple_of), clamped to what prune accepts; descending."""
+    step = math.lcm(axis.grid_multiple or axis.multiple_of, axis.multiple_of)
+    low = -(-max(axis.minimum, step) // step) * step
     values = set()
-    for f in fractions:
-        v = int(math.floor(f * full / multiple + 0.5)) * multiple
-        values.add(min(full, max(low, v)) if v < full else full)
-    return sorted((v for v in values if v == full or v % multiple == 0), reverse=True)
+    for f in axis.grid:
+        v = int(math.floor(f * axis.full / step + 0.5)) * step
+        values.add(axis.full if v >= axis.full else min(axis.full, max(low, v)))
+    return sorted(values, reverse=True)
 
 
 def default_grid(model: Model | ModelConfig, scores: Any = None) -> dict[str, list[int]]:
-    """The default search grid of a model (module docstring); "layers" only when `scores` has "layer/block"."""
+    """The default search grid of a model (module docstring): every axis whose Axis has grid fractions; "layers"
+    only when `scores` has "layer/block"."""
     cfg = _config(model)
-    grid: dict[str, list[int]] = {}
-    for axis in ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "layers"):
-        rule = _axis_rule(cfg, axis)
-        if rule is None:
-            continue
-        full, multiple, minimum, _ = rule
-        if axis in ("hidden", "ffn", "expert_ffn"):
-            values = _snap(WIDTH_FRACTIONS, full, _divisor(full), minimum)
-        elif axis == "mamba_heads":
-            values = _snap(WIDTH_FRACTIONS, full, multiple, minimum)
-        elif axis == "mamba_head_dim":
-            values = _snap(HEAD_DIM_FRACTIONS, full, 8 if full >= 64 else 2, minimum)
-        elif axis == "experts":
-            values = _snap(EXPERT_FRACTIONS, full, multiple, minimum)
-        else:
-            if _layer_scores(cfg, scores) is None:
-                continue
-            values = _snap(DEPTH_FRACTIONS, full, 1, 1)
-        if len(values) > 1:
-            grid[axis] = values
-    return grid
+    grid = {name: _snap(axis) for name, axis in _axes(cfg, scores).items() if axis.grid}
+    return {name: values for name, values in grid.items() if len(values) > 1}
 
 
 def _config(model: Model | ModelConfig) -> ModelConfig:
@@ -222,15 +159,14 @@ def _layer_scores(cfg: ModelConfig, scores: Any) -> np.ndarray | None:
 def _check_grid(cfg: ModelConfig, grid: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     if not isinstance(grid, Mapping):
         raise ValueError(f"grid={grid!r} is invalid: must be a dict axis -> list of target sizes")
-    out = {}
+    out, axes = {}, _axes(cfg)
     for axis, values in grid.items():
-        rule = _axis_rule(cfg, axis)
-        if rule is None:
-            raise ValueError(f"grid[{axis!r}] is invalid: the model has no such axis (pattern {cfg.pattern!r})")
-        full, multiple, minimum, why = rule
+        if axis not in axes:
+            raise ValueError(f"grid[{axis!r}] is invalid: the model (pattern {cfg.pattern!r}) has the axes "
+                             f"{sorted(axes)}")
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             raise ValueError(f"grid[{axis!r}]={values!r} is invalid: must be a list of target sizes")
-        values = [_check_target(f"grid[{axis!r}] value", v, full, multiple, minimum, why) for v in values]
+        values = [axes[axis].check(f"grid[{axis!r}] value", v) for v in values]
         if not values:
             raise ValueError(f"grid[{axis!r}] is empty: give at least one target size")
         out[axis] = sorted(set(values), reverse=True)
@@ -303,14 +239,13 @@ def _check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _rank_key(c: Candidate, primary: str, budget: float, parent: ModelConfig) -> tuple:
+def _rank_key(c: Candidate, primary: str, budget: float, axes: Mapping[str, families.Axis]) -> tuple:
     cost = c.params if primary == "params" else c.memory.total
     bucket = math.floor(cost / budget / _RANK_BUCKET + 1e-9)
-    layers = c.layers or parent.num_layers
-    head_dim = c.mamba_head_dim or (parent.mamba.head_dim if parent.mamba else 0)
-    hidden = c.hidden or parent.hidden_size
-    return (-bucket, -layers, -head_dim, -hidden, -cost,
-            tuple(-(getattr(c, a) or 0) for a in AXES))
+    size = {name: c.targets.get(name, axis.full) for name, axis in axes.items()}
+    ranked = sorted((name for name, axis in axes.items() if axis.rank > 0), key=lambda n: (-axes[n].rank, n))
+    return (-bucket, -size["layers"], *(-size[n] for n in ranked), -size["hidden"], -cost,
+            tuple(-size[n] for n in sorted(size)))
 
 
 def enumerate_candidates(model: Model | ModelConfig, *, budget_params: float | None = None,
@@ -341,11 +276,12 @@ def enumerate_candidates(model: Model | ModelConfig, *, budget_params: float | N
 
     primary, budget = ("params", budget_params) if budget_params is not None else ("bytes", budget_bytes)
     axes = list(grid)
-    fulls = {axis: _axis_rule(cfg, axis)[0] for axis in axes}
+    rules = _axes(cfg)
+    fulls = {axis: rules[axis].full for axis in axes}
     kept: list[Candidate] = []
     smallest = largest_fit = None
     for values in itertools.product(*(grid[a] for a in axes)):
-        targets = {a: (None if v == fulls[a] else v) for a, v in zip(axes, values, strict=True)}
+        targets = {a: v for a, v in zip(axes, values, strict=True) if v != fulls[a]}
         ccfg = _candidate_config(cfg, targets, layer_scores)
         n, plan = _costs(ccfg, cfg, batch, context, dtype, weight_dtype)
         cost = n if primary == "params" else plan.total
@@ -357,7 +293,7 @@ def enumerate_candidates(model: Model | ModelConfig, *, budget_params: float | N
         largest_fit = cost if largest_fit is None else max(largest_fit, cost)
         if slack is not None and cost < (1 - slack) * budget:
             continue
-        kept.append(Candidate(**targets, config=ccfg, params=n, memory=plan))
+        kept.append(Candidate(targets, config=ccfg, params=n, memory=plan))
     if not kept:
         field = "budget_params" if primary == "params" else "budget_bytes"
         unit = "params" if primary == "params" else "bytes"
@@ -368,7 +304,7 @@ def enumerate_candidates(model: Model | ModelConfig, *, budget_params: float | N
         raise ValueError(f"{field}={budget:g}: no candidate within slack={slack} of the budget (the largest "
                          f"that fits has {largest_fit:,} {unit}, {largest_fit / budget:.1%}); raise slack or refine "
                          "the grid")
-    kept.sort(key=lambda c: _rank_key(c, primary, budget, cfg))
+    kept.sort(key=lambda c: _rank_key(c, primary, budget, rules))
     return kept
 
 

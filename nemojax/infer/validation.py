@@ -1,7 +1,7 @@
 """Validation loss: the token-weighted mean next-token NLL (nats/token, no z-loss) of a model over batches.
 
-The compression and quantization jobs report it for every model they produce, on the same batches
-(`nemojax.data.job_batches.validation_batches`), so the numbers compare.
+The jobs report it for every model they produce on the batches their config names
+(`nemojax.jobs.common.validation_loss`).
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from nemojax.data.job_batches import validation_batches
 from nemojax.model import Model
 from nemojax.train.step import eval_step, lm_loss
 
@@ -31,10 +29,3 @@ def mean_nll(model: Model, batches: Iterable[dict[str, Any]]) -> float:
         raise ValueError("batches is empty or fully masked: no token to score")
     return nll_sum / tokens
 
-
-def validation_loss(model: Model, config: ml_collections.ConfigDict) -> float:
-    """Mean next-token NLL (nats/token) of `model` over config.eval.batches validation batches of config.data."""
-    try:
-        return mean_nll(model, validation_batches(config))
-    except ValueError as error:
-        raise ValueError(f"config.eval: the validation split gave no tokens ({error})") from error

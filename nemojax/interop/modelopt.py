@@ -395,9 +395,9 @@ def _kv_tensors(config: ModelConfig, flat: Mapping[tuple[str, ...], Any]) -> dic
     kv = config.runtime.quant.kv_cache
     if kv.fmt != "fp8_e4m3":
         raise ValueError(f"kv_cache.fmt={kv.fmt!r} cannot be exported: ModelOpt's FP8 KV cache is fp8_e4m3")
+    # a static KV recipe gives every layer that caches keys and values its k_amax / v_amax params (nn.attention)
     paths = [p for p in flat if p[-1] == "k_amax"]
-    has_attention = "*" in config.pattern or (config.mtp is not None and "*" in config.mtp.pattern)
-    if not kv.static or (has_attention and not paths):
+    if not kv.static:
         raise ValueError("kv_cache.static=False: the ModelOpt layout stores static k_scale / v_scale; use a recipe "
                          "with kv_cache=TensorQuant('fp8_e4m3', static=True) and run nemojax.quant.calibrate")
     tensors = {}

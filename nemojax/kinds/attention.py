@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax.families import LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import check_target, expand, keep_top_grouped, slice_linear_hidden, take
+from nemojax.families import Axis, LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import expand, keep_top_grouped, slice_linear_hidden, take
 from nemojax.nn.attention import Attention
 from nemojax.nn.state import KVCache
 
@@ -50,10 +50,13 @@ def scores(config, stats: dict) -> dict:
     return {"heads": np.sqrt(np.sum(np.square(stats["attn"].reshape(a.num_heads, a.head_dim)), axis=-1))}
 
 
+def _axes(config) -> dict[str, Axis]:
+    a = config.attention  # heads are not in the default search grid (the Nemotron-H recipes keep attention)
+    return {"heads": Axis(a.num_heads, a.num_kv_heads,
+                          why=f"the same number of query heads in each of the num_kv_heads={a.num_kv_heads} KV groups")}
+
+
 def _changes(config, heads: int) -> dict:
-    a = config.attention
-    heads = check_target("heads", heads, a.num_heads, a.num_kv_heads,
-                         why=f"the same number of query heads in each of the num_kv_heads={a.num_kv_heads} KV groups")
     return {"attention": {"num_heads": heads}}
 
 
@@ -73,5 +76,5 @@ KIND = register_kind(LayerKind(
     importance=importance, scores=scores, linears=(*QKV, "o_proj"), residual_in=QKV, residual_out=("o_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, QKV, ("o_proj",)),
     compile_cost=2.0,  # a guess between Mamba's and the MLP's
-    width=(WidthRule(("heads",), _changes, _slice, lambda config: {"heads": config.attention.num_heads}),),
+    width=(WidthRule(("heads",), _changes, _slice, _axes),),
 ))

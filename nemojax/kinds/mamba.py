@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax.families import LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import check_target, keep_top, keep_top_grouped, slice_linear_hidden, take
+from nemojax.families import Axis, LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import WIDTH_FRACTIONS, keep_top, keep_top_grouped, slice_linear_hidden, take
 from nemojax.nn.mamba2 import CONV_PARTS, IN_PROJ_PARTS, Mamba2Mixer
 from nemojax.nn.state import MambaState
 
@@ -57,13 +57,19 @@ def scores(config, stats: dict) -> dict:
             "mamba_heads": np.sqrt(np.sum(np.square(s_x), axis=1))}
 
 
+def _axes(config) -> dict[str, Axis]:
+    """Heads group-aware (Minitron-SSM); the grid tries fewer channels only down to 3/4, and ranks keeping them
+    first: pruning heads beats pruning channels (arXiv 2504.11409)."""
+    m = config.mamba
+    return {"mamba_heads": Axis(m.num_heads, m.n_groups, grid=WIDTH_FRACTIONS,
+                                why=f"the same number of heads in each of the n_groups={m.n_groups} SSM groups"),
+            "mamba_head_dim": Axis(m.head_dim, grid=(1.0, 0.75), grid_multiple=8 if m.head_dim >= 64 else 2, rank=1)}
+
+
 def _changes(config, mamba_heads: int | None = None, mamba_head_dim: int | None = None) -> dict:
     m = config.mamba
-    heads = m.num_heads if mamba_heads is None else check_target(
-        "mamba_heads", mamba_heads, m.num_heads, m.n_groups,
-        why=f"the same number of heads in each of the n_groups={m.n_groups} SSM groups")
-    head_dim = m.head_dim if mamba_head_dim is None else check_target("mamba_head_dim", mamba_head_dim, m.head_dim)
-    return {"mamba": {"num_heads": heads, "head_dim": head_dim}}
+    return {"mamba": {"num_heads": m.num_heads if mamba_heads is None else mamba_heads,
+                      "head_dim": m.head_dim if mamba_head_dim is None else mamba_head_dim}}
 
 
 def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int | None = None,
@@ -111,6 +117,5 @@ KIND = register_kind(LayerKind(
     # compile work: a Mamba block cost 5-9 s of the Nemotron-H-8B train step's compile (8 CPU devices, 2-core
     # host), an MLP block well under one
     compile_cost=8.0,
-    width=(WidthRule(("mamba_heads", "mamba_head_dim"), _changes, _slice,
-                     lambda config: {"mamba_heads": config.mamba.num_heads, "mamba_head_dim": config.mamba.head_dim}),),
+    width=(WidthRule(("mamba_heads", "mamba_head_dim"), _changes, _slice, _axes),),
 ))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nemojax.families import LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import check_target, keep_top, slice_linear_hidden, slice_mlp
+from nemojax.families import Axis, LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import WIDTH_FRACTIONS, hardware_multiple, keep_top, slice_linear_hidden, slice_mlp
 from nemojax.nn.mlp import MLP
 
 
@@ -22,8 +22,13 @@ def importance(config, taps: dict, params: dict, stat) -> dict:
     return {"mlp": stat(taps["down_proj_in"])}
 
 
+def _axes(config) -> dict[str, Axis]:
+    full = config.intermediate_size
+    return {"ffn": Axis(full, grid=WIDTH_FRACTIONS, grid_multiple=hardware_multiple(full))}
+
+
 def _changes(config, ffn: int) -> dict:
-    return {"intermediate_size": check_target("ffn", ffn, config.intermediate_size)}
+    return {"intermediate_size": ffn}
 
 
 def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> None:
@@ -36,5 +41,5 @@ KIND = register_kind(LayerKind(
     flops=flops,
     importance=importance, linears=("up_proj", "down_proj"), residual_in=("up_proj",), residual_out=("down_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("up_proj",), ("down_proj",)),
-    width=(WidthRule(("ffn",), _changes, _slice, lambda config: {"ffn": config.intermediate_size}),),
+    width=(WidthRule(("ffn",), _changes, _slice, _axes),),
 ))

@@ -12,8 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax.families import LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import check_target, keep_top, keep_top_grouped, slice_linear_hidden, slice_mlp, take
+from nemojax.families import Axis, LayerKind, WidthRule, register_kind
+from nemojax.kinds.pruning import (
+    WIDTH_FRACTIONS,
+    hardware_multiple,
+    keep_top,
+    keep_top_grouped,
+    slice_linear_hidden,
+    slice_mlp,
+    take,
+)
 from nemojax.nn.linear import dtypes
 from nemojax.nn.mlp import relu2
 from nemojax.nn.moe import MoE
@@ -86,19 +94,24 @@ def _slice_hidden(layer: dict, k_hidden: np.ndarray, config) -> None:
     slice_linear_hidden(layer, k_hidden, ins, outs)
 
 
-def _expert_changes(config, experts: int | None = None, expert_ffn: int | None = None) -> dict:
+def _expert_axes(config) -> dict[str, Axis]:
     e = config.moe
+    minimum = max(e.top_k, 2 * e.n_group if e.n_group > 1 else 1)
+    if e.n_group > 1:
+        minimum = max(minimum, -(-e.top_k * e.n_group // e.topk_group))
+    return {"experts": Axis(e.num_experts, e.n_group, minimum=minimum, grid=(1.0, 0.875, 0.75),
+                            why=f"the same number of experts in each of the moe.n_group={e.n_group} routing groups, "
+                                f"and room for top_k={e.top_k}"),
+            "expert_ffn": Axis(e.intermediate_size, grid=WIDTH_FRACTIONS,
+                               grid_multiple=hardware_multiple(e.intermediate_size))}
+
+
+def _expert_changes(config, experts: int | None = None, expert_ffn: int | None = None) -> dict:
     changes = {}
     if experts is not None:
-        minimum = max(e.top_k, 2 * e.n_group if e.n_group > 1 else 1)
-        if e.n_group > 1:
-            minimum = max(minimum, -(-e.top_k * e.n_group // e.topk_group))
-        changes["num_experts"] = check_target(
-            "experts", experts, e.num_experts, e.n_group, minimum=minimum,
-            why=f"the same number of experts in each of the moe.n_group={e.n_group} routing groups, and room for "
-                f"top_k={e.top_k}")
+        changes["num_experts"] = experts
     if expert_ffn is not None:
-        changes["intermediate_size"] = check_target("expert_ffn", expert_ffn, e.intermediate_size)
+        changes["intermediate_size"] = expert_ffn
     return {"moe": changes}
 
 
@@ -123,12 +136,17 @@ def _expert_slice(layer: dict, name: str, config, read, options: dict, experts: 
         stacked["down_proj"] = np.take_along_axis(stacked["down_proj"], k_F[:, :, None], axis=1)  # [E, F, D]
 
 
+def _shared_axes(config) -> dict[str, Axis]:
+    e = config.moe  # not in the default search grid
+    return {"shared_ffn": Axis(e.shared_intermediate_size)} if e.n_shared_experts == 1 else {}
+
+
 def _shared_changes(config, shared_ffn: int) -> dict:
     e = config.moe
     if e.n_shared_experts != 1:
         raise ValueError(f"shared_ffn={shared_ffn!r} is invalid: shared-expert pruning needs "
                          f"moe.n_shared_experts=1 (found {e.n_shared_experts})")
-    return {"moe": {"shared_intermediate_size": check_target("shared_ffn", shared_ffn, e.shared_intermediate_size)}}
+    return {"moe": {"shared_intermediate_size": shared_ffn}}
 
 
 def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ffn: int) -> None:
@@ -147,8 +165,6 @@ KIND = register_kind(LayerKind(
     residual_out=("shared_experts/down_proj", "fc2_latent_proj"),
     slice_hidden=_slice_hidden,
     compile_cost=4.0,  # a guess between Mamba's and attention's
-    width=(WidthRule(("experts", "expert_ffn"), _expert_changes, _expert_slice,
-                     lambda config: {"experts": config.moe.num_experts, "expert_ffn": config.moe.intermediate_size}),
-           WidthRule(("shared_ffn",), _shared_changes, _shared_slice,
-                     lambda config: {"shared_ffn": config.moe.shared_intermediate_size})),
+    width=(WidthRule(("experts", "expert_ffn"), _expert_changes, _expert_slice, _expert_axes),
+           WidthRule(("shared_ffn",), _shared_changes, _shared_slice, _shared_axes)),
 ))

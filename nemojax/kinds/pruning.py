@@ -1,4 +1,4 @@
-"""Array slicing shared by every kind's pruning rules: keep vectors, target checks, in-place takes.
+"""Array slicing shared by every kind's pruning rules: keep vectors, in-place takes; the default grid's widths.
 
 Params here are nested dicts of numpy arrays (the pruner's private copy), edited in place.
 """
@@ -6,7 +6,6 @@ Params here are nested dicts of numpy arrays (the pruner's private copy), edited
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -33,27 +32,13 @@ def expand(keep: np.ndarray, width: int) -> np.ndarray:
     return (keep[:, None] * width + np.arange(width)[None, :]).ravel()
 
 
-def _allowed(values: Sequence[int], limit: int = 16) -> str:
-    values = list(values)
-    if len(values) <= limit:
-        return str(values)
-    head = ", ".join(str(v) for v in values[:limit // 2])
-    tail = ", ".join(str(v) for v in values[-limit // 2:])
-    return f"[{head}, ..., {tail}]"
+# The default search grid's fractions of a width (ModelOpt's Minitron search keeps >= ~60% of a width).
+WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625)
 
 
-def check_target(name: str, value: Any, full: int, multiple_of: int = 1, minimum: int = 1, why: str = "") -> int:
-    """A target size: an int in [minimum, full] that divides by `multiple_of`; else ValueError with allowed values."""
-    allowed = [v for v in range(max(minimum, multiple_of), full + 1) if v % multiple_of == 0]
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and int(value) in allowed
-    if not ok:
-        rule = f"must be an integer in [{max(minimum, multiple_of)}, {full}]"
-        if multiple_of > 1:
-            rule += f" divisible by {multiple_of}{' (' + why + ')' if why else ''}"
-        elif why:
-            rule += f" ({why})"
-        raise ValueError(f"{name}={value!r} is invalid: {rule}; allowed values: {_allowed(allowed)}")
-    return int(value)
+def hardware_multiple(full: int) -> int:
+    """What the default search grid rounds a width to: 256 / 64 / 8 for sizes >= 2048 / >= 512 / smaller."""
+    return 256 if full >= 2048 else 64 if full >= 512 else 8
 
 
 def take(tree: dict, path: str, keep: np.ndarray, axis: int) -> None:

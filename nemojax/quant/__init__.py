@@ -4,6 +4,7 @@
     student = quant.calibrate(student, batches)            # PTQ: calibrated amaxes ("max" or "mse")
     student, history = quant.qad(student, model, data, steps=200)
     quant.save_quantized(student, "out/")                  # NVIDIA's (ModelOpt) checkpoint layout
+    quant.weight_bytes(student)                            # the weights' stored size
 
 The number formats themselves (quantize, fake_quant, the quantized matmul, the recipe types) live in
 `nemojax.lowp`, below the model's layers; they are re-exported here so `quant.quantize(x, "nvfp4")` keeps working.
@@ -39,6 +40,7 @@ from nemojax.lowp.matmul import matmul
 from nemojax.quant.aware import QADConfig, qad, qat
 from nemojax.quant.calibration import activation_amaxes, calibrate
 from nemojax.quant.mse import mse_amax, nvfp4_mse_block_scales
+from nemojax.quant.storage import weight_bytes
 from nemojax.quant.transform import apply, quantized_layers, strip
 
 __all__ = [
@@ -46,5 +48,5 @@ __all__ = [
     "activation_amaxes", "apply", "block_scale_shape", "calibrate", "current_scaling", "dequantize", "fake_matmul",
     "fake_quant", "inverse_rht", "load_quantized", "matmul", "mse_amax", "named_recipes", "nvfp4_mse_block_scales",
     "pack_fp4", "qad", "qat", "quant_config", "quantize", "quantized_layers", "quantized_matmul", "recipes", "rht",
-    "save_quantized", "strip", "unpack_fp4",
+    "save_quantized", "strip", "unpack_fp4", "weight_bytes",
 ]

@@ -67,22 +67,22 @@ def test_candidates_within_budget_exact_and_ranked(model, scores, budget, candid
         assert 0.9 * budget <= c.params <= budget  # within the budget and near it (slack 0.1)
         if i % 4 == 0:
             assert c.params == param_count(c.config)
-        heads = c.mamba_heads or cfg.mamba.num_heads
+        heads = c.targets.get("mamba_heads", cfg.mamba.num_heads)
         assert heads % cfg.mamba.n_groups == 0 and c.config.mamba.num_heads == heads
         fulls = {"hidden": 64, "ffn": 128, "mamba_heads": 8, "mamba_head_dim": 16, "layers": 8}
-        assert all(0 < v < fulls[k] for k, v in c.targets.items())  # a full size is stored as None (keep)
+        assert all(0 < v < fulls[k] for k, v in c.targets.items())  # a full size is left out (keep)
     # rank: 1% buckets of the budget, descending; within a bucket, more layers first
     buckets = [int(c.params / budget * 100) for c in candidates]
     assert buckets == sorted(buckets, reverse=True)
     for a, b in zip(candidates, candidates[1:], strict=False):
         if int(a.params / budget * 100) == int(b.params / budget * 100):
-            assert (a.layers or 8) >= (b.layers or 8)
+            assert a.targets.get("layers", 8) >= b.targets.get("layers", 8)
     # the shape-only config and count equal what prune actually builds
     for c in (candidates[0], candidates[len(candidates) // 2], candidates[-1]):
         small = prune(model, scores, **c.targets)
         assert small.config == c.config
         assert small.num_params == c.params
-    deep = [c for c in candidates if c.layers is not None]
+    deep = [c for c in candidates if "layers" in c.targets]
     assert deep and all("*" in c.config.pattern for c in deep)  # the top-scored attention layer is kept
 
 
@@ -111,7 +111,8 @@ def test_memory_budget_uses_cache_bytes(model, scores):
 def test_user_grid_and_moe(model):
     cands = enumerate_candidates(model, budget_params=model.num_params, slack=None,
                                  grid={"heads": [4, 2], "mamba_heads": [8, 4]})
-    assert {(c.heads, c.mamba_heads) for c in cands} == {(None, None), (2, None), (None, 4), (2, 4)}
+    pairs = {(c.targets.get("heads"), c.targets.get("mamba_heads")) for c in cands}
+    assert pairs == {(None, None), (2, None), (None, 4), (2, 4)}
     assert cands[0].targets == {}  # the parent itself is closest to a budget equal to its size
     moe = nemojax.presets.get("nemotron-3-nano-30b-a3b-tiny")
     n = param_count(moe)

@@ -6,26 +6,33 @@ checkpoint and a workdir in; NVIDIA-layout quantized checkpoints out.
     summary = qad_job(config, teacher, "runs/nvfp4")
         -> runs/nvfp4/qad/, runs/nvfp4/metrics.jsonl (+ TensorBoard), runs/nvfp4/qad.json
 
-Validation losses are `nemojax.infer.validation.validation_loss` (config.eval), the same batches for every model.
+Validation losses are `nemojax.jobs.common.validation_loss` (config.eval), the same batches for every model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from nemojax.data.job_batches import calibration_batches, data_config
-from nemojax.infer.validation import validation_loss
 from nemojax.interop.modelopt import load_quantized, save_quantized
+from nemojax.jobs.common import (
+    calibration_batches,
+    data_config,
+    teacher_from_record,
+    teacher_path_field,
+    validation_loss,
+    write_record,
+)
 from nemojax.model import Model
 from nemojax.quant.aware import QAD_OPTIMIZER, QADConfig, qad
 from nemojax.quant.calibration import calibrate
+from nemojax.quant.storage import weight_bytes
 from nemojax.quant.transform import apply, strip
+from nemojax.train.metrics import MetricsWriter
 
 PTQ_DIR = "ptq"
 QAD_DIR = "qad"
@@ -33,33 +40,8 @@ QUANTIZE_RECORD = "quantize.json"
 QAD_RECORD = "qad.json"
 
 
-def weight_bytes(model: Model) -> int:
-    """Bytes of the model's weights as stored: packed low-precision weights + their scales for quantized layers
-    (NVFP4 4.5 bits, FP8 8 bits, MXFP8 8.25 bits per element), bfloat16 for everything else."""
-    from flax.traverse_util import flatten_dict
-
-    from nemojax.lowp.recipe import NOT_LINEAR
-
-    bits = {"nvfp4": 4.5, "nvfp4_2d": 4.5, "fp8_e4m3": 8.0, "fp8_e5m2": 8.0, "mxfp8": 8.25, "mxfp4": 4.25}
-    recipe, total = model.config.runtime.quant, 0.0
-    for path, leaf in flatten_dict(model.params).items():
-        name = path[-1]
-        if name.endswith(("_amax", "_block_scale")):
-            continue
-        layer = "/".join(path[:-1]) if name == "kernel" else "/".join(path)
-        spec = recipe.linear(layer, model.config.pattern) if recipe is not None and (
-            name == "kernel" or path[-2] == "experts") and path[-2] not in NOT_LINEAR else None
-        per = bits[spec.weight.fmt] if spec is not None and spec.weight is not None else 16.0
-        total += leaf.size * per / 8
-    return int(total)
-
-
 def _summary(model: Model, config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"params": model.num_params, "weight_bytes": weight_bytes(model), "val_loss": validation_loss(model, config)}
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def quantize_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
@@ -77,8 +59,8 @@ def quantize_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str
     save_quantized(student, workdir / PTQ_DIR)
     summary = {"teacher": _summary(teacher, config), "ptq": _summary(student, config), "recipe": config.recipe,
                "seconds": time.perf_counter() - start,
-               "teacher_path": None if teacher_path is None else str(Path(teacher_path).absolute())}
-    _write_json(workdir / QUANTIZE_RECORD, summary)
+               "teacher_path": teacher_path_field(teacher_path)}
+    write_record(workdir / QUANTIZE_RECORD, summary)
     return summary
 
 
@@ -92,8 +74,7 @@ def qad_config(config: ml_collections.ConfigDict) -> QADConfig:
 
 def recorded_teacher(workdir: str | Path) -> str | None:
     """The teacher path `quantize_job` recorded in workdir/quantize.json, if any."""
-    record = Path(workdir) / QUANTIZE_RECORD
-    return json.loads(record.read_text()).get("teacher_path") if record.is_file() else None
+    return teacher_from_record(Path(workdir) / QUANTIZE_RECORD)
 
 
 def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
@@ -107,8 +88,6 @@ def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Pa
     the mesh `config.mesh` (when the config has one; else one device) and a rerun resumes it. `stop_after` ends
     it after that many steps: then only the checkpoint is written and the summary is {"stopped_at", "steps",
     "seconds"}."""
-    from nemojax.train.metrics import MetricsWriter
-
     workdir = Path(workdir)
     if student is None:
         folder = workdir / PTQ_DIR
@@ -138,7 +117,7 @@ def qad_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Pa
         writer.close()
     summary = {"teacher": teacher_summary, "ptq": before, "qad": after, "steps": done, "seconds": seconds,
                "final_kl": history[-1].get("kl") if history else None}
-    _write_json(workdir / QAD_RECORD, summary)
+    write_record(workdir / QAD_RECORD, summary)
     return summary
 
 

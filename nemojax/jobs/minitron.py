@@ -13,21 +13,29 @@ batches of the data config's validation split, the same batches for every model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from nemojax import data as data_lib
 from nemojax.compress.distill import DEFAULT_OPTIMIZER, DistillConfig, distill
 from nemojax.compress.importance import importance
 from nemojax.compress.prune import prune, width_targets
 from nemojax.compress.scores import Scores
-from nemojax.data.job_batches import calibration_batches, data_config
-from nemojax.infer.validation import validation_loss
+from nemojax.interop.hf import load_hf, save_hf
+from nemojax.jobs.common import (
+    calibration_batches,
+    check_vocab,
+    copy_tokenizer,
+    data_config,
+    teacher_from_record,
+    teacher_path_field,
+    validation_loss,
+    write_record,
+)
 from nemojax.model import Model
+from nemojax.train.metrics import MetricsWriter
 
 SCORES_FILE = "scores.npz"
 PRUNED_DIR = "pruned"
@@ -36,13 +44,6 @@ PRUNE_RECORD = "prune.json"
 DISTILL_RECORD = "distill.json"
 PRUNE_TARGETS = ("hidden", "ffn", "heads", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "layers",
                  "drop_layers")
-
-
-def _check_vocab(model: Model, dcfg: data_lib.DataConfig, what: str) -> None:
-    vocab = data_lib.vocab_size(dcfg)
-    if vocab > model.config.vocab_size:
-        raise ValueError(f"{what} has vocab_size={model.config.vocab_size}, smaller than the data's {vocab} token "
-                         "ids; config.data must be the teacher's data")
 
 
 def prune_targets(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -64,40 +65,24 @@ def sizes(model: Model) -> dict[str, Any]:
     out: dict[str, Any] = {"params": model.num_params, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
                            "pattern": cfg.pattern}
     for rule in {id(rule): rule for rule in width_targets(cfg).values()}.values():
-        out.update(rule.current(cfg))
+        out.update({target: axis.full for target, axis in rule.axes(cfg).items()})
     return out
 
 
-def _copy_tokenizer(teacher_path: str | Path | None, config: ml_collections.ConfigDict, out: Path) -> None:
-    """Puts the teacher's tokenizer.json beside a saved student when there is one (a byte tokenizer has none:
-    `nemojax generate` then needs --tokenizer byte)."""
-    candidates = []
-    if teacher_path is not None:
-        candidates.append(Path(teacher_path) / "tokenizer.json")
-    if config.data.get("tokenizer") not in (None, "byte"):
-        spec = Path(config.data.tokenizer)
-        candidates.append(spec / "tokenizer.json" if spec.is_dir() else spec)
-    for candidate in candidates:
-        if candidate.is_file():
-            (out / "tokenizer.json").write_bytes(candidate.read_bytes())
-            return
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
+def size_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The sizes that differ between two `sizes` records, as "hidden 512 -> 384, ..."."""
+    keys = [k for k in before if k not in ("params", "val_loss", "pattern") and before[k] != after.get(k)]
+    return ", ".join(f"{k} {before[k]} -> {after[k]}" for k in keys) or "no size changed"
 
 
 def prune_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
               teacher_path: str | Path | None = None, log=print) -> dict[str, Any]:
     """Importance (from workdir/scores.npz when present) -> prune -> save_hf(workdir/pruned); returns a summary
     {"teacher": sizes + val_loss, "pruned": sizes + val_loss, "scores_reused", "seconds"}."""
-    from nemojax.interop.hf import save_hf
-
     start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    dcfg = data_config(config)
-    _check_vocab(teacher, dcfg, "the teacher")
+    check_vocab(teacher, config, "the teacher")
     targets = prune_targets(config)
     scores_path = workdir / SCORES_FILE
     reused = scores_path.is_file()
@@ -117,12 +102,12 @@ def prune_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | 
                              "target)") from error
         raise
     out = save_hf(pruned, workdir / PRUNED_DIR)
-    _copy_tokenizer(teacher_path, config, out)
+    copy_tokenizer(teacher_path, config, out)
     summary = {"teacher": {**sizes(teacher), "val_loss": validation_loss(teacher, config)},
                "pruned": {**sizes(pruned), "val_loss": validation_loss(pruned, config)},
                "targets": targets, "scores_reused": reused, "seconds": time.perf_counter() - start,
-               "teacher_path": None if teacher_path is None else str(Path(teacher_path).absolute())}
-    _write_json(workdir / PRUNE_RECORD, summary)
+               "teacher_path": teacher_path_field(teacher_path)}
+    write_record(workdir / PRUNE_RECORD, summary)
     return summary
 
 
@@ -142,8 +127,7 @@ def _mesh(config: ml_collections.ConfigDict) -> dict[str, int] | None:
 
 def recorded_teacher(workdir: str | Path) -> str | None:
     """The teacher path `prune_job` recorded in workdir/prune.json, if any."""
-    record = Path(workdir) / PRUNE_RECORD
-    return json.loads(record.read_text()).get("teacher_path") if record.is_file() else None
+    return teacher_from_record(Path(workdir) / PRUNE_RECORD)
 
 
 def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str | Path, *,
@@ -157,9 +141,6 @@ def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str 
     on the mesh `config.mesh` (when the config has one; else one device) and a rerun resumes it. `stop_after`
     ends it after that many steps: then only the checkpoint is written and the summary is {"stopped_at",
     "steps", "seconds"}."""
-    from nemojax.interop.hf import load_hf, save_hf
-    from nemojax.train.metrics import MetricsWriter
-
     workdir = Path(workdir)
     if student is None:
         folder = workdir / PRUNED_DIR
@@ -167,23 +148,22 @@ def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str 
             raise ValueError(f"{folder} has no pruned checkpoint (config.json); run `nemojax prune` with this "
                              "workdir first")
         student = load_hf(folder, runtime={"dtype": teacher.config.runtime.dtype})
-    dcfg = data_config(config)
-    _check_vocab(student, dcfg, "the student")
+    check_vocab(student, config, "the student")
     dist_cfg = distill_config(config)
     before = validation_loss(student, config)
     teacher_loss = validation_loss(teacher, config)
     log(f"distill: {student.num_params:,}-parameter student from a {teacher.num_params:,}-parameter teacher, "
         f"{dist_cfg.steps} steps of {dist_cfg.batch_size} x {dist_cfg.seq_len} tokens")
     start = time.perf_counter()
-    distilled, history = distill(student, teacher, dcfg, config=dist_cfg, progress=progress, mesh=_mesh(config),
-                                 workdir=workdir, stop_after=stop_after)
+    distilled, history = distill(student, teacher, data_config(config), config=dist_cfg, progress=progress,
+                                 mesh=_mesh(config), workdir=workdir, stop_after=stop_after)
     seconds = time.perf_counter() - start
     done = history[-1]["step"] if history else 0
     if done < dist_cfg.steps:
         return {"stopped_at": done, "steps": dist_cfg.steps, "seconds": seconds}
     after = validation_loss(distilled, config)
     out = save_hf(distilled, workdir / DISTILLED_DIR)
-    _copy_tokenizer(teacher_path, config, out)
+    copy_tokenizer(teacher_path, config, out)
     writer = MetricsWriter(workdir)
     try:
         writer.write(done, "validation", {"loss": after, "pruned_loss": before, "teacher_loss": teacher_loss})
@@ -194,7 +174,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str 
                "distilled": {"params": distilled.num_params, "val_loss": after},
                "steps": done, "seconds": seconds,
                "final_kl": history[-1].get("kl") if history else None}
-    _write_json(workdir / DISTILL_RECORD, summary)
+    write_record(workdir / DISTILL_RECORD, summary)
     return summary
 
 
