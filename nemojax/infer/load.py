@@ -13,7 +13,6 @@ newest (or the given) step is read; the optimizer state is never loaded. The com
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from nemojax.config import AttentionConfig, MambaConfig, ModelConfig, MoEConfig,
 from nemojax.data.tokenizers import Tokenizer, load_tokenizer
 from nemojax.lowp.recipe import QuantRecipe
 from nemojax.model import Model
-from nemojax.train.checkpoint import RUN_FILE
+from nemojax.train.checkpoint import RUN_FILE, read_run
 
 HF_CONFIG = "config.json"
 HF_TOKENIZER = "tokenizer.json"
@@ -152,7 +151,7 @@ def load_checkpoint(path: str | Path, *, tokenizer: str | Path | None = None, dt
                 raise ValueError(f"{folder} has no {HF_TOKENIZER}; pass a tokenizer ('byte' or a tokenizer.json path)")
             tokenizer = folder
     elif (folder / RUN_FILE).is_file():
-        run = json.loads((folder / RUN_FILE).read_text())
+        run = read_run(folder / RUN_FILE)
         if not isinstance(run.get("model"), Mapping):
             raise ValueError(f"{folder / RUN_FILE} has no model config (the 'model' entry)")
         quant = run.get("quant")

@@ -22,7 +22,13 @@ from nemojax.config import ModelConfig
 from nemojax.errors import CheckpointError
 
 RUN_FILE = "run.json"
-__all__ = ["RUN_FILE", "CheckpointError", "Checkpoints", "config_fingerprint"]
+__all__ = ["RUN_FILE", "CheckpointError", "Checkpoints", "config_fingerprint", "read_run"]
+
+# Run-time fields that run.json files written before `config.runtime` existed kept inside "model" (and its
+# sub-configs): dropped on reading, except the two that shape the saved state, which move to the top level.
+_LEGACY_RUNTIME = {"model": ("dtype", "remat", "scan_layers", "matmul_impl"),
+                   "mamba": ("ssd_impl", "decode_impl", "scan_impl"), "attention": ("impl", "decode_impl"),
+                   "moe": ("impl",)}
 
 
 def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
@@ -33,6 +39,25 @@ def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
     model = dataclasses.asdict(config)
     runtime = model.pop("runtime")
     return {"model": model, "param_dtype": runtime["param_dtype"], "quant": runtime["quant"]}
+
+
+def read_run(path: str | Path) -> dict[str, Any]:
+    """A workdir's run.json (`path`: the file), in the current layout: a file written before the runtime split
+    (param_dtype, quant and the kernel choices inside "model") reads as the same run written today."""
+    run = json.loads(Path(path).read_text())
+    model = run.get("model")
+    if not isinstance(model, dict) or not any(name in model for name in ("param_dtype", "quant")):
+        return run
+    for name in ("param_dtype", "quant"):
+        value = model.pop(name)
+        run.setdefault(name, value)
+    for name in _LEGACY_RUNTIME["model"]:
+        model.pop(name, None)
+    for sub in ("mamba", "attention", "moe"):
+        if isinstance(model.get(sub), dict):
+            for name in _LEGACY_RUNTIME[sub]:
+                model[sub].pop(name, None)
+    return run
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -57,8 +82,7 @@ class Checkpoints:
         fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples and the like
         run_file = self.workdir / RUN_FILE
         if run_file.exists():
-            saved = json.loads(run_file.read_text())
-            diffs = _differences(saved, fingerprint)
+            diffs = _differences(read_run(run_file), fingerprint)
             if diffs:
                 raise CheckpointError(f"{self.workdir} holds a run of another configuration; refusing to resume "
                                       "or overwrite it:\n  " + "\n  ".join(diffs))

@@ -116,6 +116,26 @@ def test_workdir_resumes_under_another_runtime_but_not_another_architecture(tmp_
 
 
 @pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
+def test_workdir_written_before_the_runtime_split_still_loads_and_resumes(tmp_path, two_steps):
+    """A run.json of the earlier layout (param_dtype, quant and the kernel choices inside "model") is the same run:
+    `load_checkpoint` reads it and training resumes from it; a real difference is still refused."""
+    from nemojax.infer.load import load_checkpoint
+
+    _copy(two_steps, tmp_path)
+    run = json.loads((tmp_path / "run.json").read_text())
+    current = load_checkpoint(tmp_path, tokenizer="byte")[0]
+    legacy = dict(run, model=dict(run["model"], param_dtype=run.pop("param_dtype"), quant=run.pop("quant"),
+                                  mamba=dict(run["model"]["mamba"], ssd_impl="chunked"),
+                                  attention=dict(run["model"]["attention"], impl="auto")))
+    (tmp_path / "run.json").write_text(json.dumps(legacy))
+    loaded = load_checkpoint(tmp_path, tokenizer="byte")[0]
+    assert loaded.config == current.config
+    with pytest.raises(CheckpointError, match="param_dtype: checkpoint has 'float32', config has 'bfloat16'"):
+        train(_config("train.steps=3", "model.runtime.param_dtype=bfloat16"), tmp_path, progress=False)
+    assert train(_config("train.steps=3"), tmp_path, progress=False)["summary"]["steps"] == 3
+
+
+@pytest.mark.xdist_group("two_steps")  # one worker, so the fixture trains once
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, two_steps):
     """A checkpoint whose array data is damaged is refused with a CheckpointError naming the step; it is not
     overwritten by a fresh start."""
