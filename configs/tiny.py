@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
         "z_loss": 0.0, "moe_aux_loss": 0.0, "moe_bias_rate": 0.0, "document_mask": False,
         "log_every": 5, "eval_every": 10, "eval_batches": 2, "checkpoint_every": 10, "keep_checkpoints": 2,
         "peak_flops_per_device": 0.0,
+        # a non-finite loss or gradient: "stop" the job, or "skip" the update (at most max_skipped in a row)
+        "on_nonfinite": "stop", "max_skipped": 10,
         "low_precision": "",  # quantized training: "fp8_training" or "nvfp4_training" (nemojax.quant.named_recipes)
         "compilation_cache_dir": "",  # jax's persistent XLA cache ("" off): a later run loads the compiled step
     })

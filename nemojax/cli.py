@@ -46,6 +46,12 @@
         written out even when they are special tokens, which streaming drops). Only completions go to stdout; a
         one-line summary (tokens, seconds including compilation, tokens/s, finish reason, draft acceptance) goes to
         stderr.
+
+Errors: a user error (a bad config override or value, a missing config file or checkpoint, a workdir that holds
+a run of another configuration, a loss that became NaN) ends the job with one line on stderr,
+`nemojax <job>: error: <message>`, and exit status 2, as argparse does for bad arguments; any other exception is a
+bug and keeps its traceback. `--debug`, before or after the job name (`nemojax --debug train ...` or
+`nemojax train --debug ...`), re-raises user errors too, with their traceback.
 """
 
 from __future__ import annotations
@@ -83,11 +89,8 @@ def _quantize(args: argparse.Namespace) -> None:
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
-    teacher = _load_teacher(teacher_path, "quantize")
-    try:
-        summary = pipeline.quantize_job(config, teacher, args.workdir, teacher_path=teacher_path)
-    except ValueError as error:
-        raise SystemExit(f"nemojax quantize: error: {error}") from error
+    teacher = _load_teacher(teacher_path)
+    summary = pipeline.quantize_job(config, teacher, args.workdir, teacher_path=teacher_path)
     print(pipeline.table([("teacher", summary["teacher"]), (f"{config.recipe} PTQ", summary["ptq"])]))
     print(f"saved {Path(args.workdir) / pipeline.PTQ_DIR} in {summary['seconds']:.0f} s")
 
@@ -97,12 +100,9 @@ def _qad(args: argparse.Namespace) -> None:
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
-    teacher = _load_teacher(teacher_path, "qad")
-    try:
-        summary = pipeline.qad_job(config, teacher, args.workdir, progress=not args.no_progress,
-                                   stop_after=args.stop_after)
-    except (ValueError, FloatingPointError) as error:  # FloatingPointError: the loss diverged (NonFiniteLossError)
-        raise SystemExit(f"nemojax qad: error: {error}") from error
+    teacher = _load_teacher(teacher_path)
+    summary = pipeline.qad_job(config, teacher, args.workdir, progress=not args.no_progress,
+                               stop_after=args.stop_after)
     if "stopped_at" in summary:
         return  # the fit loop said where it stopped; rerun to resume
     print(pipeline.table([("teacher", summary["teacher"]), ("PTQ", summary["ptq"]), ("QAD", summary["qad"])]))
@@ -113,19 +113,17 @@ def _qad(args: argparse.Namespace) -> None:
 def _compress_args(args: argparse.Namespace):
     from nemojax import config_files
 
-    try:
-        return config_files.load(args.config, args.overrides)
-    except ValueError as error:
-        raise SystemExit(f"nemojax {args.job}: error: {error}") from error
+    return config_files.load(args.config, args.overrides)
 
 
-def _load_teacher(path: str, job: str) -> Model:
+def _load_teacher(path: str) -> Model:
+    """The teacher checkpoint's model; an unusable one is a user error whose message starts with "teacher: "."""
     from nemojax.infer.load import load_checkpoint
 
     try:
         return load_checkpoint(path, tokenizer="byte")[0]
     except ValueError as error:
-        raise SystemExit(f"nemojax {job}: error: teacher: {error}") from error
+        raise ValueError(f"teacher: {error}") from error
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -133,11 +131,8 @@ def _prune(args: argparse.Namespace) -> None:
 
     config = _compress_args(args)
     teacher_path = args.teacher or config.teacher
-    teacher = _load_teacher(teacher_path, "prune")
-    try:
-        summary = pipeline.prune_job(config, teacher, args.workdir, teacher_path=teacher_path)
-    except ValueError as error:
-        raise SystemExit(f"nemojax prune: error: {error}") from error
+    teacher = _load_teacher(teacher_path)
+    summary = pipeline.prune_job(config, teacher, args.workdir, teacher_path=teacher_path)
     t, p = summary["teacher"], summary["pruned"]
     print(f"teacher {teacher_path}: {t['params']:,} parameters, validation loss {t['val_loss']:.3f} nats/token")
     print(f"pruned: {p['params']:,} parameters ({p['params'] / t['params']:.0%}; {pipeline.size_change(t, p)}), "
@@ -150,12 +145,9 @@ def _distill(args: argparse.Namespace) -> None:
 
     config = _compress_args(args)
     teacher_path = args.teacher or pipeline.recorded_teacher(args.workdir) or config.teacher
-    teacher = _load_teacher(teacher_path, "distill")
-    try:
-        summary = pipeline.distill_job(config, teacher, args.workdir, teacher_path=teacher_path,
-                                       progress=not args.no_progress, stop_after=args.stop_after)
-    except (ValueError, FloatingPointError) as error:  # FloatingPointError: the loss diverged (NonFiniteLossError)
-        raise SystemExit(f"nemojax distill: error: {error}") from error
+    teacher = _load_teacher(teacher_path)
+    summary = pipeline.distill_job(config, teacher, args.workdir, teacher_path=teacher_path,
+                                   progress=not args.no_progress, stop_after=args.stop_after)
     if "stopped_at" in summary:
         return  # the fit loop said where it stopped; rerun to resume
     print(f"teacher {teacher_path}: {summary['teacher']['params']:,} parameters, validation loss "
@@ -277,13 +269,6 @@ class _StreamPrinter:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    try:
-        _run_generate(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"nemojax generate: error: {error}") from error
-
-
-def _run_generate(args: argparse.Namespace) -> None:
     from nemojax.infer.chat import chat, prompt_open_thinking, thinking_budget_for
     from nemojax.infer.generate import generate
     from nemojax.infer.load import load_checkpoint
@@ -338,7 +323,8 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from the other arguments."""
+    """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from the other arguments; a last
+    `--config.a.b` without a value raises ValueError."""
     rest, overrides, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
@@ -349,7 +335,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
                 overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
                 i += 1
             else:
-                raise SystemExit(f"{arg} needs a value")
+                raise ValueError(f"{arg} needs a value (--config.a.b=value or --config.a.b value)")
         else:
             rest.append(arg)
         i += 1
@@ -455,25 +441,82 @@ def main(argv: list[str] | None = None) -> None:
                      help="compute dtype")
     gen.add_argument("--no-stream", action="store_true", help="print the completion only when it is finished")
     gen.set_defaults(run=_generate)
-    argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    parser.add_argument("--debug", action="store_true",
+                        help="show user errors (bad config, missing file, ...) with their traceback")
+    for job in jobs.choices.values():  # also after the job name; SUPPRESS keeps the value given before it
+        job.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show user errors with their traceback")
+    try:
+        argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as error:
+        parser.error(str(error))  # usage + "nemojax: error: ...", exit status 2, as for any bad argument
     args = parser.parse_args(argv)
     args.overrides = overrides
-    _resolve_configs(args)
-    args.run(args)
+    _run_job(args)
+
+
+# User errors: bad input the user can fix (bad config values and overrides, a config, checkpoint or workdir path
+# that is not there, not usable or not writable). CheckpointError is a ValueError; NonFiniteLossError (the loss
+# diverged) is checked by `_is_user_error`, imported only then so that light jobs do not import the trainer.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+               PermissionError)
+ERROR_EXIT_STATUS = 2  # argparse's status for bad arguments
+
+
+class JobError(SystemExit):
+    """How a job ends on a user error: exit status 2 (`code`), with `str()` the line printed on stderr,
+    "nemojax <job>: error: <message>" (so in-process callers and tests can read it)."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.code = ERROR_EXIT_STATUS
+
+
+def _run_job(args: argparse.Namespace) -> None:
+    """Resolves the config arguments and runs the job; a user error ends it with one stderr line and exit status
+    2 (`JobError`), unless --debug asks for the traceback. Any other exception propagates unchanged."""
+    try:
+        _resolve_configs(args)
+        args.run(args)
+    except Exception as error:
+        if args.debug or not _is_user_error(error):
+            raise
+        line = f"nemojax {args.job}: error: {_one_line(error)}"
+        print(line, file=sys.stderr, flush=True)
+        raise JobError(line) from error
+
+
+def _is_user_error(error: Exception) -> bool:
+    if isinstance(error, USER_ERRORS):
+        return True
+    if not isinstance(error, FloatingPointError):
+        return False
+    from nemojax.train.fit import NonFiniteLossError
+
+    return isinstance(error, NonFiniteLossError)
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line: its lines stripped and joined ("; " between them, a space after a line
+    ending in ":"), or the exception's class name when the message is empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 def _resolve_configs(args: argparse.Namespace) -> None:
     """Turns every config argument into the file it names (working directory first, then the shipped configs);
-    a name that matches nothing ends the command with the places it looked, before any work starts."""
+    a name that matches nothing raises ValueError with the places it looked, before any work starts."""
     from nemojax import config_files
 
     for field in ("config", "compress_config", "quant_config"):
         name = getattr(args, field, None)
         if isinstance(name, str):
-            try:
-                setattr(args, field, str(config_files.resolve(name)))
-            except ValueError as error:
-                raise SystemExit(f"nemojax {args.job}: error: {error}") from error
+            setattr(args, field, str(config_files.resolve(name)))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ config.json) never depends on it. Every field is checked when the config is buil
 `ValueError` that names it, the value and what is allowed, so nothing downstream ever sees a half-valid config.
 
 `ModelConfig.from_hf(d)` accepts every spelling of a NemotronH `config.json` (docs/numerics.md 10):
-`hybrid_override_pattern` or `layers_block_type` (legacy "mamba"/"attention" or new "linear_attention"/
-"full_attention" names), `head_dim` or `attention_head_dim`, the `mamba_*` aliases and `time_step_limit`.
+`hybrid_override_pattern` or `layers_block_type` / `layer_types` (legacy "mamba"/"attention" or new
+"linear_attention"/"full_attention" names; spellings given together must agree), `head_dim` or
+`attention_head_dim`, the `mamba_*` aliases and `time_step_limit`. A malformed value raises a ValueError naming its
+config.json key.
 `to_hf()` writes a dict that transformers' `NemotronHConfig` and NVIDIA's remote code both load.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -36,15 +39,61 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DENSE_MOE_MAX_EXPERTS = 16
 
 
+class ConfigFieldError(ValueError):
+    """A config field with a value outside what is allowed. `field` is its dotted name ("mamba.time_step_min"),
+    so `ModelConfig.from_hf` can say which config.json key the value came from."""
+
+    def __init__(self, field: str, value: Any, allowed: str, message: str | None = None) -> None:
+        super().__init__(message or f"{field}={value!r} is invalid: {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+    raise ConfigFieldError(field, value, allowed)
+
+
+# What each kind of field holds, as said in an error message. bool is an int subclass (True would pass as 1, and
+# "true" from a hand-written config.json is truthy), so ints and floats exclude it explicitly.
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "bool": "a bool (true/false)", "str": "a string"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        # numbers.Real: numpy scalars too (stored back as a Python float by _check)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, {"bool": bool, "str": str}[kind])
+
+
+def _check(obj: Any, prefix: str, name: str, kind: str, allowed: str = "", ok: Any = None,
+           optional: bool = False) -> None:
+    """Validates one field, `obj.<name>`: it must be None (only if `optional`) or a value of `kind` ("int": an int,
+    not a bool; "float": a finite real number, not a bool, stored back as a Python float; "bool"; "str") for which
+    `ok(value)` holds.
+    Otherwise raises ConfigFieldError "<prefix><name>=<value> is invalid: must be <kind> <allowed>"."""
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if not _is_kind(value, kind) or (ok is not None and not ok(value)):
+        _fail(f"{prefix}{name}", value,
+              f"must be {_KIND_NAMES[kind]}{' ' + allowed if allowed else ''}{' or None' if optional else ''}")
+    if kind == "float":
+        object.__setattr__(obj, name, float(value))  # 1 and 1.0 compare equal; store one type for repr/json
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
 
 
 def _require_positive(prefix: str, obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            _fail(f"{prefix}{name}", value, "must be a positive integer")
+        _check(obj, prefix, name, "int", "> 0", _positive)
+
+
+def _require_bools(prefix: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        _check(obj, prefix, name, "bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +120,16 @@ class MambaConfig:
                                            "chunk_size"))
         if self.num_heads % self.n_groups:
             _fail("mamba.num_heads", self.num_heads, f"must be divisible by mamba.n_groups={self.n_groups}")
-        try:
-            limit = tuple(float(v) for v in self.time_step_limit)
-        except (TypeError, ValueError):
-            limit = ()
-        if len(limit) != 2 or not (0.0 <= limit[0] <= limit[1]):
-            _fail("mamba.time_step_limit", self.time_step_limit, "must be (lo, hi) with 0 <= lo <= hi")
-        object.__setattr__(self, "time_step_limit", limit)
-        if not 0 < self.time_step_min <= self.time_step_max:
-            _fail("mamba.time_step_min", self.time_step_min, f"must be in (0, time_step_max={self.time_step_max}]")
+        _require_bools("mamba.", self, ("use_conv_bias", "proj_bias"))
+        limit = self.time_step_limit
+        numeric = isinstance(limit, (tuple, list)) and all(_is_kind(v, "int") or isinstance(v, float) for v in limit)
+        if not numeric or len(limit) != 2 or not (0.0 <= limit[0] <= limit[1]) or math.isinf(limit[0]):
+            _fail("mamba.time_step_limit", limit, "must be (lo, hi) with 0 <= lo <= hi, lo finite (hi may be inf)")
+        object.__setattr__(self, "time_step_limit", tuple(float(v) for v in limit))
+        _check(self, "mamba.", "time_step_max", "float", "> 0", _positive)
+        _check(self, "mamba.", "time_step_min", "float", f"in (0, time_step_max={self.time_step_max}]",
+               lambda v: 0 < v <= self.time_step_max)
+        _check(self, "mamba.", "time_step_floor", "float", ">= 0", lambda v: v >= 0)
 
     @property
     def inner_size(self) -> int:
@@ -113,11 +163,12 @@ class AttentionConfig:
         if self.num_heads % self.num_kv_heads:
             _fail("attention.num_heads", self.num_heads,
                   f"must be divisible by attention.num_kv_heads={self.num_kv_heads}")
+        _require_bools("attention.", self, ("bias",))
+        _check(self, "attention.", "rope_theta", "float", "> 0", _positive, optional=True)  # None: no RoPE
+        _check(self, "attention.", "partial_rotary_factor", "float", "in (0, 1]", lambda v: 0 < v <= 1)
         if self.rope_theta is not None:
-            if self.rope_theta <= 0:
-                _fail("attention.rope_theta", self.rope_theta, "must be positive or None (no RoPE)")
             rotary = int(self.head_dim * self.partial_rotary_factor)
-            if not 0 < self.partial_rotary_factor <= 1 or rotary <= 0 or rotary % 2:
+            if rotary <= 0 or rotary % 2:
                 _fail("attention.partial_rotary_factor", self.partial_rotary_factor,
                       f"must be in (0, 1] and give an even rotary width of head_dim={self.head_dim}")
 
@@ -139,12 +190,13 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _require_positive("moe.", self, ("num_experts", "top_k", "intermediate_size", "n_group", "topk_group"))
-        if self.n_shared_experts < 0:
-            _fail("moe.n_shared_experts", self.n_shared_experts, "must be >= 0")
-        if self.n_shared_experts and self.shared_intermediate_size <= 0:
-            _fail("moe.shared_intermediate_size", self.shared_intermediate_size, "must be positive")
-        if self.latent_size is not None and self.latent_size <= 0:
-            _fail("moe.latent_size", self.latent_size, "must be positive or None")
+        _check(self, "moe.", "n_shared_experts", "int", ">= 0", lambda v: v >= 0)
+        _check(self, "moe.", "shared_intermediate_size", "int",
+               "> 0 (n_shared_experts > 0)" if self.n_shared_experts else ">= 0",
+               _positive if self.n_shared_experts else lambda v: v >= 0)
+        _check(self, "moe.", "latent_size", "int", "> 0", _positive, optional=True)
+        _check(self, "moe.", "routed_scaling_factor", "float", "> 0", _positive)
+        _require_bools("moe.", self, ("norm_topk_prob",))
         if self.num_experts % self.n_group:
             _fail("moe.num_experts", self.num_experts, f"must be divisible by moe.n_group={self.n_group}")
         if self.n_group > 1 and self.num_experts // self.n_group < 2:
@@ -165,8 +217,7 @@ class MTPConfig:
 
     def __post_init__(self) -> None:
         _require_positive("mtp.", self, ("num_layers",))
-        if not isinstance(self.pattern, str) or not self.pattern:
-            _fail("mtp.pattern", self.pattern, "must be a non-empty string of layer kinds")
+        _check(self, "mtp.", "pattern", "str", "of layer kinds, not empty", bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,27 +304,33 @@ class ModelConfig:
     runtime: Runtime = Runtime()  # how it runs (dtype, remat, kernels, quantization), not what it is
 
     def __post_init__(self) -> None:
-        _require_positive("", self, ("vocab_size", "hidden_size"))
+        # sub-config types first: the pattern checks below read mtp.pattern
+        for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
+                           ("mtp", MTPConfig), ("runtime", Runtime)):
+            value = getattr(self, field)
+            if (value is None and field == "runtime") or (value is not None and not isinstance(value, cls)):
+                _fail(field, value, f"must be a {cls.__name__}" + ("" if field == "runtime" else " or None"))
+        _require_positive("", self, ("vocab_size", "hidden_size", "max_position_embeddings"))
         patterns = (("pattern", self.pattern),) + ((("mtp.pattern", self.mtp.pattern),) if self.mtp else ())
         for field, pattern in patterns:
             bad = sorted(set(pattern) - set(self.KINDS)) if isinstance(pattern, str) else [pattern]
             if not pattern or bad:
                 _fail(field, pattern, f"must be a non-empty string over the kinds {_kind_names(self.KINDS)} "
                                       f"(found {bad})")
-        for field, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig),
-                           ("mtp", MTPConfig), ("runtime", Runtime)):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, cls):
-                _fail(field, value, f"must be a {cls.__name__} or None")
         kinds = set(self.pattern) | (set(self.mtp.pattern) if self.mtp else set())
         for char in self.KINDS:
             entry = families.kind(char)
             if char in kinds and entry.config_field and getattr(self, entry.config_field) is None:
                 _fail(entry.config_field, None, f"is required because the pattern has '{char}' ({entry.name}) layers")
-        if "-" in kinds and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
-            _fail("intermediate_size", self.intermediate_size, "must be a positive integer for '-' MLP layers")
-        if not self.norm_eps > 0:
-            _fail("norm_eps", self.norm_eps, "must be positive")
+        _check(self, "", "intermediate_size", "int", "> 0" + (" (the pattern has '-' MLP layers)" if "-" in kinds
+                                                              else ""), _positive, optional="-" not in kinds)
+        _require_bools("", self, ("mlp_bias", "tie_word_embeddings"))
+        # eps <= 0 or inf makes every RMSNorm output 0 or nan: constant logits, not an error
+        _check(self, "", "norm_eps", "float", "> 0", _positive)
+        _check(self, "", "initializer_range", "float", "> 0", _positive)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            _check(self, "", name, "int", f"in [0, vocab_size={self.vocab_size})", lambda v: 0 <= v < self.vocab_size,
+                   optional=True)
         if self.tie_word_embeddings:
             _fail("tie_word_embeddings", True, "NemotronH checkpoints are untied; only False is supported")
 
@@ -284,18 +341,12 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A new validated config with `changes` applied (sub-configs, `runtime` among them, may be given as dicts
         of changes: `config.replace(runtime={"dtype": "bfloat16"})`)."""
-        if isinstance(changes.get("runtime"), Mapping):
-            known = {f.name for f in dataclasses.fields(Runtime)}
-            unknown = sorted(set(changes["runtime"]) - known)
-            if unknown:
-                _fail("runtime", unknown, f"fields must be among {sorted(known)}")
-            changes["runtime"] = dataclasses.replace(self.runtime, **changes["runtime"])
-        for name in ("mamba", "attention", "moe", "mtp"):
+        for name in ("runtime", "mamba", "attention", "moe", "mtp"):
             if isinstance(changes.get(name), Mapping):
                 current = getattr(self, name)
                 if current is None:
                     raise ValueError(f"{name} is None; pass a full {name} config instead of a dict of changes")
-                changes[name] = dataclasses.replace(current, **changes[name])
+                changes[name] = _replace_fields(name, current, changes[name])
         return dataclasses.replace(self, **changes)
 
     def architecture(self) -> ModelConfig:
@@ -307,97 +358,135 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         """Builds a config from a NemotronH `config.json` dict. `overrides` replace parsed fields or set
-        nemojax-only ones (`runtime=Runtime(dtype="bfloat16")`; a dict of runtime fields also works)."""
-        d = dict(hf)
+        nemojax-only ones (`runtime=Runtime(dtype="bfloat16")`; a dict of runtime fields also works).
+
+        A malformed value raises ValueError naming the config.json key it came from (and the field it sets)."""
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"config.json must be a dict (a JSON object), got {type(hf).__name__}")
+        sources: dict[str, str] = {}  # field ("mamba.time_step_min") -> the config.json key that gave it
+        if isinstance(overrides.get("runtime"), Mapping):
+            overrides["runtime"] = _replace_fields("runtime", Runtime(), overrides["runtime"])
+        try:
+            return cls._build_from_hf(dict(hf), sources, overrides)
+        except ConfigFieldError as error:
+            key = sources.get(error.field)
+            # an error in an override (or a sub-config it replaced) is the caller's, not config.json's
+            if key is None or any(error.field == n or error.field.startswith(n + ".") for n in overrides):
+                raise
+            raise ConfigFieldError(error.field, error.value, error.allowed, message=(
+                f"config.json {key}={error.value!r} is invalid (sets {cls.__name__}.{error.field}): "
+                f"{error.allowed}")) from None
+
+    @classmethod
+    def _build_from_hf(cls, d: dict[str, Any], sources: dict[str, str], overrides: dict[str, Any]) -> ModelConfig:
+        """from_hf's parse: `sources` is filled with the config.json key behind each field as it is read."""
         if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
             _fail("model_type", d["model_type"], f"must be {cls.MODEL_TYPE!r} for {cls.__name__} (nemojax.load_hf "
                   "picks the config class by model_type)")
-        pattern = _parse_pattern(d, "hybrid_override_pattern", "layers_block_type", kinds=cls.KINDS)
+        pattern = _parse_pattern(d, "hybrid_override_pattern", ("layers_block_type", "layer_types"), kinds=cls.KINDS)
         n_layers = d.get("num_hidden_layers")
-        if "layers_block_type" not in d and n_layers is not None and n_layers != len(pattern):
+        has_list = any(d.get(key) is not None for key in ("layers_block_type", "layer_types"))
+        if not has_list and n_layers is not None and n_layers != len(pattern):
             _fail("num_hidden_layers", n_layers, f"must equal the pattern length {len(pattern)} ({pattern!r})")
 
-        def first(*names: str, default: Any = None) -> Any:
+        def first(field: str, *names: str, default: Any = None) -> Any:
+            """The value of the first of `names` present (not null) in config.json, else `default`."""
+            sources[field] = names[0]
             for name in names:
                 if name in d and d[name] is not None:
+                    sources[field] = name
                     return d[name]
             return default
 
+        def required(field: str, *names: str) -> Any:
+            value = first(field, *names)
+            if value is None:
+                raise ValueError(f"config.json is missing {names[0]!r}"
+                                 + (f" (or {', '.join(names[1:])})" if names[1:] else ""))
+            return value
+
         mtp = None
-        n_mtp = first("num_nextn_predict_layers", "mtp_num_layers", default=0)
-        if n_mtp:
-            mtp_pattern = _parse_pattern(d, "mtp_hybrid_override_pattern", "mtp_layers_block_type",
+        n_mtp = first("mtp.num_layers", "num_nextn_predict_layers", "mtp_num_layers", default=0)
+        if n_mtp != 0:  # not `if n_mtp`: "1", 1.5 or -1 must reach MTPConfig's check, not be read as a count
+            mtp_pattern = _parse_pattern(d, "mtp_hybrid_override_pattern", ("mtp_layers_block_type",),
                                          default="*E", kinds=cls.KINDS)
             mtp = MTPConfig(num_layers=n_mtp, pattern=mtp_pattern)
         kinds = set(pattern) | (set(mtp.pattern) if mtp else set())
 
         mamba = None
         if "M" in kinds:
-            limit = first("time_step_limit", "mamba_dt_limit", default=(0.0, math.inf))
+            limit = first("mamba.time_step_limit", "time_step_limit", "mamba_dt_limit", default=(0.0, math.inf))
             mamba = MambaConfig(
-                num_heads=_required(d, "mamba_num_heads"),
-                head_dim=_required(d, "mamba_head_dim"),
-                state_size=_required(d, "ssm_state_size", "mamba_state_dim", "mamba_d_state"),
-                n_groups=first("n_groups", "mamba_n_groups", default=8),
-                conv_kernel=first("conv_kernel", "mamba_d_conv", default=4),
-                chunk_size=first("chunk_size", "mamba_chunk_size", default=128),
-                use_conv_bias=first("use_conv_bias", "mamba_conv_bias", default=True),
-                proj_bias=first("use_bias", "mamba_proj_bias", default=False),
-                time_step_limit=tuple(_json_float(v) for v in limit),
-                time_step_min=first("time_step_min", "mamba_dt_min", default=0.001),
-                time_step_max=first("time_step_max", "mamba_dt_max", default=0.1),
-                time_step_floor=first("time_step_floor", "mamba_dt_init_floor", default=1e-4),
+                num_heads=required("mamba.num_heads", "mamba_num_heads"),
+                head_dim=required("mamba.head_dim", "mamba_head_dim"),
+                state_size=required("mamba.state_size", "ssm_state_size", "mamba_state_dim", "mamba_d_state"),
+                n_groups=first("mamba.n_groups", "n_groups", "mamba_n_groups", default=8),
+                conv_kernel=first("mamba.conv_kernel", "conv_kernel", "mamba_d_conv", default=4),
+                chunk_size=first("mamba.chunk_size", "chunk_size", "mamba_chunk_size", default=128),
+                use_conv_bias=first("mamba.use_conv_bias", "use_conv_bias", "mamba_conv_bias", default=True),
+                proj_bias=first("mamba.proj_bias", "use_bias", "mamba_proj_bias", default=False),
+                time_step_limit=[_json_float(v) for v in limit] if isinstance(limit, (list, tuple)) else limit,
+                time_step_min=_json_float(first("mamba.time_step_min", "time_step_min", "mamba_dt_min",
+                                                default=0.001)),
+                time_step_max=_json_float(first("mamba.time_step_max", "time_step_max", "mamba_dt_max",
+                                                default=0.1)),
+                time_step_floor=_json_float(first("mamba.time_step_floor", "time_step_floor", "mamba_dt_init_floor",
+                                                  default=1e-4)),
             )
         attention = None
         if "*" in kinds:
-            head_dim = first("head_dim", "attention_head_dim", "kv_channels")
+            head_dim = first("attention.head_dim", "head_dim", "attention_head_dim", "kv_channels")
             if head_dim is None:
                 _fail("head_dim", None, "config.json has no head_dim, attention_head_dim or kv_channels")
-            n_heads = _required(d, "num_attention_heads")
+            n_heads = required("attention.num_heads", "num_attention_heads")
             attention = AttentionConfig(
                 num_heads=n_heads,
-                num_kv_heads=first("num_key_value_heads", default=n_heads),
+                num_kv_heads=first("attention.num_kv_heads", "num_key_value_heads", default=n_heads),
                 head_dim=head_dim,
-                bias=first("attention_bias", default=False),
+                bias=first("attention.bias", "attention_bias", default=False),
                 # NemotronH has no RoPE: real config.json files carry rope_theta / partial_rotary_factor that no
                 # implementation reads (docs/numerics.md), so only nemojax's own key turns RoPE on
-                **_rope_fields(d.get(ROPE_KEY)),
+                **_rope_fields(d.get(ROPE_KEY), sources),
             )
         moe = None
         if "E" in kinds:
             moe = MoEConfig(
-                num_experts=_required(d, "n_routed_experts", "num_local_experts"),
-                top_k=_required(d, "num_experts_per_tok"),
-                intermediate_size=_required(d, "moe_intermediate_size"),
-                shared_intermediate_size=first("moe_shared_expert_intermediate_size", default=0),
-                n_shared_experts=first("n_shared_experts", default=1),
-                latent_size=first("moe_latent_size"),
-                routed_scaling_factor=float(first("routed_scaling_factor", default=1.0)),
-                n_group=first("n_group", default=1),
-                topk_group=first("topk_group", default=1),
-                norm_topk_prob=first("norm_topk_prob", default=True),
+                num_experts=required("moe.num_experts", "n_routed_experts", "num_local_experts"),
+                top_k=required("moe.top_k", "num_experts_per_tok"),
+                intermediate_size=required("moe.intermediate_size", "moe_intermediate_size"),
+                shared_intermediate_size=first("moe.shared_intermediate_size", "moe_shared_expert_intermediate_size",
+                                               default=0),
+                n_shared_experts=first("moe.n_shared_experts", "n_shared_experts", default=1),
+                latent_size=first("moe.latent_size", "moe_latent_size"),
+                routed_scaling_factor=_json_float(first("moe.routed_scaling_factor", "routed_scaling_factor",
+                                                        default=1.0)),
+                n_group=first("moe.n_group", "n_group", default=1),
+                topk_group=first("moe.topk_group", "topk_group", default=1),
+                norm_topk_prob=first("moe.norm_topk_prob", "norm_topk_prob", default=True),
             )
-        eos = first("eos_token_id", default=2)
+        eos = first("eos_token_id", "eos_token_id", default=2)
+        if isinstance(eos, (list, tuple)):  # transformers allows a list of stop ids; the config keeps the first
+            if not eos:
+                _fail("eos_token_id", eos, "must be a token id or a non-empty list of them")
+            eos = eos[0]
         fields = dict(
-            vocab_size=_required(d, "vocab_size"),
-            hidden_size=_required(d, "hidden_size"),
+            vocab_size=required("vocab_size", "vocab_size"),
+            hidden_size=required("hidden_size", "hidden_size"),
             pattern=pattern,
             mamba=mamba,
             attention=attention,
-            intermediate_size=first("intermediate_size") if "-" in kinds else None,
+            intermediate_size=first("intermediate_size", "intermediate_size") if "-" in kinds else None,
             moe=moe,
             mtp=mtp,
-            mlp_bias=first("mlp_bias", default=False),
-            norm_eps=float(first("layer_norm_epsilon", "rms_norm_eps", "norm_eps", default=1e-5)),
-            tie_word_embeddings=first("tie_word_embeddings", default=False),
-            initializer_range=first("initializer_range", default=0.02),
-            max_position_embeddings=first("max_position_embeddings", default=4096),
-            bos_token_id=first("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
-            pad_token_id=first("pad_token_id"),
+            mlp_bias=first("mlp_bias", "mlp_bias", default=False),
+            norm_eps=_json_float(first("norm_eps", "layer_norm_epsilon", "rms_norm_eps", "norm_eps", default=1e-5)),
+            tie_word_embeddings=first("tie_word_embeddings", "tie_word_embeddings", default=False),
+            initializer_range=_json_float(first("initializer_range", "initializer_range", default=0.02)),
+            max_position_embeddings=first("max_position_embeddings", "max_position_embeddings", default=4096),
+            bos_token_id=first("bos_token_id", "bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=first("pad_token_id", "pad_token_id"),
         )
-        if isinstance(overrides.get("runtime"), Mapping):
-            overrides["runtime"] = Runtime(**overrides["runtime"])
         fields.update(overrides)
         return cls(**fields)
 
@@ -455,28 +544,38 @@ class ModelConfig:
         return d
 
 
-def _rope_fields(value: Any) -> dict[str, Any]:
+def _replace_fields(name: str, current: Any, changes: Mapping[str, Any]) -> Any:
+    """`current` (a sub-config or Runtime) with a dict of field changes; an unknown field raises ValueError naming
+    `name` and the known fields (not dataclasses' bare TypeError)."""
+    known = {f.name for f in dataclasses.fields(current)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        _fail(name, unknown, f"fields must be among {sorted(known)}")
+    return dataclasses.replace(current, **changes)
+
+
+def _rope_fields(value: Any, sources: dict[str, str]) -> dict[str, Any]:
     """AttentionConfig fields from config.json's `nemojax_rope` entry (absent: no RoPE)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping) or "rope_theta" not in value:
         _fail(ROPE_KEY, value, "must be a dict with rope_theta (and optionally partial_rotary_factor)")
-    return {"rope_theta": float(value["rope_theta"]),
-            "partial_rotary_factor": float(value.get("partial_rotary_factor", 1.0))}
+    sources.update({"attention.rope_theta": f"{ROPE_KEY}.rope_theta",
+                    "attention.partial_rotary_factor": f"{ROPE_KEY}.partial_rotary_factor"})
+    return {"rope_theta": _json_float(value["rope_theta"]),
+            "partial_rotary_factor": _json_float(value.get("partial_rotary_factor", 1.0))}
 
 
-def _json_float(value: Any) -> float:
-    """A float from config.json, including transformers 5's {"__float__": "Infinity"} encoding of inf."""
-    if isinstance(value, Mapping) and "__float__" in value:
-        value = value["__float__"]
-    return float(value)
-
-
-def _required(d: Mapping[str, Any], *names: str) -> Any:
-    for name in names:
-        if d.get(name) is not None:
-            return d[name]
-    raise ValueError(f"config.json is missing {names[0]!r}" + (f" (or {', '.join(names[1:])})" if names[1:] else ""))
+def _json_float(value: Any) -> Any:
+    """A float from config.json, including transformers 5's {"__float__": "Infinity"} encoding of inf. Anything
+    else that is not a number (a string, a list) comes back unchanged for the config's own check to refuse with
+    the field's name: float("1e-5") would quietly accept a quoted number."""
+    if isinstance(value, Mapping) and isinstance(value.get("__float__"), str):
+        try:
+            return float(value["__float__"])
+        except ValueError:
+            return value
+    return value
 
 
 def _kind_names(kinds: str) -> str:
@@ -488,24 +587,43 @@ def _hf_layer_names(pattern: str) -> list[str]:
     return [families.kind(c).hf_names[0] for c in pattern]
 
 
-def _parse_pattern(d: Mapping[str, Any], string_key: str, list_key: str, default: str | None = None,
+def _parse_pattern(d: Mapping[str, Any], string_key: str, list_keys: tuple[str, ...], default: str | None = None,
                    kinds: str = "M*-E") -> str:
-    """Reads a layer pattern from its string spelling (Megatron's '|' and '/' stripped) or its list spelling."""
-    if d.get(list_key) is not None:
-        names = d[list_key]
-        if isinstance(names, str):
-            _fail(list_key, names, "must be a list of layer-type names")
-        chars = {name: c for c in kinds for name in families.kind(c).hf_names}
-        unknown = [n for n in names if n not in chars]
-        if unknown:
-            _fail(list_key, unknown, f"names must be among {sorted(chars)}")
-        return "".join(chars[n] for n in names)
+    """Reads a layer pattern from its string spelling (Megatron's '|' and '/' stripped) and/or its list spellings
+    (transformers' `layers_block_type`, alias `layer_types`). Spellings present together must agree: which one
+    a reader prefers differs (transformers keeps the list), so a disagreement is refused, not resolved."""
+    found = {key: _list_pattern(key, d[key], kinds) for key in list_keys if d.get(key) is not None}
     if d.get(string_key) is not None:
-        pattern = d[string_key].replace("|", "").split("/")[0]
-        bad = sorted(set(pattern) - set(kinds))
-        if bad:
-            _fail(string_key, d[string_key], f"characters {bad} are not among the kinds {_kind_names(kinds)}")
-        return pattern
+        found[string_key] = _string_pattern(string_key, d[string_key], kinds)
+    if len(set(found.values())) > 1:
+        spellings = ", ".join(f"{key}={found[key]!r}" for key in found)
+        _fail(string_key, d[string_key] if string_key in found else found, f"the pattern spellings disagree "
+              f"({spellings}); config.json must give one layer pattern")
+    if found:
+        return next(iter(found.values()))
     if default is not None:
         return default
-    raise ValueError(f"config.json has neither {string_key!r} nor {list_key!r}")
+    raise ValueError(f"config.json has neither {string_key!r} nor {' / '.join(repr(k) for k in list_keys)}")
+
+
+def _list_pattern(key: str, names: Any, kinds: str) -> str:
+    """A pattern from a list of HF layer-type names ("mamba", "full_attention", ...)."""
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        _fail(key, names, "must be a non-empty list of layer-type names (strings)")
+    chars = {name: c for c in kinds for name in families.kind(c).hf_names}
+    unknown = [n for n in names if n not in chars]
+    if unknown:
+        _fail(key, unknown, f"names must be among {sorted(chars)}")
+    return "".join(chars[n] for n in names)
+
+
+def _string_pattern(key: str, value: Any, kinds: str) -> str:
+    """A pattern from its string spelling, Megatron's '|' separators and '/'-suffix (MTP layers) dropped."""
+    if not isinstance(value, str):
+        _fail(key, value, f"must be a string over the kinds {_kind_names(kinds)}")
+    pattern = value.replace("|", "").split("/")[0]
+    bad = sorted(set(pattern) - set(kinds))
+    if bad or not pattern:
+        _fail(key, value, f"characters {bad} are not among the kinds {_kind_names(kinds)}" if bad
+              else "must not be empty")
+    return pattern

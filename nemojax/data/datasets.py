@@ -135,7 +135,8 @@ def make_dataset(
 
     Raises:
       ValueError: naming the argument or `DataConfig` field, for an unknown split, a missing path, an empty
-        corpus or split, a batch that does not divide among processes, or an impossible MQAR shape.
+        corpus or split (no documents, or only empty ones), a batch that does not divide among processes, or an
+        impossible MQAR shape.
     """
     ds = build_dataset(
         cfg,

@@ -74,6 +74,10 @@ class FileDocuments(Sequence[str]):
         with open(self._paths[index], "rb") as f:
             return f.read().decode("utf-8", errors="replace")
 
+    def has_text(self, index: int) -> bool:
+        """Whether document `index` is not empty (a stat, no read)."""
+        return os.path.getsize(self._paths[index]) > 0
+
     def __repr__(self) -> str:
         return f"FileDocuments({len(self)} files)"
 
@@ -102,6 +106,10 @@ class JsonlDocuments(Sequence[str]):
         if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
             raise ValueError(f"DataConfig.text_field={self.text_field!r}: {where} has no string field of that name")
         return record[self.text_field]
+
+    def has_text(self, index: int) -> bool:
+        """Whether document `index` has a non-empty `text_field` (parses that line)."""
+        return self[index] != ""
 
     def __repr__(self) -> str:
         return f"JsonlDocuments({len(self)} lines, text_field={self.text_field!r})"
@@ -145,8 +153,9 @@ def documents(cfg: DataConfig, split: str) -> FileDocuments | JsonlDocuments:
     """The documents of one split of the corpus `cfg` describes ("stdlib", "text" or "jsonl").
 
     Raises:
-      ValueError: naming the field, for a missing path, a corpus or split without documents, or a JSON-lines
-        corpus whose first record has no string `text_field`.
+      ValueError: naming the field, for a missing path, a corpus or split without documents, a split whose
+        documents are all empty (zero-byte files, or empty `text_field` strings), or a JSON-lines corpus whose
+        first record has no string `text_field`.
     """
     check_split(split)
     if cfg.kind == "mqar":
@@ -173,13 +182,20 @@ def documents(cfg: DataConfig, split: str) -> FileDocuments | JsonlDocuments:
         keep = [i for i, k in enumerate(keys) if is_validation(k, cfg.val_fraction) == want_val]
         keys = [keys[i] for i in keep]
         records = [records[i] for i in keep]
+    where = "the standard library" if cfg.kind == "stdlib" else f"DataConfig.{field}={getattr(cfg, field)!r}"
     if not keys:
-        where = "the standard library" if cfg.kind == "stdlib" else f"DataConfig.{field}={getattr(cfg, field)!r}"
         detail = f"{total} documents in all, val_fraction={cfg.val_fraction}" if hashed else "no documents"
         raise ValueError(f"the {split!r} split of {where} is empty ({detail}); check DataConfig.{field}")
 
     if cfg.kind == "jsonl":
         docs: FileDocuments | JsonlDocuments = JsonlDocuments(keys, records, cfg.text_field)  # type: ignore[arg-type]
         _ = docs[0]  # fail now, naming text_field, rather than inside the pipeline
-        return docs
-    return FileDocuments(keys, records)  # type: ignore[arg-type]
+    else:
+        docs = FileDocuments(keys, records)  # type: ignore[arg-type]
+    # Empty documents pack to BOS/EOS and padding only: a split made of nothing else would train or score on no
+    # text at all. The scan stops at the first non-empty document, so a normal corpus pays one stat or parse.
+    if not any(docs.has_text(i) for i in range(len(docs))):
+        detail = f"each text_field={cfg.text_field!r} is ''" if cfg.kind == "jsonl" else "zero-byte files"
+        raise ValueError(f"the {split!r} split of {where} has {len(docs)} documents and every one is empty "
+                         f"({detail}: no text to train on); check DataConfig.{field}")
+    return docs

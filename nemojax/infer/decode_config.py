@@ -28,7 +28,8 @@ class DecodeConfig:
     budget: budget_lib.ThinkingBudget | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: must be a positive int")
 
 

@@ -153,6 +153,106 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bo
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _check_token_id(name: str, value, vocab: int) -> None:
+    """Raises ValueError unless `value` is an int in [0, vocab): an id outside the vocabulary would index the
+    embedding out of bounds (jnp gathers clamp or fill silently) and corrupt every sequence it pads or ends."""
+    if not _is_int(value) or not 0 <= value < vocab:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int token id in [0, vocab_size={vocab})")
+
+
+def _check_seed(seed) -> None:
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} is invalid: must be an int in [0, 2**63)")
+
+
+def _token_ids(name: str, prompt, vocab: int) -> list[int]:
+    """One prompt as a list of ints in [0, vocab); floats (even whole ones), bools and nested lists are refused, as
+    truncating them to ints would silently change the prompt."""
+    if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence | np.ndarray | jax.Array):
+        raise ValueError(f"{name}={prompt!r} is invalid: must be a sequence of int token ids "
+                         "(prompts is a list of prompts, e.g. [[1, 5, 9]])")
+    if isinstance(prompt, np.ndarray | jax.Array):
+        if prompt.ndim != 1 or not (np.issubdtype(prompt.dtype, np.integer) and prompt.dtype != bool):
+            raise ValueError(f"{name} is a {prompt.dtype} array of shape {tuple(prompt.shape)}: must be 1-D integer "
+                             "token ids")
+        prompt = np.asarray(prompt).tolist()
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one token id")
+    bad = [t for t in prompt if not _is_int(t)]
+    if bad:
+        raise ValueError(f"{name} holds {bad[:5]!r}: token ids must be ints (not floats, bools or lists)")
+    out = [int(t) for t in prompt]
+    outside = [t for t in out if not 0 <= t < vocab]
+    if outside:
+        raise ValueError(f"{name} has token ids {outside[:5]} outside the vocabulary [0, {vocab})")
+    return out
+
+
+def _prompt_ids(prompts, tokenizer, allow_special: bool, vocab: int) -> list[list[int]]:
+    """The prompts of `generate` as checked token-id lists: a string, a list of strings (encoded with `tokenizer`),
+    a list of token-id lists, or a [b, L] integer array."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, np.ndarray | jax.Array):
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts is an array of shape {tuple(prompts.shape)}: must be [b, L] token ids")
+        prompts = list(prompts)
+    if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts={prompts!r} is invalid: must be a string, a list of strings or a list of "
+                         "token-id lists")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    if any(isinstance(p, str) for p in prompts):
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts mixes strings and token ids: give all strings or all token-id lists")
+        if tokenizer is None:
+            raise ValueError("prompts are strings: pass tokenizer= to encode them (or give token ids)")
+        encode = (lambda t: tokenizer.encode(t, allow_special=True)) if allow_special else tokenizer.encode
+        prompts = [list(encode(p)) for p in prompts]
+    return [_token_ids(f"prompts[{i}]", p, vocab) for i, p in enumerate(prompts)]
+
+
+def _eos_ids(eos_ids, vocab: int, name: str) -> tuple[int, ...]:
+    if isinstance(eos_ids, str | bytes) or not isinstance(eos_ids, Sequence | np.ndarray):
+        raise ValueError(f"eos_ids={eos_ids!r} is invalid: must be a list of int token ids (e.g. [2], or [] for none)")
+    for i, e in enumerate(eos_ids):
+        _check_token_id(name if name == "tokenizer.eos_id" else f"{name}[{i}]", e, vocab)
+    return tuple(int(e) for e in eos_ids)
+
+
+def _stops(stop, tokenizer, vocab: int) -> tuple[list[str], list[list[int]]]:
+    """(stop strings, stop token-id sequences: the given ones and each string's encoding) of `generate`'s `stop`."""
+    if isinstance(stop, str | bytes) or not isinstance(stop, Sequence):
+        raise ValueError(f"stop={stop!r} is invalid: must be a list of stop strings or token-id lists "
+                         f"(e.g. stop=[{stop!r}])")
+    stop_strings = [s for s in stop if isinstance(s, str)]
+    if "" in stop_strings:
+        raise ValueError("stop holds an empty string '': it matches at the start of every text; give non-empty "
+                         "stop strings")
+    if stop_strings and tokenizer is None:
+        raise ValueError(f"stop={stop_strings!r} holds strings: pass tokenizer= to use stop strings")
+    given = [s for s in stop if not isinstance(s, str)]
+    stop_ids = [_token_ids(f"stop[{i}]", s, vocab) for i, s in enumerate(given)]
+    for s in stop_strings:
+        encoded = list(tokenizer.encode(s))
+        if encoded:  # a string that encodes to nothing is still checked on the decoded text
+            stop_ids.append(_token_ids(f"stop string {s!r} (encoded)", encoded, vocab))
+    return stop_strings, stop_ids
+
+
+def _prompt_open(prompt_open, b: int) -> np.ndarray:
+    if prompt_open is None:
+        return np.zeros(b, bool)
+    open_ = np.asarray(prompt_open)
+    if open_.shape != (b,) or open_.dtype != bool:
+        raise ValueError(f"prompt_open={prompt_open!r} is invalid: must be {b} bools, one per prompt")
+    return open_
+
+
 def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              seed: int = 0, tokenizer=None, eos_ids: Sequence[int] | None = None,
@@ -169,39 +269,33 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
     prompts already opened a thinking block (default: none). speculative: draft this many tokens per step with
     the model's MTP head and verify them (greedy only; see `nemojax.infer.speculative`). stream(step, tokens [b],
     active [b]) is called from inside the loop after every step.
+
+    Raises ValueError, naming the argument and what is allowed, before anything is compiled: prompts that are
+    empty, nested to the wrong depth or hold non-int ids (floats are refused, not truncated) or ids outside
+    [0, vocab_size); eos / pad / stop ids outside the vocabulary; an empty stop string; and out-of-range
+    max_new_tokens, seed, temperature, top_k, top_p, repetition_penalty, speculative or prompt_open.
     """
     config: ModelConfig = model.config
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    as_text = bool(prompts) and isinstance(prompts[0], str)
-    if as_text:
-        if tokenizer is None:
-            raise ValueError("prompts are strings: pass tokenizer= to encode them (or give token ids)")
-        encode = (lambda t: tokenizer.encode(t, allow_special=True)) if allow_special else tokenizer.encode
-        ids = [list(encode(p)) for p in prompts]
-    else:
-        ids = [[int(t) for t in p] for p in prompts]
+    vocab = config.vocab_size
+    ids = _prompt_ids(prompts, tokenizer, allow_special, vocab)
     if eos_ids is None:
         eos_ids = [tokenizer.eos_id] if tokenizer is not None else (
             [] if config.eos_token_id is None else [config.eos_token_id])
-    stop_strings = [s for s in stop if isinstance(s, str)]
-    if stop_strings and tokenizer is None:
-        raise ValueError(f"stop={stop_strings!r} holds strings: pass tokenizer= to use stop strings")
-    stop_ids = [list(s) for s in stop if not isinstance(s, str)]
-    stop_ids += [tokenizer.encode(s) for s in stop_strings if tokenizer.encode(s)]
+    eos = _eos_ids(eos_ids, vocab, "tokenizer.eos_id" if tokenizer is not None else "eos_ids")
+    stop_strings, stop_ids = _stops(stop, tokenizer, vocab)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    pad_source = "config.pad_token_id"
     if tokenizer is not None:
-        pad_id = tokenizer.pad_id
-    for i, p in enumerate(ids):
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token ids {bad[:5]} outside the vocabulary [0, {config.vocab_size})")
+        pad_id, pad_source = tokenizer.pad_id, "tokenizer.pad_id"
+    _check_token_id(pad_source, pad_id, vocab)
+    _check_seed(seed)
+    if isinstance(speculative, bool) or not isinstance(speculative, int | np.integer) or speculative < 0:
+        raise ValueError(f"speculative={speculative!r} is invalid: must be an int >= 0 (0 turns it off)")
 
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
-    dcfg = DecodeConfig(max_new_tokens, sampling, tuple(int(e) for e in eos_ids), int(pad_id),
-                        StopSequences(stop_ids), thinking_budget)
+    dcfg = DecodeConfig(max_new_tokens, sampling, eos, int(pad_id), StopSequences(stop_ids), thinking_budget)
     tokens, lengths = pad_prompts(ids, dcfg.pad_id)
-    open_ = np.zeros(len(ids), bool) if prompt_open is None else np.asarray(prompt_open, bool)
+    open_ = _prompt_open(prompt_open, len(ids))
     start = time.perf_counter()
     stats: dict[str, float] = {}
     _stream_sink[0] = stream
@@ -212,7 +306,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
         else:
             max_len = tokens.shape[1] + max_new_tokens
             out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                     jnp.asarray(open_), jax.random.key(seed), dcfg=dcfg, max_len=max_len,
+                                     jnp.asarray(open_), jax.random.key(int(seed)), dcfg=dcfg, max_len=max_len,
                                      stream=forward_stream if stream else None)
             out, count = np.asarray(out), np.asarray(count)
             jax.effects_barrier()  # every streamed token delivered before the sink is cleared

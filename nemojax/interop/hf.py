@@ -21,6 +21,8 @@ from nemojax.interop.safetensors_file import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
     WEIGHTS_NAME,
+    finish_interrupted_save,
+    read_json,
     read_safetensors,
     save_folder,
     write_tensors,
@@ -33,24 +35,34 @@ __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "conf
            "model_from_state_dict", "save_hf", "state_dict_from_params", "to_hf_state_dict"]
 
 
-def load_hf(directory: str | os.PathLike, **config_overrides: Any) -> Model:
+def load_hf(directory: str | os.PathLike, *, strict: bool = False, **config_overrides: Any) -> Model:
     """Loads `config.json` and its safetensors weights. `config_overrides` (e.g. runtime={"dtype": "bfloat16"})
-    go to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32).
-    A ModelOpt quantized checkpoint (`modelopt.is_quantized`: `nemojax quantize` / `qad` output, or NVIDIA's) is
-    read by `modelopt.load_quantized`: a fake-quantized Model whose kernels are the dequantized weights."""
+    go to `ModelConfig.from_hf`; weights are cast to the config's param dtype (router kernel and bias stay fp32),
+    only between floating dtypes. A ModelOpt quantized checkpoint (`modelopt.is_quantized`: `nemojax quantize` /
+    `qad` output, or NVIDIA's) is read by `modelopt.load_quantized`: a fake-quantized Model whose kernels are the
+    dequantized weights.
+
+    A save into `directory` that was killed after its commit point is completed first (`finish_interrupted_save`).
+    Tensors holding NaN or inf are named in a warning, or with `strict=True` in a CheckpointError; bad JSON, a
+    truncated shard or an integer tensor for a float param raise a CheckpointError naming the file or tensor.
+    """
     directory = Path(directory)
-    hf_config = json.loads((directory / CONFIG_NAME).read_text())
+    finish_interrupted_save(directory)
+    hf_config = read_json(directory / CONFIG_NAME)
     if modelopt.is_quantized(directory, hf_config):
-        return modelopt.load_quantized(directory, **config_overrides)
+        return modelopt.load_quantized(directory, strict=strict, **config_overrides)
     config = config_from_hf(hf_config, **config_overrides)
-    return model_from_state_dict(config, read_safetensors(directory))
+    return model_from_state_dict(config, read_safetensors(directory), strict=strict)
 
 
 def save_hf(model: Model, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) into `directory`.
 
-    Everything is written to a sibling temporary directory first and swapped in at the end, so a save that fails
-    part-way leaves any previous checkpoint at `directory` intact.
+    Only these files are written (other files of the folder, e.g. a tokenizer, stay) and own files of a previous
+    save that this one lacks (old shards, an index, hf_quant_config.json) are removed. Files are staged inside
+    `directory` and committed through a journal (`safetensors_file.save_folder`), so a save that fails or is
+    killed at any point leaves the old or the new checkpoint loadable. Raises CheckpointError, before writing,
+    for a `directory` that is a symlink, a regular file or a training workdir (run.json or checkpoints/ inside).
     """
     state_dict = state_dict_from_params(model.config, model.params)
     hf_config = {**model.config.to_hf(), "torch_dtype": model.config.runtime.param_dtype}  # the tensors' dtype

@@ -533,8 +533,10 @@ def save_quantized(model: Model, directory: str | os.PathLike, *, dtype: str | N
     config.json (with "quantization_config"), hf_quant_config.json and (sharded) safetensors.
 
     dtype: export dtype of the high-precision tensors (default: the model's param dtype), e.g. "bfloat16".
-    Everything is written to a sibling temporary directory and swapped in at the end, so a save that fails
-    part-way (a bad recipe, an uncalibrated amax, a full disk) leaves a previous checkpoint at `directory` intact.
+    Only these files are written (other files of the folder stay; own files of a previous save that this one
+    lacks are removed), staged inside `directory` and committed through a journal (`safetensors_file.save_folder`),
+    so a save that fails or is killed at any point (a bad recipe, an uncalibrated amax, a full disk) leaves the
+    old or the new checkpoint loadable. Raises CheckpointError for a symlink, file or training-workdir target.
     Raises ValueError for layers whose formats have no ModelOpt layout (see the module docstring).
     """
     qconfig = quant_config(model)
@@ -566,7 +568,10 @@ def _read_quant_config(directory: Path, hf_config: Mapping[str, Any]) -> dict[st
     """The "quantization" dict: from hf_quant_config.json, else from config.json's quantization_config."""
     file = directory / QUANT_CONFIG_NAME
     if file.exists():
-        return dict(json.loads(file.read_text())["quantization"])
+        quantization = safetensors_file.read_json(file).get("quantization")
+        if not isinstance(quantization, Mapping):
+            raise CheckpointError(f'{file}: needs a "quantization" object (quant_algo, kv_cache_quant_algo, ...)')
+        return dict(quantization)
     qc = hf_config.get("quantization_config")
     if not qc or not str(qc.get("quant_method", "")).lower().startswith("modelopt"):
         raise ValueError(f"{directory} has no {QUANT_CONFIG_NAME} and config.json has no ModelOpt "
@@ -687,17 +692,20 @@ def _import_linear(layer: _Module, algo: str, tensors: dict[str, np.ndarray],
     return kernel, state
 
 
-def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Model:
+def load_quantized(directory: str | os.PathLike, *, strict: bool = False, **config_overrides: Any) -> Model:
     """Loads a ModelOpt unified HF checkpoint (ours or NVIDIA's) as a fake-quantized Model.
 
     The config's `quant` is a recipe with one rule per quantized layer path (formats from the per-layer
     quant_algo, see `_spec_from_algo`) and an FP8 KV cache if the checkpoint has one; kernels are the dequantized
     weights in the config's param dtype; the state leaves hold the stored scales (NVFP4 block scales as static
     block scales, per-tensor scales as amaxes). `config_overrides` go to `ModelConfig.from_hf` (e.g.
-    runtime={"dtype": "bfloat16"}). Raises `CheckpointError` / ValueError naming the offending tensor or field.
+    runtime={"dtype": "bfloat16"}). Raises `CheckpointError` / ValueError naming the offending tensor, field or
+    file. A save killed after its commit point is completed first; NaN/inf in the (dequantized) weights warn, or
+    with `strict=True` raise (`model_from_state_dict`).
     """
     directory = Path(directory)
-    hf_config = json.loads((directory / CONFIG_NAME).read_text())
+    safetensors_file.finish_interrupted_save(directory)
+    hf_config = safetensors_file.read_json(directory / CONFIG_NAME)
     q = _read_quant_config(directory, hf_config)
     config = config_from_hf(hf_config, **config_overrides)
     tensors = {checkpoint_name(k): v for k, v in safetensors_file.read_safetensors(directory).items()}
@@ -744,7 +752,7 @@ def load_quantized(directory: str | os.PathLike, **config_overrides: Any) -> Mod
     algo_name = str(q.get("quant_algo") or "kv_only").lower()
     recipe = QuantRecipe(f"modelopt_{algo_name}", rules=tuple(rules), kv_cache=kv)
     config = config.replace(runtime={"quant": recipe})
-    model = model_from_state_dict(config, tensors)
+    model = model_from_state_dict(config, tensors, strict=strict)
     flat = flatten_dict(model.params)
     for path, value in state.items():
         if path not in flat:

@@ -1,5 +1,5 @@
 """The safetensors files of a checkpoint folder: read into numpy (float8 and bfloat16 included), written sharded,
-swapped in whole.
+committed into the folder file by file, crash-safe.
 
     tensors = read_safetensors("ckpt/")    # {name: np.ndarray}: model.safetensors, or an index + its shards
     save_folder("out/", lambda tmp: write_tensors(tmp, tensors, max_shard_bytes))
@@ -10,26 +10,56 @@ NVIDIA's quantized checkpoints store their block scales in F8_E4M3. So the file 
 definition (github.com/huggingface/safetensors README, "Format"): an 8-byte little-endian header length N, N bytes
 of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__"}, then the raw
 little-endian tensor bytes, offsets relative to the end of the header. Float8 and bfloat16 become ml_dtypes arrays.
+Every reading error (bad JSON, an index without "weight_map", a missing or truncated shard) is a CheckpointError
+naming the file.
+
+Saving (`save_folder`) writes only the checkpoint's own files (`is_own_file`: config.json, hf_quant_config.json,
+model.safetensors, numbered shards, the index) and leaves every other file of the folder (a tokenizer, a README)
+alone. The protocol, so that a kill at any instant leaves the old or the new checkpoint at the path:
+
+  1. the new files are written into a staging folder inside the target (`.nemojax-saving-*`, same filesystem)
+     and fsynced;
+  2. a journal (`.nemojax-save-journal.json`: the staging folder, the files to move in, the stale own files of the
+     previous save to remove) is written beside it and renamed into place: this rename is the commit point;
+  3. each staged file is `os.replace`d into the folder, the stale own files are removed, then the staging folder
+     and the journal.
+
+A kill before step 2 leaves the old checkpoint untouched (the staging folder is removed by the next save); a kill
+after it is rolled forward by the next save or load (`finish_interrupted_save`), which replays step 3 (every step
+of it can be repeated). Folders left by the older sibling-folder protocol (`.NAME.saving-*`) are recovered (if the
+target is missing) and removed. The target must be a real folder: a symlink, a regular file or a training workdir
+(run.json or checkpoints/ inside) is refused with a CheckpointError, so that a save never writes through a link
+into some other folder nor mixes weights into a training run's files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.flax import save_file
 
+from nemojax.errors import CheckpointError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint (modelopt writes it)
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OWN_NAMES = (CONFIG_NAME, QUANT_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)
+STAGING_PREFIX = ".nemojax-saving-"
+JOURNAL_NAME = ".nemojax-save-journal.json"
+WORKDIR_MARKERS = ("run.json", "checkpoints")  # nemojax.train's workdir layout: never a save_hf target
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 DTYPES = {
@@ -39,39 +69,89 @@ DTYPES = {
 }
 
 
+def read_json(file: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `file` (config.json, an index, hf_quant_config.json). Raises FileNotFoundError for a
+    missing file and CheckpointError naming the file for bad JSON or JSON that is not an object."""
+    file = Path(file)
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint folder: the index's shards, else model.safetensors.
-    Raises FileNotFoundError naming the folder when it has neither."""
+    Raises FileNotFoundError naming the folder when it has neither, and CheckpointError naming the index for an
+    index without a {tensor: shard file} "weight_map" or one that names a shard missing from the folder."""
     directory = Path(directory)
     index = directory / INDEX_NAME
     if index.exists():
-        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f'{index}: needs a "weight_map" object {{tensor name: shard file name}}')
+        files = []
+        for name in sorted(set(weight_map.values())):
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {name!r} is not a file name in the folder")
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{index} names shard {name}, which is missing from {directory}")
+            files.append(directory / name)
+        return files
     if (directory / WEIGHTS_NAME).exists():
         return [directory / WEIGHTS_NAME]
     raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
+def _header(file: Path, raw: np.ndarray) -> tuple[dict[str, Any], int]:
+    """The header dict of a safetensors file's bytes and the offset of its data; CheckpointError naming `file`
+    for a file too short for its header or a header that is not a JSON object."""
+    if raw.size < 8:
+        raise CheckpointError(f"{file}: {raw.size} bytes, too short for a safetensors header (truncated?)")
+    (n,) = struct.unpack("<Q", raw[:8].tobytes())
+    if 8 + n > raw.size:
+        raise CheckpointError(f"{file}: header of {n} bytes but the file holds {raw.size} (truncated?)")
+    try:
+        header = json.loads(raw[8:8 + n].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _tensor(file: Path, raw: np.ndarray, start: int, name: str, info: Any) -> np.ndarray:
+    """One tensor of a safetensors file (a copy off the memmap), checked against its header entry."""
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: tensor {name} has a malformed header entry {info!r}") from e
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {dtype_name}; allowed: {sorted(DTYPES)}")
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize or begin < 0:
+        raise CheckpointError(f"{file}: tensor {name} holds {end - begin} bytes, not the {dtype_name} {list(shape)} "
+                              "its header declares")
+    if start + end > raw.size:
+        raise CheckpointError(f"{file}: tensor {name} ends at byte {start + end} but the file holds {raw.size} "
+                              "(truncated?)")
+    # the stored bytes are little-endian, as are the hosts JAX runs on: a view, then a copy off the memmap
+    return np.asarray(raw[start + begin: start + end]).view(dtype).reshape(shape).copy()
+
+
 def read_file(file: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of one .safetensors file, each a numpy array of its stored dtype and shape (a copy, so the
-    file can be replaced afterwards). Raises ValueError naming the file and tensor for an unknown dtype or a
-    tensor whose byte range does not match its shape."""
+    file can be replaced afterwards). Raises CheckpointError (a ValueError) naming the file, and the tensor where
+    there is one, for a truncated file, a bad header, an unknown dtype or a byte range that does not match."""
+    file = Path(file)
+    if file.stat().st_size == 0:  # np.memmap cannot map an empty file
+        raise CheckpointError(f"{file}: empty file, not a safetensors file (truncated?)")
     raw = np.memmap(file, dtype=np.uint8, mode="r")
-    (n,) = struct.unpack("<Q", raw[:8].tobytes())
-    header = json.loads(raw[8:8 + n].tobytes())
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, info in header.items():
-        dtype = DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}; allowed: {sorted(DTYPES)}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise ValueError(f"{file}: tensor {name} holds {end - begin} bytes, not the {info['dtype']} {list(shape)} "
-                             "its header declares")
-        # the stored bytes are little-endian, as are the hosts JAX runs on: a view, then a copy off the memmap
-        tensors[name] = np.asarray(raw[8 + n + begin: 8 + n + end]).view(dtype).reshape(shape).copy()
-    return tensors
+    header, start = _header(file, raw)
+    return {name: _tensor(file, raw, start, name, info) for name, info in header.items()}
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -117,31 +197,144 @@ def _save(tensors: Mapping[str, np.ndarray], file: Path) -> None:
     save_file({k: jnp.asarray(v) for k, v in tensors.items()}, file, metadata={"format": "pt"})
 
 
-def save_folder(directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Runs `fill(staging)` on a sibling temporary folder, then swaps it in at `directory`: a save that fails
-    part-way leaves any previous checkpoint at `directory` intact, and nothing half-written behind."""
+def is_own_file(name: str) -> bool:
+    """Whether a file name is one a checkpoint save writes (and so may replace or remove): config.json,
+    hf_quant_config.json, model.safetensors, the index and numbered shards model-00001-of-00003.safetensors."""
+    return name in OWN_NAMES or SHARD_NAME.fullmatch(name) is not None
+
+
+def check_save_target(directory: Path) -> None:
+    """Raises CheckpointError unless `directory` is missing or a real folder that is not a training workdir.
+    A symlink is refused rather than followed (a loop, or a link into another checkpoint, would be written
+    through silently): pass the resolved path to save there."""
+    if directory.is_symlink():
+        raise CheckpointError(f"{directory} is a symlink; save to a real folder (its target, if intended: "
+                              f"{os.path.realpath(directory)})")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a folder; a checkpoint is saved into a folder")
+    for marker in WORKDIR_MARKERS:
+        if (directory / marker).exists():
+            raise CheckpointError(f"{directory} is a training workdir ({marker} inside); save the checkpoint into "
+                                  "another folder, e.g. a subfolder of it")
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's or folder's contents (a folder: its entries) to disk; so that a power cut after a rename
+    cannot leave a renamed but empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover_sibling_swap(directory: Path) -> None:
+    """Cleans up after the older protocol, which staged a sibling `.NAME.saving-*` folder and swapped it in whole:
+    a kill between its two renames left `directory` missing, the old checkpoint in `.NAME.saving-X.old` and the
+    complete new one in `.NAME.saving-X`. That new one (else the old one) is moved back to `directory`; every
+    other leftover is removed."""
+    if not directory.parent.is_dir():
+        return
+    leftovers = sorted(p for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.saving-"))
+    if not leftovers:
+        return
+    if not directory.exists() and not directory.is_symlink():
+        backup = next((p for p in leftovers if p.name.endswith(".old") and p.is_dir()), None)
+        if backup is not None:  # the backup was made only once its new sibling was complete
+            new = backup.with_name(backup.name[: -len(".old")])
+            (new if new.is_dir() else backup).rename(directory)
+    for path in leftovers:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_journal(directory: Path) -> dict[str, Any] | None:
+    """The journal of an interrupted save in `directory`, validated (only own files, a staging folder inside);
+    None when there is none."""
+    file = directory / JOURNAL_NAME
+    if not file.exists():
+        return None
+    journal = read_json(file)
+    staging, move, remove = journal.get("staging"), journal.get("move"), journal.get("remove")
+    names = (move or []) + (remove or [])
+    if (not isinstance(staging, str) or not staging.startswith(STAGING_PREFIX) or Path(staging).name != staging
+            or not isinstance(move, list) or not isinstance(remove, list)
+            or not all(isinstance(n, str) and is_own_file(n) for n in names)):
+        raise CheckpointError(f"{file}: not a save journal of nemojax (staging, move, remove of checkpoint files); "
+                              "remove it by hand if the folder's checkpoint is otherwise complete")
+    return journal
+
+
+def _roll_forward(directory: Path, journal: Mapping[str, Any]) -> None:
+    """Step 3 of the save protocol (module docstring), repeatable after a kill at any point in it: moves each
+    staged file into `directory` (one already moved is skipped), removes the stale own files, then the staging
+    folder and the journal."""
+    staging = directory / journal["staging"]
+    for name in journal["move"]:
+        try:
+            os.replace(staging / name, directory / name)
+        except FileNotFoundError:
+            if not (directory / name).exists():  # neither staged nor in place: the journal cannot be completed
+                raise CheckpointError(f"{directory / JOURNAL_NAME}: file {name} is neither in {staging} nor in "
+                                      f"{directory}; the interrupted save cannot be completed") from None
+    for name in journal["remove"]:
+        (directory / name).unlink(missing_ok=True)
+    _fsync(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    (directory / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def finish_interrupted_save(directory: str | os.PathLike) -> bool:
+    """Completes a save into `directory` that was killed after its commit point (its journal is rolled forward),
+    and recovers a folder left missing by the older sibling-folder protocol. Called by every load and save
+    before it reads or writes; returns whether there was anything to finish."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    _recover_sibling_swap(directory)
+    journal = _read_journal(directory) if directory.is_dir() else None
+    if journal is None:
+        return False
+    _roll_forward(directory, journal)
+    return True
+
+
+def _commit(directory: Path, staging: Path) -> dict[str, Any]:
+    """Steps 1-2 of the save protocol: fsyncs the staged files and atomically writes the journal naming them and
+    the stale own files of `directory`. Raises ValueError for a staged file that is not a checkpoint file."""
+    move = sorted(p.name for p in staging.iterdir())
+    foreign = [name for name in move if not is_own_file(name)]
+    if foreign:  # a save may only write files it will replace or remove the next time
+        raise ValueError(f"save_folder: fill wrote {foreign}; allowed: {list(OWN_NAMES)} and numbered shards")
+    remove = sorted(p.name for p in directory.iterdir() if is_own_file(p.name) and p.name not in move)
+    journal = {"staging": staging.name, "move": move, "remove": remove}
+    for name in move:
+        _fsync(staging / name)
+    pending = staging / f"{JOURNAL_NAME}.pending"  # inside staging: removed with it if the rename never happens
+    pending.write_text(json.dumps(journal, indent=2))
+    _fsync(pending)
+    os.replace(pending, directory / JOURNAL_NAME)
+    _fsync(directory)
+    return journal
+
+
+def save_folder(directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Runs `fill(staging)` on an empty staging folder inside `directory` (created if missing), then commits its
+    files into `directory` by the module docstring's protocol: other files of the folder are left alone, own
+    files of a previous save that the new one lacks (old shards, an index) are removed, and a save that fails or
+    is killed at any point leaves the old or the new checkpoint loadable. Raises CheckpointError for a target
+    that is a symlink, a file or a training workdir (`check_save_target`), before anything is written."""
+    directory = Path(directory)
+    check_save_target(directory)
+    finish_interrupted_save(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):  # a save killed before its commit point
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     try:
         fill(staging)
-        swap_in(staging, directory)
+        journal = _commit(directory, staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (directory / JOURNAL_NAME).exists():  # committed (a failed fsync after the rename): keep for recovery
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    _roll_forward(directory, journal)
     return directory
-
-
-def swap_in(staging: Path, directory: Path) -> None:
-    """Replaces `directory` by `staging`; the old directory is removed only once the new one is in place."""
-    if not directory.exists():
-        staging.rename(directory)
-        return
-    backup = staging.with_name(staging.name + ".old")
-    directory.rename(backup)
-    try:
-        staging.rename(directory)
-    except BaseException:
-        backup.rename(directory)
-        raise
-    shutil.rmtree(backup)

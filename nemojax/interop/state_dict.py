@@ -11,6 +11,7 @@ and a config without MTP ignores them, as transformers does. The folder formats 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -143,8 +144,45 @@ def _list(names: Iterable[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> Model:
-    """A Model from torch-layout tensors; see the module docstring for the names accepted."""
+def _check_dtype(name: str, tensor: np.ndarray, want: Any) -> None:
+    """Checkpoint tensors are cast only between floating dtypes (or kept in the param's own dtype): an integer or
+    bool tensor for a float param (or the reverse) is a wrong checkpoint, not something to round silently."""
+    got, want = np.dtype(tensor.dtype), np.dtype(want)
+    if got != want and not (jnp.issubdtype(got, jnp.floating) and jnp.issubdtype(want, jnp.floating)):
+        raise CheckpointError(f"tensor {name} is {got}, expected a floating dtype for its {want} param"
+                              if jnp.issubdtype(want, jnp.floating) else
+                              f"tensor {name} is {got}, expected {want}")
+
+
+def nonfinite_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """{name: number of NaN/inf elements} of the floating tensors that hold any."""
+    counts = {}
+    for name, tensor in tensors.items():
+        if jnp.issubdtype(tensor.dtype, jnp.floating):
+            bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def _report_nonfinite(tensors: Mapping[str, np.ndarray], strict: bool) -> None:
+    """Warns (strict: raises CheckpointError) naming the tensors that hold NaN or inf."""
+    counts = nonfinite_tensors(tensors)
+    if not counts:
+        return
+    message = "checkpoint tensors hold NaN/inf: " + _list(f"{name} ({n} elements)" for name, n in counts.items())
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], *, strict: bool = False) -> Model:
+    """A Model from torch-layout tensors; see the module docstring for the names accepted.
+
+    Tensors are cast to their param's dtype only between floating dtypes (an integer or bool tensor for a float
+    param raises a CheckpointError naming it). Tensors holding NaN or inf are named in a warning, or with
+    `strict=True` in a CheckpointError.
+    """
     tensors = _normalise_names(state_dict, config)
     has_mtp = any(name.startswith("mtp.") for name in tensors)
     if config.mtp is not None and not has_mtp:
@@ -173,10 +211,16 @@ def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) ->
     if problems:
         raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
 
+    arrays_by_name = {name: _to_numpy(tensors[name]) for name in expected}
+    for rule, leaf in rules:
+        for name in rule.names:
+            _check_dtype(name, arrays_by_name[name], leaf.dtype)
+    _report_nonfinite(arrays_by_name, strict)
+
     rows = {rule.path: (start, stop) for spans in fused.values() for rule, start, stop in spans}
     flat = {}
     for rule, leaf in rules:
-        arrays = [_to_numpy(tensors[name]) for name in rule.names]
+        arrays = [arrays_by_name[name] for name in rule.names]
         if rule.part is not None:  # this part's rows of the fused tensor
             start, stop = rows[rule.path]
             arrays = [arrays[0][start:stop]]

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemojax.lowp.formats import (
     E4M3_MAX,
@@ -81,6 +82,15 @@ class QArray:
     axis: int
     dtype: str
 
+    def __post_init__(self) -> None:
+        # Only the static fields: the array fields are tracers under jit, or placeholders when jax rebuilds the
+        # pytree, so they are not inspected here.
+        spec = check_format(self.fmt)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int) or (spec.block is not None and self.axis < 0):
+            raise ValueError(f"axis={self.axis!r} is invalid; allowed: a non-negative int (the blocked axis)")
+        if not isinstance(self.dtype, str) or not _is_float_dtype_name(self.dtype):
+            raise ValueError(f"dtype={self.dtype!r} is invalid; allowed: the name of a floating dtype, e.g. 'float32'")
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
@@ -108,6 +118,13 @@ class QArray:
 # ------------------------------------------------------------------------------------------------- validation
 
 
+def _is_float_dtype_name(name: str) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(name), jnp.floating))
+    except TypeError:
+        return False
+
+
 def _normalize_axis(axis: int, ndim: int, field: str = "axis") -> int:
     if not isinstance(axis, int) or not -ndim <= axis < ndim:
         raise ValueError(f"{field}={axis!r} is out of range for an array of rank {ndim}; allowed: [-{ndim}, {ndim})")
@@ -119,6 +136,9 @@ def _check_inputs(x, spec: FormatSpec, axis, amax, block_scale, rounding, key) -
         raise ValueError(f"x has dtype {x.dtype}; allowed: a floating dtype")
     if x.ndim == 0:
         raise ValueError("x has shape (); allowed: rank >= 1")
+    if x.size == 0:
+        raise ValueError(f"x has shape {x.shape} with no elements; allowed: at least one element (an empty tensor "
+                         "has no amax to scale by)")
     axis = _normalize_axis(axis, x.ndim)
     if spec.two_d:
         if x.ndim < 2 or axis < x.ndim - 2:
@@ -139,6 +159,7 @@ def _check_inputs(x, spec: FormatSpec, axis, amax, block_scale, rounding, key) -
     if amax is not None and spec.scale_kind == "e8m0_block":
         raise ValueError(f"amax given with fmt={spec.name!r}; MX formats have no per-tensor scale, allowed: None")
     if amax is not None:
+        _check_static_amax(amax)
         amax = jnp.asarray(amax, jnp.float32)
         lead = x.shape[: amax.ndim]
         ok = amax.ndim <= x.ndim and all(a in (1, d) for a, d in zip(amax.shape, lead, strict=True))
@@ -149,6 +170,19 @@ def _check_inputs(x, spec: FormatSpec, axis, amax, block_scale, rounding, key) -
                 f"broadcastable to the leading dims x.shape[:k] with k <= {first_blocked} (left-aligned)"
             )
     return axis, amax
+
+
+def _check_static_amax(amax) -> None:
+    """A host-side amax (Python number, numpy scalar or array) must be finite and >= 0: a NaN, inf or negative amax
+    gives NaN, zero or sign-flipped scales. jax arrays (tracers inside jit, or device values) are not read back,
+    since quantize runs traced in training and a check there would cost a host sync."""
+    if isinstance(amax, bool | np.bool_) or (isinstance(amax, np.ndarray) and amax.dtype == bool):
+        raise ValueError(f"amax={amax!r} is a bool; allowed: a finite float >= 0 (or an array of them)")
+    if not isinstance(amax, int | float | np.generic | np.ndarray):
+        return
+    values = np.asarray(amax, np.float64)
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0)):
+        raise ValueError(f"amax={amax!r} is invalid; allowed: finite values >= 0 (a calibrated max |x|)")
 
 
 def _lead(a: jax.Array, ndim: int) -> jax.Array:

@@ -16,7 +16,10 @@ is a grain iterator), resumes exactly from the newest one, and appends `{"step",
 workdir/metrics.jsonl. A plain Python iterator of batches cannot save its position, so a resumed run skips the
 batches the saved steps used (the iterator must yield the same sequence each time). Without a workdir nothing is
 written and the per-step metrics come back in memory. A loss that is not finite stops the run with
-`NonFiniteLossError` before any checkpoint of the diverged state is written.
+`NonFiniteLossError` before any checkpoint of the diverged state is written (or, with `on_nonfinite="skip"`, that
+step's update is dropped and counted, and only `max_skipped` bad steps in a row stop the run). A run with a workdir
+holds the workdir's lock until it ends, refuses a checkpoints folder it cannot write before its first step, and
+verifies each checkpoint it resumes from against the digest written when it was saved (`nemojax.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from nemojax.train import sharding
-from nemojax.train.checkpoint import Checkpoints
+from nemojax.train.checkpoint import Checkpoints, WorkdirLock
 from nemojax.train.metrics import MetricsWriter, read_metrics
 from nemojax.train.step import LossFn, TrainState, make_train_step
 
@@ -121,17 +124,39 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
                                                                                           else ""))
 
 
-def _guarded(step_fn: Callable) -> Callable:
-    """step_fn with a running marker `bad` (int32 scalar): 0 while every loss and gradient norm so far is finite,
-    else the first step (1-based) where one was not. A non-finite gradient with a finite loss still turns the
-    params to NaN (Adam's inf / inf), so both are watched. The marker stays on device, so the host reads it only
-    when it syncs anyway."""
+NONFINITE_POLICIES = ("stop", "skip")
 
-    def step(state: TrainState, batch: Batch, bad: jax.Array, *frozen: Any) -> tuple[TrainState, dict, jax.Array]:
+
+def new_guard() -> dict[str, jax.Array]:
+    """The divergence watch `_guarded` carries between steps (int32 scalars, kept on device): `bad`, 0 or the step
+    (1-based) where the run must stop; `run`, non-finite steps in a row; `skipped`, skipped steps in all."""
+    return {name: jnp.zeros((), jnp.int32) for name in ("bad", "run", "skipped")}  # distinct buffers: donated
+
+
+def _guarded(step_fn: Callable, on_nonfinite: str = "stop", max_skipped: int = 10) -> Callable:
+    """step_fn with a divergence watch (`new_guard`). A step is bad when its loss or gradient norm is not finite (a
+    non-finite gradient with a finite loss still turns the params to NaN: Adam's inf / inf).
+
+    on_nonfinite="stop": `bad` becomes the first bad step (the host raises at its next sync, before any checkpoint).
+    "skip": a bad step leaves the params and optimizer state as they were (the step count and rng advance, since its
+    batch was used, so a resume stays aligned with the data); `bad` is set when `max_skipped` steps in a row were
+    bad. The watch stays on device, so the host reads it only when it syncs anyway."""
+    skip = on_nonfinite == "skip"
+
+    def step(state: TrainState, batch: Batch, guard: dict, *frozen: Any) -> tuple[TrainState, dict, dict]:
         new_state, metrics = step_fn(state, batch, *frozen)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", 0.0))
-        bad = jnp.where((bad == 0) & ~finite, new_state.step, bad)
-        return new_state, metrics, bad
+        run = jnp.where(finite, 0, guard["run"] + 1)
+        if skip:
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (new_state.params, new_state.opt_state),
+                                (state.params, state.opt_state))
+            new_state = dataclasses.replace(new_state, params=kept[0], opt_state=kept[1])
+            trips = run >= max_skipped
+        else:
+            trips = ~finite
+        bad = jnp.where((guard["bad"] == 0) & trips, new_state.step, guard["bad"])
+        skipped = guard["skipped"] + (~finite).astype(jnp.int32)
+        return new_state, metrics, {"bad": bad, "run": run, "skipped": skipped}
 
     return step
 
@@ -149,8 +174,8 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
         frozen_shardings: ShardingsFn | None = None, workdir: str | Path | None = None,
         fingerprint: dict[str, Any] | None = None, stop_after: int | None = None, desc: str = "train",
         progress: bool = False, grad_accum: int = 1, moe_bias_rate: float = 0.0, log_every: int = 1,
-        checkpoint_every: int | None = None, keep_checkpoints: int = 3,
-        prepare: Callable[[Any], Batch] | None = None,
+        checkpoint_every: int | None = None, keep_checkpoints: int = 3, on_nonfinite: str = "stop",
+        max_skipped: int = 10, prepare: Callable[[Any], Batch] | None = None,
         on_log: Callable[[int, dict[str, float], float], dict[str, float]] | None = None,
         evaluate: Callable[[int, Params], dict[str, float] | None] | None = None) -> FitResult:
     """Runs `steps` optimizer steps of `loss_fn` from `params` (resuming from `workdir`'s newest checkpoint).
@@ -168,17 +193,26 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
       many steps (a checkpoint is written first), as `nemojax train --stop-after` does.
     desc: the method's name, on the progress bar and as the metrics' split. log_every: steps between logged
       metrics (and host syncs). checkpoint_every: steps between checkpoints (None: only at the end and on stop).
+    on_nonfinite: "stop" (a non-finite loss or gradient ends the run) or "skip" (that step's update is dropped and
+      counted in the logged metric "skipped_steps"; `max_skipped` bad steps in a row end the run).
+    keep_checkpoints: how many checkpoints to keep (>= 1). With a workdir the run holds its lock (workdir/lock.json,
+      `WorkdirLock`) from start to end, so a second job on the same workdir is refused.
     on_log(step, metrics, steps_per_second) -> metrics: adds derived metrics before they are logged.
     evaluate(step, params) -> metrics or None: run after each step; a dict is logged as split "validation" (and
       its "loss" printed).
 
-    Returns a FitResult. Raises NonFiniteLossError when a loss is NaN or infinite (no checkpoint is written from
-    that step on), ValueError for bad arguments, and `CheckpointError` for a workdir of another run.
+    Returns a FitResult. Raises NonFiniteLossError when a loss is NaN or infinite (or, skipping, too many in a row;
+    no checkpoint is written from that step on), ValueError for bad arguments, and `CheckpointError` for a workdir
+    of another run, a corrupt checkpoint or one that cannot be written (`WorkdirLockedError`: a workdir in use).
     """
     _check_positive("steps", steps)
     _check_positive("stop_after", stop_after, allow_none=True)
     _check_positive("log_every", log_every)
     _check_positive("checkpoint_every", checkpoint_every, allow_none=True)
+    _check_positive("keep_checkpoints", keep_checkpoints)
+    _check_positive("max_skipped", max_skipped)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: must be one of {NONFINITE_POLICIES}")
     frozen = tuple(frozen)
     mesh = resolve_mesh(mesh)
     build_params = params if callable(params) else None
@@ -191,7 +225,8 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
         raise ValueError(f"frozen_shardings gave {len(frozen_sharding)} sharding trees for {len(frozen)} frozen "
                          "inputs: must give one per frozen input")
     layout = make_layout(mesh, optimizer, params_shape, params_sharding, frozen_sharding)
-    step_fn = _guarded(make_train_step(optimizer, loss_fn, grad_accum=grad_accum, moe_bias_rate=moe_bias_rate))
+    step_fn = _guarded(make_train_step(optimizer, loss_fn, grad_accum=grad_accum, moe_bias_rate=moe_bias_rate),
+                       on_nonfinite, max_skipped)
     replicated = sharding.replicated(mesh)
     step = jax.jit(step_fn, in_shardings=(layout.state, layout.batch, replicated, *layout.frozen),
                    out_shardings=(layout.state, replicated, replicated), donate_argnums=(0, 2))
@@ -208,14 +243,16 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   jax.eval_shape(new_state, params_shape, rng), layout.state)
     savable_data = batches if isinstance(batches, grain.DatasetIterator) else None
-    checkpoints = writer = None
-    if workdir is not None:
-        workdir = Path(workdir)
-        checkpoints = Checkpoints(workdir, fingerprint or _default_fingerprint(desc, params_shape),
-                                  keep=keep_checkpoints)
-        writer = MetricsWriter(workdir)
+    checkpoints = writer = lock = None
     history: list[dict[str, float]] = []
     try:
+        if workdir is not None:
+            workdir = Path(workdir)
+            lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+            checkpoints = Checkpoints(workdir, fingerprint or _default_fingerprint(desc, params_shape),
+                                      keep=keep_checkpoints)
+            checkpoints.check_writable()
+            writer = MetricsWriter(workdir)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             if checkpoints is not None and checkpoints.latest_step() is not None:
                 state = checkpoints.restore(abstract_state, savable_data)
@@ -227,17 +264,19 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
                 start = 0
             frozen = jax.device_put(frozen, layout.frozen)
             end = steps if stop_after is None else min(steps, start + stop_after)
-            bad = jnp.zeros((), jnp.int32)
+            guard = new_guard()
             bar = tqdm(total=steps, initial=start, desc=desc, unit="step",
                        disable=not progress or jax.process_index() != 0)
             last_time, last_step = time.perf_counter(), start
             for done in range(start + 1, end + 1):
                 batch = _next(batches, done - 1, steps, desc)
-                state, metrics, bad = step(state, global_batch(prepare(batch) if prepare else batch, layout.batch),
-                                           bad, *frozen)
+                state, metrics, guard = step(state, global_batch(prepare(batch) if prepare else batch, layout.batch),
+                                             guard, *frozen)
                 if done % log_every == 0 or done == end:
-                    _raise_if_diverged(bad, desc, checkpoints)
+                    _raise_if_diverged(guard, desc, checkpoints, on_nonfinite, max_skipped)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if on_nonfinite == "skip":
+                        metrics["skipped_steps"] = float(jax.device_get(guard["skipped"]))
                     if on_log:
                         now = time.perf_counter()
                         metrics = on_log(done, metrics, (done - last_step) / max(now - last_time, 1e-9))
@@ -258,7 +297,7 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
                             tqdm.write(f"step {done}: validation loss {results['loss']:.4f}")
                         last_time, last_step = time.perf_counter(), done  # steps/s counts training only
                 if checkpoints is not None and ((checkpoint_every and done % checkpoint_every == 0) or done == end):
-                    _raise_if_diverged(bad, desc, checkpoints)
+                    _raise_if_diverged(guard, desc, checkpoints, on_nonfinite, max_skipped)
                     checkpoints.save(done, state, savable_data)
                     last_time, last_step = time.perf_counter(), done
                 bar.update(1)
@@ -268,10 +307,14 @@ def fit(params: Params | Callable[[], Params], loss_fn: LossFn, optimizer: optax
                 if end < steps:
                     print(f"stopped at step {end} of {steps}; checkpoint saved, run again to resume", flush=True)
     finally:
-        if checkpoints is not None:
-            checkpoints.close()
-        if writer is not None:
-            writer.close()
+        try:
+            if checkpoints is not None:
+                checkpoints.close()
+            if writer is not None:
+                writer.close()
+        finally:
+            if lock is not None:
+                lock.release()
     if workdir is not None:
         history = _logged(workdir, desc)
     return FitResult(state, history, end == steps)
@@ -290,12 +333,16 @@ def _skip(batches: Iterator[Batch], count: int, steps: int, desc: str) -> None:
         _next(batches, used, steps, desc)
 
 
-def _raise_if_diverged(bad: jax.Array, desc: str, checkpoints: Checkpoints | None) -> None:
-    first = int(jax.device_get(bad))
+def _raise_if_diverged(guard: dict[str, jax.Array], desc: str, checkpoints: Checkpoints | None,
+                       on_nonfinite: str = "stop", max_skipped: int = 10) -> None:
+    first = int(jax.device_get(guard["bad"]))
     if first:
         kept = checkpoints.latest_step() if checkpoints is not None else None
         where = f"; the newest checkpoint (step {kept}) is left as it was" if kept is not None else ""
-        raise NonFiniteLossError(f"{desc}: the loss or its gradient is not finite (NaN or inf) at step {first}; "
+        what = (f"at step {first}" if on_nonfinite == "stop" else
+                f"at {max_skipped} steps in a row up to step {first} (train.max_skipped={max_skipped}; each was "
+                "skipped)")
+        raise NonFiniteLossError(f"{desc}: the loss or its gradient is not finite (NaN or inf) {what}; "
                                  f"stopped without checkpointing the diverged state{where}. Lower the learning "
                                  "rate or check the data and the initial params")
 

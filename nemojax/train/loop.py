@@ -32,7 +32,7 @@ from nemojax.model import Model, abstract_params
 from nemojax.models import scan
 from nemojax.train import sharding
 from nemojax.train.checkpoint import Checkpoints, config_fingerprint
-from nemojax.train.fit import fit, global_batch, jit_step, make_layout
+from nemojax.train.fit import NONFINITE_POLICIES, fit, global_batch, jit_step, make_layout
 from nemojax.train.flops import train_flops_per_token
 from nemojax.train.metrics import read_metrics
 from nemojax.train.optim import OptimizerConfig, make_optimizer, make_schedule
@@ -160,6 +160,45 @@ def _data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     return data.DataConfig(**dict(config.data))
 
 
+_AT_LEAST_ONE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints")
+
+
+def check_train_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Refuses, with a ValueError naming the field and what is allowed, a train config or workdir that would fail
+    or mislead only after training began: a zero interval (a ZeroDivisionError after step 1), keep_checkpoints=0 (a
+    run that ends with no checkpoint), eval_batches=0 (a validation loss of 0.0), an empty workdir (training into
+    the current directory), or an unknown non-finite policy."""
+    if not str(workdir).strip():
+        raise ValueError("workdir='' is invalid: must name a directory for the run (checkpoints, metrics), e.g. "
+                         "runs/tiny")
+    t = config.train
+    for name in _AT_LEAST_ONE:
+        value = t.get(name)
+        if name == "checkpoint_every" and value is None:  # None: a checkpoint only at the end (and on stop)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{name}={value!r} is invalid: must be an integer >= 1"
+                             + (" or None (only at the end)" if name == "checkpoint_every" else ""))
+    on_nonfinite, max_skipped = t.get("on_nonfinite", "stop"), t.get("max_skipped", 10)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is invalid: must be one of {NONFINITE_POLICIES}")
+    if isinstance(max_skipped, bool) or not isinstance(max_skipped, int) or max_skipped < 1:
+        raise ValueError(f"train.max_skipped={max_skipped!r} is invalid: must be an integer >= 1")
+
+
+def check_validation_data(config: ml_collections.ConfigDict) -> None:
+    """Reads one validation batch, so an empty validation split is refused before step 1 rather than found at the
+    first evaluation (before any checkpoint)."""
+    t = config.train
+    batches = data.make_dataset(_data_config(config), "validation", seq_len=t.seq_len, batch_size=t.batch_size,
+                                seed=t.seed)
+    if next(iter(batches), None) is None:
+        raise ValueError(f"the validation split of data={dict(config.data)} is empty (not one batch of "
+                         f"{t.batch_size} x {t.seq_len} tokens): validation needs at least one; add validation data "
+                         "or lower train.batch_size / train.seq_len")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
           stop_after: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict.
@@ -167,9 +206,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     `stop_after` ends the job after that many steps of this invocation (a checkpoint is written first), which
     is how tests interrupt and resume a run. The loop itself is `nemojax.train.fit.fit` (method "train"); this
     job adds the config's model, data, learning-rate schedule, throughput metrics and validation.
+    `train.on_nonfinite` ("stop", the default, or "skip") and `train.max_skipped` (default 10) choose what a
+    non-finite loss does (see `fit`). The config and the validation data are checked before anything is built.
     """
+    check_train_config(config, workdir)
     workdir = Path(workdir)
     t = config.train
+    check_validation_data(config)
     run = build(config)
     mcfg = run.model_config
     data_vocab = data.vocab_size(_data_config(config))
@@ -198,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                  rng=state_rng, mesh=run.mesh, shardings=lambda _: run.state_sharding.params, workdir=workdir,
                  fingerprint=_fingerprint(mcfg, config), stop_after=stop_after, desc="train", progress=progress,
                  grad_accum=t.grad_accum, moe_bias_rate=t.moe_bias_rate, log_every=t.log_every,
-                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, on_log=throughput,
+                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                 on_nonfinite=t.get("on_nonfinite", "stop"), max_skipped=t.get("max_skipped", 10), on_log=throughput,
                  evaluate=validation)
     state = result.state
     history = read_metrics(workdir)
