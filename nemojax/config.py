@@ -299,7 +299,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2  # a tuple: several ids end generation (config.json's list)
     pad_token_id: int | None = 0
     runtime: Runtime = Runtime()  # how it runs (dtype, remat, kernels, quantization), not what it is
 
@@ -328,11 +328,30 @@ class ModelConfig:
         # eps <= 0 or inf makes every RMSNorm output 0 or nan: constant logits, not an error
         _check(self, "", "norm_eps", "float", "> 0", _positive)
         _check(self, "", "initializer_range", "float", "> 0", _positive)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            _check(self, "", name, "int", f"in [0, vocab_size={self.vocab_size})", lambda v: 0 <= v < self.vocab_size,
-                   optional=True)
+        in_vocab = f"in [0, vocab_size={self.vocab_size})"
+        for name in ("bos_token_id", "pad_token_id"):
+            _check(self, "", name, "int", in_vocab, lambda v: 0 <= v < self.vocab_size, optional=True)
+        self._check_eos(in_vocab)
         if self.tie_word_embeddings:
             _fail("tie_word_embeddings", True, "NemotronH checkpoints are untied; only False is supported")
+
+    def _check_eos(self, in_vocab: str) -> None:
+        """eos_token_id: None, one id, or a non-empty list / tuple of ids (stored as a tuple, so the config stays
+        hashable), every id in the vocabulary."""
+        eos = self.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if eos is None:
+            return
+        if not ids or not all(_is_kind(v, "int") and 0 <= v < self.vocab_size for v in ids):
+            _fail("eos_token_id", eos, f"must be an integer {in_vocab}, a non-empty list of them, or None")
+        if isinstance(eos, (list, tuple)):
+            object.__setattr__(self, "eos_token_id", tuple(int(v) for v in eos))
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation (empty when eos_token_id is None)."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
 
     @property
     def num_layers(self) -> int:
@@ -464,11 +483,7 @@ class ModelConfig:
                 topk_group=first("moe.topk_group", "topk_group", default=1),
                 norm_topk_prob=first("moe.norm_topk_prob", "norm_topk_prob", default=True),
             )
-        eos = first("eos_token_id", "eos_token_id", default=2)
-        if isinstance(eos, (list, tuple)):  # transformers allows a list of stop ids; the config keeps the first
-            if not eos:
-                _fail("eos_token_id", eos, "must be a token id or a non-empty list of them")
-            eos = eos[0]
+        eos = first("eos_token_id", "eos_token_id", default=2)  # transformers allows a list of stop ids
         fields = dict(
             vocab_size=required("vocab_size", "vocab_size"),
             hidden_size=required("hidden_size", "hidden_size"),
@@ -509,7 +524,7 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias,
             "residual_in_fp32": False,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
         if self.intermediate_size is not None:

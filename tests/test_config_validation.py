@@ -51,7 +51,9 @@ CASES = [
     (ModelConfig, "bos_token_id", 64, "in [0, vocab_size=64)"),
     (ModelConfig, "bos_token_id", -1, "in [0, vocab_size=64)"),
     (ModelConfig, "eos_token_id", 2.0, "must be an integer"),
-    (ModelConfig, "eos_token_id", [2], "must be an integer"),
+    (ModelConfig, "eos_token_id", [2, 2.0], "a non-empty list of them"),
+    (ModelConfig, "eos_token_id", (), "a non-empty list of them"),
+    (ModelConfig, "eos_token_id", [2, 64], "in [0, vocab_size=64)"),
     (ModelConfig, "pad_token_id", 100, "in [0, vocab_size=64) or None"),
     (ModelConfig, "pad_token_id", "0", "must be an integer"),
     (ModelConfig, "pad_token_id", False, "must be an integer"),
@@ -151,6 +153,8 @@ def test_good_values_are_kept() -> None:
     cfg = _model(bos_token_id=None, eos_token_id=63, pad_token_id=None, initializer_range=1, norm_eps=1e-6)
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, 63, None)
     assert cfg.initializer_range == 1.0 and isinstance(cfg.initializer_range, float)
+    assert _model(eos_token_id=[2, 5]).eos_token_id == (2, 5)  # a list is kept whole, as a (hashable) tuple
+    assert (_model(eos_token_id=None).eos_ids, _model(eos_token_id=7).eos_ids) == ((), (7,))
     m = MambaConfig(**MAMBA, time_step_floor=0, time_step_min=0.1, time_step_max=0.1)
     assert (m.time_step_floor, m.time_step_min, m.time_step_limit) == (0.0, 0.1, (0.0, math.inf))
 
@@ -248,3 +252,12 @@ def test_from_hf_input_must_be_a_dict() -> None:
     with pytest.raises(ValueError, match="config.json must be a dict"):
         ModelConfig.from_hf([("vocab_size", 64)])  # type: ignore[arg-type]
 
+
+
+def test_every_eos_id_of_a_config_json_list_is_kept_and_written_back() -> None:
+    """transformers allows a list of end-of-sequence ids: every one is kept (before: only the first, so generation
+    ran past the others) and written back as the same list."""
+    cfg = ModelConfig.from_hf(_hf(eos_token_id=[2, 11]))
+    assert cfg.eos_token_id == (2, 11) and cfg.eos_ids == (2, 11)
+    assert cfg.to_hf()["eos_token_id"] == [2, 11]
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg

@@ -16,7 +16,7 @@ import nemojax
 from nemojax.data import DataConfig, documents, make_dataset
 from nemojax.data.tokenizers import ByteTokenizer
 from nemojax.infer.generate import generate
-from nemojax.lowp.fp8 import quantize_fp8
+from nemojax.lowp.fp8 import current_scaling, quantize_fp8
 from nemojax.lowp.qarray import QArray, quantize
 
 VOCAB = 260
@@ -118,6 +118,18 @@ def test_quantize_refuses_an_empty_array(fmt: str) -> None:
         quantize(jnp.zeros((0, 32)), "fp8_e4m3", amax=1.0)
 
 
+def test_per_tensor_fp8_refuses_an_empty_array_and_a_bad_host_scale() -> None:
+    """current_scaling used to fail with numpy's "zero-size array to reduction operation" and quantize_fp8 returned
+    an empty QArray; a zero or non-finite scale turned every code into 0 or nan."""
+    with pytest.raises(ValueError, match=r"x has shape \(0, 4\) with no elements"):
+        current_scaling(jnp.zeros((0, 4)))
+    with pytest.raises(ValueError, match="with no elements"):
+        quantize_fp8(jnp.zeros((0, 4)), 1.0)
+    for scale in (0.0, float("inf"), np.float32("nan")):
+        with pytest.raises(ValueError, match=r"scale=.* is invalid; allowed: finite values > 0"):
+            quantize_fp8(jnp.ones((2, 4)), scale)
+
+
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
 def test_quantize_refuses_integer_and_bool_arrays(dtype) -> None:
     with pytest.raises(ValueError, match="allowed: a floating dtype"):
@@ -186,3 +198,13 @@ def test_jsonl_with_only_empty_texts_is_refused(tmp_path) -> None:
     cfg = DataConfig(kind="jsonl", paths=(str(tmp_path / "d.jsonl"),), val_fraction=0.0)
     with pytest.raises(ValueError, match=r"has 5 documents and every one is empty \(each text_field='text' is ''"):
         documents(cfg, "train")
+
+
+def test_every_configured_eos_id_ends_generation(model: nemojax.Model) -> None:
+    """With eos_token_id a list, the second id ends a sequence too (it used to be dropped at load)."""
+    free = generate(model, [[5, 6, 7]], max_new_tokens=4)
+    first = int(free.tokens[0][0])
+    other = (first + 1) % VOCAB
+    stopped = generate(nemojax.Model(model.config.replace(eos_token_id=[other, first]), model.params), [[5, 6, 7]],
+                       max_new_tokens=4)
+    assert list(stopped.tokens[0]) == [first] and stopped.finish_reason[0] == "eos", stopped

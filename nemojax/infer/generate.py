@@ -279,8 +279,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
     vocab = config.vocab_size
     ids = _prompt_ids(prompts, tokenizer, allow_special, vocab)
     if eos_ids is None:
-        eos_ids = [tokenizer.eos_id] if tokenizer is not None else (
-            [] if config.eos_token_id is None else [config.eos_token_id])
+        eos_ids = [tokenizer.eos_id] if tokenizer is not None else list(config.eos_ids)
     eos = _eos_ids(eos_ids, vocab, "tokenizer.eos_id" if tokenizer is not None else "eos_ids")
     stop_strings, stop_ids = _stops(stop, tokenizer, vocab)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
