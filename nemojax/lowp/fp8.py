@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemojax.lowp.formats import FLT_MAX, check_format, get_format
 from nemojax.lowp.qarray import QArray
@@ -71,6 +72,23 @@ def compute_scale(amax: jax.Array, prev_scale: jax.Array | float = 1.0, fmt: str
     return jnp.where((amax > 0) & jnp.isfinite(amax), s, jnp.asarray(prev_scale, jnp.float32))
 
 
+def _check_elements(x: jax.Array) -> None:
+    if x.size == 0:
+        raise ValueError(f"x has shape {x.shape} with no elements; allowed: at least one element (an empty tensor "
+                         "has no amax to scale by)")
+
+
+def _check_static_scale(scale) -> None:
+    """A host-side encode scale (Python number, numpy scalar or array) must be finite and > 0: 0 / inf / nan turn
+    every code into 0 or nan. jax arrays are not read back (quantize runs traced in training; a check would cost a
+    host sync); compute_scale never produces such a scale."""
+    if not isinstance(scale, int | float | np.generic | np.ndarray):
+        return
+    values = np.asarray(scale, np.float64)
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"scale={values.tolist()!r} is invalid; allowed: finite values > 0")
+
+
 def current_amax(x: jax.Array) -> jax.Array:
     """max |x| over the finite elements of x [...], f32 ()."""
     xf = jnp.asarray(x, jnp.float32)
@@ -81,7 +99,9 @@ def quantize_fp8(x: jax.Array, scale: jax.Array, fmt: str = "fp8_e4m3") -> QArra
     """x [...] -> QArray with codes cast(clip(x * scale, +-FP8_MAX)) and decode scale 1/scale (scale: f32 ())."""
     _check_fp8(fmt)
     x = jnp.asarray(x)
+    _check_elements(x)
     spec = get_format(fmt)
+    _check_static_scale(scale)
     s = jnp.asarray(scale, jnp.float32)
     v = jnp.clip(x.astype(jnp.float32) * s, -spec.elem_max, spec.elem_max)
     return QArray(v.astype(spec.elem_dtype), jnp.float32(1.0) / s, None, fmt, x.ndim - 1, jnp.dtype(x.dtype).name)
@@ -89,6 +109,7 @@ def quantize_fp8(x: jax.Array, scale: jax.Array, fmt: str = "fp8_e4m3") -> QArra
 
 def current_scaling(x: jax.Array, fmt: str = "fp8_e4m3", margin: int = 0) -> QArray:
     """Current scaling: quantize x [...] with the scale of its own amax (scale 1 if the amax is 0)."""
+    _check_elements(jnp.asarray(x))
     return quantize_fp8(x, compute_scale(current_amax(x), 1.0, fmt, margin), fmt)
 
 
