@@ -11,7 +11,8 @@ compress, elastic, quant, align, eval <- jobs / cli):
   student, and Elastic training distils nested submodels, so those methods build on compress's pruning and
   distillation; compress imports none of them.
 - errors: the package's exception types (CheckpointError) import nothing, so every floor can raise and catch
-  them; lowest floor.
+  them; lowest floor. locks (folder lock files, used by training and by checkpoint saves) one floor up: it raises
+  errors' CheckpointError and needs nothing else.
 - families: the registry of model families and layer kinds imports nothing of nemojax (its built-in entries are
   loaded by module name on first lookup), and config validates patterns against it, so it sits below config.
 - presets, data, config_files: beside config, one floor up (presets are ModelConfigs; data pipelines and the
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("lowp", "errors"),
-    ("families",),
+    ("families", "locks"),
     ("config",),
     ("presets", "data", "config_files"),
     ("nn",),

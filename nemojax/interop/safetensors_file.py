@@ -26,7 +26,9 @@ alone. The protocol, so that a kill at any instant leaves the old or the new che
 
 A kill before step 2 leaves the old checkpoint untouched (the staging folder is removed by the next save); a kill
 after it is rolled forward by the next save or load (`finish_interrupted_save`), which replays step 3 (every step
-of it can be repeated). Folders left by the older sibling-folder protocol (`.NAME.saving-*`) are recovered (if the
+of it can be repeated). A save holds the folder's lock (`.nemojax-save.lock`, `nemojax.locks.FolderLock`) from
+start to end: a second save into it, or a load of it, while a live process saves there is refused naming that
+process (before, two saves deleted each other's staging folders). Folders left by the older sibling-folder protocol (`.NAME.saving-*`) are recovered (if the
 target is missing) and removed. The target must be a real folder: a symlink, a regular file or a training workdir
 (run.json or checkpoints/ inside) is refused with a CheckpointError, so that a save never writes through a link
 into some other folder nor mixes weights into a training run's files.
@@ -50,6 +52,7 @@ import numpy as np
 from safetensors.flax import save_file
 
 from nemojax.errors import CheckpointError
+from nemojax.locks import FolderLock, FolderLockedError, describe_owner, held_by_live_owner
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -59,6 +62,7 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 OWN_NAMES = (CONFIG_NAME, QUANT_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)
 STAGING_PREFIX = ".nemojax-saving-"
 JOURNAL_NAME = ".nemojax-save-journal.json"
+SAVE_LOCK_NAME = ".nemojax-save.lock"  # held by the process saving into the folder
 WORKDIR_MARKERS = ("run.json", "checkpoints")  # nemojax.train's workdir layout: never a save_hf target
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -284,12 +288,23 @@ def _roll_forward(directory: Path, journal: Mapping[str, Any]) -> None:
     (directory / JOURNAL_NAME).unlink(missing_ok=True)
 
 
+def check_no_save_in_progress(directory: Path) -> None:
+    """Raises FolderLockedError naming the saving process while another live process saves into `directory` (its
+    files are then a mix of the old and the new checkpoint); a lock left by a dead process is ignored here (the
+    next save takes it over)."""
+    held = held_by_live_owner(directory / SAVE_LOCK_NAME)
+    if held is not None and held.get("pid") != os.getpid():
+        raise FolderLockedError(f"{directory}: a checkpoint save by {describe_owner(held)} is in progress; load it "
+                                f"once that save has ended (or delete {directory / SAVE_LOCK_NAME} if it is gone)")
+
+
 def finish_interrupted_save(directory: str | os.PathLike) -> bool:
     """Completes a save into `directory` that was killed after its commit point (its journal is rolled forward),
     and recovers a folder left missing by the older sibling-folder protocol. Called by every load and save
     before it reads or writes; returns whether there was anything to finish."""
     directory = Path(directory)
     _recover_sibling_swap(directory)
+    check_no_save_in_progress(directory)
     journal = _read_journal(directory) if directory.is_dir() else None
     if journal is None:
         return False
@@ -324,17 +339,18 @@ def save_folder(directory: str | os.PathLike, fill: Callable[[Path], None]) -> P
     that is a symlink, a file or a training workdir (`check_save_target`), before anything is written."""
     directory = Path(directory)
     check_save_target(directory)
-    finish_interrupted_save(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(f"{STAGING_PREFIX}*"):  # a save killed before its commit point
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
-    try:
-        fill(staging)
-        journal = _commit(directory, staging)
-    except BaseException:
-        if not (directory / JOURNAL_NAME).exists():  # committed (a failed fsync after the rename): keep for recovery
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _roll_forward(directory, journal)
+    _recover_sibling_swap(directory)
+    with FolderLock(directory, SAVE_LOCK_NAME, purpose="a checkpoint save"):
+        finish_interrupted_save(directory)
+        for stale in directory.glob(f"{STAGING_PREFIX}*"):  # a save killed before its commit point
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        try:
+            fill(staging)
+            journal = _commit(directory, staging)
+        except BaseException:
+            if not (directory / JOURNAL_NAME).exists():  # committed (a failed fsync after the rename): keep it
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _roll_forward(directory, journal)
     return directory

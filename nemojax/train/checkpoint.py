@@ -19,10 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from nemojax.config import ModelConfig
 from nemojax.errors import CheckpointError
+from nemojax.locks import FolderLock, FolderLockedError
 
 RUN_FILE = "run.json"
 LOCK_FILE = "lock.json"
@@ -85,7 +83,7 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
 
 
-class WorkdirLockedError(CheckpointError):
+class WorkdirLockedError(FolderLockedError):
     """Another live training job holds the workdir's lock."""
 
 
@@ -128,72 +126,13 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-class WorkdirLock:
-    """An exclusive claim on a training workdir: `workdir/lock.json` ({"pid", "host", "started", "token"}),
-    created atomically (written to a temporary file, then hard-linked to its name, which fails if it exists), so
-    exactly one of two racing jobs gets it. A second job is refused with `WorkdirLockedError` naming the owner's
-    pid and host; a lock left by a dead process on this host is taken over with a warning (one on another host
-    cannot be checked, so it is refused; delete the file once that job is gone). Use as a context manager or call
-    `release()`; release removes the file only while it is still this holder's."""
+class WorkdirLock(FolderLock):
+    """An exclusive claim on a training workdir: `workdir/lock.json` (see `nemojax.locks.FolderLock`). A second job
+    is refused with `WorkdirLockedError` naming the owner's pid and host; the lock of a dead job on this host is
+    taken over with a warning."""
 
     def __init__(self, workdir: str | Path):
-        self.path = Path(workdir).absolute() / LOCK_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                      "token": uuid.uuid4().hex}
-        if not self._create():
-            held = self._read()
-            if held is not None and held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int) \
-                    and not _process_alive(held["pid"]):
-                warnings.warn(f"{self.path}: taking over the lock of process {held['pid']} on {held['host']}, "
-                              "which is no longer running", stacklevel=2)
-                self._remove_if(held)
-                if self._create():
-                    return
-                held = self._read()
-            owner = f"process {held.get('pid')} on host {held.get('host')}" if held else "another job"
-            raise WorkdirLockedError(f"{self.path.parent} is in use by {owner} (lock file {self.path}); wait for "
-                                     "that job to end, or delete the lock file if it is gone")
-
-    def _create(self) -> bool:
-        temporary = self.path.with_name(f".{LOCK_FILE}.{self.owner['token']}.tmp")
-        temporary.write_text(json.dumps(self.owner))
-        try:
-            os.link(temporary, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            temporary.unlink(missing_ok=True)
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _remove_if(self, expected: dict[str, Any]) -> None:
-        if self._read() == expected:
-            self.path.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        self._remove_if(self.owner)
-
-    def __enter__(self) -> WorkdirLock:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+        super().__init__(workdir, LOCK_FILE, purpose="a training job", error=WorkdirLockedError)
 
 
 class Checkpoints:

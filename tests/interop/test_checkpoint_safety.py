@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -256,6 +257,64 @@ def test_kills_at_random_instants_leave_old_or_new(tmp_path, old, new):
         loaded = hf.load_hf(target)
         assert _same(loaded, old) or _same(loaded, new)
         assert (target / "tokenizer.json").read_text() == "tok"
+
+
+def test_a_save_or_load_during_another_live_save_is_refused_naming_it(tmp_path, old, new):
+    """A folder another live process is saving into (its lock held) is neither written nor read: the second save
+    and the load name that process, and the folder keeps its checkpoint. A lock left by a dead process is taken
+    over with a warning."""
+    target = tmp_path / "ckpt"
+    hf.save_hf(old, target)
+    saver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = target / safetensors_file.SAVE_LOCK_NAME
+        lock.write_text(json.dumps({"pid": saver.pid, "host": socket.gethostname(), "started": 0.0, "token": "x"}))
+        owner = f"process {saver.pid} on host {socket.gethostname()}"
+        with pytest.raises(nemojax.CheckpointError, match=f"in use by {owner} \\(a checkpoint save\\)"):
+            hf.save_hf(new, target)
+        with pytest.raises(nemojax.CheckpointError, match=f"a checkpoint save by {owner} is in progress"):
+            hf.load_hf(target)
+        assert json.loads(lock.read_text())["pid"] == saver.pid
+    finally:
+        saver.kill()
+        saver.wait()
+    with pytest.warns(UserWarning, match=f"taking over the lock of process {saver.pid}"):
+        hf.save_hf(new, target)
+    assert _same(hf.load_hf(target), new) and not lock.exists()
+
+
+_RACER = """
+import sys
+from pathlib import Path
+import nemojax
+from nemojax.errors import CheckpointError
+from nemojax.interop import hf
+model = hf.load_hf(sys.argv[1])
+refused = 0
+for _ in range(int(sys.argv[3])):
+    try:
+        hf.save_hf(model, sys.argv[2])
+    except CheckpointError as e:
+        assert "is in use by process" in str(e) or "is in progress" in str(e), e
+        refused += 1
+print(refused)
+"""
+
+
+def test_two_processes_saving_into_one_folder_never_mix_checkpoints(tmp_path, old, new):
+    """Two processes save different checkpoints into one folder at the same time, over and over: each save either
+    completes or is refused naming the other process (before: they removed each other's staging folders and
+    crashed), and the folder always ends as one whole checkpoint."""
+    a, b, target = tmp_path / "a", tmp_path / "b", tmp_path / "ckpt"
+    hf.save_hf(old, a)
+    hf.save_hf(new, b)
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(src), str(target), "6"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for src in (a, b)]
+    outputs = [r.communicate(timeout=300) for r in racers]
+    assert all(r.returncode == 0 for r in racers), [err[-2000:] for _, err in outputs]
+    loaded = hf.load_hf(target)
+    assert _same(loaded, old) or _same(loaded, new)
+    assert not list(target.glob(".nemojax-saving-*")) and not (target / safetensors_file.SAVE_LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------------------ reading errors
