@@ -7,7 +7,10 @@ Minitron plugin ("ModelOpt" below: NVIDIA/Model-Optimizer@a2fbac7:modelopt/torch
 `prune` is a pure transform: it returns a new `Model` (a new, validated config and sliced params) and never
 edits its input. Every axis keeps the `target` highest-scoring indices and puts them back in ascending order,
 so the kept channels stay in their original order (equal to ModelOpt's importance-ordered slicing
-up to a permutation). Ties go to the lower index.
+up to a permutation). Ties go to the lower index. With `order="importance"` the kept indices of every axis given
+are instead laid out in descending score (per group where groups exist: attention KV groups, SSM groups, routing
+groups), and an axis given at its full size is permuted rather than left alone, so that the first k of each axis
+(per group) are its top k; the function is unchanged by the reordering (`nemojax.elastic.permute` builds on it).
 
 `scores` maps a name to a numpy-convertible vector (higher = more important); the keys read are
 
@@ -24,8 +27,9 @@ up to a permutation). Ties go to the lower index.
     "layer/block"              [num_layers]            depth pruning: the lowest-scoring layers are dropped
 
 and, for the layers of an MTP head, the same per-layer keys under "mtp/" ("mtp/layers_{k}/heads", ...). A key
-is read only for an axis that actually shrinks; a missing one raises a ValueError that names it. Layer indices
-are those of the input model (width pruning happens before the depth renumbering).
+is read only for an axis that actually shrinks (or is given, in importance order); a missing one raises a
+ValueError that names it, unless the scores object has a `default(key, shape)` method returning a stand-in.
+Layer indices are those of the input model (width pruning happens before the depth renumbering).
 
 Decisions:
   * Attention heads are pruned group-aware (as ModelOpt): the query heads of each KV group are ranked
@@ -59,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax import families
-from nemojax.kinds.pruning import keep_top, keep_top_grouped, take
+from nemojax.kinds.pruning import ORDERS, keep_top, keep_top_grouped, record, take
 from nemojax.model import Model
 
 __all__ = ["prune", "pruned_config", "keep_top", "keep_top_grouped", "width_targets"]
@@ -90,6 +94,9 @@ class _Scores:
             getter = getattr(self._scores, "get", None)
             if callable(getter):
                 value = getter(key)
+        if value is None:
+            default = getattr(self._scores, "default", None)
+            value = default(key, tuple(shape)) if callable(default) else None
         if value is None:
             raise _MissingScore(f"scores[{key!r}] is missing: it is needed to prune this axis "
                                 f"(expected an array of shape {list(shape)})")
@@ -181,7 +188,8 @@ def pruned_config(config: Any, *, hidden: int | None = None, pattern: str | None
 
 
 def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int | None = None,
-          drop_layers: Sequence[int] | None = None, group_aware: bool = True, **widths: int | None) -> Model:
+          drop_layers: Sequence[int] | None = None, group_aware: bool = True, order: str = "ascending",
+          kept: dict[str, np.ndarray] | None = None, **widths: int | None) -> Model:
     """Width and depth pruning: a new Model with the given sizes (None keeps a size); see the module docstring.
 
     model: the parent; scores: str -> score array (keys in the module docstring; higher = more important).
@@ -193,10 +201,20 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
     shared_ffn: new moe.shared_intermediate_size (one shared expert only; scored by "layers_{i}/shared_mlp").
     group_aware: rank Mamba heads within their SSM group (True) or globally, re-packing the kept heads into the
     groups (False, the ablation baseline; see the module docstring).
+    order: "ascending" (kept indices in their original order) or "importance" (in descending score per group,
+    every given axis permuted even at full size; needs group_aware=True for Mamba heads). Layers keep their order.
+    kept: a dict to fill with what every sliced axis kept, as int indices into the input model's axis in their new
+    order, under its score key: "hidden" [hidden], "layers_{i}/heads" [heads] (query heads), ".../mlp",
+    ".../mamba_heads", ".../mamba_channels", ".../experts", ".../expert_ffn" [kept experts, expert_ffn] (row r for
+    the r-th kept expert), ".../shared_mlp" (MTP layers under "mtp/"), and "layers" [kept layers] after depth
+    pruning.
     Raises ValueError for a target that breaks a constraint or that no layer of the model has, naming it and the
     allowed values.
     """
     cfg = model.config
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is invalid: must be one of {', '.join(map(repr, ORDERS))}")
+    ordered = order == "importance"
     read = _Scores(scores)
     given = {target: value for target, value in widths.items() if value is not None}
     pruned_config(cfg, hidden=hidden, **given)  # every target checked before anything else
@@ -230,15 +248,16 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
         blocks += [(f"mtp/layers_{k}", cfg.mtp.pattern[k % per], params["mtp"][f"layers_{k}"])
                    for k in range(cfg.mtp.num_layers * per)]
 
-    if hidden is not None and hidden < cfg.hidden_size:
-        k_hidden = keep_top(read("hidden", (cfg.hidden_size,)), hidden)
+    options = {"group_aware": group_aware, "order": order, "kept": kept}  # what every width rule is told
+    if hidden is not None and (hidden < cfg.hidden_size or ordered):
+        k_hidden = keep_top(read("hidden", (cfg.hidden_size,)), hidden, ordered)
+        record(options, "hidden", k_hidden)
         take(params, "embeddings/embedding", k_hidden, 1)
         take(params, "norm_f/scale", k_hidden, 0)
         take(params, "lm_head/kernel", k_hidden, 0)
         for _, kind, layer in blocks:
             _slice_hidden(layer, kind, k_hidden, cfg, cfg.hidden_size)
 
-    options = {"group_aware": group_aware}
     for name, kind, layer in blocks:
         for rule, values in per_rule:
             if rule in families.kind(kind).width:
@@ -246,6 +265,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
 
     # --- depth: keep the surviving blocks, renumbered
     if len(kept_layers) < cfg.num_layers:
+        record(options, "layers", kept_layers)
         old = {f"layers_{i}": params.pop(f"layers_{i}") for i in range(cfg.num_layers)}
         for j, i in enumerate(kept_layers):
             params[f"layers_{j}"] = old[f"layers_{i}"]

@@ -2,7 +2,8 @@
 
 Heads are pruned group-aware (as NVIDIA ModelOpt does for GQA): the query heads of each KV group are ranked within
 the group and the top heads / num_kv_heads of every group are kept, so each kept head keeps reading the same K/V
-head; num_kv_heads and head_dim never change.
+head; num_kv_heads and head_dim never change. In importance order the kept heads of each group are sorted by
+descending score inside the group (the groups keep their order), which leaves the function unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import expand, keep_top_grouped, slice_linear_hidden, take
+from nemojax.kinds.pruning import expand, importance_order, keep_top_grouped, record, slice_linear_hidden, take
 from nemojax.nn.attention import Attention
 from nemojax.nn.state import KVCache
 
@@ -61,10 +62,15 @@ def _changes(config, heads: int) -> dict:
 
 
 def _slice(layer: dict, name: str, config, read, options: dict, heads: int) -> None:
+    """Keeps the top heads/num_kv_heads query heads of every KV group (in importance order within each group when
+    options["order"] is "importance")."""
     a = config.attention
-    if heads == a.num_heads:
+    ordered = importance_order(options)
+    if heads == a.num_heads and not ordered:
         return
-    k_q = expand(keep_top_grouped(read(f"{name}/heads", (a.num_heads,)), a.num_kv_heads, heads), a.head_dim)
+    k_heads = keep_top_grouped(read(f"{name}/heads", (a.num_heads,)), a.num_kv_heads, heads, ordered)
+    record(options, f"{name}/heads", k_heads)
+    k_q = expand(k_heads, a.head_dim)
     take(layer, "mixer/q_proj/kernel", k_q, 1)
     take(layer, "mixer/q_proj/bias", k_q, 0)
     take(layer, "mixer/o_proj/kernel", k_q, 0)

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import WIDTH_FRACTIONS, keep_top, keep_top_grouped, slice_linear_hidden, take
+from nemojax.kinds.pruning import (
+    WIDTH_FRACTIONS,
+    importance_order,
+    keep_top,
+    keep_top_grouped,
+    record,
+    slice_linear_hidden,
+    take,
+)
 from nemojax.nn.mamba2 import CONV_PARTS, IN_PROJ_PARTS, Mamba2Mixer
 from nemojax.nn.state import MambaState
 
@@ -76,23 +84,37 @@ def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int
            mamba_head_dim: int | None = None) -> None:
     """Keeps heads per group (or globally with group_aware=False, the ablation baseline) and channels; the kept
     inner channels k_inner = (k_heads[:, None] * P + k_P[None, :]).ravel() for z, x, the x conv, the norm and
-    out_proj's input; B/C (projections and convs) whole; dt and the per-head params by head."""
+    out_proj's input; B/C (projections and convs) whole; dt and the per-head params by head.
+
+    options["order"] == "importance" (for the targets given, full size included): heads in descending score inside
+    each SSM group (groups in their order) and channels in descending score (the same order in every head); every
+    head keeps its group, so the gated norm's groups and the B/C broadcast are unchanged. Needs group_aware (a
+    global order would move heads across groups)."""
     m = config.mamba
     heads = m.num_heads if mamba_heads is None else mamba_heads
     head_dim = m.head_dim if mamba_head_dim is None else mamba_head_dim
-    if heads == m.num_heads and head_dim == m.head_dim:
+    # in importance order, an axis whose target was given is permuted even at its full size
+    order_heads = importance_order(options) and mamba_heads is not None
+    order_channels = importance_order(options) and mamba_head_dim is not None
+    group_aware = options.get("group_aware", True)
+    if order_heads and not group_aware:
+        raise ValueError("order='importance' with group_aware=False is invalid: Mamba heads are ordered within "
+                         "their SSM group, so group_aware must be True")
+    if heads == m.num_heads and head_dim == m.head_dim and not (order_heads or order_channels):
         return
-    k_P = np.arange(m.head_dim) if head_dim == m.head_dim else keep_top(
-        read(f"{name}/mamba_channels", (m.head_dim,)), head_dim)
-    if heads == m.num_heads:
+    k_P = np.arange(m.head_dim) if head_dim == m.head_dim and not order_channels else keep_top(
+        read(f"{name}/mamba_channels", (m.head_dim,)), head_dim, order_channels)
+    if heads == m.num_heads and not order_heads:
         k_heads = np.arange(m.num_heads)
     else:
         # with the per-channel map S_x [H, P] at hand, heads are scored on the kept channels only
         s_x = read.optional(f"{name}/mamba_x", (m.num_heads, m.head_dim))
         head_score = (np.sqrt(np.sum(np.square(s_x[:, k_P]), axis=1)) if s_x is not None and head_dim < m.head_dim
                       else read(f"{name}/mamba_heads", (m.num_heads,)))
-        k_heads = (keep_top_grouped(head_score, m.n_groups, heads) if options.get("group_aware", True)
+        k_heads = (keep_top_grouped(head_score, m.n_groups, heads, order_heads) if group_aware
                    else keep_top(head_score, heads))
+    record(options, f"{name}/mamba_heads", k_heads)
+    record(options, f"{name}/mamba_channels", k_P)
     k_inner = (k_heads[:, None] * m.head_dim + k_P[None, :]).ravel()
     for part, keep in (("z", k_inner), ("x", k_inner), ("dt", k_heads)):
         take(layer, f"mixer/in_proj_{part}/kernel", keep, 1)

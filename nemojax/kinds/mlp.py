@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.pruning import WIDTH_FRACTIONS, hardware_multiple, keep_top, slice_linear_hidden, slice_mlp
+from nemojax.kinds.pruning import (
+    WIDTH_FRACTIONS,
+    hardware_multiple,
+    importance_order,
+    keep_top,
+    record,
+    slice_linear_hidden,
+    slice_mlp,
+)
 from nemojax.nn.mlp import MLP
 
 
@@ -32,8 +40,12 @@ def _changes(config, ffn: int) -> dict:
 
 
 def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> None:
-    if ffn < config.intermediate_size:
-        slice_mlp(layer, keep_top(read(f"{name}/mlp", (config.intermediate_size,)), ffn))
+    """Keeps the top ffn hidden units (in descending score when options["order"] is "importance")."""
+    ordered = importance_order(options)
+    if ffn < config.intermediate_size or ordered:
+        k_ffn = keep_top(read(f"{name}/mlp", (config.intermediate_size,)), ffn, ordered)
+        record(options, f"{name}/mlp", k_ffn)
+        slice_mlp(layer, k_ffn)
 
 
 KIND = register_kind(LayerKind(

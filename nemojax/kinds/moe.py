@@ -16,8 +16,10 @@ from nemojax.families import Axis, LayerKind, WidthRule, register_kind
 from nemojax.kinds.pruning import (
     WIDTH_FRACTIONS,
     hardware_multiple,
+    importance_order,
     keep_top,
     keep_top_grouped,
+    record,
     slice_linear_hidden,
     slice_mlp,
     take,
@@ -39,44 +41,77 @@ def flops(config, seq_len: int) -> float:
     return total + (2 * (2.0 * D * e.latent_size) if e.latent_size else 0)
 
 
-def _expert_taps(config, x: jax.Array, ids: jax.Array, up: jax.Array, down: jax.Array, b: int, stat):
-    """x: [T = b*L, D_in] expert input, ids: [T, k], up: [E, D_in, F], down: [E, F, D_in] ->
-    (down_proj-input row stats [b, E, F] over the tokens routed to each expert,
-     sum over routed tokens of ||expert output||_2 [E], routed token count [E])."""
+def _routing_weights(config, taps: dict, params: dict) -> jax.Array | None:
+    """[T, k] float32: the weight the layer multiplies each chosen expert's output by (normalised, scaled), for the
+    experts in taps["expert_ids"]. Read from the "expert_weights" tap when the mixer sows it; otherwise recomputed
+    from the router params when the router reads the expert input itself (no latent projection); else None."""
+    if "expert_weights" in taps:
+        return taps["expert_weights"].astype(f32)
+    e = config.moe
+    if e.latent_size is not None:
+        return None  # the router's input (the block's normed x) is not among the mixer's taps
+    logits = jnp.dot(taps["expert_in"].astype(f32), params["gate"]["kernel"].astype(f32))
+    # the weights of the experts the forward chose (its ids), as `nemojax.nn.moe.route` computes them
+    weights = jnp.take_along_axis(jax.nn.sigmoid(logits), taps["expert_ids"], axis=-1)
+    if e.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * e.routed_scaling_factor
+
+
+def _expert_taps(config, x: jax.Array, ids: jax.Array, weights: jax.Array | None, up: jax.Array, down: jax.Array,
+                 b: int, stat):
+    """x: [T = b*L, D_in] expert input, ids: [T, k], weights: [T, k] routing weights or None, up: [E, D_in, F],
+    down: [E, F, D_in] -> (down_proj-input row stats [b, E, F] over the tokens routed to each expert,
+     sum over routed tokens of ||expert output||_2 [E], routed token count [E],
+     sum over routed tokens of routing weight * ||expert output||_2 [E] (zeros when weights is None))."""
     dtype, _ = dtypes(config)
     T = x.shape[0]
     L = T // b
     E = up.shape[0]
-    routed_te = jnp.any(ids[:, :, None] == jnp.arange(E)[None, None, :], axis=1).astype(f32)  # [T, E]
+    onehot_tke = (ids[:, :, None] == jnp.arange(E)[None, None, :]).astype(f32)
+    routed_te = jnp.max(onehot_tke, axis=1)  # [T, E]
+    weight_te = jnp.zeros_like(routed_te) if weights is None else jnp.sum(onehot_tke * weights[:, :, None], axis=1)
     x = x.astype(dtype)
 
     def one(args):
-        up_e, down_e, m_t = args
+        up_e, down_e, m_t, w_t = args
         h_tf = relu2(jnp.einsum("td,df->tf", x, up_e.astype(dtype)))
         y_td = jnp.einsum("tf,fd->td", h_tf, down_e.astype(dtype)).astype(f32)
         stat_bf = stat(h_tf.reshape(b, L, -1), m_t.reshape(b, L))
-        return stat_bf, jnp.sum(m_t * jnp.linalg.norm(y_td, axis=-1)), jnp.sum(m_t)
+        norm_t = jnp.linalg.norm(y_td, axis=-1)
+        return stat_bf, jnp.sum(m_t * norm_t), jnp.sum(m_t), jnp.sum(m_t * w_t * norm_t)
 
-    stat_ebf, l2sum_e, count_e = jax.lax.map(one, (up, down, routed_te.T))
-    return jnp.transpose(stat_ebf, (1, 0, 2)), l2sum_e, count_e
+    stat_ebf, l2sum_e, count_e, reapsum_e = jax.lax.map(one, (up, down, routed_te.T, weight_te.T))
+    return jnp.transpose(stat_ebf, (1, 0, 2)), l2sum_e, count_e, reapsum_e
 
 
 def importance(config, taps: dict, params: dict, stat) -> dict:
     """shared_mlp: the shared expert's down_proj input statistic; expert_ffn / expert_l2sum / expert_count:
-    each expert's hidden units over its routed tokens, its output norm and its load."""
+    each expert's hidden units over its routed tokens, its output norm and its load; expert_reapsum: its output
+    norm weighted by its routing weight (REAP), when the routing weights are at hand (`_routing_weights`)."""
     out = {}
     if "shared_experts" in taps:
         out["shared_mlp"] = stat(taps["shared_experts"]["down_proj_in"])
     experts = params["experts"]
-    ffn, l2sum, count = _expert_taps(config, taps["expert_in"], taps["expert_ids"], experts["up_proj"],
-                                     experts["down_proj"], taps["batch"], stat)
-    return {**out, "expert_ffn": ffn, "expert_l2sum": l2sum, "expert_count": count}
+    weights = _routing_weights(config, taps, params)
+    ffn, l2sum, count, reapsum = _expert_taps(config, taps["expert_in"], taps["expert_ids"], weights,
+                                              experts["up_proj"], experts["down_proj"], taps["batch"], stat)
+    out = {**out, "expert_ffn": ffn, "expert_l2sum": l2sum, "expert_count": count}
+    if weights is not None:
+        out["expert_reapsum"] = reapsum
+    return out
 
 
 def scores(config, stats: dict) -> dict:
     """experts [E] = sum over routed tokens of ||expert output||_2 / (routed count + 1e-8) over all batches;
-    expert_ffn [E, F]; shared_mlp [F_shared] when there is a shared expert."""
+    experts_reap [E] = sum over routed tokens of (routing weight x ||expert output||_2) / (routed count + 1e-8),
+    the REAP score (router-weighted expert activation pruning, arXiv 2510.13999: the mean over the tokens routed
+    to the expert; Star Elastic, arXiv 2605.07182, ranks experts by it; present when the routing weights were at
+    hand); expert_ffn [E, F]; shared_mlp [F_shared] when there is a shared
+    expert."""
     out = {"experts": stats["expert_l2sum"] / (stats["expert_count"] + 1e-8), "expert_ffn": stats["expert_ffn"]}
+    if "expert_reapsum" in stats:
+        out["experts_reap"] = stats["expert_reapsum"] / (stats["expert_count"] + 1e-8)
     if "shared_mlp" in stats:
         out["shared_mlp"] = stats["shared_mlp"]
     return out
@@ -117,20 +152,28 @@ def _expert_changes(config, experts: int | None = None, expert_ffn: int | None =
 
 def _expert_slice(layer: dict, name: str, config, read, options: dict, experts: int | None = None,
                   expert_ffn: int | None = None) -> None:
-    """experts keeps the top experts; expert_ffn keeps, for every kept expert, its own top hidden units."""
+    """experts keeps the top experts (router columns, correction-bias entries and expert tensors together; per
+    routing group when moe.n_group > 1); expert_ffn keeps, for every kept expert, its own top hidden units.
+    options["order"] == "importance" (for the targets given, full size included): experts in descending score
+    inside each routing group (groups in their order, so the group-limited routing is unchanged) and each expert's
+    hidden units in descending score."""
     e = config.moe
+    order_experts = importance_order(options) and experts is not None
+    order_ffn = importance_order(options) and expert_ffn is not None
     k_E = None
-    if experts is not None and experts < e.num_experts:
-        k_E = keep_top_grouped(read(f"{name}/experts", (e.num_experts,)), e.n_group, experts)
+    if experts is not None and (experts < e.num_experts or order_experts):
+        k_E = keep_top_grouped(read(f"{name}/experts", (e.num_experts,)), e.n_group, experts, order_experts)
+        record(options, f"{name}/experts", k_E)
         take(layer, "mixer/gate/kernel", k_E, 1)
         take(layer, "mixer/gate/e_score_correction_bias", k_E, 0)
         take(layer, "mixer/experts/up_proj", k_E, 0)
         take(layer, "mixer/experts/down_proj", k_E, 0)
-    if expert_ffn is not None and expert_ffn < e.intermediate_size:
+    if expert_ffn is not None and (expert_ffn < e.intermediate_size or order_ffn):
         scores = read(f"{name}/expert_ffn", (e.num_experts, e.intermediate_size))
         if k_E is not None:
             scores = scores[k_E]
-        k_F = np.stack([keep_top(row, expert_ffn) for row in scores])
+        k_F = np.stack([keep_top(row, expert_ffn, order_ffn) for row in scores])
+        record(options, f"{name}/expert_ffn", k_F)  # [kept experts (new order), expert_ffn]
         stacked = layer["mixer"]["experts"]
         stacked["up_proj"] = np.take_along_axis(stacked["up_proj"], k_F[:, None, :], axis=2)  # [E, D, F]
         stacked["down_proj"] = np.take_along_axis(stacked["down_proj"], k_F[:, :, None], axis=1)  # [E, F, D]
@@ -150,15 +193,18 @@ def _shared_changes(config, shared_ffn: int) -> dict:
 
 
 def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ffn: int) -> None:
+    """Keeps the shared expert's top hidden units (in descending score when options["order"] is "importance")."""
     e = config.moe
-    if shared_ffn < e.shared_intermediate_size:
-        slice_mlp(layer, keep_top(read(f"{name}/shared_mlp", (e.shared_intermediate_size,)), shared_ffn),
-                  prefix="mixer/shared_experts")
+    ordered = importance_order(options)
+    if shared_ffn < e.shared_intermediate_size or ordered:
+        k_shared = keep_top(read(f"{name}/shared_mlp", (e.shared_intermediate_size,)), shared_ffn, ordered)
+        record(options, f"{name}/shared_mlp", k_shared)
+        slice_mlp(layer, k_shared, prefix="mixer/shared_experts")
 
 
 KIND = register_kind(LayerKind(
     char="E", name="moe", mixer=MoE, hf_names=("moe",), config_field="moe", label="MoE", flops=flops,
-    importance=importance, summed=("expert_l2sum", "expert_count"), scores=scores,
+    importance=importance, summed=("expert_l2sum", "expert_count", "expert_reapsum"), scores=scores,
     linears=("fc1_latent_proj", "fc2_latent_proj", "shared_experts/up_proj", "shared_experts/down_proj",
              "experts/up_proj", "experts/down_proj"),
     residual_in=("shared_experts/up_proj", "fc1_latent_proj"),

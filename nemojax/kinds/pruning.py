@@ -9,22 +9,47 @@ from collections.abc import Sequence
 
 import numpy as np
 
+ORDERS = ("ascending", "importance")
 
-def keep_top(score: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, ascending (ties go to the lower index). score: [n] -> [k] int."""
+
+def keep_top(score: np.ndarray, k: int, ordered: bool = False) -> np.ndarray:
+    """Indices of the k highest scores (ties go to the lower index). score: [n] -> [k] int.
+
+    ordered=False: the kept indices ascending (their original order, as pruning keeps them); ordered=True: in
+    descending score (ties: lower index first), so that the first j of them are the top j for every j."""
     score = np.asarray(score, np.float64)
-    order = np.argsort(-score, kind="stable")
-    return np.sort(order[:k])
+    order = np.argsort(-score, kind="stable")[:k]
+    return order if ordered else np.sort(order)
 
 
-def keep_top_grouped(score: np.ndarray, groups: int, k: int) -> np.ndarray:
+def keep_top_grouped(score: np.ndarray, groups: int, k: int, ordered: bool = False) -> np.ndarray:
     """Group-aware keep: score [n] is `groups` contiguous groups of n/groups; the top k/groups of every group are
-    kept (ranked within the group). Returns [k] ascending global indices."""
+    kept (ranked within the group). Returns [k] global indices, group after group in their original order, each
+    group's k/groups contiguous: ascending inside the group (ordered=False) or in descending score (ordered=True,
+    ties to the lower index), so that every group's first j are its top j."""
     score = np.asarray(score, np.float64)
     size = score.shape[0] // groups
     per = k // groups
-    kept = [g * size + keep_top(score[g * size:(g + 1) * size], per) for g in range(groups)]
+    kept = [g * size + keep_top(score[g * size:(g + 1) * size], per, ordered) for g in range(groups)]
     return np.concatenate(kept).astype(np.int64)
+
+
+def importance_order(options: dict) -> bool:
+    """Whether a width rule keeps its indices in importance order: prune's `order` option (see `ORDERS`) is
+    "importance" (descending score, per group where groups exist) rather than "ascending" (the default). A rule
+    must then slice its axes even when they keep their full size (that is a permutation)."""
+    order = options.get("order", "ascending")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is invalid: must be one of {', '.join(map(repr, ORDERS))}")
+    return order == "importance"
+
+
+def record(options: dict, key: str, keep: np.ndarray) -> None:
+    """Notes the indices an axis kept (into the input model's axis, in their new order) under `key` (its score
+    key, e.g. "layers_3/heads") when the caller of prune asked for them (options["kept"] is a dict)."""
+    kept = options.get("kept")
+    if kept is not None:
+        kept[key] = np.asarray(keep, np.int64)
 
 
 def expand(keep: np.ndarray, width: int) -> np.ndarray:

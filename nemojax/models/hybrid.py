@@ -74,6 +74,19 @@ def _starts(segments: tuple) -> list[tuple[int, scan.Segment]]:
     return out
 
 
+def _skip_flags(skip_layer: jax.Array | None, num_layers: int) -> jax.Array | None:
+    """[num_layers] bool (True = the block passes its input through) from a layer index (-1: none) or a mask."""
+    if skip_layer is None:
+        return None
+    skip_layer = jnp.asarray(skip_layer)
+    if skip_layer.ndim == 0:
+        return jnp.arange(num_layers) == skip_layer
+    if skip_layer.shape != (num_layers,):
+        raise ValueError(f"skip_layer has shape {list(skip_layer.shape)}: must be a layer index (a scalar) or a "
+                         f"[num_layers={num_layers}] bool mask")
+    return skip_layer.astype(bool)
+
+
 class NemotronH(nn.Module):
     """tokens: [b, L] int -> logits: [b, L, vocab] float32."""
 
@@ -107,16 +120,18 @@ class NemotronH(nn.Module):
         `nemojax.data.packing` makes them): Mamba state, convolution and attention then stay within each document,
         so every document is computed as if it were alone in its row. None: one sequence per row.
         skip_layer: a (traced) int32 scalar: that layer's block passes its input through (layer ablation; -1
-        none). Unrolled layout only.
+        none); or a (traced) [num_layers] bool mask: every layer marked True passes its input through (iterative
+        depth ranking). Unrolled layout only.
 
         The "blocks" collection gets each block's input and output (`layers_{i}/in`, `layers_{i}/out`) when the
         caller makes it mutable (`Model.apply(collect=("blocks",))`).
         """
         h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
         if not self.config.runtime.scan_layers:
+            skipped = _skip_flags(skip_layer, len(self.layers))
             for i, layer in enumerate(self.layers):
                 out, _ = layer(h, None, None, segment_ids)
-                h = out if skip_layer is None else jnp.where(skip_layer == i, h, out)
+                h = out if skipped is None else jnp.where(skipped[i], h, out)
             return self._final_norm(h)
         if skip_layer is not None:
             raise ValueError("skip_layer runs on the unrolled layout (runtime.scan_layers=False)")
