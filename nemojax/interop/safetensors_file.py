@@ -28,10 +28,10 @@ A kill before step 2 leaves the old checkpoint untouched (the staging folder is 
 after it is rolled forward by the next save or load (`finish_interrupted_save`), which replays step 3 (every step
 of it can be repeated). A save holds the folder's lock (`.nemojax-save.lock`, `nemojax.locks.FolderLock`) from
 start to end: a second save into it, or a load of it, while a live process saves there is refused naming that
-process (before, two saves deleted each other's staging folders). Folders left by the older sibling-folder protocol (`.NAME.saving-*`) are recovered (if the
-target is missing) and removed. The target must be a real folder: a symlink, a regular file or a training workdir
-(run.json or checkpoints/ inside) is refused with a CheckpointError, so that a save never writes through a link
-into some other folder nor mixes weights into a training run's files.
+process (two saves would delete each other's staging folders). Folders left by the older sibling-folder protocol
+(`.NAME.saving-*`) are recovered (if the target is missing) and removed. The target must be a real folder: a
+symlink, a regular file or a training workdir (run.json or checkpoints/ inside) is refused with a CheckpointError,
+so that a save never writes through a link into some other folder nor mixes weights into a training run's files.
 """
 
 from __future__ import annotations
