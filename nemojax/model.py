@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import numpy as np
 
 from nemojax import families
 from nemojax.config import ModelConfig
+from nemojax.nn.live import COLLECTION
 from nemojax.nn.state import Extend
 
 Params = dict[str, Any]
@@ -83,7 +85,7 @@ class Output:
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
           states: tuple | None = None, step: Extend | None = None, mtp: bool = False,
           collect: tuple[str, ...] = (), rngs: dict | None = None, skip_layer: jax.Array | None = None,
-          logits: bool = True) -> Output:
+          logits: bool = True, elastic: Mapping | None = None) -> Output:
     """The one forward pass every part of the library runs (train, infer, compress, quant).
 
     tokens: [b, L] int. segment_ids: [b, L] packed documents (each computed as if alone in its row).
@@ -92,8 +94,11 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids
     `Output.states`. mtp: also the MTP head's logits: depth d at position t < L - D reads token t + d + 1 and
     predicts token t + d + 2 (logits and hidden still cover all L positions).
     collect: collection names among COLLECTIONS to return. rngs: e.g. {"quant": key} for stochastic rounding.
-    skip_layer: an int32 scalar (traced is fine): that block passes its input through (layer ablation).
+    skip_layer: an int32 scalar (traced is fine): that block passes its input through (layer ablation); or a
+    [num_layers] bool mask of the blocks that do.
     logits: False skips the lm_head (decoding takes the logits of chosen positions itself, `lm_logits`).
+    elastic: the live sizes of a masked forward (`nemojax.nn.live`; `nemojax.elastic` builds them with the masked
+    params), a tree shaped like the module tree. Unrolled layout only.
     """
     unknown = [c for c in collect if c not in COLLECTIONS]
     if unknown:
@@ -102,6 +107,9 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids
         raise ValueError("mtp=True is invalid: config.mtp is None (this model has no MTP head)")
     if (states is None) != (step is None):
         raise ValueError("states and step go together: pass both (a cached extend) or neither")
+    if elastic is not None and config.runtime.scan_layers:
+        raise ValueError("elastic is given with runtime.scan_layers=True: a masked forward runs the unrolled layout "
+                         "(config.replace(runtime={'scan_layers': False}))")
 
     def run(net: nn.Module):
         new_states = mtp_out = None
@@ -116,9 +124,10 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids
         return Output(net.logits(hidden) if logits else None, hidden, mtp_out, new_states)
 
     net = module(config, inference=states is not None)
+    variables = {"params": params} if elastic is None else {"params": params, COLLECTION: elastic}
     if not collect:
-        return net.apply({"params": params}, method=run, rngs=rngs)
-    out, variables = net.apply({"params": params}, method=run, mutable=list(collect), rngs=rngs)
+        return net.apply(variables, method=run, rngs=rngs)
+    out, variables = net.apply(variables, method=run, mutable=list(collect), rngs=rngs)
     return dataclasses.replace(out, collected={c: variables.get(c, {}) for c in collect})
 
 
@@ -181,7 +190,7 @@ class Model:
 
     def apply(self, tokens: jax.Array, **options: Any) -> Output:
         """The full forward with its options (segment_ids, states/step, mtp, collect, rngs, skip_layer,
-        logits): see `nemojax.model.apply`. Not jitted: call it inside your own `jax.jit`."""
+        logits, elastic): see `nemojax.model.apply`. Not jitted: call it inside your own `jax.jit`."""
         return apply(self.config, self.params, tokens, **options)
 
     def with_mtp(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:

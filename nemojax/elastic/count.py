@@ -45,7 +45,7 @@ from nemojax import families
 from nemojax.compress.prune import width_targets
 from nemojax.elastic.choices import axis_owners
 
-__all__ = ["COUNTS", "KINDS", "KindCount", "count", "count_exact", "register_count"]
+__all__ = ["COUNTS", "KINDS", "KindCount", "check_sizes", "count", "count_exact", "keep_weights", "register_count"]
 
 KINDS = ("params", "active_params", "memory")
 f32 = jnp.float32
@@ -183,7 +183,7 @@ def _axes(config: Any) -> dict[str, families.Axis]:
     return axes
 
 
-def _check_sizes(config: Any, sizes: Mapping[str, Any]) -> None:
+def check_sizes(config: Any, sizes: Mapping[str, Any]) -> None:
     axes = _axes(config)
     for name, value in sizes.items():
         if name == "depth":
@@ -222,7 +222,7 @@ def _check_removal_order(config: Any, removal_order: Sequence[int]) -> np.ndarra
     return np.asarray(order, np.int64)
 
 
-def _keep(xp, config: Any, depth: Any, removal_order: Sequence[int]) -> Any:
+def keep_weights(xp, config: Any, depth: Any, removal_order: Sequence[int]) -> Any:
     """Per-layer keep weights [num_layers]: 1 for every layer when depth is None; for a drop count d (int or 0-d
     array) 0 for the first d layers of removal_order; gamma itself for a 1-d array."""
     L = config.num_layers
@@ -273,14 +273,14 @@ def _count(xp, config: Any, sizes: Mapping[str, Any], kind: str, removal_order: 
     if config.runtime.quant is not None:
         raise ValueError("config.runtime.quant is set: count covers unquantized params only (quantization state is "
                          "not counted); count the architecture, config.architecture()")
-    _check_sizes(config, sizes)
+    check_sizes(config, sizes)
     if kind == "memory":
         for name, value in (("batch", batch), ("context", context)):
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
     dtype_ = xp.float64 if xp is np else f32
     D = xp.asarray(sizes.get("hidden", config.hidden_size), dtype_)
-    keep = _keep(xp, config, sizes.get("depth"), removal_order)
+    keep = keep_weights(xp, config, sizes.get("depth"), removal_order)
     owners = axis_owners(config)
     params = 2 * config.vocab_size * D + D  # embedding, lm_head, norm_f
     if config.mtp is not None:  # per depth: enorm, hnorm, eh_proj [2D, D], final_layernorm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
+from nemojax.kinds.masking import mask_linear_hidden, mask_mlp, prefix
 from nemojax.kinds.pruning import (
     WIDTH_FRACTIONS,
     hardware_multiple,
@@ -48,10 +49,18 @@ def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> Non
         slice_mlp(layer, k_ffn)
 
 
+def mask(layer: dict, config, live: dict, out: dict, hidden) -> dict:
+    """The first live["ffn"] hidden units (masked forward; see `LayerKind.mask`)."""
+    mask_linear_hidden(layer, hidden, ("up_proj",), ("down_proj",))
+    if "ffn" in live:
+        mask_mlp(layer, prefix(config.intermediate_size, live["ffn"]), out.get("ffn", 1.0))
+    return {}
+
+
 KIND = register_kind(LayerKind(
     char="-", name="mlp", label="'-' MLP", mixer=mixer, hf_names=("mlp",), config_field="intermediate_size",
     flops=flops,
     importance=importance, linears=("up_proj", "down_proj"), residual_in=("up_proj",), residual_out=("down_proj",),
     slice_hidden=lambda layer, k, config: slice_linear_hidden(layer, k, ("up_proj",), ("down_proj",)),
-    width=(WidthRule(("ffn",), _changes, _slice, _axes),),
+    width=(WidthRule(("ffn",), _changes, _slice, _axes),), mask=mask,
 ))

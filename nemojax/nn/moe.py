@@ -36,17 +36,23 @@ from nemojax.nn.linear import (
     record_amax,
     weight_quant_state,
 )
+from nemojax.nn.live import live
 from nemojax.nn.mlp import MLP, relu2
 
 f32 = jnp.float32
 
 
 def route(logits: jax.Array, bias: jax.Array, *, top_k: int, n_group: int, topk_group: int,
-          norm_topk_prob: bool, scaling: float) -> tuple[jax.Array, jax.Array]:
-    """logits: [T, E] float32, bias: [E] -> (weights [T, k] float32, expert ids [T, k] int32)."""
+          norm_topk_prob: bool, scaling: float, live_experts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """logits: [T, E] float32, bias: [E] -> (weights [T, k] float32, expert ids [T, k] int32).
+
+    live_experts: [E] bool, the experts a masked (elastic) forward keeps: the others are never chosen (their selection
+    score is -inf, as Star Elastic masks router logits, arXiv 2605.07182), which equals routing the sliced model."""
     T, E = logits.shape
     scores = jax.nn.sigmoid(logits.astype(f32))
     choice = scores + bias.astype(f32)  # the bias steers selection only
+    if live_experts is not None:
+        choice = jnp.where(live_experts, choice, -jnp.inf)
     if n_group > 1:
         grouped = choice.reshape(T, n_group, E // n_group)
         group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
@@ -196,7 +202,8 @@ class Router(nn.Module):
                              (e.num_experts,), f32)
         logits = jnp.dot(x.astype(f32), kernel)
         weights, ids = route(logits, bias, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
-                             norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor)
+                             norm_topk_prob=e.norm_topk_prob, scaling=e.routed_scaling_factor,
+                             live_experts=live(self, "experts"))
         # Statistics for the load-balancing loss and the aux-loss-free bias update (nemojax.train.moe_balance);
         # sow is a no-op unless the caller makes "intermediates" mutable.
         scores = jax.nn.sigmoid(logits)

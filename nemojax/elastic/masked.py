@@ -1,0 +1,94 @@
+"""The masked forward of an elastic model (Nemotron Elastic, arXiv 2511.16664 sec. 3): the full-size params of a
+permuted model (`nemojax.elastic.permute`) multiplied by prefix masks, so that one compiled step runs any nested
+submodel with static shapes, and the submodel it runs is exactly the one `extract` slices out.
+
+    logits = forward(config, params, tokens, {"hidden": 48, "ffn": 96, "depth": 1}, removal_order=(5, 3)).logits
+
+Sizes are as `nemojax.elastic.count` takes them (one per axis, or one per layer of the axis's kind), as ints or
+traced int arrays; "depth" drops the first sizes["depth"] layers of `removal_order` by a zero gate on their
+residual branch. Each layer kind masks its own params (`LayerKind.mask`); this module masks the rest (embedding,
+block norms, final norm, lm_head) and assembles the "elastic" collection the modules read (`nemojax.nn.live`).
+`out` maps an axis to its router multiplier (value 1, gradient to the router; `nemojax.elastic.router`), which
+scales the axis's output side. The MTP head is left as it is and not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nemojax import families
+from nemojax.elastic.choices import axis_owners
+from nemojax.elastic.count import check_sizes, keep_weights
+from nemojax.kinds.masking import prefix, scale
+from nemojax.model import Output, apply
+
+__all__ = ["forward", "masked"]
+
+
+def _copy(tree: Mapping) -> dict:
+    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _layer_sizes(config: Any, sizes: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per main-pattern layer: {width target of its kind: that layer's size} for the targets given."""
+    owners = axis_owners(config)
+    seen: dict[str, int] = {}
+    out = []
+    for char in config.pattern:
+        j = seen.get(char, 0)
+        seen[char] = j + 1
+        live = {}
+        for axis, owner in owners.items():
+            if owner == char and axis in sizes:
+                value = sizes[axis]
+                live[axis] = value[j] if isinstance(value, (tuple, list)) or jnp.ndim(value) == 1 else value
+        out.append(live)
+    return out
+
+
+def masked(config: Any, params: Mapping, sizes: Mapping[str, Any], *, removal_order: Sequence[int] = (),
+           out: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+    """(params multiplied by the prefix masks of `sizes`, the "elastic" collection) for `nemojax.model.apply`.
+
+    params: the full-size params of a model whose axes are importance-ordered; sizes: see the module docstring (a
+    missing axis stays full); out: {axis: router multiplier}. Raises ValueError naming a bad axis, size or depth."""
+    if config.runtime.scan_layers:
+        raise ValueError("runtime.scan_layers=True: the masked forward runs the unrolled layout "
+                         "(config.replace(runtime={'scan_layers': False}))")
+    check_sizes(config, sizes)
+    out = dict(out or {})
+    params = _copy(params)
+    D = config.hidden_size
+    live_hidden = sizes.get("hidden", D)
+    hidden = prefix(D, live_hidden)
+    scale(params, "embeddings/embedding", hidden, 1)
+    scale(params, "norm_f/scale", hidden, 0)
+    scale(params, "lm_head/kernel", hidden * out.get("hidden", 1.0), 0)
+    elastic: dict[str, Any] = {"norm_f": {"live": live_hidden}}
+    gammas = None
+    if "depth" in sizes:
+        gammas = keep_weights(jnp, config, sizes["depth"], removal_order) * out.get("depth", 1.0)
+    for i, (char, live) in enumerate(zip(config.pattern, _layer_sizes(config, sizes), strict=True)):
+        layer = params[f"layers_{i}"]
+        scale(layer, "norm/scale", hidden, 0)
+        entry = families.kind(char)
+        if entry.mask is None:
+            raise ValueError(f"layer kind {char!r} ({entry.name}) has no masked form (LayerKind.mask): it cannot "
+                             "be part of an elastic model")
+        block = {"norm": {"live": live_hidden}, "mixer": entry.mask(layer, config, live, out, hidden)}
+        if gammas is not None:
+            block["gamma"] = gammas[i]
+        elastic[f"layers_{i}"] = block
+    return params, elastic
+
+
+def forward(config: Any, params: Mapping, tokens: jax.Array, sizes: Mapping[str, Any], *,
+            removal_order: Sequence[int] = (), out: Mapping[str, Any] | None = None, **options: Any) -> Output:
+    """`nemojax.model.apply` of the submodel `sizes` under prefix masks. tokens: [b, L] int -> Output (logits [b,
+    L, vocab] float32 ...); options: apply's other keywords (segment_ids, collect, rngs, logits)."""
+    masked_params, elastic = masked(config, params, sizes, removal_order=removal_order, out=out)
+    return apply(config, masked_params, tokens, elastic=elastic, **options)
