@@ -32,7 +32,7 @@ from nemojax.model import Model
 
 # the one import a user of Hugging Face checkpoints needs
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "config_from_hf", "load_hf",
-           "model_from_state_dict", "save_hf", "state_dict_from_params", "to_hf_state_dict"]
+           "model_from_state_dict", "save_hf", "state_dict_from_params", "to_hf_state_dict", "write_hf"]
 
 
 def load_hf(directory: str | os.PathLike, *, strict: bool = False, **config_overrides: Any) -> Model:
@@ -64,11 +64,12 @@ def save_hf(model: Model, directory: str | os.PathLike, *, max_shard_bytes: int 
     killed at any point leaves the old or the new checkpoint loadable. Raises CheckpointError, before writing,
     for a `directory` that is a symlink, a regular file or a training workdir (run.json or checkpoints/ inside).
     """
-    state_dict = state_dict_from_params(model.config, model.params)
+    return save_folder(directory, lambda staging: write_hf(model, staging, max_shard_bytes))
+
+
+def write_hf(model: Model, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Writes config.json and the safetensors of `model` into `folder` as they are, with no save protocol: the
+    `fill` of `save_folder` for savers that add files of their own to a checkpoint (`nemojax.elastic.save`)."""
     hf_config = {**model.config.to_hf(), "torch_dtype": model.config.runtime.param_dtype}  # the tensors' dtype
-
-    def fill(staging: Path) -> None:
-        (staging / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
-        write_tensors(staging, state_dict, max_shard_bytes)
-
-    return save_folder(directory, fill)
+    (folder / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
+    write_tensors(folder, state_dict_from_params(model.config, model.params), max_shard_bytes)

@@ -59,7 +59,8 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint (modelopt writes it)
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-OWN_NAMES = (CONFIG_NAME, QUANT_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)
+ELASTIC_NAMES = ("elastic.json", "elastic_routers.safetensors")  # nemojax.elastic.save's routers and choices
+OWN_NAMES = (CONFIG_NAME, QUANT_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, *ELASTIC_NAMES)
 STAGING_PREFIX = ".nemojax-saving-"
 JOURNAL_NAME = ".nemojax-save-journal.json"
 SAVE_LOCK_NAME = ".nemojax-save.lock"  # held by the process saving into the folder
@@ -203,7 +204,8 @@ def _save(tensors: Mapping[str, np.ndarray], file: Path) -> None:
 
 def is_own_file(name: str) -> bool:
     """Whether a file name is one a checkpoint save writes (and so may replace or remove): config.json,
-    hf_quant_config.json, model.safetensors, the index and numbered shards model-00001-of-00003.safetensors."""
+    hf_quant_config.json, model.safetensors, the index, numbered shards model-00001-of-00003.safetensors and an
+    elastic model's elastic.json and elastic_routers.safetensors."""
     return name in OWN_NAMES or SHARD_NAME.fullmatch(name) is not None
 
 
