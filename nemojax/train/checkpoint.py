@@ -60,7 +60,9 @@ def read_run(path: str | Path) -> dict[str, Any]:
     (param_dtype, quant and the kernel choices inside "model") reads as the same run written today."""
     run = json.loads(Path(path).read_text())
     model = run.get("model")
-    if not isinstance(model, dict) or not any(name in model for name in ("param_dtype", "quant")):
+    # an old layout's "model" is an architecture (hidden_size ...); a method's nested fingerprint is left alone
+    if not isinstance(model, dict) or "hidden_size" not in model or \
+            not any(name in model for name in ("param_dtype", "quant")):
         return run
     for name in ("param_dtype", "quant"):
         value = model.pop(name)
@@ -158,8 +160,12 @@ class Checkpoints:
                                       "or overwrite it:\n  " + "\n  ".join(diffs))
         else:
             run_file.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        # Folders are created on the calling thread: orbax's background creation swallows a failure (a full disk)
+        # and the save then waits out a 300 s barrier before a misleading timeout.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        self._last_saved: int | None = None
         self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def check_writable(self) -> None:
@@ -197,13 +203,17 @@ class Checkpoints:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if jax.process_index() == 0:  # before the save: a kill after orbax commits never leaves a step undigested
+            _write_atomically(self.checksums / f"{step}.json", json.dumps({"step": step, "leaves": digest}))
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:
-            raise CheckpointError(f"saving checkpoint step {step} into {self.folder} failed "
+            # orbax raises a background save's failure from the next save: name both steps
+            earlier = "" if self._last_saved is None else f" (or the background save of step {self._last_saved})"
+            raise CheckpointError(f"saving checkpoint step {step}{earlier} into {self.folder} failed "
                                   f"({type(error).__name__}: {error})") from error
+        self._last_saved = step
         if jax.process_index() == 0:
-            _write_atomically(self.checksums / f"{step}.json", json.dumps({"step": step, "leaves": digest}))
             self._drop_stale_checksums(keep=step)
 
     def _drop_stale_checksums(self, keep: int) -> None:

@@ -166,3 +166,14 @@ def test_unfinished_save_is_ignored_and_relative_workdir(tmp_path, two_steps, mo
     assert result["summary"]["steps"] == 4
     assert sorted(_train_losses(workdir)) == [1, 2, 3, 4]
     assert {"3", "4"} <= {p.name for p in (workdir / "checkpoints").iterdir()}  # saved through the relative path
+
+
+def test_a_methods_nested_fingerprint_is_not_read_as_the_old_layout(tmp_path):
+    """finetune and elastic.train nest config_fingerprint under "model" (its own "param_dtype" beside the
+    architecture): read_run must return it unchanged, or the method's own rerun is refused as another run."""
+    from nemojax import presets
+    from nemojax.train.checkpoint import config_fingerprint, read_run
+
+    run = {"method": "finetune", "model": config_fingerprint(presets.get("nemotron-h-8b-tiny"))}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert read_run(tmp_path / "run.json") == json.loads(json.dumps(run))
