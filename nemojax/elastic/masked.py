@@ -33,20 +33,21 @@ def _copy(tree: Mapping) -> dict:
     return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def _layer_sizes(config: Any, sizes: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per main-pattern layer: {width target of its kind: that layer's size} for the targets given."""
+def _per_layer(config: Any, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per main-pattern layer: {width target of its kind: that layer's value} for the targets in `values` (one
+    value for every layer of the kind, or one per layer of it in pattern order)."""
     owners = axis_owners(config)
     seen: dict[str, int] = {}
     out = []
     for char in config.pattern:
         j = seen.get(char, 0)
         seen[char] = j + 1
-        live = {}
+        layer = {}
         for axis, owner in owners.items():
-            if owner == char and axis in sizes:
-                value = sizes[axis]
-                live[axis] = value[j] if isinstance(value, (tuple, list)) or jnp.ndim(value) == 1 else value
-        out.append(live)
+            if owner == char and axis in values:
+                value = values[axis]
+                layer[axis] = value[j] if isinstance(value, (tuple, list)) or jnp.ndim(value) == 1 else value
+        out.append(layer)
     return out
 
 
@@ -55,7 +56,8 @@ def masked(config: Any, params: Mapping, sizes: Mapping[str, Any], *, removal_or
     """(params multiplied by the prefix masks of `sizes`, the "elastic" collection) for `nemojax.model.apply`.
 
     params: the full-size params of a model whose axes are importance-ordered; sizes: see the module docstring (a
-    missing axis stays full); out: {axis: router multiplier}. Raises ValueError naming a bad axis, size or depth."""
+    missing axis stays full); out: {axis: router multiplier} (per layer for a heterogeneous axis). Raises
+    ValueError naming a bad axis, size or depth."""
     if config.runtime.scan_layers:
         raise ValueError("runtime.scan_layers=True: the masked forward runs the unrolled layout "
                          "(config.replace(runtime={'scan_layers': False}))")
@@ -72,14 +74,15 @@ def masked(config: Any, params: Mapping, sizes: Mapping[str, Any], *, removal_or
     gammas = None
     if "depth" in sizes:
         gammas = keep_weights(jnp, config, sizes["depth"], removal_order) * out.get("depth", 1.0)
-    for i, (char, live) in enumerate(zip(config.pattern, _layer_sizes(config, sizes), strict=True)):
+    per_layer = zip(config.pattern, _per_layer(config, sizes), _per_layer(config, out), strict=True)
+    for i, (char, live, multipliers) in enumerate(per_layer):
         layer = params[f"layers_{i}"]
         scale(layer, "norm/scale", hidden, 0)
         entry = families.kind(char)
         if entry.mask is None:
             raise ValueError(f"layer kind {char!r} ({entry.name}) has no masked form (LayerKind.mask): it cannot "
                              "be part of an elastic model")
-        block = {"norm": {"live": live_hidden}, "mixer": entry.mask(layer, config, live, out, hidden)}
+        block = {"norm": {"live": live_hidden}, "mixer": entry.mask(layer, config, live, multipliers, hidden)}
         if gammas is not None:
             block["gamma"] = gammas[i]
         elastic[f"layers_{i}"] = block

@@ -125,11 +125,17 @@ def param_shardings(config: ModelConfig, mesh: Mesh, params_shape: Any,
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: Any, params_sharding: Any,
                         mesh: Mesh) -> Any:
-    """Optimizer state placed like the params it mirrors (Adam's mu and nu); scalars replicated."""
+    """Optimizer state placed like the params it mirrors (Adam's mu and nu); scalars replicated. The state of a
+    transform that sees part of the params (`optax.multi_transform`, `optax.masked`) keeps its MaskedNode leaves."""
     state_shape = jax.eval_shape(optimizer.init, params_shape)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, state_shape, params_sharding,
-                                 transform_non_params=lambda _: replicated)
+
+    def place(value: Any, sharding: NamedSharding) -> Any:
+        return value if isinstance(value, optax.MaskedNode) else sharding
+
+    return optax.tree_map_params(optimizer, place, state_shape, params_sharding,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
