@@ -22,6 +22,11 @@
         quantization-aware distillation of workdir/ptq from the high-precision teacher (default: the one
         `quantize` used) into workdir/qad; prints the validation losses; metrics in workdir/metrics.jsonl;
         checkpoints in the workdir, so a rerun resumes (--stop-after N ends after N steps)
+    nemojax elastify --config configs/elastic_small.py --teacher runs/demo --workdir runs/elastic
+        Nemotron Elastic: importance, permutation and budget routers, then one elastic distillation run (two-stage
+        curriculum) from the frozen teacher; saves every nested model in one checkpoint (workdir/elastic,
+        `nemojax.elastic.load`) and each budget's submodel as a Hugging Face checkpoint (workdir/budget_<b>);
+        prints parameters and validation loss per budget; checkpoints in the workdir, so a rerun resumes
     nemojax forward [--preset nemotron-3-super-120b-a12b] [--seq 64]
         builds the preset's tiny variant, runs a jitted forward pass and an MTP pass, and prints what it did
     nemojax params [--preset NAME ...]
@@ -71,6 +76,7 @@ from nemojax.model import Model, param_count
 # else the copy shipped inside the package (a plain `pip install`).
 DEMO_CONFIG = "configs/small_hybrid.py"
 COMPRESS_CONFIG = "configs/minitron_small.py"
+ELASTIC_CONFIG = "configs/elastic_small.py"
 QUANT_CONFIG = "configs/nvfp4_qad.py"
 
 
@@ -138,6 +144,22 @@ def _prune(args: argparse.Namespace) -> None:
     print(f"pruned: {p['params']:,} parameters ({p['params'] / t['params']:.0%}; {pipeline.size_change(t, p)}), "
           f"validation loss {p['val_loss']:.3f} nats/token")
     print(f"saved {Path(args.workdir) / pipeline.PRUNED_DIR} in {summary['seconds']:.0f} s")
+
+
+def _elastify(args: argparse.Namespace) -> None:
+    from nemojax.jobs import elastic as pipeline
+
+    config = _compress_args(args)
+    teacher_path = args.teacher or config.teacher
+    teacher = _load_teacher(teacher_path)
+    summary = pipeline.elastify_job(config, teacher, args.workdir, teacher_path=teacher_path,
+                                    progress=not args.no_progress, stop_after=args.stop_after)
+    if "stopped_at" in summary:
+        return  # the fit loop said where it stopped; rerun to resume
+    print(pipeline.table(summary))
+    print(f"saved {Path(args.workdir) / pipeline.ELASTIC_DIR} (every nested model, "
+          f"{summary['checkpoint_bytes']:,} bytes) and budget_<b>/ after {summary['steps']} steps in "
+          f"{summary['seconds']:.0f} s")
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -387,6 +409,15 @@ def main(argv: list[str] | None = None) -> None:
             job.add_argument("--stop-after", type=int, default=None,
                              help="stop after this many steps (checkpointed in the workdir); run again to resume")
         job.set_defaults(run=_quantize if name == "quantize" else _qad)
+    elastify = jobs.add_parser("elastify", help="Nemotron Elastic: nested submodels of a teacher in one checkpoint")
+    elastify.add_argument("--config", default=str(ELASTIC_CONFIG), help="an elastic config (get_config())")
+    elastify.add_argument("--workdir", required=True)
+    elastify.add_argument("--teacher", default=None,
+                          help="a training workdir or Hugging Face folder (default: config.teacher)")
+    elastify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    elastify.add_argument("--stop-after", type=int, default=None,
+                          help="stop after this many steps (checkpointed in the workdir); run again to resume")
+    elastify.set_defaults(run=_elastify)
     forward = jobs.add_parser("forward", help="forward pass of a preset's tiny variant")
     forward.add_argument("--preset", default="nemotron-3-super-120b-a12b",
                          choices=[n for n in presets.names() if not n.endswith("-tiny")])

@@ -24,9 +24,11 @@ def test_config_builds_and_documents_its_command(path):
     config = config_files.load(path)
     assert path.read_text().startswith("#") and f"--config configs/{path.name}" in path.read_text()
     expected = {"tiny": (1e5, 1e6), "small_hybrid": (2e7, 5e7), "nemotron_h_8b": (8.0e9, 8.2e9),
-                "mtp_small": (3e6, 5e6), "minitron_small": (2e7, 5e7), "nvfp4_qad": (2e7, 5e7)}[path.stem]
+                "mtp_small": (3e6, 5e6), "minitron_small": (2e7, 5e7), "nvfp4_qad": (2e7, 5e7),
+                "elastic_small": (2e7, 5e7)}[path.stem]
     if "model" not in config:  # a compression or quantization config: its model is the teacher checkpoint
-        assert {"teacher", "prune", "distill"} <= set(config) or {"teacher", "recipe", "qad"} <= set(config)
+        assert any(fields <= set(config) for fields in ({"teacher", "prune", "distill"}, {"teacher", "recipe", "qad"},
+                                                         {"teacher", "elastic", "train"}))
         config = config_files.load(path.parent / "small_hybrid.py")
     mcfg = model_config(config)
     assert optimizer_config(config).total_steps == config.train.steps
