@@ -10,6 +10,7 @@ tokens is known, then `commit_steps` keeps the right one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +31,15 @@ DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Cache, commit: jax.Array, *,
-           fresh: bool = False, all_steps: bool = False) -> tuple[jax.Array, Cache]:
+           fresh: bool = False, all_steps: bool = False, elastic: Mapping | None = None) -> tuple[jax.Array, Cache]:
     """tokens: [b, T] int, commit: [b] int32 -> (final normed hidden [b, T, hidden], new cache).
 
     Without `all_steps` the cache's length grows by `commit`; with it the length is unchanged and every Mamba
-    state carries a T axis for `commit_steps`.
+    state carries a T axis for `commit_steps`. elastic: the live sizes of a masked forward, passed to
+    `nemojax.model.apply` (params then are the masked params that go with them).
     """
     step = Extend(cache.length, commit.astype(jnp.int32), fresh=fresh, all_steps=all_steps)
-    out = model.apply(config, params, tokens, states=cache.layers, step=step, logits=False)
+    out = model.apply(config, params, tokens, states=cache.layers, step=step, logits=False, elastic=elastic)
     return out.hidden, Cache(out.states, cache.length if all_steps else cache.length + step.commit)
 
 
@@ -64,10 +66,11 @@ def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
-            cache: Cache) -> tuple[jax.Array, Cache]:
+            cache: Cache, elastic: Mapping | None = None) -> tuple[jax.Array, Cache]:
     """Right-padded prompts into an empty cache. tokens: [b, L], lengths: [b] (1 <= lengths[i] <= L)
-    -> (logits of each prompt's last token [b, vocab] float32, cache with length = lengths)."""
-    hidden, cache = extend(config, params, tokens, cache, lengths, fresh=True)
+    -> (logits of each prompt's last token [b, vocab] float32, cache with length = lengths). elastic: see
+    `extend`."""
+    hidden, cache = extend(config, params, tokens, cache, lengths, fresh=True, elastic=elastic)
     return logits_at(config, params, hidden, lengths - 1), cache
 
 

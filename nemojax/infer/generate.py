@@ -27,7 +27,7 @@ from nemojax.config import ModelConfig
 from nemojax.infer import budget as budget_lib
 from nemojax.infer.cache import Cache, init_cache
 from nemojax.infer.decode_config import DecodeConfig, finished
-from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, extend, logits, prefill
+from nemojax.infer.extend import DECODE_COMPILER_OPTIONS, extend, logits, logits_at, prefill
 from nemojax.infer.sampling import SamplingConfig, mark_seen, sample, seen_from_prompts
 from nemojax.infer.speculative import generate_speculative
 from nemojax.infer.stopping import StopSequences
@@ -68,22 +68,41 @@ def _choose(state: LoopState, dcfg: DecodeConfig) -> jax.Array:
     return jnp.where(state.done, dcfg.pad_id, token).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream"),
+@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_len", "stream", "view", "return_cache"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
 def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Array, prompt_open: jax.Array,
                 key: jax.Array, *, dcfg: DecodeConfig, max_len: int,
-                stream: Callable[..., None] | None = None) -> tuple[jax.Array, jax.Array]:
+                stream: Callable[..., None] | None = None, view: Callable | None = None, view_args: Any = None,
+                cache: Cache | None = None, limit: jax.Array | None = None,
+                return_cache: bool = False) -> tuple[jax.Array, ...]:
     """tokens: [b, L] right-padded prompts, lengths: [b], prompt_open: [b] bool (prompt ends inside <think>)
-    -> (new tokens [b, max_new_tokens] int32 padded with pad_id, their counts [b] int32)."""
+    -> (new tokens [b, max_new_tokens] int32 padded with pad_id, their counts [b] int32[, final cache]).
+
+    view: decode with `view(config, params, view_args) -> (params, elastic collection)` instead of `params` (see
+    `generate`); a static argument, so a hashable callable (e.g. a frozen dataclass), while view_args (a pytree of
+    arrays, e.g. a submodel's sizes) is traced: one compilation serves every value of it.
+    cache: extend `tokens` onto this cache instead of prefilling them into an empty one of `max_len` (which is then
+    unused); the repetition penalty sees only `tokens`. limit: [b] int32, each row's own cap on its new tokens
+    (at most dcfg.max_new_tokens; a row of limit 0 produces nothing). return_cache: also return the final cache,
+    in which every row holds exactly the tokens it committed: its prompt and every token it produced except the
+    last (a finished row commits nothing).
+    """
     b, _ = tokens.shape
-    first_logits, cache = prefill(config, params, tokens, lengths, init_cache(config, b, max_len))
+    run_params, collection = (params, None) if view is None else view(config, params, view_args)
+    if cache is None:
+        first_logits, cache = prefill(config, run_params, tokens, lengths, init_cache(config, b, max_len),
+                                      collection)
+    else:
+        hidden, cache = extend(config, run_params, tokens, cache, lengths, elastic=collection)
+        first_logits = logits_at(config, run_params, hidden, lengths - 1)
     V = first_logits.shape[-1]
     seen = seen_from_prompts(tokens, lengths, V) if dcfg.sampling.repetition_penalty != 1.0 \
         else jnp.zeros((b, 0), bool)
     budget = None if dcfg.budget is None else budget_lib.init_budget_state(dcfg.budget, b, prompt_open)
+    done = jnp.zeros((b,), bool) if limit is None else limit <= 0
     state = LoopState(cache, first_logits, jnp.zeros((), jnp.int32),
                       jnp.full((b, dcfg.max_new_tokens), dcfg.pad_id, jnp.int32), jnp.zeros((b,), jnp.int32),
-                      jnp.zeros((b,), bool), seen, budget, key)
+                      done, seen, budget, key)
 
     def body(s: LoopState) -> LoopState:
         token = _choose(s, dcfg)
@@ -91,21 +110,25 @@ def decode_loop(config: ModelConfig, params: dict, tokens: jax.Array, lengths: j
         out = s.out.at[:, s.step].set(token)
         count = s.count + active.astype(jnp.int32)
         done = s.done | (active & finished(token, out, count, dcfg))
+        if limit is not None:
+            done |= count >= limit
         seen = mark_seen(s.seen, token) if s.seen.shape[1] else s.seen
         budget = s.budget if dcfg.budget is None else budget_lib.update_budget(s.budget, token, dcfg.budget)
         if stream is not None:
             jax.debug.callback(stream, s.step, token, active, ordered=True)
 
         def advance(_):
-            hidden, cache = extend(config, params, token[:, None], s.cache, jnp.ones_like(token))
-            return logits(config, params, hidden[:, 0]), cache
+            # A finished row commits nothing: its cache stays the state after its own tokens (return_cache).
+            hidden, cache = extend(config, run_params, token[:, None], s.cache, (~done).astype(jnp.int32),
+                                   elastic=collection)
+            return logits(config, run_params, hidden[:, 0]), cache
 
         # The last token needs no forward pass of its own.
         next_logits, cache = jax.lax.cond(jnp.all(done), lambda _: (s.logits, s.cache), advance, None)
         return LoopState(cache, next_logits, s.step + 1, out, count, done, seen, budget, s.key)
 
     final = jax.lax.while_loop(lambda s: (s.step < dcfg.max_new_tokens) & ~jnp.all(s.done), body, state)
-    return final.out, final.count
+    return (final.out, final.count, final.cache) if return_cache else (final.out, final.count)
 
 
 @dataclasses.dataclass
@@ -253,29 +276,27 @@ def _prompt_open(prompt_open, b: int) -> np.ndarray:
     return open_
 
 
-def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             seed: int = 0, tokenizer=None, eos_ids: Sequence[int] | None = None,
-             stop: Sequence[str | Sequence[int]] = (), thinking_budget: budget_lib.ThinkingBudget | None = None,
-             prompt_open: Sequence[bool] | None = None, speculative: int = 0,
-             stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-             allow_special: bool = False) -> Generation:
-    """Generates up to `max_new_tokens` after each prompt.
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked `generate` call, ready to decode: the prompts as token ids (`ids`), right-padded (`tokens` [b, L]
+    int32, `lengths` [b] int32), the static decode settings, and what turns new tokens into a `Generation` (the
+    stop strings and the tokenizer)."""
 
-    prompts: token-id lists, or strings (then `tokenizer` is required, and `.text` is filled); a single string is
-    one prompt. eos_ids: default the tokenizer's EOS, else the config's eos_token_id. stop: strings (checked on
-    the decoded text, and as their token ids inside the loop) or token-id sequences. thinking_budget: force the
-    end-of-thinking tag after that many thinking tokens (see `nemojax.infer.budget`); prompt_open says which
-    prompts already opened a thinking block (default: none). speculative: draft this many tokens per step with
-    the model's MTP head and verify them (greedy only; see `nemojax.infer.speculative`). stream(step, tokens [b],
-    active [b]) is called from inside the loop after every step.
+    ids: list[list[int]]
+    tokens: np.ndarray
+    lengths: np.ndarray
+    dcfg: DecodeConfig
+    stop_strings: tuple[str, ...] = ()
+    tokenizer: Any = None
 
-    Raises ValueError, naming the argument and what is allowed, before anything is compiled: prompts that are
-    empty, nested to the wrong depth or hold non-int ids (floats are refused, not truncated) or ids outside
-    [0, vocab_size); eos / pad / stop ids outside the vocabulary; an empty stop string; and out-of-range
-    max_new_tokens, seed, temperature, top_k, top_p, repetition_penalty, speculative or prompt_open.
-    """
-    config: ModelConfig = model.config
+
+def prepare(config: ModelConfig, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *,
+            max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            repetition_penalty: float = 1.0, seed: int = 0, tokenizer=None, eos_ids: Sequence[int] | None = None,
+            stop: Sequence[str | Sequence[int]] = (), thinking_budget: budget_lib.ThinkingBudget | None = None,
+            allow_special: bool = False) -> Request:
+    """The checks and settings of `generate` for a model of `config` (its docstring lists the arguments and the
+    ValueErrors), shared with loops built on `decode_loop` (e.g. `nemojax.elastic.generate`)."""
     vocab = config.vocab_size
     ids = _prompt_ids(prompts, tokenizer, allow_special, vocab)
     if eos_ids is None:
@@ -288,13 +309,69 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
         pad_id, pad_source = tokenizer.pad_id, "tokenizer.pad_id"
     _check_token_id(pad_source, pad_id, vocab)
     _check_seed(seed)
-    if isinstance(speculative, bool) or not isinstance(speculative, int | np.integer) or speculative < 0:
-        raise ValueError(f"speculative={speculative!r} is invalid: must be an int >= 0 (0 turns it off)")
-
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     dcfg = DecodeConfig(max_new_tokens, sampling, eos, int(pad_id), StopSequences(stop_ids), thinking_budget)
     tokens, lengths = pad_prompts(ids, dcfg.pad_id)
-    open_ = _prompt_open(prompt_open, len(ids))
+    return Request(ids, tokens, lengths, dcfg, tuple(stop_strings), tokenizer)
+
+
+def result(request: Request, new: list[list[int]], seconds: float,
+           stats: dict[str, float] | None = None) -> Generation:
+    """The `Generation` of `request` whose prompts produced the token lists `new`: finish reasons, decoded text
+    (cut at the stop strings) and the run statistics (`stats` plus counts, seconds and tokens per second)."""
+    dcfg, tokenizer = request.dcfg, request.tokenizer
+    reasons = [_finish_reason(t, dcfg.eos_ids, dcfg.stops) for t in new]
+    text = None
+    if tokenizer is not None:
+        text = []
+        for i, t in enumerate(new):
+            decoded, cut = cut_at_stop_strings(tokenizer.decode(t), request.stop_strings)
+            text.append(decoded)
+            if cut:
+                reasons[i] = "stop"
+    produced = sum(len(t) for t in new)
+    stats = {**(stats or {}), "prompt_tokens": float(request.lengths.sum()), "new_tokens": float(produced),
+             "seconds": seconds, "tokens_per_s": produced / max(seconds, 1e-9)}
+    return Generation(new, text, reasons, stats)
+
+
+def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             seed: int = 0, tokenizer=None, eos_ids: Sequence[int] | None = None,
+             stop: Sequence[str | Sequence[int]] = (), thinking_budget: budget_lib.ThinkingBudget | None = None,
+             prompt_open: Sequence[bool] | None = None, speculative: int = 0,
+             stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+             allow_special: bool = False, view: Callable | None = None, view_args: Any = None) -> Generation:
+    """Generates up to `max_new_tokens` after each prompt.
+
+    prompts: token-id lists, or strings (then `tokenizer` is required, and `.text` is filled); a single string is
+    one prompt. eos_ids: default the tokenizer's EOS, else the config's eos_token_id. stop: strings (checked on
+    the decoded text, and as their token ids inside the loop) or token-id sequences. thinking_budget: force the
+    end-of-thinking tag after that many thinking tokens (see `nemojax.infer.budget`); prompt_open says which
+    prompts already opened a thinking block (default: none). speculative: draft this many tokens per step with
+    the model's MTP head and verify them (greedy only; see `nemojax.infer.speculative`). stream(step, tokens [b],
+    active [b]) is called from inside the loop after every step.
+
+    view: decode with other params derived from the model's inside the compiled loop: `view(config, params,
+    view_args) -> (params, collection)`, the collection going to `nemojax.model.apply`'s `elastic=` (None for
+    none). A hashable callable (a jit static argument; e.g. `nemojax.elastic.generate.MaskedView`, a nested
+    submodel under prefix masks); view_args is traced. The derived params live for the duration of the call.
+
+    Raises ValueError, naming the argument and what is allowed, before anything is compiled: prompts that are
+    empty, nested to the wrong depth or hold non-int ids (floats are refused, not truncated) or ids outside
+    [0, vocab_size); eos / pad / stop ids outside the vocabulary; an empty stop string; and out-of-range
+    max_new_tokens, seed, temperature, top_k, top_p, repetition_penalty, speculative or prompt_open.
+    """
+    config: ModelConfig = model.config
+    request = prepare(config, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, tokenizer=tokenizer,
+                      eos_ids=eos_ids, stop=stop, thinking_budget=thinking_budget, allow_special=allow_special)
+    if isinstance(speculative, bool) or not isinstance(speculative, int | np.integer) or speculative < 0:
+        raise ValueError(f"speculative={speculative!r} is invalid: must be an int >= 0 (0 turns it off)")
+    if speculative and view is not None:
+        raise ValueError("speculative and view are both given: speculative decoding runs the model's own params")
+    dcfg, tokens, lengths = request.dcfg, request.tokens, request.lengths
+    open_ = _prompt_open(prompt_open, len(request.ids))
     start = time.perf_counter()
     stats: dict[str, float] = {}
     _stream_sink[0] = stream
@@ -306,23 +383,10 @@ def generate(model, prompts: Sequence[Sequence[int]] | Sequence[str] | str, *, m
             max_len = tokens.shape[1] + max_new_tokens
             out, count = decode_loop(config, model.params, jnp.asarray(tokens), jnp.asarray(lengths),
                                      jnp.asarray(open_), jax.random.key(int(seed)), dcfg=dcfg, max_len=max_len,
-                                     stream=forward_stream if stream else None)
+                                     stream=forward_stream if stream else None, view=view, view_args=view_args)
             out, count = np.asarray(out), np.asarray(count)
             jax.effects_barrier()  # every streamed token delivered before the sink is cleared
     finally:
         _stream_sink[0] = None
     seconds = time.perf_counter() - start
-
-    new = [out[i, :count[i]].tolist() for i in range(len(ids))]
-    reasons = [_finish_reason(t, dcfg.eos_ids, dcfg.stops) for t in new]
-    text = None
-    if tokenizer is not None:
-        text = []
-        for i, t in enumerate(new):
-            decoded, cut = cut_at_stop_strings(tokenizer.decode(t), stop_strings)
-            text.append(decoded)
-            if cut:
-                reasons[i] = "stop"
-    stats = {**stats, "prompt_tokens": float(lengths.sum()), "new_tokens": float(count.sum()),
-             "seconds": seconds, "tokens_per_s": float(count.sum()) / max(seconds, 1e-9)}
-    return Generation(new, text, reasons, stats)
+    return result(request, [out[i, :count[i]].tolist() for i in range(len(request.ids))], seconds, stats)
