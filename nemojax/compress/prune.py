@@ -52,10 +52,18 @@ Decisions:
   * Depth: `layers` keeps that many layers with the highest "layer/block" scores; `drop_layers` names the
     layers to drop instead. Survivors are renumbered layers_0.. and the pattern string follows. The MTP head is
     never dropped.
+  * A quantized model (`nemojax.quant.apply`) stays quantized, each surviving linear layer in its own format:
+    per-tensor amaxes (weight, input, KV) are kept as they are (a submodel shares its parent's scales, as Star
+    Elastic's nested FP8 / NVFP4 checkpoints do, arXiv 2605.07182); per-expert amaxes and static NVFP4 block
+    scales are sliced with their weight (a block scale follows its 16-element block, so a slice must keep whole
+    blocks: ValueError otherwise). When dropping layers would move a layer across a recipe's positional rules
+    (keep_first_layers, keep_last_layers, keep_last_fraction, keep_before_attention), the pruned config's recipe
+    names every layer's format explicitly instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +72,8 @@ import numpy as np
 
 from nemojax import families
 from nemojax.kinds.pruning import ORDERS, keep_top, keep_top_grouped, record, take
+from nemojax.lowp.formats import check_format
+from nemojax.lowp.recipe import STATE_SUFFIXES, QuantRecipe
 from nemojax.model import Model
 
 __all__ = ["prune", "pruned_config", "keep_top", "keep_top_grouped", "width_targets"]
@@ -115,6 +125,123 @@ def _copy_tree(tree: Mapping) -> dict:
 
 def _to_jax(tree: dict) -> dict:
     return {k: _to_jax(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------------ quantization state
+
+STATIC_BLOCK = check_format("nvfp4").block  # static block scales are NVFP4's (lowp.recipe.BLOCKED_FORMATS): 16
+
+
+def _track_state(params: dict) -> dict[tuple[str, ...], tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Swaps every weight that has non-scalar quantization state beside it (per-expert amaxes [E], static block
+    scales) for the flat index of each of its elements, in place, so that the slicing rules move indices instead
+    of values; returns {weight path: (the weight, {state leaf name: state})}. Scalar state needs no slicing."""
+    tracked = {}
+
+    def visit(node: dict, path: tuple[str, ...]) -> None:
+        for name, leaf in list(node.items()):
+            if isinstance(leaf, dict):
+                visit(leaf, (*path, name))
+                continue
+            state = {name + s: node[name + s] for s in STATE_SUFFIXES
+                     if name + s in node and np.ndim(node[name + s]) > 0}
+            if state and not name.endswith(STATE_SUFFIXES):
+                tracked[(*path, name)] = (leaf, state)
+                node[name] = np.arange(leaf.size, dtype=np.int64).reshape(leaf.shape)
+
+    visit(params, ())
+    return tracked
+
+
+def _state_axes(path: str, state: np.ndarray, weight_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(weight axis, elements per state entry along it) for each axis of a state leaf: per-expert amaxes cover the
+    weight's leading axes one to one; block scales cover every axis, a blocked one (or two, for 16x16 tiles) in
+    STATIC_BLOCK blocks, ceil(n / 16) of them (the quantizer zero-pads the last)."""
+    if not path.endswith("_block_scale"):
+        if state.shape != weight_shape[:state.ndim]:
+            raise ValueError(f"quantization state {path} has shape {list(state.shape)}: expected the leading dims "
+                             f"of its weight {list(weight_shape)}")
+        return [(axis, 1) for axis in range(state.ndim)]
+    if state.ndim != len(weight_shape):
+        raise ValueError(f"block scales {path} have shape {list(state.shape)}: expected one dim per weight dim "
+                         f"{list(weight_shape)}")
+    steps = []
+    for axis, (s, w) in enumerate(zip(state.shape, weight_shape, strict=True)):
+        step = 1 if s == w else STATIC_BLOCK
+        if -(-w // step) != s:
+            raise ValueError(f"block scales {path} have shape {list(state.shape)}, which does not block its weight "
+                             f"{list(weight_shape)}")
+        steps.append((axis, step))
+    return steps
+
+
+def _slice_state(path: str, state: np.ndarray, weight_shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
+    """The state of a sliced weight: index [sliced weight shape] holds each element's flat index in the original
+    weight [weight_shape]; every entry of the new state must cover elements of a single original entry (one
+    expert's, one block's), whose value it takes."""
+    axes = _state_axes(path, state, weight_shape)
+    old = np.unravel_index(index, weight_shape)
+    new = np.indices(index.shape, sparse=True)
+    new_shape = tuple(-(-index.shape[axis] // step) for axis, step in axes)
+    source = np.ravel_multi_index(tuple(old[axis] // step for axis, step in axes), state.shape).ravel()
+    target = np.broadcast_to(np.ravel_multi_index(tuple(new[axis] // step for axis, step in axes), new_shape),
+                             index.shape).ravel()
+    picked = np.zeros(int(np.prod(new_shape)), np.int64)
+    picked[target] = source
+    if np.any(picked[target] != source):
+        raise ValueError(f"{path} cannot follow this slice of its weight: one entry of the pruned state would cover "
+                         "elements of different experts or 16-element blocks (keep whole blocks: sizes and group "
+                         "widths that are multiples of the block size)")
+    return state.reshape(-1)[picked].reshape(new_shape)
+
+
+def _untrack_state(params: dict, tracked: dict) -> None:
+    """Puts the values back into the weights `_track_state` swapped for indices and slices their state alike."""
+    for path, (weight, state) in tracked.items():
+        *parents, name = path
+        node = params
+        for key in parents:
+            node = node[key]
+        index = node[name]
+        node[name] = weight.reshape(-1)[index]
+        for leaf, value in state.items():
+            node[leaf] = _slice_state("/".join((*parents, leaf)), value, weight.shape, index)
+
+
+def _pinned_recipe(recipe: QuantRecipe, config: Any, params: Mapping, kept_layers: np.ndarray,
+                   pattern: str) -> QuantRecipe:
+    """`recipe`, or, when the pruned model's layer numbering (`pattern`, the survivors `kept_layers`) would move a
+    layer across its positional rules, a recipe that names the format of every linear of the kept layers
+    explicitly (each keeps its format in the parent) and has no positional rules."""
+    renumber = {int(i): j for j, i in enumerate(kept_layers)}
+    pinned, moved = [], False
+    for path in families.linear_weights(config, _leaf_paths(params)):
+        if not path[0].startswith("layers_") or int(path[0][len("layers_"):]) not in renumber:
+            continue
+        module = path[1:-1] if path[-1] == "kernel" else path[1:]
+        before = "/".join((path[0], *module))
+        after = "/".join((f"layers_{renumber[int(path[0][len('layers_'):])]}", *module))
+        spec = recipe.linear(before, config.pattern)
+        moved |= spec != recipe.linear(after, pattern)
+        pinned.append((after, spec))
+    if not moved:
+        return recipe
+    return dataclasses.replace(recipe, rules=(*pinned, *recipe.rules), keep_first_layers=0, keep_last_layers=0,
+                               keep_last_fraction=0.0, keep_before_attention=False)
+
+
+def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The leaf paths of a nested dict."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.extend(_leaf_paths(value, (*prefix, key)))
+        else:
+            out.append((*prefix, key))
+    return out
+
+
+# ------------------------------------------------------------------------------------ widths
 
 
 def width_targets(config: Any) -> dict[str, families.WidthRule]:
@@ -238,9 +365,13 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
     else:
         kept_layers = np.arange(cfg.num_layers)
     new_config = pruned_config(cfg, hidden=hidden, pattern="".join(cfg.pattern[i] for i in kept_layers), **given)
+    if cfg.runtime.quant is not None and len(kept_layers) < cfg.num_layers:
+        recipe = _pinned_recipe(cfg.runtime.quant, cfg, model.params, kept_layers, new_config.pattern)
+        new_config = new_config.replace(runtime={"quant": recipe})
 
     # --- slicing
     params = _copy_tree(model.params)
+    tracked = _track_state(params)  # weights with per-expert / per-block state move as indices until sliced
     blocks: list[tuple[str, str, dict]] = [(f"layers_{i}", kind, params[f"layers_{i}"])
                                            for i, kind in enumerate(cfg.pattern)]
     if cfg.mtp is not None:
@@ -262,6 +393,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
         for rule, values in per_rule:
             if rule in families.kind(kind).width:
                 rule.slice(layer, name, cfg, read, options, **values)
+    _untrack_state(params, tracked)
 
     # --- depth: keep the surviving blocks, renumbered
     if len(kept_layers) < cfg.num_layers:

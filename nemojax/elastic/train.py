@@ -140,14 +140,17 @@ def _schedule_batches(data: Any, config: ElasticConfig, n_budgets: int) -> Itera
         yield batch
 
 
-def elastic_loss(em: ElasticModel, config: ElasticConfig):
+def elastic_loss(em: ElasticModel, config: ElasticConfig, teacher_config: Any = None):
     """The `LossFn` over params {"model", "routers"} with the teacher's params frozen: per sub-batch, KD of the
     router-chosen masked submodel plus router_weight x the router loss of its budget. Metrics: kl, router, total,
-    and the expected parameter fraction."""
+    and the expected parameter fraction. teacher_config: the teacher's config (default em.config); a quantized
+    em (elastic QAD) has a high-precision teacher, and its router loss prices the unquantized architecture."""
     mcfg, choices, budgets = em.config, em.choices, em.budgets
+    tcfg = mcfg if teacher_config is None else teacher_config
+    cost_config = mcfg.replace(runtime={"quant": None})  # the counter prices weights, not quantization state
     schedule = Schedule(config.steps, scale_end=config.scale_end, tau_end=config.tau_end)
     tables = {axis: jnp.asarray(sizes, jnp.int32) for axis, sizes in choices.items()}
-    per_budget = [lambda pi, b=b: router_loss(mcfg, pi, choices, b, target=em.target,
+    per_budget = [lambda pi, b=b: router_loss(cost_config, pi, choices, b, target=em.target,
                                               removal_order=em.removal_order,
                                               **({"context": config.memory_context} if em.target == "memory" else {}))
                   for b in budgets]
@@ -155,7 +158,7 @@ def elastic_loss(em: ElasticModel, config: ElasticConfig):
 
     def loss_fn(params, batch, rng, teacher_params):
         step = batch["step"][0, 0]
-        t_logits = jax.lax.stop_gradient(apply(mcfg, teacher_params, batch["tokens"]).logits)
+        t_logits = jax.lax.stop_gradient(apply(tcfg, teacher_params, batch["tokens"]).logits)
         rows = batch["tokens"].shape[0] // groups
         kls, routers = [], []
         for g in range(groups):
@@ -201,7 +204,7 @@ def train(em: ElasticModel, teacher: Model, data: Any, config: ElasticConfig = E
                    "choices": {a: list(v) for a, v in em.choices.items()}, "budgets": list(em.budgets),
                    "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "optimizer"}}
     params = {"model": em.model.params, "routers": em.routers}
-    result = fit(params, elastic_loss(em, config), _optimizer(config, params),
+    result = fit(params, elastic_loss(em, config, teacher.config), _optimizer(config, params),
                  _schedule_batches(data, config, len(em.budgets)), config.steps, rng=jax.random.key(config.seed),
                  frozen=(teacher.params,), mesh=mesh, workdir=workdir, fingerprint=fingerprint, stop_after=stop_after,
                  desc=desc, progress=progress, checkpoint_every=checkpoint_every)
