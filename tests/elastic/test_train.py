@@ -25,8 +25,8 @@ def _batches(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def setup():
-    model, scores = _model_and_scores(_f32("nemotron-h-8b-tiny"), 3)  # 'M-M*-MM-'
-    return model, elastic.elastify(model, scores, removal_order=(5, 2), router_hidden=32, key=0)
+    model, scores = _model_and_scores(_f32("nemotron-h-8b-tiny", pattern="M-*M"), 3)  # 4 layers: fast compiles
+    return model, elastic.elastify(model, scores, removal_order=(1,), router_hidden=32, key=0)
 
 
 def test_the_routers_learn_every_budget(setup):
@@ -44,11 +44,11 @@ def test_the_routers_learn_every_budget(setup):
 
 def test_a_stopped_run_resumes_bit_identically(setup, tmp_path):
     teacher, em = setup
-    config = ElasticConfig(steps=4, batch_size=ROWS, seq_len=LEN, budgets_per_step=2, stage1_fraction=0.5)
+    config = ElasticConfig(steps=2, batch_size=ROWS, seq_len=LEN, budgets_per_step=2, stage1_fraction=0.5)
     straight, _ = train(em, teacher, _batches(), config)
-    train(em, teacher, _batches(), config, workdir=tmp_path, stop_after=2)
+    train(em, teacher, _batches(), config, workdir=tmp_path, stop_after=1)
     resumed, history = train(em, teacher, _batches(), config, workdir=tmp_path)
-    assert [h["step"] for h in history][-1] == 4
+    assert [h["step"] for h in history][-1] == 2
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), (straight.model.params, straight.routers),
                         (resumed.model.params, resumed.routers))
     assert all(jax.tree.leaves(same))
