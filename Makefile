@@ -26,7 +26,7 @@ bench: $(STAMP)
 
 # re-executes the notebooks at their documented scale and writes the paired .ipynb with their outputs
 notebooks: $(STAMP)
-	$(PY) notebooks/execute.py notebooks/minitron.py notebooks/nvfp4_qad.py
+	$(PY) notebooks/execute.py notebooks/elastic.py notebooks/minitron.py notebooks/nvfp4_qad.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

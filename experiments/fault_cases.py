@@ -3,9 +3,9 @@ nemojax is importable, so that two commits can be compared.
 
     git worktree add /tmp/fault_before 8c80014
     PYTHONPATH=/tmp/fault_before .venv/bin/python experiments/fault_cases.py --json /tmp/fault_before.json
-    .venv/bin/python experiments/fault_cases.py --json experiments/results/fault_cases_after.json
+    .venv/bin/python experiments/fault_cases.py --json experiments/results/faults/fault_cases_after.json
     .venv/bin/python experiments/fault_cases.py --compare /tmp/fault_before.json \
-        experiments/results/fault_cases_after.json --md experiments/results/fault_cases.md
+        experiments/results/faults/fault_cases_after.json --md experiments/results/faults/fault_cases.md
 
 Each case exercises the library as a user (or an unlucky operator) would, in its own temporary folder, and returns
 ("clean" | "bad", a short observation). "clean" is the issue's wanted behaviour: an error whose message names the

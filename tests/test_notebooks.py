@@ -39,7 +39,7 @@ def test_readme_lists_every_notebook():
     """notebooks/README.md describes each notebook there is (it once listed one of two)."""
     readme = (NOTEBOOKS / "README.md").read_text()
     notebooks = sorted(p.name for p in NOTEBOOKS.glob("*.py") if p.with_suffix(".ipynb").exists())
-    assert notebooks == ["minitron.py", "nvfp4_qad.py"]
+    assert notebooks == ["elastic.py", "minitron.py", "nvfp4_qad.py"]
     assert all(f"- `{name}`" in readme for name in notebooks)
 
 
