@@ -333,7 +333,7 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
     kept: a dict to fill with what every sliced axis kept, as int indices into the input model's axis in their new
     order, under its score key: "hidden" [hidden], "layers_{i}/heads" [heads] (query heads), ".../mlp",
     ".../mamba_heads", ".../mamba_channels", ".../experts", ".../expert_ffn" [kept experts, expert_ffn] (row r for
-    the r-th kept expert), ".../shared_mlp" (MTP layers under "mtp/"), and "layers" [kept layers] after depth
+    the r-th kept expert), "<layer>/shared_mlp" (MTP layers under "mtp/"), and "layers" [kept layers] after depth
     pruning.
     Raises ValueError for a target that breaks a constraint or that no layer of the model has, naming it and the
     allowed values.

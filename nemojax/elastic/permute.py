@@ -96,7 +96,7 @@ def permute_with_orders(model: Model, scores: Any, *,
     """`permute`, plus the orders it applied: {score key: int indices into the parent's axis, new order}, e.g.
     orders["hidden"] [hidden] (new channel c is parent channel orders["hidden"][c]), "layers_{i}/heads" [heads],
     ".../mlp", ".../mamba_heads", ".../mamba_channels", ".../experts", ".../expert_ffn" [E, F] (row r for new
-    expert r), ".../shared_mlp", and the MTP layers' under "mtp/"."""
+    expert r), "<layer>/shared_mlp", and the MTP layers' under "mtp/"."""
     if expert_score not in EXPERT_SCORES:
         raise ValueError(f"expert_score={expert_score!r} is invalid: must be one of "
                          f"{', '.join(map(repr, EXPERT_SCORES))}")
