@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NOT_RUN = "# readme: not run"
 # Test files that run documented commands (each quotes the command verbatim, via `documented`).
-COMMAND_TESTS = ("tests/test_cli.py", "tests/test_configs.py", "tests/test_readme.py")
+COMMAND_TESTS = ("tests/test_cli.py", "tests/test_configs.py", "tests/test_readme.py", "tests/elastic/test_cli.py")
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:

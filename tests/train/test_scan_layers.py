@@ -4,6 +4,10 @@ layout; and the persistent compilation cache (train.compilation_cache_dir)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -114,39 +118,19 @@ def test_train_hands_back_unrolled_models_and_the_workdir_keeps_its_layout(tmp_p
         loop.train(_config(*overrides, "train.steps=3"), tmp_path, progress=False)
 
 
+@pytest.mark.xdist_group("subprocess")
 def test_compilation_cache_dir_stores_and_reuses_the_step(tmp_path):
-    """With train.compilation_cache_dir the compiled step lands in the directory, and a second build of the same
-    step (in-memory caches cleared, as in a new process) loads it from there: jax reports a persistent-cache hit."""
+    """With train.compilation_cache_dir the first process's compiled step lands in the directory, and a second
+    process that builds the same step loads it from there: jax reports a persistent-cache hit only then."""
     cache = tmp_path / "xla_cache"
-    # the cache does not care how the stack is laid out: the cheapest step to compile (suite time)
-    config = _config("model.overrides.pattern=M-", f"train.compilation_cache_dir={cache}")
-    hits = []
 
-    def listen(event: str, **kwargs) -> None:
-        if event == "/jax/compilation_cache/cache_hits":
-            hits.append(event)
+    def compile_step() -> int:
+        process = subprocess.run([sys.executable, "-m", "tests.train.compile_cache_worker", str(cache)], cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                 timeout=600)
+        assert process.returncode == 0, process.stderr[-3000:]
+        return json.loads(process.stdout.strip().splitlines()[-1])["cache_hits"]
 
-    def compile_step() -> None:
-        run = loop.build(config, devices=jax.devices()[:1])
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run.batch_sharding)
-                 for k, v in _batch(run.model_config.vocab_size, 0).items()}
-        with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.RULES):
-            run.step.lower(run.abstract_state, batch).compile()
-
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny step compiles in under 1 s
-    jax.monitoring.register_event_listener(listen)
-    try:
-        compile_step()
-        assert cache.is_dir() and any(cache.iterdir())
-        assert not hits
-        jax.clear_caches()
-        compile_step()
-        assert hits
-    finally:
-        jax.monitoring.unregister_event_listener(listen)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-        jax.config.update("jax_compilation_cache_dir", previous[0])
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()
+    assert compile_step() == 0
+    assert cache.is_dir() and any(cache.iterdir())
+    assert compile_step() > 0
