@@ -115,13 +115,13 @@ class LayerKind:
     fused: {param module: (checkpoint module, part index)} for modules stored as parts of one checkpoint tensor.
     residual_in / residual_out: the linears whose input / output axis is the residual stream; slice_hidden(layer,
     k_hidden, config) slices every param of one layer that touches the residual stream (hidden-size pruning).
-    width: the kind's width-pruning targets. mask(layer, config, live, out, hidden) -> elastic entries: the masked
-    (elastic) forward's counterpart of `width` and `slice_hidden` (`nemojax.kinds.masking`): multiplies one layer's
-    params (a dict of jnp arrays, edited in place) by the prefix masks of the sizes in `live` ({width target:
-    traced int}, one size for this layer; a missing target stays full) and of the hidden mask `hidden` [hidden]
-    (float 0/1), scaling each target's output side by its router multiplier `out[target]`, and returns what its
-    modules read from the "elastic" collection (`nemojax.nn.live`), as a tree under the block's "mixer" scope.
-    The masked layer must compute exactly what the layer pruned to those sizes computes.
+    width: the kind's width-pruning targets. mask(config, live, out) -> elastic entries: the masked (elastic)
+    forward's counterpart of `width` (`nemojax.kinds.masking`): from the sizes in `live` ({width target: traced
+    int}, one size for this layer; a missing target stays full) and the router multipliers `out` ({target:
+    multiplier}, scaling each target's output side), what its modules read from the "elastic" collection
+    (`nemojax.nn.live`): masks they multiply into their activations, live widths, as a tree under the block's
+    "mixer" scope. The hidden size is the block's (the residual stream is zero on dead hidden channels). The
+    masked layer must compute exactly what the layer pruned to those sizes computes.
     compile_cost: rough relative XLA compile work of one block (forward,
     backward and remat recompute of a train step), which `nemojax.models.scan` weighs when it plans scans.
     """

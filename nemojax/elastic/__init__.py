@@ -17,11 +17,11 @@ from nemojax.elastic.count import count, count_exact
 from nemojax.elastic.depth import LayerRanking, layer_ranking
 from nemojax.elastic.extract import slice_sizes
 from nemojax.elastic.generate import ElasticGeneration, MaskedView, generate
-from nemojax.elastic.masked import forward, masked
+from nemojax.elastic.masked import collection, forward
 from nemojax.elastic.model import ElasticModel, elastify, load, save
 from nemojax.elastic.permute import permute
 from nemojax.elastic.train import ElasticConfig, train
 
-__all__ = ["Choices", "ElasticConfig", "ElasticGeneration", "ElasticModel", "LayerRanking", "MaskedView", "count",
-           "count_exact", "default_choices", "elastify", "forward", "generate", "layer_ranking", "load",
-           "make_choices", "masked", "permute", "save", "slice_sizes", "train"]
+__all__ = ["Choices", "ElasticConfig", "ElasticGeneration", "ElasticModel", "LayerRanking", "MaskedView", "collection",
+           "count", "count_exact", "default_choices", "elastify", "forward", "generate", "layer_ranking", "load",
+           "make_choices", "permute", "save", "slice_sizes", "train"]

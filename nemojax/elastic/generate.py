@@ -24,10 +24,9 @@ traced, so both phases share compilations where their shapes agree):
      of answer positions where the transplanted run's token equals the re-prefill run's (positions past the end of
      the shorter of the two count as different), over all switched rows.
 
-Memory: the weights are em.model's only. Inside each phase's compiled loop the masked params (every param times
-its prefix masks) are built once and live for that call: one transient array per param, the full model's
-parameter bytes, freed when the phase returns; the phases run one after the other, so there is at most one such
-copy at a time. The thinking phase's cache is kept for the answer phase only with transplant=True.
+Memory: the weights are em.model's only, and no phase copies them: a submodel is the full-size params with its
+dead channels zeroed on the activations (`nemojax.elastic.masked`). The thinking phase's cache is kept for the
+answer phase only with transplant=True.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.elastic.count import check_sizes, keep_weights
-from nemojax.elastic.masked import masked
+from nemojax.elastic.masked import collection
 from nemojax.elastic.model import ElasticModel
 from nemojax.infer.budget import ThinkingBudget
 from nemojax.infer.generate import Generation, decode_loop, pad_prompts, prepare, result
@@ -54,14 +53,14 @@ __all__ = ["ElasticGeneration", "MaskedView", "generate"]
 @dataclasses.dataclass(frozen=True)
 class MaskedView:
     """A nested submodel as a view for `nemojax.infer.generate` (its `view=`): the full-size params of an
-    importance-ordered model under the prefix masks of `sizes` (the view_args: {axis: int32 array}, per layer for a
-    heterogeneous axis) and the "elastic" collection that goes with them (`nemojax.elastic.masked`). Hashable, so
-    one compiled loop serves every submodel of the same model."""
+    importance-ordered model, unchanged, and the "elastic" collection of the prefix masks of `sizes` (the view_args:
+    {axis: int32 array}, per layer for a heterogeneous axis; `nemojax.elastic.masked`). Hashable, so one compiled
+    loop serves every submodel of the same model."""
 
     removal_order: tuple[int, ...] = ()
 
     def __call__(self, config: Any, params: Mapping, sizes: Mapping[str, Any]) -> tuple[dict, dict]:
-        return masked(config, params, sizes, removal_order=self.removal_order)
+        return params, collection(config, sizes, removal_order=self.removal_order)
 
 
 @dataclasses.dataclass

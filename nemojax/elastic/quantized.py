@@ -12,15 +12,16 @@ keeps the per-tensor amaxes, slices per-expert amaxes and static NVFP4 block sca
 every surviving layer in its parent's format; so the extracted model is `quant.apply` of the extracted
 high-precision model with the parent's amaxes put in.
 
-The masked forward of a quantized elastic model multiplies the weights by 0/1 prefix masks before they are fake-
-quantized, and a dead channel's activation is exactly 0. A per-tensor format (FP8) quantizes every element on its
-own given the amax, and a dynamic amax (max |x|) is the same over the masked tensor as over its slice, so the
-masked forward equals the extracted model's. Block formats (NVFP4: 16 elements per scale along the contraction
-axis, MX: 32) compute a scale per block: a prefix mask zeroes the tail of a block and the slice zero-pads the same
-tail, so prefix axes (hidden, ffn, expert_ffn, shared_ffn, experts, depth) stay exact; a grouped axis keeps a
+The masked forward of a quantized elastic model runs the full weights, fake-quantized with the shared amaxes, and
+zeroes a dead channel's activation (`nemojax.elastic.masked`). A per-tensor format (FP8) quantizes every element on
+its own given the amax, and a dynamic amax (max |x|) is the same over a masked activation as over its slice, so
+the masked forward equals the extracted model's. Block formats (NVFP4: 16 elements per scale along the contraction
+axis, MX: 32) compute a scale per block, so a live size must be a whole number of blocks: then every weight block
+the masked model reads is one the extracted model has, whole. A prefix axis (hidden, ffn, expert_ffn, shared_ffn)
+whose live size ends inside a block gives that block a scale that also sees dead weights; a grouped axis keeps a
 prefix in every group, and when a group's live width or its stride is not a whole number of blocks the extracted
 model packs channels of two groups (two attention heads, two Mamba heads) into one block that the masked model
-keeps apart, and their dynamic block scales differ. `misaligned_choices` names those sizes; static block scales
+keeps apart. `misaligned_choices` names those sizes (experts and depth are always exact); static block scales
 cannot be sliced across blocks at all (`extract` raises for them).
 
 `qad` is `elastic.train` with a fake-quantized student and its high-precision teacher: the KD of every sampled
@@ -35,6 +36,7 @@ from typing import Any
 
 from flax.traverse_util import flatten_dict
 
+from nemojax import families
 from nemojax.elastic.model import ElasticModel
 from nemojax.elastic.train import ElasticConfig, train
 from nemojax.lowp.formats import check_format
@@ -106,12 +108,34 @@ def _misaligned(blocks: set[int], runs: list[int]) -> bool:
     return any(run % block for block in blocks for run in runs)
 
 
+def _prefix_blocks(config: Any, axis: str) -> set[int]:
+    """The block sizes the recipe gives the linears that read (contraction) or write (2D tiles) the prefix axis
+    `axis`: the residual stream's readers and writers for "hidden", an MLP's down / up projections for the others."""
+    recipe, blocks = config.runtime.quant, set()
+    for i, char in enumerate(config.pattern):
+        entry = families.kind(char)
+        reads, writes = {
+            "hidden": (entry.residual_in, entry.residual_out),
+            "ffn": (("down_proj",), ("up_proj",)) if char == "-" else ((), ()),
+            "expert_ffn": (("experts/down_proj",), ("experts/up_proj",)) if char == "E" else ((), ()),
+            "shared_ffn": (("shared_experts/down_proj",), ("shared_experts/up_proj",)) if char == "E" else ((), ()),
+        }[axis]
+        if axis == "hidden" and char == "E" and config.moe.latent_size is None:  # stacked experts read the stream
+            reads, writes = (*reads, "experts/up_proj"), (*writes, "experts/down_proj")
+        blocks.update(_contraction_block(recipe.linear(f"layers_{i}/mixer/{n}", config.pattern)) for n in reads)
+        blocks.update(_output_block(recipe.linear(f"layers_{i}/mixer/{n}", config.pattern)) for n in writes)
+    if axis == "hidden":
+        blocks.add(_contraction_block(recipe.linear("lm_head", config.pattern)))
+    return blocks - {0}
+
+
 def misaligned_choices(em: ElasticModel) -> dict[str, tuple[int, ...]]:
     """{axis: sizes} of the choices whose masked forward may differ from the extracted model's under em's block-
-    scaled formats (module docstring): attention "heads" when a KV group's live or full width (heads x head_dim)
-    is not a whole number of o_proj's (or 2D-tiled q_proj's) blocks, "mamba_heads" likewise for a Mamba SSM group
-    on out_proj (in_proj_z/x when 2D-tiled), "mamba_head_dim" when the live or full head width is not. Empty for
-    an unquantized em or a per-tensor recipe."""
+    scaled formats (module docstring): a prefix axis ("hidden", "ffn", "expert_ffn", "shared_ffn") when its live
+    size is not a whole number of the blocks of the linears reading it; attention "heads" when a KV group's live or
+    full width (heads x head_dim) is not a whole number of o_proj's (or 2D-tiled q_proj's) blocks, "mamba_heads"
+    likewise for a Mamba SSM group on out_proj (in_proj_z/x when 2D-tiled), "mamba_head_dim" when the live or full
+    head width is not. Empty for an unquantized em or a per-tensor recipe."""
     config = em.config
     if config.runtime.quant is None:
         return {}
@@ -124,13 +148,17 @@ def misaligned_choices(em: ElasticModel) -> dict[str, tuple[int, ...]]:
                                   [h // m.n_groups * m.head_dim, m.num_heads // m.n_groups * m.head_dim]),
         "mamba_head_dim": lambda p: ("M", "out_proj", ("in_proj_z", "in_proj_x"), [p, m.head_dim]),
     }
+    for axis in ("hidden", "ffn", "expert_ffn", "shared_ffn"):
+        checks[axis] = lambda size, axis=axis: (None, axis, (), [size])
     for axis, check in checks.items():
         if axis not in em.choices:
             continue
         bad = []
         for size in em.choices[axis][1:]:  # index 0 is the full size: no mask
             char, contraction, outputs, runs = check(size)
-            if _misaligned(_layer_blocks(config, char, contraction, outputs), runs):
+            blocks = _prefix_blocks(config, contraction) if char is None else \
+                _layer_blocks(config, char, contraction, outputs)
+            if _misaligned(blocks, runs):
                 bad.append(size)
         if bad:
             out[axis] = tuple(bad)
@@ -146,7 +174,7 @@ def qad(em: ElasticModel, teacher: Model, data: Any, config: ElasticConfig = QAD
     """Quantization-aware distillation of every nested model of the quantized `em` (`share`) from the frozen high-
     precision `teacher` (arXiv 2601.20088; Star Elastic's NVFP4 QAD, a budget per step): `elastic.train` with
     metrics split "elastic_qad". The default config samples hard choices (`ElasticConfig.hard`): a soft Gumbel
-    sample scales a layer's output-side weights by its probability before they are fake-quantized against the
+    sample scales an axis's activations by its probability before the next linear fake-quantizes them against the
     calibrated amax, which the deployed model never does. Raises ValueError for an unquantized em or a quantized
     teacher."""
     if em.config.runtime.quant is None:

@@ -44,7 +44,11 @@ class ElasticConfig:
     (None: seq_len). stage1_fraction: the share of steps in stage 1 (1.0: no stage 2). stage2_weights: the budgets'
     sampling weights in stage 2, one per budget (None: 0.5 / 0.3 / 0.2 for three budgets, else uniform).
     budgets_per_step: sub-batches per step, each with its own budget and router sample (a budget per data-parallel
-    rank when it equals the data axis). temperature: the KD temperature. router_weight: the router loss's weight.
+    rank when it equals the data axis). temperature: the KD temperature. router_weight: the router loss's weight (1.0:
+    KD + router, the official code's sum). The KD gradient also reaches a router, through the multiplier of its
+    sampled choice, and favours whatever it sampled; on a trained teacher that can hold a router off its budget
+    for good: watch the `frac` metric per budget and raise the weight when it stays outside the 5% dead zone
+    (experiments/elastic_nested.py needs 5, notebooks/elastic.py 20).
     optimizer: the model's AdamW; router_lr: the routers' Adam learning rate. scale_end / tau_end: the router
     schedule (logit scale 1 -> scale_end, Gumbel temperature 1 -> tau_end). hard: straight-through sampling.
     memory_context: the context the "memory" target prices. seed: data order, budgets and the train key."""

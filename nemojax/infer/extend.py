@@ -36,7 +36,7 @@ def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Cache,
 
     Without `all_steps` the cache's length grows by `commit`; with it the length is unchanged and every Mamba
     state carries a T axis for `commit_steps`. elastic: the live sizes of a masked forward, passed to
-    `nemojax.model.apply` (params then are the masked params that go with them).
+    `nemojax.model.apply` (with the full-size params of the elastic model).
     """
     step = Extend(cache.length, commit.astype(jnp.int32), fresh=fresh, all_steps=all_steps)
     out = model.apply(config, params, tokens, states=cache.layers, step=step, logits=False, elastic=elastic)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.masking import grouped_prefix, mask_linear_hidden, outer, scale
+from nemojax.kinds.masking import grouped_prefix, outer
 from nemojax.kinds.pruning import expand, importance_order, keep_top_grouped, record, slice_linear_hidden, take
 from nemojax.nn.attention import Attention
 from nemojax.nn.state import KVCache
@@ -77,17 +77,14 @@ def _slice(layer: dict, name: str, config, read, options: dict, heads: int) -> N
     take(layer, "mixer/o_proj/kernel", k_q, 0)
 
 
-def mask(layer: dict, config, live: dict, out: dict, hidden) -> dict:
+def mask(config, live: dict, out: dict) -> dict:
     """The first live["heads"]/num_kv_heads query heads of every KV group (masked forward; see `LayerKind.mask`):
-    a dead head's zero query attends uniformly, and its zero o_proj rows drop what it reads."""
+    a dead head's output is zeroed before o_proj."""
+    if "heads" not in live:
+        return {}
     a = config.attention
-    mask_linear_hidden(layer, hidden, QKV, ("o_proj",))
-    if "heads" in live:
-        q = outer(grouped_prefix(a.num_heads, a.num_kv_heads, live["heads"]), jnp.ones((a.head_dim,), jnp.float32))
-        scale(layer, "mixer/q_proj/kernel", q, 1)
-        scale(layer, "mixer/q_proj/bias", q, 0)
-        scale(layer, "mixer/o_proj/kernel", q * out.get("heads", 1.0), 0)
-    return {}
+    heads = outer(grouped_prefix(a.num_heads, a.num_kv_heads, live["heads"]), jnp.ones((a.head_dim,), jnp.float32))
+    return {"heads": heads * out.get("heads", 1.0)}
 
 
 KIND = register_kind(LayerKind(

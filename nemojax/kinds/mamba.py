@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.masking import grouped_prefix, mask_linear_hidden, outer, prefix, scale
+from nemojax.kinds.masking import grouped_prefix, outer, prefix
 from nemojax.kinds.pruning import (
     WIDTH_FRACTIONS,
     importance_order,
@@ -128,31 +128,21 @@ def _slice(layer: dict, name: str, config, read, options: dict, mamba_heads: int
     take(layer, "mixer/out_proj/kernel", k_inner, 0)
 
 
-def mask(layer: dict, config, live: dict, out: dict, hidden) -> dict:
+def mask(config, live: dict, out: dict) -> dict:
     """The first live["mamba_heads"]/n_groups heads of every SSM group and the first live["mamba_head_dim"]
-    channels of every head (masked forward; see `LayerKind.mask`). z, x (with its conv) and dt are masked after
-    the in-projection, as Nemotron Elastic does (arXiv 2511.16664 sec. 3); B and C stay whole. A dead channel's x
-    is then zero through the conv (its weights and bias are zero) and the scan, its gated value y * silu(z) is
-    zero, and the gated norm averages each group over its live channels only (the "elastic" entry returned)."""
+    channels of every head (masked forward; see `LayerKind.mask`). x is masked after its convolution (whose bias
+    would revive a dead channel): a dead channel's x is then zero through the scan and the D skip, so is its gated
+    value y * silu(z), and the gated norm averages each group over its live channels only. B, C, dt and z stay
+    whole: they only ever multiply x's zeros. The gated output is masked again before out_proj, carrying the
+    router multipliers (after the norm, which would cancel a scale)."""
     m = config.mamba
-    mask_linear_hidden(layer, hidden, IN_PROJ, ("out_proj",))
     if "mamba_heads" not in live and "mamba_head_dim" not in live:
         return {}
     heads = live.get("mamba_heads", m.num_heads)
     channels = live.get("mamba_head_dim", m.head_dim)
-    k_heads = grouped_prefix(m.num_heads, m.n_groups, heads)
-    k_inner = outer(k_heads, prefix(m.head_dim, channels))
-    for part, keep in (("z", k_inner), ("x", k_inner), ("dt", k_heads)):
-        scale(layer, f"mixer/in_proj_{part}/kernel", keep, 1)
-        scale(layer, f"mixer/in_proj_{part}/bias", keep, 0)
-    scale(layer, "mixer/conv1d_x/kernel", k_inner, 1)
-    scale(layer, "mixer/conv1d_x/bias", k_inner, 0)
-    for param in ("A_log", "D", "dt_bias"):
-        scale(layer, f"mixer/{param}", k_heads, 0)
-    scale(layer, "mixer/norm/scale", k_inner, 0)
+    inner = outer(grouped_prefix(m.num_heads, m.n_groups, heads), prefix(m.head_dim, channels))
     multiplier = out.get("mamba_heads", 1.0) * out.get("mamba_head_dim", 1.0)
-    scale(layer, "mixer/out_proj/kernel", k_inner * multiplier, 0)
-    return {"norm": {"live": (heads // m.n_groups) * channels}}
+    return {"x": inner, "out_proj_in": inner * multiplier, "norm": {"live": (heads // m.n_groups) * channels}}
 
 
 KIND = register_kind(LayerKind(

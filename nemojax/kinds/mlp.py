@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.masking import mask_linear_hidden, mask_mlp, prefix
+from nemojax.kinds.masking import prefix
 from nemojax.kinds.pruning import (
     WIDTH_FRACTIONS,
     hardware_multiple,
@@ -49,12 +49,11 @@ def _slice(layer: dict, name: str, config, read, options: dict, ffn: int) -> Non
         slice_mlp(layer, k_ffn)
 
 
-def mask(layer: dict, config, live: dict, out: dict, hidden) -> dict:
+def mask(config, live: dict, out: dict) -> dict:
     """The first live["ffn"] hidden units (masked forward; see `LayerKind.mask`)."""
-    mask_linear_hidden(layer, hidden, ("up_proj",), ("down_proj",))
-    if "ffn" in live:
-        mask_mlp(layer, prefix(config.intermediate_size, live["ffn"]), out.get("ffn", 1.0))
-    return {}
+    if "ffn" not in live:
+        return {}
+    return {"units": prefix(config.intermediate_size, live["ffn"]) * out.get("ffn", 1.0)}
 
 
 KIND = register_kind(LayerKind(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.families import Axis, LayerKind, WidthRule, register_kind
-from nemojax.kinds.masking import grouped_prefix, mask_linear_hidden, mask_mlp, prefix, scale
+from nemojax.kinds.masking import grouped_prefix, prefix
 from nemojax.kinds.pruning import (
     WIDTH_FRACTIONS,
     hardware_multiple,
@@ -203,36 +203,22 @@ def _shared_slice(layer: dict, name: str, config, read, options: dict, shared_ff
         slice_mlp(layer, k_shared, prefix="mixer/shared_experts")
 
 
-def mask(layer: dict, config, live: dict, out: dict, hidden) -> dict:
+def mask(config, live: dict, out: dict) -> dict:
     """The first live["experts"]/n_group experts of every routing group, the first live["expert_ffn"] hidden
     units of every expert and the first live["shared_ffn"] of the shared expert (masked forward; see
-    `LayerKind.mask`). Dead experts are never routed to: the router gets their mask (the "elastic" entry) and
-    gives them a -inf selection score before its top-k, as Star Elastic does (arXiv 2605.07182); top_k is
-    unchanged."""
+    `LayerKind.mask`). Dead experts are never routed to: the router gets their mask and gives them a -inf
+    selection score before its top-k, as Star Elastic does (arXiv 2605.07182); top_k is unchanged. The experts
+    axis's router multiplier scales the routed sum."""
     e = config.moe
-    scale(layer, "mixer/gate/kernel", hidden, 0)
-    if e.latent_size is None:
-        scale(layer, "mixer/experts/up_proj", hidden, 1)
-        scale(layer, "mixer/experts/down_proj", hidden, 2)
-        mask_linear_hidden(layer, hidden, ("shared_experts/up_proj",), ("shared_experts/down_proj",))
-    else:
-        mask_linear_hidden(layer, hidden, ("shared_experts/up_proj", "fc1_latent_proj"),
-                           ("shared_experts/down_proj", "fc2_latent_proj"))
-    entries = {}
+    entries: dict = {}
     if "experts" in live:
-        k_E = grouped_prefix(e.num_experts, e.n_group, live["experts"])
-        scale(layer, "mixer/gate/kernel", k_E, 1)
-        scale(layer, "mixer/gate/e_score_correction_bias", k_E, 0)
-        scale(layer, "mixer/experts/up_proj", k_E, 0)
-        scale(layer, "mixer/experts/down_proj", k_E * out.get("experts", 1.0), 0)
-        entries["gate"] = {"experts": k_E > 0}
+        entries["gate"] = {"experts": grouped_prefix(e.num_experts, e.n_group, live["experts"]) > 0}
+        entries["routed"] = jnp.ones((1,), jnp.float32) * out.get("experts", 1.0)
     if "expert_ffn" in live:
-        k_F = prefix(e.intermediate_size, live["expert_ffn"])
-        scale(layer, "mixer/experts/up_proj", k_F, 2)
-        scale(layer, "mixer/experts/down_proj", k_F * out.get("expert_ffn", 1.0), 1)
+        entries["experts"] = {"units": prefix(e.intermediate_size, live["expert_ffn"]) * out.get("expert_ffn", 1.0)}
     if "shared_ffn" in live:
-        mask_mlp(layer, prefix(e.shared_intermediate_size, live["shared_ffn"]), out.get("shared_ffn", 1.0),
-                 "mixer/shared_experts")
+        entries["shared_experts"] = {
+            "units": prefix(e.shared_intermediate_size, live["shared_ffn"]) * out.get("shared_ffn", 1.0)}
     return entries
 
 

@@ -21,6 +21,7 @@ from nemojax.config import ModelConfig
 from nemojax.models import scan
 from nemojax.nn.blocks import Block
 from nemojax.nn.linear import dense, dtypes
+from nemojax.nn.live import keep
 from nemojax.nn.mtp import MTP
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend
@@ -126,7 +127,7 @@ class NemotronH(nn.Module):
         The "blocks" collection gets each block's input and output (`layers_{i}/in`, `layers_{i}/out`) when the
         caller makes it mutable (`Model.apply(collect=("blocks",))`).
         """
-        h = nn.with_logical_constraint(self.embeddings(tokens), ("batch", "seq", "act_embed"))
+        h = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "act_embed"))
         if not self.config.runtime.scan_layers:
             skipped = _skip_flags(skip_layer, len(self.layers))
             for i, layer in enumerate(self.layers):
@@ -157,7 +158,7 @@ class NemotronH(nn.Module):
             raise ValueError("runtime.scan_layers=True is a training layout; decoding with caches runs the unrolled "
                              "one: convert with nemojax.models.scan.to_unrolled and "
                              "config.replace(runtime={'scan_layers': False})")
-        h = self.embeddings(tokens)
+        h = self.embed(tokens)
         new_states = []
         for layer, state in zip(self.layers, states, strict=True):
             h, state = layer(h, state, step)
@@ -165,12 +166,14 @@ class NemotronH(nn.Module):
         return self.norm_f(h), tuple(new_states)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """tokens: [b, T] -> [b, T, hidden] (compute dtype)."""
-        return self.embeddings(tokens)
+        """tokens: [b, T] -> [b, T, hidden] (compute dtype); a masked (elastic) forward zeroes the dead hidden
+        channels (`nemojax.nn.live`)."""
+        return keep(self, "hidden", self.embeddings(tokens))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [b, L, hidden] -> [b, L, vocab] float32."""
-        return self.lm_head(hidden).astype(jnp.float32)
+        """hidden: [b, L, hidden] -> [b, L, vocab] float32. (A masked forward's `head` entry carries the hidden
+        axis's router multiplier; the dead channels of `hidden` are zero already.)"""
+        return self.lm_head(keep(self, "head", hidden)).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens: [b, L] (segment_ids: [b, L], see `hidden`) -> logits [b, L, vocab] float32."""

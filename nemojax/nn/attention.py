@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.lowp import fake
 from nemojax.nn.linear import calibrated, calibrating, dense, logical_param, record_amax
+from nemojax.nn.live import keep
 from nemojax.nn.segments import document_positions
 from nemojax.nn.state import Extend, KVCache
 from pallas_kernels import attention as pallas_attention
@@ -222,6 +223,7 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         out = out.reshape(b, T, a.num_heads * a.head_dim)
         self.sow("taps", "o_proj_in", out)  # activation importance (nemojax.compress.importance)
+        out = keep(self, "heads", out)  # a nested submodel's live heads (nemojax.nn.live)
         y = dense(cfg, cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=a.bias)(out)
         return y, cache
 

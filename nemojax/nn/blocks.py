@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from nemojax import families
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dtypes
-from nemojax.nn.live import live
+from nemojax.nn.live import keep, live
 from nemojax.nn.norms import RMSNorm
 from nemojax.nn.state import Extend, LayerState
 
@@ -30,8 +30,8 @@ class Block(nn.Module):
     With `state` (and `step`, see `nemojax.nn.state`) a stateful mixer continues from its cache and returns its
     new state; without, the state stays None. segment_ids: [b, T] (packed documents, uncached forward only) keep
     token-mixing kinds within each document. The normed input is sown as the "taps" `normed` (activation
-    importance of the hidden channels). In a masked (elastic) forward the residual branch is scaled by the block's
-    depth gate `gamma` (0: the block is dropped; `nemojax.nn.live`).
+    importance of the hidden channels). In a masked (elastic) forward the residual branch is multiplied by the hidden
+    mask and by the block's depth gate `gamma` (0: the block is dropped; `nemojax.nn.live`).
     """
 
     config: ModelConfig
@@ -44,6 +44,7 @@ class Block(nn.Module):
         x = RMSNorm(self.config.norm_eps, dtype, param_dtype, name="norm")(h)
         self.sow("taps", "normed", x)
         y, state = mix(self.config, self.kind, x, state, step, segment_ids)
+        y = keep(self, "hidden", y)  # a nested submodel's dead hidden channels stay zero in the residual stream
         gamma = live(self, "gamma")
         if gamma is not None:
             y = y * jnp.asarray(gamma, y.dtype)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dense, dtypes, logical_param
+from nemojax.nn.live import keep
 from nemojax.nn.norms import GatedRMSNorm
 from nemojax.nn.segments import document_starts
 from nemojax.nn.ssd import ssd, ssd_states
@@ -168,7 +169,9 @@ class Mamba2Mixer(nn.Module):
             windows[part] = jnp.concatenate([history[part], proj[part].astype(history[part].dtype)], axis=1)
             out = CausalConv1d(cfg, widths[part], PART_AXES[part], name=f"conv1d_{part}")(windows[part], segment_ids)
             conv[part] = jax.nn.silu(out.astype(dtype))  # [b, T, width]
-        x, B, C = conv["x"], conv["B"], conv["C"]
+        # a nested submodel's live channels (nemojax.nn.live): after the conv, whose bias would revive dead ones;
+        # a dead channel's x is then zero through the scan, so is its gated output
+        x, B, C = keep(self, "x", conv["x"]), conv["B"], conv["C"]
 
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init(cfg), ("ssm_heads",), (H,), param_dtype)
         A_log = logical_param(self, "A_log", _a_log_init, ("ssm_heads",), (H,), param_dtype)
@@ -214,5 +217,6 @@ class Mamba2Mixer(nn.Module):
 
         y = GatedRMSNorm(n_groups=G, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(
             y_bThp.reshape(b, T, I), z)
+        y = keep(self, "out_proj_in", y)  # zero already where dead: carries the router multiplier (after the norm)
         out = dense(cfg, cfg.hidden_size, ("ssm_heads", "embed"), name="out_proj", use_bias=m.proj_bias)(y)
         return out, (None if state is None else new_state)

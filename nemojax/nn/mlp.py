@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.nn.linear import dense
+from nemojax.nn.live import keep
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -31,4 +32,5 @@ class MLP(nn.Module):
         h = dense(cfg, self.intermediate_size, ("embed", "mlp"), name="up_proj", use_bias=cfg.mlp_bias)(x)
         h = nn.with_logical_constraint(relu2(h), ("batch", "seq", "act_mlp"))
         self.sow("taps", "down_proj_in", h)  # activation importance (nemojax.compress.importance)
+        h = keep(self, "units", h)  # a nested submodel's live hidden units (nemojax.nn.live)
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=cfg.mlp_bias)(h), state

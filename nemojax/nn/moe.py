@@ -36,7 +36,7 @@ from nemojax.nn.linear import (
     record_amax,
     weight_quant_state,
 )
-from nemojax.nn.live import live
+from nemojax.nn.live import keep, live
 from nemojax.nn.mlp import MLP, relu2
 
 f32 = jnp.float32
@@ -66,15 +66,25 @@ def route(logits: jax.Array, bias: jax.Array, *, top_k: int, n_group: int, topk_
     return weights * scaling, ids.astype(jnp.int32)
 
 
-def experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-    """Every expert on every token. x: [T, D], up: [E, D, F], down: [E, F, D], weights/ids: [T, k] -> [T, D] f32."""
+def _hidden(h: jax.Array, units: jax.Array | None) -> jax.Array:
+    """relu2 of an expert's up projection h [..., F], times the live-units mask [F] of a nested submodel (None:
+    all units; `nemojax.nn.live`)."""
+    h = relu2(h)
+    return h if units is None else h * units.astype(h.dtype)
+
+
+def experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
+                  units: jax.Array | None = None) -> jax.Array:
+    """Every expert on every token. x: [T, D], up: [E, D, F], down: [E, F, D], weights/ids: [T, k] -> [T, D] f32.
+    units: [F] mask of the live hidden units (a masked elastic forward) or None."""
     combine_te = jnp.sum(jax.nn.one_hot(ids, up.shape[0], dtype=f32) * weights[..., None], axis=1)
-    h_tef = relu2(jnp.einsum("td,edf->tef", x, up))
+    h_tef = _hidden(jnp.einsum("td,edf->tef", x, up), units)
     y_ted = jnp.einsum("tef,efd->ted", h_tef, down)
     return jnp.einsum("ted,te->td", y_ted.astype(f32), combine_te)
 
 
-def experts_ragged(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+def experts_ragged(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
+                   units: jax.Array | None = None) -> jax.Array:
     """Dropless grouped matmul over the token-expert pairs sorted by expert. Shapes as `experts_dense`."""
     T, k = ids.shape
     E = up.shape[0]
@@ -82,7 +92,7 @@ def experts_ragged(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     order = jnp.argsort(flat_ids)
     x_sorted = x[order // k]
     group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
-    h = relu2(jax.lax.ragged_dot(x_sorted, up, group_sizes))
+    h = _hidden(jax.lax.ragged_dot(x_sorted, up, group_sizes), units)
     y_sorted = jax.lax.ragged_dot(h, down, group_sizes)
     y_tkd = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd.astype(f32), weights)
@@ -96,7 +106,7 @@ def _routed_inputs(x: jax.Array, weights: jax.Array, ids: jax.Array, E: int) -> 
 
 
 def experts_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
-                      quantized: tuple) -> jax.Array:
+                      quantized: tuple, units: jax.Array | None = None) -> jax.Array:
     """`experts_dense` with each expert's GEMMs in low precision. `quantized` holds (spec, state, key) for
     up_proj and for down_proj (a None spec: high precision); states carry per-expert entries ([E] amaxes).
 
@@ -113,7 +123,7 @@ def experts_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax
         return jax.vmap(lambda h, w, st, k: quantized_dot(h, w, spec, st, k))(h_etx, w_exy, state, keys)
 
     (up_spec, up_state, up_key), (down_spec, down_state, down_key) = quantized
-    h_etf = relu2(per_expert(x_etd, up, up_spec, up_state, up_key))
+    h_etf = _hidden(per_expert(x_etd, up, up_spec, up_state, up_key), units)
     y_etd = per_expert(h_etf, down, down_spec, down_state, down_key)
     return jnp.einsum("etd,te->td", y_etd.astype(f32), combine_te)
 
@@ -170,7 +180,7 @@ def _grouped_quantized_dot(h: jax.Array, w: jax.Array, group_sizes: jax.Array, g
 
 
 def experts_ragged_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, ids: jax.Array,
-                             quantized: tuple) -> jax.Array:
+                             quantized: tuple, units: jax.Array | None = None) -> jax.Array:
     """`experts_ragged` with each expert's GEMMs in low precision (fake quantization); `quantized` as in
     `experts_quantized` (keys unused: round-to-nearest only, see `ragged_quantizable`). Equal to
     `experts_quantized` to f32 summation order, with top_k rows per token instead of E."""
@@ -182,7 +192,7 @@ def experts_ragged_quantized(x: jax.Array, up: jax.Array, down: jax.Array, weigh
     x_sorted = x[order // k]
     group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
     (up_spec, up_state, _), (down_spec, down_state, _) = quantized
-    h = relu2(_grouped_quantized_dot(x_sorted, up, group_sizes, group, up_spec, up_state))
+    h = _hidden(_grouped_quantized_dot(x_sorted, up, group_sizes, group, up_spec, up_state), units)
     y_sorted = _grouped_quantized_dot(h, down, group_sizes, group, down_spec, down_state)
     y_tkd = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd.astype(f32), weights)
@@ -228,9 +238,10 @@ class Experts(nn.Module):
         down = logical_param(self, "down_proj", init, ("experts", "mlp", "embed"),
                              (e.num_experts, e.intermediate_size, self.input_size), param_dtype)
         specs = {name: quant_spec(self, name) for name in ("up_proj", "down_proj")}
+        units = live(self, "units")  # a nested submodel's live hidden units of every expert (nemojax.nn.live)
         if all(spec is None for spec in specs.values()):
             run = experts_dense if cfg.runtime.resolved_moe_impl(e.num_experts) == "dense" else experts_ragged
-            return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+            return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, units)
         # Low precision: every expert sees its own routed tokens; ragged when the config asks for it and every GEMM
         # is fake-quantized with round-to-nearest (ragged_quantizable), else the dense dispatch.
         axes = {"up_proj": ("experts", "embed", "mlp"), "down_proj": ("experts", "mlp", "embed")}
@@ -240,15 +251,15 @@ class Experts(nn.Module):
             for (name, spec), w in zip(specs.items(), (up, down), strict=True))
         if calibrating(self):
             _, x_etd = _routed_inputs(x.astype(dtype), weights, ids, e.num_experts)
-            h_etf = relu2(jnp.einsum("etd,edf->etf", x_etd, up.astype(dtype)))
+            h_etf = _hidden(jnp.einsum("etd,edf->etf", x_etd, up.astype(dtype)), units)
             for (name, spec), h in zip(specs.items(), (x_etd, h_etf), strict=True):
                 if spec is not None and spec.input is not None:
                     record_amax(self, f"{name}_input_amax", jnp.max(jnp.abs(h), axis=(1, 2)))
-            return experts_dense(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids)
+            return experts_dense(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, units)
         ragged = cfg.runtime.resolved_moe_impl(e.num_experts) == "ragged" and \
             all(ragged_quantizable(spec) for spec in specs.values())
         run = experts_ragged_quantized if ragged else experts_quantized
-        return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized)
+        return run(x.astype(dtype), up.astype(dtype), down.astype(dtype), weights, ids, quantized, units)
 
 
 class MoE(nn.Module):
@@ -271,6 +282,7 @@ class MoE(nn.Module):
         self.sow("taps", "expert_in", v)  # activation importance (nemojax.compress.importance)
         self.sow("taps", "expert_ids", ids)
         routed = Experts(cfg, e.latent_size or D, name="experts")(v, weights, ids).astype(dtype)
+        routed = keep(self, "routed", routed)  # the experts axis's router multiplier (nemojax.nn.live)
         if e.latent_size is not None:
             routed = dense(cfg, D, ("mlp", "embed"), name="fc2_latent_proj", use_bias=cfg.mlp_bias)(routed)
         out = routed.reshape(b, L, D)
