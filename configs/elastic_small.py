@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
         "budgets": (1.0, 0.75, 0.5),
         "axes": "",  # comma-separated elastic axes; "" = every width axis of the model
         "target": "params",  # what a budget is a fraction of: params | active_params | memory
-        "heterogeneous": False,  # one size per layer instead of one per axis (runs masked only; not extractable)
+        # one size per layer instead of one per axis; the extracted models then carry per-layer widths
+        # (config.layer_configs), which nemojax loads and transformers' NemotronH (one width per kind) cannot
+        "heterogeneous": False,
         "max_drop": 0,  # > 0: "depth" is elastic too, dropping up to this many layers by logit-MSE ranking
         "router_hidden": 64,
         "expert_score": "experts",  # or "reap" (Star Elastic) for MoE models

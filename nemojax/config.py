@@ -29,6 +29,7 @@ from nemojax.lowp.recipe import QuantRecipe
 DTYPES = ("float32", "bfloat16", "float16")
 # config.json key of a NemotronH variant with RoPE in its attention layers (a nemojax extension; see to_hf)
 ROPE_KEY = "nemojax_rope"
+LAYER_CONFIGS_KEY = "nemojax_layer_configs"  # config.json: a heterogeneous stack's per-layer widths (nemojax only)
 MOE_IMPLS = ("auto", "dense", "ragged")
 SSD_IMPLS = ("chunked", "sequential")
 KERNEL_IMPLS = ("xla", "pallas", "auto")  # pallas_kernels.dispatch.IMPLS
@@ -301,6 +302,10 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2  # a tuple: several ids end generation (config.json's list)
     pad_token_id: int | None = 0
+    # A heterogeneous stack: per layer of `pattern`, None (the fields above) or that layer's own value of its kind's
+    # config field (an int intermediate_size for '-', a MambaConfig / AttentionConfig / MoEConfig, or a dict of
+    # changes to the global one); what `layer(i)` builds layer i from. Empty: every layer alike.
+    layer_configs: tuple = ()
     runtime: Runtime = Runtime()  # how it runs (dtype, remat, kernels, quantization), not what it is
 
     def __post_init__(self) -> None:
@@ -334,6 +339,44 @@ class ModelConfig:
         self._check_eos(in_vocab)
         if self.tie_word_embeddings:
             _fail("tie_word_embeddings", True, "NemotronH checkpoints are untied; only False is supported")
+        self._check_layer_configs()
+
+    def _check_layer_configs(self) -> None:
+        """layer_configs: empty, or one entry per layer, each None or a valid value of its kind's config field
+        (dicts of changes become sub-configs; entries equal to the global value become None, and all-None
+        becomes empty, so one architecture has one config)."""
+        entries = self.layer_configs
+        if not isinstance(entries, (tuple, list)) or (entries and len(entries) != self.num_layers):
+            _fail("layer_configs", entries, f"must be a list with one entry per layer of pattern ({self.num_layers}), "
+                                            "or empty")
+        out = []
+        for i, (char, value) in enumerate(zip(self.pattern, entries, strict=False)):
+            name, field = f"layer_configs[{i}]", families.kind(char).config_field
+            current = None if field is None else getattr(self, field)
+            if value is not None and field is None:
+                _fail(name, value, f"must be None: '{char}' layers have no config of their own")
+            if value is not None and isinstance(current, int):
+                if not (_is_kind(value, "int") and value > 0):
+                    _fail(name, value, f"must be None or a positive int ({field} of that '{char}' layer)")
+            elif isinstance(value, Mapping):
+                value = _replace_fields(name, current, value)
+            elif value is not None and not isinstance(value, type(current)):
+                _fail(name, value, f"must be None, {type(current).__name__}(...) or a dict of changes to {field}")
+            out.append(None if value == current else value)
+        object.__setattr__(self, "layer_configs", tuple(out) if any(v is not None for v in out) else ())
+        if self.layer_configs and self.runtime.scan_layers:
+            _fail("runtime.scan_layers", True, "must be False for a heterogeneous stack (layer_configs): a scan "
+                                               "stacks layers of one shape")
+
+    def layer(self, i: int) -> ModelConfig:
+        """The config layer i of `pattern` is built from: this one with that layer's `layer_configs` entry (itself
+        when the stack is homogeneous)."""
+        if not self.layer_configs:
+            return self
+        value, changes = self.layer_configs[i], {"layer_configs": ()}
+        if value is not None:
+            changes[families.kind(self.pattern[i]).config_field] = value
+        return dataclasses.replace(self, **changes)
 
     def _check_eos(self, in_vocab: str) -> None:
         """eos_token_id: None, one id, or a non-empty list / tuple of ids (stored as a tuple, so the config stays
@@ -501,6 +544,7 @@ class ModelConfig:
             bos_token_id=first("bos_token_id", "bos_token_id"),
             eos_token_id=eos,
             pad_token_id=first("pad_token_id", "pad_token_id"),
+            layer_configs=tuple(d.get(LAYER_CONFIGS_KEY) or ()),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -556,7 +600,21 @@ class ModelConfig:
                      mtp_layers_block_type=_hf_layer_names(self.mtp.pattern))
         else:
             d["num_nextn_predict_layers"] = 0
+        if self.layer_configs:
+            # transformers' NemotronH has one width per kind: it ignores this key and refuses the tensors of the
+            # layers that differ (size mismatches); nemojax reads it back
+            d[LAYER_CONFIGS_KEY] = [_layer_changes(self, char, value)
+                                    for char, value in zip(self.pattern, self.layer_configs, strict=True)]
         return d
+
+
+def _layer_changes(config: ModelConfig, char: str, value: Any) -> Any:
+    """One layer_configs entry for config.json: None, an int, or the fields that differ from the global value."""
+    if value is None or isinstance(value, int):
+        return value
+    current = getattr(config, families.kind(char).config_field)
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+            if getattr(value, f.name) != getattr(current, f.name)}
 
 
 def _replace_fields(name: str, current: Any, changes: Mapping[str, Any]) -> Any:

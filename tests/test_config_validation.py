@@ -58,6 +58,8 @@ CASES = [
     (ModelConfig, "pad_token_id", "0", "must be an integer"),
     (ModelConfig, "pad_token_id", False, "must be an integer"),
     (ModelConfig, "mlp_bias", "true", "must be a bool"),
+    (ModelConfig, "layer_configs", [None, None], "one entry per layer of pattern (4)"),
+    (ModelConfig, "layer_configs", "M*-E", "must be a list"),
     (ModelConfig, "mlp_bias", 1, "must be a bool"),
     (ModelConfig, "tie_word_embeddings", "false", "must be a bool"),
     (ModelConfig, "norm_eps", math.inf, "finite"),
@@ -261,3 +263,28 @@ def test_every_eos_id_of_a_config_json_list_is_kept_and_written_back() -> None:
     assert cfg.eos_token_id == (2, 11) and cfg.eos_ids == (2, 11)
     assert cfg.to_hf()["eos_token_id"] == [2, 11]
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize(("entries", "match"), [
+    ([None, None, 0, None], r"layer_configs\[2\]=0 is invalid: must be None or a positive int"),
+    ([None, MambaConfig(**MAMBA), None, None], r"layer_configs\[1\]=MambaConfig.* must be None, AttentionConfig"),
+    ([None, {"num_heads": 3}, None, None], r"attention.num_heads=3 is invalid"),
+    ([None, {"heads": 2}, None, None], r"layer_configs\[1\]=\['heads'\] is invalid: fields must be among"),
+])
+def test_a_bad_layer_configs_entry_is_named(entries: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _model(layer_configs=entries)
+
+
+def test_layer_configs_build_each_layer_and_normalise() -> None:
+    """An entry equal to the global value is None, all-None is empty (one architecture, one config); layer(i) is
+    the global config with that layer's value; a scanned layout refuses a heterogeneous stack."""
+    cfg = _model(layer_configs=[{"num_heads": 2}, {"num_heads": 2}, 48, None])
+    assert cfg.layer_configs[1:] == (AttentionConfig(**{**ATTN, "num_heads": 2}), None, None)
+    assert cfg.layer(0).mamba.num_heads == 2 and cfg.layer(1).attention.num_heads == 2
+    assert cfg.layer(3) == cfg.replace(layer_configs=()) and hash(cfg) != hash(cfg.replace(layer_configs=()))
+    assert _model(layer_configs=[None, None, 48, None]).layer_configs == ()
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    with pytest.raises(ValueError, match="runtime.scan_layers=True is invalid: must be False for a heterogeneous"):
+        cfg.replace(runtime={"scan_layers": True})
+

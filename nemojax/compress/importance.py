@@ -122,7 +122,7 @@ def _batch_taps(config: ModelConfig, seq_kind: str, params: dict, tokens: jax.Ar
         entry = families.kind(char)
         if entry.importance is not None:
             mixer_taps = {**layer_taps.get("mixer", {}), "batch": b}
-            for key, value in entry.importance(config, mixer_taps, params[name]["mixer"], stat).items():
+            for key, value in entry.importance(config.layer(i), mixer_taps, params[name]["mixer"], stat).items():
                 taps[f"{name}/{key}"] = value
         bi.append(jnp.sum(one_minus_cos(_first(blocks[name]["in"]), _first(blocks[name]["out"]))))
     taps["layer/bi_sum"] = jnp.stack(bi)
@@ -266,7 +266,7 @@ def importance(model: Model, batches: Iterable, *, agg: str = "mean_l2",
         entry = families.kind(char)
         mine = {key[len(name) + 1:]: value for key, value in stats.items()
                 if key.startswith(f"{name}/") and key != f"{name}/norm"}
-        out.update({f"{name}/{key}": value for key, value in (entry.scores(config, mine) if entry.scores
+        out.update({f"{name}/{key}": value for key, value in (entry.scores(config.layer(i), mine) if entry.scores
                                                                 else mine).items()})
     if "block" in metrics:
         out["layer/block"] = bi_sum / n_tokens

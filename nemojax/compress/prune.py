@@ -288,6 +288,38 @@ def _rules_of(config: Any, given: Mapping[str, int]) -> list[tuple[families.Widt
     return [(rule, {t: given[t] for t in rule.targets if t in given}) for rule in rules]
 
 
+def _layer_widths(config: Any, per_layer: Sequence[Mapping[str, int]]
+                  ) -> list[tuple[Any, list[tuple[families.WidthRule, dict[str, int]]]]]:
+    """Per main layer: (its new `layer_configs` entry, [(width rule, that layer's checked targets)]) for prune's
+    `per_layer`. Raises ValueError naming the layer and target that is not allowed."""
+    if len(per_layer) != config.num_layers:
+        raise ValueError(f"per_layer has {len(per_layer)} entries: must have one per layer of pattern "
+                         f"({config.num_layers}), each {{width target: size}}")
+    out = []
+    for i, (char, targets) in enumerate(zip(config.pattern, per_layer, strict=True)):
+        entry, layer_config = families.kind(char), config.layer(i)
+        mine = {t for rule in entry.width for t in rule.targets}
+        foreign = sorted(set(targets) - mine)
+        if foreign:
+            raise ValueError(f"per_layer[{i}] has {foreign}: layer {i} is a {entry.label} layer, whose width "
+                             f"targets are {sorted(mine)}")
+        rules, changes = [], {}
+        for rule in entry.width:
+            values = {t: int(targets[t]) if isinstance(targets[t], np.integer) else targets[t]
+                      for t in rule.targets if t in targets}
+            if values:
+                axes = rule.axes(layer_config)
+                values = {t: axes[t].check(f"per_layer[{i}][{t!r}]", v) for t, v in values.items()}
+                rules.append((rule, values))
+                _merge(changes, rule.changes(layer_config, **values))
+        field = entry.config_field
+        value = config.layer_configs[i] if config.layer_configs else None
+        if changes:
+            value = getattr(layer_config.replace(**changes), field)
+        out.append((value, rules))
+    return out
+
+
 def pruned_config(config: Any, *, hidden: int | None = None, pattern: str | None = None,
                   **widths: int | None) -> Any:
     """The config `prune` gives for these targets (checked: ValueError naming a bad one); nothing is sliced.
@@ -316,7 +348,8 @@ def pruned_config(config: Any, *, hidden: int | None = None, pattern: str | None
 
 def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int | None = None,
           drop_layers: Sequence[int] | None = None, group_aware: bool = True, order: str = "ascending",
-          kept: dict[str, np.ndarray] | None = None, **widths: int | None) -> Model:
+          kept: dict[str, np.ndarray] | None = None, per_layer: Sequence[Mapping[str, int]] | None = None,
+          **widths: int | None) -> Model:
     """Width and depth pruning: a new Model with the given sizes (None keeps a size); see the module docstring.
 
     model: the parent; scores: str -> score array (keys in the module docstring; higher = more important).
@@ -335,6 +368,9 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
     ".../mamba_heads", ".../mamba_channels", ".../experts", ".../expert_ffn" [kept experts, expert_ffn] (row r for
     the r-th kept expert), "<layer>/shared_mlp" (MTP layers under "mtp/"), and "layers" [kept layers] after depth
     pruning.
+    per_layer: instead of the width keywords, one {width target of its kind: size} per layer of the pattern (a
+    missing target keeps that layer's size): a heterogeneous model, each layer's widths in `config.layer_configs`
+    (Nemotron Elastic's per-layer submodels). A heterogeneous model's own widths are pruned this way only.
     Raises ValueError for a target that breaks a constraint or that no layer of the model has, naming it and the
     allowed values.
     """
@@ -344,8 +380,19 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
     ordered = order == "importance"
     read = _Scores(scores)
     given = {target: value for target, value in widths.items() if value is not None}
-    pruned_config(cfg, hidden=hidden, **given)  # every target checked before anything else
+    if per_layer is not None and given:
+        raise ValueError(f"per_layer and the width keywords {sorted(given)} are exclusive: give every layer's "
+                         "widths in per_layer")
+    if cfg.layer_configs and given:
+        raise ValueError(f"{sorted(given)}: the model is heterogeneous (config.layer_configs), so one size per "
+                         "target does not say which layer's size it is; give per_layer")
+    uniform = cfg.replace(layer_configs=())  # the global fields, which the width keywords and hidden change
+    pruned_config(uniform, hidden=hidden, **given)  # every target checked before anything else
     per_rule = _rules_of(cfg, given)
+    if per_layer is not None:
+        layer_widths = _layer_widths(cfg, per_layer)
+    else:
+        layer_widths = [(value, per_rule) for value in (cfg.layer_configs or (None,) * cfg.num_layers)]
 
     # --- targets (checked before any slicing, so a bad call fails fast and names the field)
     if layers is not None and drop_layers is not None:
@@ -364,7 +411,9 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
         kept_layers = np.array([i for i in range(cfg.num_layers) if i not in drop])
     else:
         kept_layers = np.arange(cfg.num_layers)
-    new_config = pruned_config(cfg, hidden=hidden, pattern="".join(cfg.pattern[i] for i in kept_layers), **given)
+    new_config = pruned_config(uniform, hidden=hidden, pattern="".join(cfg.pattern[i] for i in kept_layers),
+                               **given)
+    new_config = new_config.replace(layer_configs=[layer_widths[i][0] for i in kept_layers])
     if cfg.runtime.quant is not None and len(kept_layers) < cfg.num_layers:
         recipe = _pinned_recipe(cfg.runtime.quant, cfg, model.params, kept_layers, new_config.pattern)
         new_config = new_config.replace(runtime={"quant": recipe})
@@ -386,13 +435,14 @@ def prune(model: Model, scores: Any, *, hidden: int | None = None, layers: int |
         take(params, "embeddings/embedding", k_hidden, 1)
         take(params, "norm_f/scale", k_hidden, 0)
         take(params, "lm_head/kernel", k_hidden, 0)
-        for _, kind, layer in blocks:
-            _slice_hidden(layer, kind, k_hidden, cfg, cfg.hidden_size)
+        for j, (_, kind, layer) in enumerate(blocks):
+            _slice_hidden(layer, kind, k_hidden, cfg.layer(j) if j < cfg.num_layers else cfg, cfg.hidden_size)
 
-    for name, kind, layer in blocks:
-        for rule, values in per_rule:
+    for j, (name, kind, layer) in enumerate(blocks):
+        main = j < cfg.num_layers  # MTP layers follow the main ones and take the global widths
+        for rule, values in (layer_widths[j][1] if main else per_rule):
             if rule in families.kind(kind).width:
-                rule.slice(layer, name, cfg, read, options, **values)
+                rule.slice(layer, name, cfg.layer(j) if main else cfg, read, options, **values)
     _untrack_state(params, tracked)
 
     # --- depth: keep the surviving blocks, renumbered

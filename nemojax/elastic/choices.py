@@ -20,10 +20,12 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from nemojax import families
 from nemojax.compress.prune import width_targets
 
-__all__ = ["DEFAULT_FRACTIONS", "Choices", "axes_of", "axis_owners", "default_choices", "layer_counts",
+__all__ = ["DEFAULT_FRACTIONS", "Choices", "axes_of", "axis_owners", "default_choices", "layer_counts", "layer_sizes",
            "make_choices"]
 
 DEFAULT_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -165,3 +167,21 @@ def default_choices(config: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS,
             sizes = {axis.full} | {_nearest_allowed(axis, f * axis.full) for f in fractions}
             table[name] = tuple(sorted(sizes, reverse=True))
     return make_choices(config, table)
+
+
+def layer_sizes(config: Any, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per main-pattern layer: {width target of its kind: that layer's value} for the targets in `values` (one
+    value for every layer of the kind, or a sequence / [n] array with one per layer of it in pattern order)."""
+    owners = axis_owners(config)
+    seen: dict[str, int] = {}
+    out = []
+    for char in config.pattern:
+        j = seen.get(char, 0)
+        seen[char] = j + 1
+        layer = {}
+        for axis, owner in owners.items():
+            if owner == char and axis in values:
+                value = values[axis]
+                layer[axis] = value[j] if isinstance(value, (tuple, list)) or np.ndim(value) == 1 else value
+        out.append(layer)
+    return out

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from nemojax.compress.prune import prune
+from nemojax.elastic.choices import layer_sizes
 from nemojax.elastic.count import check_sizes, keep_weights
 from nemojax.model import Model
 
@@ -32,19 +33,22 @@ class _Prefix:
 def slice_sizes(model: Model, sizes: Mapping[str, Any], *, removal_order: Sequence[int] = ()) -> Model:
     """The submodel `sizes` of an importance-ordered model as a plain Model (new config, sliced params).
 
-    sizes: {axis: int} as `nemojax.elastic.count` takes them, one size per axis ("depth": the number of leading
-    layers of `removal_order` dropped). Per-layer (heterogeneous) widths are refused: a ModelConfig has one size
-    per axis. Raises ValueError naming a bad axis or size."""
+    sizes: {axis: size} as `nemojax.elastic.count` takes them ("depth": the number of leading layers of
+    `removal_order` dropped). A width axis given one size per layer of its kind makes a heterogeneous model, each
+    layer's widths in its `config.layer_configs` (hidden is always one size: the residual stream). Raises
+    ValueError naming a bad axis or size."""
     config = model.config
     check_sizes(config, sizes)
-    for axis, value in sizes.items():
-        if np.ndim(value) != 0:
-            raise ValueError(f"sizes[{axis!r}] has one size per layer: a ModelConfig has one size per axis, so "
-                             "a heterogeneous submodel runs masked only (nemojax.elastic.masked)")
-    widths = {axis: int(value) for axis, value in sizes.items() if axis not in ("hidden", "depth")}
+    if np.ndim(sizes.get("hidden", 0)) or np.ndim(sizes.get("depth", 0)):
+        raise ValueError("sizes['hidden'] and sizes['depth'] are one number each: the residual stream has one "
+                         "width, and depth counts layers")
+    widths = {axis: np.asarray(value).astype(int).tolist() for axis, value in sizes.items()
+              if axis not in ("hidden", "depth")}
     drop = None
     if int(sizes.get("depth", 0)):
         keep = keep_weights(np, config, int(sizes["depth"]), removal_order)
         drop = [int(i) for i in np.flatnonzero(keep == 0)]
-    hidden = sizes.get("hidden")
-    return prune(model, _Prefix(), hidden=None if hidden is None else int(hidden), drop_layers=drop, **widths)
+    hidden = None if sizes.get("hidden") is None else int(sizes["hidden"])
+    if any(isinstance(value, list) for value in widths.values()):
+        return prune(model, _Prefix(), hidden=hidden, drop_layers=drop, per_layer=layer_sizes(config, widths))
+    return prune(model, _Prefix(), hidden=hidden, drop_layers=drop, **widths)

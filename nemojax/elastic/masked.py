@@ -24,30 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from nemojax import families
-from nemojax.elastic.choices import axis_owners
+from nemojax.elastic.choices import layer_sizes
 from nemojax.elastic.count import check_sizes, keep_weights
 from nemojax.kinds.masking import prefix
 from nemojax.model import Output, apply
 
 __all__ = ["collection", "forward"]
-
-
-def _per_layer(config: Any, values: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per main-pattern layer: {width target of its kind: that layer's value} for the targets in `values` (one
-    value for every layer of the kind, or one per layer of it in pattern order)."""
-    owners = axis_owners(config)
-    seen: dict[str, int] = {}
-    out = []
-    for char in config.pattern:
-        j = seen.get(char, 0)
-        seen[char] = j + 1
-        layer = {}
-        for axis, owner in owners.items():
-            if owner == char and axis in values:
-                value = values[axis]
-                layer[axis] = value[j] if isinstance(value, (tuple, list)) or jnp.ndim(value) == 1 else value
-        out.append(layer)
-    return out
 
 
 def collection(config: Any, sizes: Mapping[str, Any], *, removal_order: Sequence[int] = (),
@@ -70,7 +52,7 @@ def collection(config: Any, sizes: Mapping[str, Any], *, removal_order: Sequence
     gammas = None
     if "depth" in sizes:
         gammas = keep_weights(jnp, config, sizes["depth"], removal_order) * out.get("depth", 1.0)
-    per_layer = zip(config.pattern, _per_layer(config, sizes), _per_layer(config, out), strict=True)
+    per_layer = zip(config.pattern, layer_sizes(config, sizes), layer_sizes(config, out), strict=True)
     for i, (char, live, multipliers) in enumerate(per_layer):
         entry = families.kind(char)
         if entry.mask is None:

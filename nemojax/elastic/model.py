@@ -7,7 +7,8 @@ the choices they pick from (Nemotron Elastic, arXiv 2511.16664; Star Elastic, ar
     save(em, "runs/elastic/model"); em = load("runs/elastic/model")
 
 A checkpoint is the permuted model's own (config.json + safetensors, so load_hf reads the full model) plus
-elastic.json (budgets, choices, removal order, target, mode) and elastic_routers.safetensors.
+elastic.json (budgets, choices, removal order, target, mode) and elastic_routers.safetensors; a quantized
+elastic model adds its recipe (in elastic.json) and elastic_quant_state.safetensors.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
 from nemojax.elastic.choices import Choices, default_choices, layer_counts, make_choices
@@ -40,11 +42,12 @@ from nemojax.elastic.router import (
 from nemojax.errors import CheckpointError
 from nemojax.interop.hf import load_hf, write_hf
 from nemojax.interop.safetensors_file import ELASTIC_NAMES, read_json, save_folder
-from nemojax.model import Model
+from nemojax.lowp.recipe import QuantRecipe, is_state
+from nemojax.model import Model, abstract_params
 
 __all__ = ["ElasticModel", "elastify", "load", "save"]
 
-ELASTIC_JSON, ROUTERS_FILE = ELASTIC_NAMES
+ELASTIC_JSON, ROUTERS_FILE, QUANT_STATE_FILE = ELASTIC_NAMES
 FORMAT_VERSION = 1
 
 
@@ -88,8 +91,9 @@ class ElasticModel:
                        removal_order=self.removal_order).logits
 
     def extract(self, budget: float | None = None, *, sizes: Mapping[str, Any] | None = None) -> Model:
-        """The submodel of `budget` (or of explicit homogeneous `sizes`) as a plain Model: prefix slices of every
-        axis; its logits equal `self(tokens, budget)`."""
+        """The submodel of `budget` (or of explicit `sizes`, per-layer ones included) as a plain Model: prefix
+        slices of every axis (a heterogeneous choice gives per-layer widths, `config.layer_configs`); its logits
+        equal `self(tokens, budget)`."""
         if (budget is None) == (sizes is None):
             raise ValueError("extract takes a budget or sizes (exactly one)")
         chosen = self.sizes(budget) if sizes is None else sizes
@@ -152,17 +156,47 @@ def _flat_routers(routers: Mapping) -> dict[str, np.ndarray]:
 
 def save(em: ElasticModel, directory: str | os.PathLike) -> Path:
     """Writes the elastic checkpoint (module docstring) into `directory` by the crash-safe save protocol of
-    `save_hf` (other files of the folder stay; a failed save leaves the old checkpoint)."""
+    `save_hf` (other files of the folder stay; a failed save leaves the old checkpoint). A quantized em
+    (`elastic.quantized.share`) keeps its high-precision weights (what QAD trains), its recipe (in elastic.json)
+    and its quantization state (elastic_quant_state.safetensors), so `load` gives back the same quantized model."""
     meta = {"format": FORMAT_VERSION, "budgets": list(em.budgets),
             "choices": {axis: list(sizes) for axis, sizes in em.choices.items()},
             "removal_order": list(em.removal_order), "target": em.target, "heterogeneous": em.heterogeneous}
+    recipe = em.config.runtime.quant
+    flat = flatten_dict(em.model.params)
+    state = {"/".join(path): np.asarray(leaf) for path, leaf in flat.items() if is_state(path[-1])}
+    weights = Model(em.config.replace(runtime={"quant": None}),
+                    unflatten_dict({path: leaf for path, leaf in flat.items() if not is_state(path[-1])}))
+    if recipe is not None:  # the high-precision weights as a plain checkpoint, the formats and amaxes beside them
+        meta["quant"] = recipe.to_dict()
 
     def fill(staging: Path) -> None:
-        write_hf(em.model, staging)
+        write_hf(weights, staging)
         (staging / ELASTIC_JSON).write_text(json.dumps(meta, indent=2))
         save_file(_flat_routers(em.routers), staging / ROUTERS_FILE)
+        if recipe is not None:
+            save_file(state, staging / QUANT_STATE_FILE)
 
     return save_folder(directory, fill)
+
+
+def _with_quant_state(model: Model, recipe: QuantRecipe, file: Path) -> Model:
+    """`model` under `recipe` with the quantization state of `file`; CheckpointError naming the file when it is
+    missing or its entries are not exactly the state the recipe gives the model (names and shapes)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the elastic checkpoint's elastic.json names a quantization recipe")
+    config = model.config.replace(runtime={"quant": recipe})
+    wanted = {path: tuple(leaf.shape) for path, leaf in flatten_dict(abstract_params(config)).items()
+              if is_state(path[-1])}
+    stored = {tuple(name.split("/")): value for name, value in load_file(file).items()}
+    got = {path: tuple(value.shape) for path, value in stored.items()}
+    if got != wanted:
+        diff = sorted("/".join(p) for p in set(got).symmetric_difference(wanted)) or sorted(
+            "/".join(p) for p in got if got[p] != wanted[p])
+        raise CheckpointError(f"{file} does not hold the quantization state of its recipe (first differences: "
+                              f"{diff[:3]})")
+    params = {**flatten_dict(model.params), **{path: jnp.asarray(value) for path, value in stored.items()}}
+    return Model(config, unflatten_dict(params))
 
 
 def load(directory: str | os.PathLike) -> ElasticModel:
@@ -182,8 +216,11 @@ def load(directory: str | os.PathLike) -> ElasticModel:
         table = make_choices(model.config, meta["choices"])
         budgets = check_budgets(meta["budgets"])
         target = _check_target(meta["target"])
+        recipe = None if meta.get("quant") is None else QuantRecipe.from_dict(meta["quant"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{meta_file} is invalid: {error}") from None
+    if recipe is not None:
+        model = _with_quant_state(model, recipe, directory / QUANT_STATE_FILE)
     flat = load_file(routers_file)
     routers: dict[str, dict[str, jax.Array]] = {}
     for name, value in flat.items():

@@ -101,6 +101,9 @@ def permute_with_orders(model: Model, scores: Any, *,
         raise ValueError(f"expert_score={expert_score!r} is invalid: must be one of "
                          f"{', '.join(map(repr, EXPERT_SCORES))}")
     cfg = model.config
+    if cfg.layer_configs:
+        raise ValueError("model.config.layer_configs is set: an elastic parent is one full-width model (its nested "
+                         "submodels may be heterogeneous, the parent is not)")
     orders: dict[str, np.ndarray] = {}
     permuted = prune(model, _PermutationScores(scores, EXPERT_SCORES[expert_score]), hidden=cfg.hidden_size,
                      order="importance", kept=orders, **full_widths(cfg))

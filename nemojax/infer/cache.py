@@ -69,8 +69,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.d
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must be positive")
     dtype = jnp.dtype(dtype or config.runtime.dtype)
-    pattern = config.pattern if pattern is None else pattern
-    layers = tuple(layer_cache(config, kind, batch, max_len, dtype) for kind in pattern)
+    if pattern is None:  # each main layer by its own config (a heterogeneous stack's widths differ per layer)
+        layers = tuple(layer_cache(config.layer(i), kind, batch, max_len, dtype)
+                       for i, kind in enumerate(config.pattern))
+    else:
+        layers = tuple(layer_cache(config, kind, batch, max_len, dtype) for kind in pattern)
     return Cache(layers, jnp.zeros((batch,), jnp.int32))
 
 

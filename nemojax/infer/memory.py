@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +74,20 @@ def _dtype(value: object, field: str) -> jnp.dtype:
 def _layer_bytes(config: ModelConfig, pattern: str, batch: int, itemsize: int) -> tuple[dict[str, int], dict[str, int]]:
     """The cache bytes of the layers in `pattern` for `batch` sequences, by part, as (fixed, per token of
     context): each kind's `cache_bytes` at contexts 0 and 1 (every registered kind's cache is affine in the
-    context)."""
+    context). The first config.num_layers characters are the main layers, each priced by its own config."""
     fixed: dict[str, int] = {}
     per_token: dict[str, int] = {}
-    for char, count in Counter(pattern).items():
+    for i, char in enumerate(pattern):
         entry = families.kind(char)
+        config_i = config.layer(i) if i < config.num_layers else config
         if entry.cache is None:
             continue
         if entry.cache_bytes is None:
             raise ValueError(f"layer kind {char!r} ({entry.name}) has a cache but no cache_bytes")
-        at0, at1 = entry.cache_bytes(config, batch, 0, itemsize), entry.cache_bytes(config, batch, 1, itemsize)
+        at0, at1 = entry.cache_bytes(config_i, batch, 0, itemsize), entry.cache_bytes(config_i, batch, 1, itemsize)
         for part in at0.keys() | at1.keys():
-            fixed[part] = fixed.get(part, 0) + count * at0.get(part, 0)
-            per_token[part] = per_token.get(part, 0) + count * (at1.get(part, 0) - at0.get(part, 0))
+            fixed[part] = fixed.get(part, 0) + at0.get(part, 0)
+            per_token[part] = per_token.get(part, 0) + at1.get(part, 0) - at0.get(part, 0)
     return fixed, per_token
 
 

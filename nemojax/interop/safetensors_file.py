@@ -59,7 +59,8 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 QUANT_CONFIG_NAME = "hf_quant_config.json"  # NVIDIA ModelOpt's marker of a quantized checkpoint (modelopt writes it)
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-ELASTIC_NAMES = ("elastic.json", "elastic_routers.safetensors")  # nemojax.elastic.save's routers and choices
+# nemojax.elastic.save's choices, routers and (a quantized elastic model) quantization state
+ELASTIC_NAMES = ("elastic.json", "elastic_routers.safetensors", "elastic_quant_state.safetensors")
 OWN_NAMES = (CONFIG_NAME, QUANT_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, *ELASTIC_NAMES)
 STAGING_PREFIX = ".nemojax-saving-"
 JOURNAL_NAME = ".nemojax-save-journal.json"

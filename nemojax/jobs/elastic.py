@@ -104,10 +104,9 @@ def elastify_job(config: ml_collections.ConfigDict, teacher: Model, workdir: str
         row = {"budget": budget, "sizes": sizes,
                "params": count_exact(trained.config, sizes, removal_order=trained.removal_order)}
         row["fraction"] = row["params"] / full
-        if not trained.heterogeneous:
-            small = trained.extract(budget)
-            copy_tokenizer(teacher_path, config, save_hf(small, workdir / budget_dir(budget)))
-            row["val_loss"] = validation_loss(small, config)
+        small = trained.extract(budget)
+        copy_tokenizer(teacher_path, config, save_hf(small, workdir / budget_dir(budget)))
+        row["val_loss"] = validation_loss(small, config)
         rows.append(row)
     summary = {"teacher": {"params": full, "val_loss": validation_loss(teacher, config)}, "budgets": rows,
                "steps": done, "seconds": time.perf_counter() - start,

@@ -107,7 +107,7 @@ class NemotronH(nn.Module):
             self.layers = {i: block(cfg, seg) for i, seg in starts if isinstance(seg, str)}
             self.layers_scan = {i: scanned_run(cfg, seg) for i, seg in starts if not isinstance(seg, str)}
         else:
-            self.layers = [block(cfg, kind) for kind in cfg.pattern]
+            self.layers = [block(cfg.layer(i), kind) for i, kind in enumerate(cfg.pattern)]  # per-layer widths
         self.norm_f = RMSNorm(cfg.norm_eps, dtype, param_dtype)
         self.lm_head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), name=None)
         if cfg.mtp is not None:

@@ -12,11 +12,11 @@ from nemojax.config import ModelConfig
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of a `seq_len` sequence (2 per multiply-add)."""
     total = 2.0 * config.hidden_size * config.vocab_size  # lm_head
-    for char in config.pattern:
+    for i, char in enumerate(config.pattern):
         entry = families.kind(char)
         if entry.flops is None:
             raise ValueError(f"layer kind {char!r} ({entry.name}) does not declare its FLOPs")
-        total += entry.flops(config, seq_len)
+        total += entry.flops(config.layer(i), seq_len)
     return total
 
 

@@ -47,6 +47,47 @@ def test_explicit_sizes_extract_and_transformers_loads_the_result(em, tmp_path):
     assert _rel_err(logits, small(TOKENS)) < 1e-4
 
 
+def test_per_layer_sizes_extract_to_a_heterogeneous_model(em, tmp_path):
+    """Per-layer (heterogeneous) widths: the extracted model keeps each layer's widths in config.layer_configs;
+    its logits equal the masked forward's, its param_count the counter's; its generation and cache sizes follow
+    each layer; save_hf / load_hf round-trip it exactly. transformers' NemotronH has one width per kind, so it
+    cannot hold this model: it refuses the checkpoint (size mismatches) rather than loading something else."""
+    # 'M-M*-MM-': 4 Mamba layers, 3 MLPs, 1 attention layer
+    sizes = {"hidden": 48, "ffn": [96, 128, 64], "heads": [2], "mamba_heads": [8, 4, 6, 2],
+             "mamba_head_dim": [16, 12, 8, 16], "depth": 1}
+    small = em.extract(sizes=sizes)
+    config = small.config
+    assert config.num_layers == 7 and config.layer_configs  # layer 5 dropped (removal_order[0])
+    kept = [0, 1, 2, 3, 4, 6, 7]
+    want_ffn = dict(zip([1, 4, 7], [96, 128, 64], strict=True))
+    want_mamba = dict(zip([0, 2, 5, 6], zip([8, 4, 6, 2], [16, 12, 8, 16], strict=True), strict=True))
+    for j, i in enumerate(kept):
+        layer = config.layer(j)
+        if i in want_ffn:
+            assert layer.intermediate_size == want_ffn[i]
+        if i in want_mamba:
+            assert (layer.mamba.num_heads, layer.mamba.head_dim) == want_mamba[i]
+    assert config.layer(kept.index(3)).attention.num_heads == 2
+    assert _rel_err(em(TOKENS, sizes=sizes), small(TOKENS)) < RTOL
+    counted = elastic.count_exact(em.config, sizes, removal_order=em.removal_order)
+    assert nemojax.param_count(config) == counted
+    assert float(elastic.count(em.config, sizes, removal_order=em.removal_order)) == pytest.approx(counted, rel=1e-6)
+    # the cache is allocated per layer, and cached decoding continues the uncached forward
+    cache = nemojax.infer.init_cache(config, 1, 16)
+    assert cache.layers[kept.index(2)].ssm.shape[1:3] == (4, 12)
+    out = nemojax.generate(small, [list(np.asarray(TOKENS[0, :5]))], max_new_tokens=3)
+    extended = np.asarray(TOKENS[:1, :5].tolist()[0] + list(out.tokens[0]))[None]
+    greedy = np.argmax(np.asarray(small(extended))[0, 4:-1], axis=-1)
+    assert list(greedy) == list(out.tokens[0])
+
+    nemojax.save_hf(small, tmp_path / "het")
+    back = nemojax.load_hf(tmp_path / "het")
+    assert back.config.architecture() == config.architecture()
+    np.testing.assert_array_equal(np.asarray(back(TOKENS)), np.asarray(small(TOKENS)))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        NemotronHForCausalLM.from_pretrained(tmp_path / "het")
+
+
 def test_one_checkpoint_holds_every_nested_model(em, tmp_path):
     elastic.save(em, tmp_path / "em")
     back = elastic.load(tmp_path / "em")

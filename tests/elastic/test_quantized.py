@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file, save_file
 
 import nemojax
 from nemojax import elastic, quant
@@ -23,6 +24,7 @@ from nemojax.elastic.choices import make_choices
 from nemojax.elastic.extract import slice_sizes
 from nemojax.elastic.masked import forward
 from nemojax.elastic.train import ElasticConfig
+from nemojax.errors import CheckpointError
 from nemojax.lowp.recipe import is_state
 from tests.elastic.test_permute import CALIB, TOKENS, _f32, _rel_err
 from tests.hf_reference import perturbed
@@ -241,3 +243,26 @@ def test_bad_input_is_refused_by_name(em):
     qem = quantized.share(em, quant.apply(em.model, "fp8"))
     with pytest.raises(ValueError, match="teacher.config.runtime.quant is set"):
         quantized.qad(qem, qem.model, [], ElasticConfig(steps=1))
+
+
+def test_save_load_keeps_a_quantized_elastic_model(em, tmp_path):
+    """elastic.save of a quantized em writes the high-precision weights, the recipe and the quantization state;
+    load gives back the same params (every leaf, state included), recipe and nested logits. A state file that does
+    not fit the recipe is refused, naming the file."""
+    _, em = em
+    qem = _quantized(em, "nvfp4")
+    elastic.save(qem, tmp_path / "q")
+    back = elastic.load(tmp_path / "q")
+    assert back.config == qem.config and back.config.runtime.quant is not None
+    ours, theirs = flatten_dict(qem.model.params), flatten_dict(back.model.params)
+    assert ours.keys() == theirs.keys()
+    for path, leaf in ours.items():
+        np.testing.assert_array_equal(np.asarray(theirs[path]), np.asarray(leaf), err_msg="/".join(path))
+    np.testing.assert_array_equal(back(TOKENS, qem.budgets[-1]), qem(TOKENS, qem.budgets[-1]))
+
+    state = tmp_path / "q" / "elastic_quant_state.safetensors"
+    entries = load_file(state)
+    entries.pop(sorted(entries)[0])
+    save_file(entries, state)
+    with pytest.raises(CheckpointError, match="elastic_quant_state.safetensors does not hold the quantization state"):
+        elastic.load(tmp_path / "q")
