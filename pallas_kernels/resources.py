@@ -18,7 +18,11 @@ Only JAX is needed at import; `triton` is imported when a kernel is compiled.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import dataclasses
+import importlib.util
+import multiprocessing
 import os
 import re
 import subprocess
@@ -187,6 +191,12 @@ def triton_kernels(fn: Callable, *args, **kwargs) -> list[TritonKernel]:
     return kernels
 
 
+def triton_available() -> bool:
+    """Whether the triton package is installed, found without importing it: triton loads its own LLVM, which stays
+    out of a process that runs XLA (`compile_triton_kernel`)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _import_triton():
     try:
         import triton
@@ -221,11 +231,31 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int | None, int | None, int | Non
             int(spill.group(2)) if spill else None)
 
 
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def _triton_process() -> concurrent.futures.ProcessPoolExecutor:
+    """One child process per Python process (started on first use, reused) that runs the triton package."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_POOL.shutdown)  # before interpreter teardown, which its own finaliser does not survive
+    return _POOL
+
+
 def compile_triton_kernel(kernel: TritonKernel, compute_capability: Any = (9, 0), *,
                           ptxas: bool = True) -> KernelResources:
-    """Compile one kernel's Triton IR for `compute_capability` with the triton package; no GPU needed."""
+    """Compile one kernel's Triton IR for `compute_capability` with the triton package; no GPU needed.
+
+    The compile runs in a child process: the triton package brings its own LLVM and MLIR, and loaded beside
+    XLA's in one process, later XLA compiles there segfaulted (twice in full test runs, in tests after the
+    resource checks had run in that worker)."""
+    return _triton_process().submit(_compile, kernel, _parse_cc(compute_capability), ptxas).result()
+
+
+def _compile(kernel: TritonKernel, compute_capability: tuple[int, int], ptxas: bool) -> KernelResources:
     triton, GPUTarget = _import_triton()
-    major, minor = _parse_cc(compute_capability)
+    major, minor = compute_capability
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{kernel.name}.ttir")
         with open(path, "w") as f:
