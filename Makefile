@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m nemojax.cli demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0  # a crashed worker ends the run (a replaced one can hang it)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
