@@ -173,5 +173,5 @@ def test_elastic_notebook_runs_at_tiny_scale(tmp_path):
     bytes_ = results["checkpoint_bytes"]
     assert bytes_["nested"] < sum(bytes_["separate"].values())
     loss = results["validation_loss"]
-    assert loss["zero_shot"]["1"] == loss["teacher"]
+    assert loss["zero_shot"]["1"] == pytest.approx(loss["teacher"], rel=1e-5)  # masked at full size: float rounding
     assert loss["nested"]["0.5"] < loss["zero_shot"]["0.5"]  # elastic distillation recovers the pruned model
